@@ -1,0 +1,90 @@
+"""attention_forward_varlen (the Ascend signature) and explain(): the core public calls."""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import Explanation, explain_problem, select
+from .normalize import CuSeqlens, WindowSize, normalize
+from .ops import run_forward
+
+
+def attention_forward_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: CuSeqlens,
+    cu_seqlens_k: CuSeqlens,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: WindowSize = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool | None = None,
+    return_attn_probs: bool | None = None,
+    block_table: torch.Tensor | None = None,
+    *,
+    return_lse: bool = False,
+    backend: str | None = None,
+    mask_alignment: str = "bottom_right",
+):
+    """Attention over a packed batch of variable-length sequences.
+
+    q: (total_q, nheads, head_dim); k, v: (total_k, nheads_k, head_dim), or page pools
+    (num_pages, page_size, nheads_k, head_dim) with block_table (batch, max_pages) int32.
+    cu_seqlens_q / cu_seqlens_k: (batch + 1,) offsets as an int32/int64 tensor, a list or
+    tuple, or a VarlenInfo. max_seqlen_*: optional upper bounds (computed when None).
+    window_size: None, w or (left, right), -1 = unbounded; causal sets right = 0, bottom-right
+    aligned. softcap: 0/None = off. alibi_slopes: float32 (nheads,) or (batch, nheads).
+
+    Returns out (q's shape and dtype); (out, lse) with return_lse; (out, lse, probs) with
+    return_attn_probs, lse float32 (nheads, total_q) and probs float32 (batch, nheads,
+    max_seqlen_q, max_seqlen_k). ``backend`` forces a backend by name.
+    """
+    problem, inputs = normalize(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
+        softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+        alibi_slopes=alibi_slopes, deterministic=deterministic,
+        return_attn_probs=return_attn_probs, block_table=block_table,
+        mask_alignment=mask_alignment)
+    result = run_forward(problem, inputs, select(problem, backend))
+    if problem.return_probs:
+        return result.out, result.lse, result.probs
+    if return_lse:
+        return result.out, result.lse
+    return result.out
+
+
+def explain(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: CuSeqlens,
+    cu_seqlens_k: CuSeqlens,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: WindowSize = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool | None = None,
+    return_attn_probs: bool | None = None,
+    block_table: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+    mask_alignment: str = "bottom_right",
+) -> Explanation:
+    """Every registered backend's verdict (reasons, or selected) for this call, computing
+    nothing. Takes attention_forward_varlen's arguments; ``print()`` it for a table."""
+    problem, _ = normalize(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
+        softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+        alibi_slopes=alibi_slopes, deterministic=deterministic,
+        return_attn_probs=return_attn_probs, block_table=block_table,
+        mask_alignment=mask_alignment)
+    return explain_problem(problem, backend)

@@ -1,0 +1,75 @@
+"""Backend: the interface every attention backend (built-in or third-party) implements."""
+
+from __future__ import annotations
+
+from typing import ClassVar, NamedTuple
+
+import torch
+
+from .capabilities import Capabilities
+from .inputs import VarlenInputs
+from .problem import VarlenProblem
+
+
+class ForwardResult(NamedTuple):
+    """out: q's shape and dtype. lse: float32 (nheads, total_q), natural log, -inf on rows
+    that see no key. probs: float32 (batch, nheads, max_seqlen_q, max_seqlen_k) when
+    requested. rng_state: whatever the backend's backward needs to regenerate the dropout
+    mask (an int64 tensor), when dropout_p > 0."""
+
+    out: torch.Tensor
+    lse: torch.Tensor
+    probs: torch.Tensor | None = None
+    rng_state: torch.Tensor | None = None
+
+
+class Gradients(NamedTuple):
+    """dq, dk, dv with the shapes and dtypes of q, k, v."""
+
+    dq: torch.Tensor
+    dk: torch.Tensor
+    dv: torch.Tensor
+
+
+class Backend:
+    """One kernel family. Subclasses set the class attributes and implement the methods.
+
+    ``priority``: higher is tried first among the backends of a device type. ``fallback``:
+    True for a backend of last resort (the reference); choosing it while accelerated backends
+    exist for the device follows the ATTNHUB_FALLBACK policy.
+
+    ``why_not`` must depend only on the problem's static part (``problem.signature()``):
+    selections are cached by it.
+    """
+
+    name: ClassVar[str]
+    device_types: ClassVar[frozenset[str]]
+    priority: ClassVar[int] = 0
+    fallback: ClassVar[bool] = False
+    description: ClassVar[str] = ""
+    capabilities: ClassVar[Capabilities]
+
+    def unavailable_reasons(self) -> list[str]:
+        """Why this backend cannot run at all in this process (missing package, no device).
+        Called once per process and cached by the registry. Empty = available."""
+        return []
+
+    def why_not(self, problem: VarlenProblem) -> list[str]:
+        """Plain sentences saying why this backend cannot compute ``problem`` exactly.
+        Empty = it can. Device type and availability are checked by the dispatcher; the
+        default derives the reasons from ``capabilities``; override to add more."""
+        return self.capabilities.reasons(problem)
+
+    def forward(self, problem: VarlenProblem, inputs: VarlenInputs) -> ForwardResult:
+        raise NotImplementedError(f"backend {self.name!r} has no forward")
+
+    def backward(self, problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
+                 lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None = None
+                 ) -> Gradients:
+        """Gradients for q, k, v given dout (out's shape) and dlse ((nheads, total_q) float32,
+        None when lse was not used). ``inputs.rng_state`` is the rng_state that forward
+        returned. A backend that cannot take dlse raises when it is not None."""
+        raise NotImplementedError(f"backend {self.name!r} has no backward")
+
+    def __repr__(self) -> str:
+        return f"<attnhub backend {self.name!r} ({', '.join(sorted(self.device_types))})>"

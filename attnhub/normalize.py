@@ -1,0 +1,321 @@
+"""normalize(): every supported call -> (VarlenProblem, VarlenInputs), validated once."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Union
+
+import torch
+
+from . import host_copies
+from .errors import InvalidArgumentError
+from .inputs import VarlenInputs
+from .problem import PagedLayout, VarlenProblem
+from .varlen_info import VarlenInfo, check_cu_seqlens_values
+
+CuSeqlens = Union[torch.Tensor, Sequence[int], VarlenInfo]  # noqa: UP007 (a runtime alias)
+WindowSize = Union[int, Sequence[int], None]  # noqa: UP007
+
+_ALIGNMENTS = ("bottom_right", "top_left")
+
+
+def normalize(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: CuSeqlens,
+    cu_seqlens_k: CuSeqlens,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    *,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: WindowSize = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool | None = None,
+    return_attn_probs: bool | None = None,
+    block_table: torch.Tensor | None = None,
+    mask_alignment: str = "bottom_right",
+) -> tuple[VarlenProblem, VarlenInputs]:
+    """Validate one call and describe it. Shapes: q (total_q, nheads, head_dim); k, v
+    (total_k, nheads_k, head_dim), or with ``block_table`` page pools (num_pages, page_size,
+    nheads_k, head_dim). Raises InvalidArgumentError naming the argument at fault."""
+    paged = block_table is not None
+    _check_tensor("q", q, 3, "(total_q, nheads, head_dim)")
+    kv_shape = ("(num_pages, page_size, nheads_k, head_dim)" if paged
+                else "(total_k, nheads_k, head_dim)")
+    _check_tensor("k", k, 4 if paged else 3, kv_shape)
+    _check_tensor("v", v, 4 if paged else 3, kv_shape)
+    if not q.dtype.is_floating_point:
+        raise InvalidArgumentError(
+            "q", "a floating-point dtype (float16, bfloat16, float32, float64)", q.dtype)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise InvalidArgumentError(name, f"the dtype of q ({q.dtype})", t.dtype)
+        if t.device != q.device:
+            raise InvalidArgumentError(name, f"the device of q ({q.device})", t.device)
+    if k.shape != v.shape:
+        raise InvalidArgumentError("v", f"the shape of k {tuple(k.shape)}", tuple(v.shape))
+    total_q, nheads, head_dim = q.shape
+    nheads_k = k.shape[-2]
+    if head_dim == 0:
+        raise InvalidArgumentError("q", "head_dim >= 1", tuple(q.shape))
+    if k.shape[-1] != head_dim:
+        raise InvalidArgumentError("k", f"head_dim {head_dim} (the last dimension of q)",
+                                   k.shape[-1])
+    if nheads_k == 0 or nheads % nheads_k != 0:
+        raise InvalidArgumentError(
+            "k", f"nheads_k dividing nheads = {nheads} (query head j reads kv head "
+            "j // (nheads // nheads_k))", f"nheads_k = {nheads_k}")
+    device = q.device
+
+    cu_q, host_q, max_q = _cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, device, max_seqlen_q,
+                                      "max_seqlen_q")
+    cu_k, host_k, max_k = _cu_seqlens("cu_seqlens_k", cu_seqlens_k, None if paged else k.shape[0],
+                                      device, max_seqlen_k, "max_seqlen_k")
+    batch = cu_q.shape[0] - 1
+    if cu_k.shape[0] - 1 != batch:
+        raise InvalidArgumentError("cu_seqlens_k", f"{batch + 1} offsets (the batch size of "
+                                   f"cu_seqlens_q is {batch})", f"{cu_k.shape[0]} offsets")
+    seqlens_q = _lengths(host_q)
+    seqlens_k = _lengths(host_k)
+
+    layout = None
+    if paged:
+        layout, block_table = _paged_layout(block_table, k, batch, device, seqlens_k, max_k)
+        total_k = host_k[-1] if host_k is not None else -1
+    else:
+        total_k = k.shape[0]
+
+    scale = _scale(softmax_scale, head_dim)
+    window = _window(window_size, causal)
+    cap = _softcap(softcap)
+    alibi = _alibi(alibi_slopes, batch, nheads, device)
+    dropout = _dropout(dropout_p)
+    if mask_alignment not in _ALIGNMENTS:
+        raise InvalidArgumentError("mask_alignment", "'bottom_right' or 'top_left'",
+                                   repr(mask_alignment))
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    requires_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                 or v.requires_grad)
+    problem = VarlenProblem(
+        device_type=device.type,
+        dtype=q.dtype,
+        batch=batch,
+        total_q=total_q,
+        total_k=total_k,
+        nheads=nheads,
+        nheads_k=nheads_k,
+        head_dim=head_dim,
+        max_seqlen_q=max_q,
+        max_seqlen_k=max_k,
+        scale=scale,
+        causal=window[1] == 0,
+        window=window,
+        softcap=cap,
+        alibi=alibi,
+        dropout_p=dropout,
+        paged=layout,
+        requires_grad=requires_grad,
+        deterministic=bool(deterministic),
+        mask_alignment=mask_alignment,  # type: ignore[arg-type]
+        return_probs=bool(return_attn_probs),
+        seqlens_q=seqlens_q,
+        seqlens_k=seqlens_k,
+    )
+    inputs = VarlenInputs(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                          alibi_slopes=alibi_slopes, block_table=block_table)
+    return problem, inputs
+
+
+def _check_tensor(name: str, t: object, ndim: int, shape: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise InvalidArgumentError(name, f"a torch.Tensor of shape {shape}", type(t).__name__)
+    if t.dim() != ndim:
+        raise InvalidArgumentError(name, f"a {ndim}-D tensor of shape {shape}",
+                                   f"shape {tuple(t.shape)}")
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        if not (isinstance(value, torch.Tensor) and value.numel() == 1
+                and not value.dtype.is_floating_point):
+            raise InvalidArgumentError(name, f"an int >= {minimum}", repr(value))
+        value = int(value.item())
+    if value < minimum:
+        raise InvalidArgumentError(name, f"an int >= {minimum}", value)
+    return value  # type: ignore[return-value]
+
+
+def _cu_seqlens(name: str, cu: CuSeqlens, total: int | None, device: torch.device,
+                max_seqlen: int | None, max_name: str
+                ) -> tuple[torch.Tensor, tuple[int, ...] | None, int]:
+    """-> (int32 offsets on ``device``, host offsets or None, max_seqlen)."""
+    host: tuple[int, ...] | None
+    if isinstance(cu, VarlenInfo):
+        info = cu.to(device)
+        tensor, host = info.cu_seqlens, info.cu_seqlens_host
+    elif isinstance(cu, torch.Tensor):
+        if cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
+            raise InvalidArgumentError(name, "a 1-D int32 or int64 tensor of batch + 1 offsets",
+                                       f"{cu.dim()}-D tensor of {cu.dtype}")
+        if cu.shape[0] == 0:
+            raise InvalidArgumentError(name, "at least one element (batch + 1 offsets)",
+                                       "an empty tensor")
+        host = None
+        if host_copies.can_read_back():
+            if cu.device.type == "cpu" or max_seqlen is None \
+                    or host_copies.validation_mode() == "full":
+                host = host_copies.host_copy(cu)
+                check_cu_seqlens_values(name, host)
+            else:
+                host = host_copies.cached(cu)
+        tensor = cu
+        if tensor.dtype != torch.int32:
+            tensor = tensor.to(torch.int32)
+        if tensor.device != device:
+            tensor = tensor.to(device, non_blocking=True)
+    elif isinstance(cu, (list, tuple)):
+        try:
+            host = tuple(int(x) for x in cu)
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(name, "a sequence of ints", repr(cu)[:80]) from None
+        check_cu_seqlens_values(name, host)
+        tensor = torch.tensor(host, dtype=torch.int32, device=device)
+    else:
+        raise InvalidArgumentError(name, "a 1-D int tensor, a list or tuple of ints, or a "
+                                   "VarlenInfo", type(cu).__name__)
+    if host is not None and total is not None and host[-1] != total:
+        raise InvalidArgumentError(name, f"a last offset equal to the number of rows ({total})",
+                                   host[-1])
+    known_max = max((host[b + 1] - host[b] for b in range(len(host) - 1)), default=0) \
+        if host is not None else None
+    if max_seqlen is None:
+        if known_max is None:
+            raise InvalidArgumentError(max_name, "an int: the offsets are on the device and cannot "
+                                       "be read back here (torch.compile tracing or CUDA graph "
+                                       "capture); pass max_seqlen or a VarlenInfo")
+        return tensor, host, known_max
+    max_seqlen = _check_int(max_name, max_seqlen, 0)
+    if known_max is not None and max_seqlen < known_max:
+        raise InvalidArgumentError(max_name, f"at least the longest sequence ({known_max} tokens)",
+                                   max_seqlen)
+    return tensor, host, max_seqlen
+
+
+def _lengths(host: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    if host is None:
+        return None
+    return tuple(host[b + 1] - host[b] for b in range(len(host) - 1))
+
+
+def _paged_layout(block_table: torch.Tensor, k: torch.Tensor, batch: int, device: torch.device,
+                  seqlens_k: tuple[int, ...] | None, max_k: int
+                  ) -> tuple[PagedLayout, torch.Tensor]:
+    if not isinstance(block_table, torch.Tensor):
+        raise InvalidArgumentError("block_table", "an int32 tensor of shape (batch, max_pages)",
+                                   type(block_table).__name__)
+    if block_table.dim() != 2 or block_table.shape[0] != batch:
+        raise InvalidArgumentError("block_table", f"shape (batch = {batch}, max_pages)",
+                                   f"shape {tuple(block_table.shape)}")
+    if block_table.dtype not in (torch.int32, torch.int64):
+        raise InvalidArgumentError("block_table", "dtype int32", block_table.dtype)
+    num_pages, page_size = k.shape[0], k.shape[1]
+    if page_size == 0:
+        raise InvalidArgumentError("k", "page_size (dimension 1 of the page pool) >= 1", 0)
+    max_pages = block_table.shape[1]
+    capacity = max_pages * page_size
+    if seqlens_k is not None:
+        for b, n in enumerate(seqlens_k):
+            if n > capacity:
+                raise InvalidArgumentError(
+                    "cu_seqlens_k", f"kv lengths of at most max_pages * page_size = {capacity} "
+                    "(the block table's capacity)", f"sequence {b} of length {n}")
+    elif max_k > capacity:
+        raise InvalidArgumentError("max_seqlen_k", f"at most max_pages * page_size = {capacity}",
+                                   max_k)
+    if host_copies.can_read_back() and (block_table.device.type == "cpu"
+                                        or host_copies.validation_mode() == "full"):
+        rows = host_copies.host_copy(block_table)
+        for b, row in enumerate(rows):
+            needed = len(row) if seqlens_k is None else -(-seqlens_k[b] // page_size)
+            for p in range(needed):
+                if not 0 <= row[p] < num_pages:
+                    raise InvalidArgumentError(
+                        "block_table", f"page indices in [0, {num_pages}) (the page pool size)",
+                        f"block_table[{b}, {p}] = {row[p]}")
+    if block_table.dtype != torch.int32:
+        block_table = block_table.to(torch.int32)
+    if block_table.device != device:
+        block_table = block_table.to(device, non_blocking=True)
+    return PagedLayout(num_pages=num_pages, page_size=page_size, max_pages=max_pages), block_table
+
+
+def _scale(softmax_scale: float | None, head_dim: int) -> float:
+    if softmax_scale is None:
+        return head_dim ** -0.5
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) \
+            or not math.isfinite(softmax_scale):
+        raise InvalidArgumentError("softmax_scale", "a finite float, or None for head_dim ** -0.5",
+                                   repr(softmax_scale))
+    return float(softmax_scale)
+
+
+def _window(window_size: WindowSize, causal: bool) -> tuple[int, int]:
+    if window_size is None:
+        left, right = -1, -1
+    elif isinstance(window_size, (int, torch.SymInt)) and not isinstance(window_size, bool):
+        left = right = window_size
+    elif isinstance(window_size, (list, tuple)) and len(window_size) == 2 and all(
+            isinstance(w, int) and not isinstance(w, bool) for w in window_size):
+        left, right = window_size
+    else:
+        raise InvalidArgumentError("window_size", "None, an int w (meaning (w, w)) or a pair of "
+                                   "ints (left, right), -1 meaning unbounded", repr(window_size))
+    for side, w in (("left", left), ("right", right)):
+        if w < -1:
+            raise InvalidArgumentError("window_size", f"a {side} value >= -1 (-1 = unbounded)", w)
+    if not isinstance(causal, bool):
+        raise InvalidArgumentError("causal", "a bool", repr(causal))
+    if causal:
+        right = 0
+    return int(left), int(right)
+
+
+def _softcap(softcap: float | None) -> float:
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) \
+            or not math.isfinite(softcap) or softcap < 0:
+        raise InvalidArgumentError("softcap", "a finite float >= 0 (0 or None = off)",
+                                   repr(softcap))
+    return float(softcap)
+
+
+def _dropout(dropout_p: float) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) \
+            or not 0.0 <= dropout_p < 1.0:
+        raise InvalidArgumentError("dropout_p", "a float in [0, 1)", repr(dropout_p))
+    return float(dropout_p)
+
+
+def _alibi(slopes: torch.Tensor | None, batch: int, nheads: int, device: torch.device
+           ) -> str | None:
+    if slopes is None:
+        return None
+    if not isinstance(slopes, torch.Tensor):
+        raise InvalidArgumentError("alibi_slopes", "a float32 tensor", type(slopes).__name__)
+    if slopes.dtype != torch.float32:
+        raise InvalidArgumentError("alibi_slopes", "dtype float32", slopes.dtype)
+    if slopes.device != device:
+        raise InvalidArgumentError("alibi_slopes", f"the device of q ({device})", slopes.device)
+    if tuple(slopes.shape) == (nheads,):
+        return "head"
+    if tuple(slopes.shape) == (batch, nheads):
+        return "batch_head"
+    raise InvalidArgumentError("alibi_slopes", f"shape (nheads,) = ({nheads},) or (batch, nheads)"
+                               f" = ({batch}, {nheads})", f"shape {tuple(slopes.shape)}")

@@ -1,0 +1,157 @@
+"""The custom ops attnhub::varlen_fwd / attnhub::varlen_bwd: autograd and torch.compile.
+
+Forward and backward are torch.library custom ops with fake implementations and a
+registered autograd formula, so torch.compile(fullgraph=True) traces calls without graph
+breaks. The op carries the backend's name: backward runs on the backend that ran forward.
+Eager calls that need no autograd skip the op wrapper and call the backend directly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backend import Backend, ForwardResult
+from .inputs import VarlenInputs
+from .problem import PagedLayout, VarlenProblem
+from .registry import get_registry
+
+Tensor = torch.Tensor
+
+
+def run_forward(problem: VarlenProblem, inputs: VarlenInputs, backend: Backend) -> ForwardResult:
+    """Run ``backend`` on the call, through the custom op when autograd or tracing needs it."""
+    if not (problem.requires_grad or torch.compiler.is_compiling()):
+        return backend.forward(problem, inputs)
+    compiling = torch.compiler.is_compiling()
+    out, lse, probs, rng = varlen_fwd(
+        inputs.q, inputs.k, inputs.v, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
+        inputs.alibi_slopes, inputs.block_table, inputs.rng_state,
+        problem.max_seqlen_q, problem.max_seqlen_k, problem.scale, problem.window[0],
+        problem.window[1], problem.softcap, problem.dropout_p,
+        problem.mask_alignment == "top_left", problem.deterministic, problem.return_probs,
+        problem.requires_grad, backend.name,
+        # Host lengths would be guarded constants under torch.compile: leave them out there.
+        None if compiling or problem.seqlens_q is None else list(problem.seqlens_q),
+        None if compiling or problem.seqlens_k is None else list(problem.seqlens_k),
+    )
+    return ForwardResult(out, lse, probs if problem.return_probs else None,
+                         rng if problem.dropout_p > 0 else None)
+
+
+def problem_from_op_args(q: Tensor, k: Tensor, cu_seqlens_q: Tensor,
+                         alibi_slopes: Tensor | None, block_table: Tensor | None,
+                         max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int,
+                         window_right: int, softcap: float, dropout_p: float, top_left: bool,
+                         deterministic: bool, return_probs: bool, requires_grad: bool,
+                         seqlens_q: list[int] | None, seqlens_k: list[int] | None
+                         ) -> VarlenProblem:
+    """Rebuild the (already validated) problem inside the op from its arguments."""
+    batch = cu_seqlens_q.shape[0] - 1
+    paged = None
+    total_k = k.shape[0]
+    if block_table is not None:
+        paged = PagedLayout(num_pages=k.shape[0], page_size=k.shape[1],
+                            max_pages=block_table.shape[1])
+        total_k = sum(seqlens_k) if seqlens_k is not None else -1
+    alibi = None
+    if alibi_slopes is not None:
+        alibi = "head" if alibi_slopes.dim() == 1 else "batch_head"
+    return VarlenProblem(
+        device_type=q.device.type, dtype=q.dtype, batch=batch, total_q=q.shape[0],
+        total_k=total_k, nheads=q.shape[1], nheads_k=k.shape[-2], head_dim=q.shape[-1],
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, scale=scale,
+        causal=window_right == 0, window=(window_left, window_right), softcap=softcap,
+        alibi=alibi, dropout_p=dropout_p, paged=paged, requires_grad=requires_grad,
+        deterministic=deterministic, mask_alignment="top_left" if top_left else "bottom_right",
+        return_probs=return_probs,
+        seqlens_q=tuple(seqlens_q) if seqlens_q is not None else None,
+        seqlens_k=tuple(seqlens_k) if seqlens_k is not None else None,
+    )
+
+
+@torch.library.custom_op("attnhub::varlen_fwd", mutates_args=())
+def varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+               alibi_slopes: Tensor | None, block_table: Tensor | None, rng_seed: Tensor | None,
+               max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int,
+               window_right: int, softcap: float, dropout_p: float, top_left: bool,
+               deterministic: bool, return_probs: bool, requires_grad: bool, backend: str,
+               seqlens_q: list[int] | None, seqlens_k: list[int] | None
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> out (q's shape), lse float32 (nheads, total_q), probs (batch, nheads, max_q, max_k)
+    or empty, rng_state int64 (2,) or empty."""
+    problem = problem_from_op_args(q, k, cu_seqlens_q, alibi_slopes, block_table, max_seqlen_q,
+                                   max_seqlen_k, scale, window_left, window_right, softcap,
+                                   dropout_p, top_left, deterministic, return_probs,
+                                   requires_grad, seqlens_q, seqlens_k)
+    inputs = VarlenInputs(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, block_table,
+                          rng_seed)
+    res = get_registry().backends[backend].forward(problem, inputs)
+    probs = res.probs if res.probs is not None else q.new_empty((0,), dtype=torch.float32)
+    rng = res.rng_state if res.rng_state is not None else q.new_empty((0,), dtype=torch.int64)
+    return res.out, res.lse, probs, rng
+
+
+@varlen_fwd.register_fake
+def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, block_table, rng_seed,
+                     max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap,
+                     dropout_p, top_left, deterministic, return_probs, requires_grad, backend,
+                     seqlens_q, seqlens_k):
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    probs_shape = ((cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k)
+                   if return_probs else (0,))
+    probs = q.new_empty(probs_shape, dtype=torch.float32)
+    rng = q.new_empty((2,) if dropout_p > 0 else (0,), dtype=torch.int64)
+    return out, lse, probs, rng
+
+
+@torch.library.custom_op("attnhub::varlen_bwd", mutates_args=())
+def varlen_bwd(dout: Tensor | None, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
+               out: Tensor, lse: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+               alibi_slopes: Tensor | None, block_table: Tensor | None, rng_state: Tensor | None,
+               max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int,
+               window_right: int, softcap: float, dropout_p: float, top_left: bool,
+               deterministic: bool, backend: str, seqlens_q: list[int] | None,
+               seqlens_k: list[int] | None) -> tuple[Tensor, Tensor, Tensor]:
+    """-> dq, dk, dv. dout / dlse: gradients of out and lse (None where unused)."""
+    problem = problem_from_op_args(q, k, cu_seqlens_q, alibi_slopes, block_table, max_seqlen_q,
+                                   max_seqlen_k, scale, window_left, window_right, softcap,
+                                   dropout_p, top_left, deterministic, False, True, seqlens_q,
+                                   seqlens_k)
+    inputs = VarlenInputs(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, block_table,
+                          rng_state if rng_state is not None and rng_state.numel() else None)
+    if dout is None:
+        dout = torch.zeros_like(out)
+    grads = get_registry().backends[backend].backward(problem, inputs, out, lse, dout, dlse)
+    return grads.dq, grads.dk, grads.dv
+
+
+@varlen_bwd.register_fake
+def _varlen_bwd_fake(dout, dlse, q, k, v, *rest):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    (q, k, v, cu_q, cu_k, alibi, block_table, _seed, max_q, max_k, scale, wl, wr, softcap,
+     dropout_p, top_left, deterministic, _return_probs, _requires_grad, backend, seqlens_q,
+     seqlens_k) = inputs
+    out, lse, probs, rng = output
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(probs, rng)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi, block_table, rng)
+    ctx.scalars = (max_q, max_k, scale, wl, wr, softcap, dropout_p, top_left, deterministic,
+                   backend, seqlens_q, seqlens_k)
+
+
+def _backward(ctx, dout, dlse, _dprobs, _drng):
+    q, k, v, out, lse, cu_q, cu_k, alibi, block_table, rng = ctx.saved_tensors
+    if dout is None and dlse is None:
+        return (None,) * 22
+    dq, dk, dv = varlen_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, alibi, block_table, rng,
+                            *ctx.scalars)
+    return (dq, dk, dv) + (None,) * 19
+
+
+varlen_fwd.register_autograd(_backward, setup_context=_setup_context)
