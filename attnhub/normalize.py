@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import Union
 
@@ -181,7 +182,7 @@ def _cu_seqlens(name: str, cu: CuSeqlens, total: int | None, device: torch.devic
             tensor = tensor.to(device, non_blocking=True)
     elif isinstance(cu, (list, tuple)):
         try:
-            host = tuple(int(x) for x in cu)
+            host = tuple(operator.index(x) for x in cu)  # int(2.5) would truncate silently
         except (TypeError, ValueError):
             raise InvalidArgumentError(name, "a sequence of ints", repr(cu)[:80]) from None
         check_cu_seqlens_values(name, host)
@@ -192,7 +193,8 @@ def _cu_seqlens(name: str, cu: CuSeqlens, total: int | None, device: torch.devic
     if host is not None and total is not None and host[-1] != total:
         raise InvalidArgumentError(name, f"a last offset equal to the number of rows ({total})",
                                    host[-1])
-    known_max = max((host[b + 1] - host[b] for b in range(len(host) - 1)), default=0) \
+    # (not max(..., default=0): torch.compile cannot trace max's default keyword)
+    known_max = max([0] + [host[b + 1] - host[b] for b in range(len(host) - 1)]) \
         if host is not None else None
     if max_seqlen is None:
         if known_max is None:

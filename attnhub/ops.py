@@ -88,6 +88,8 @@ def varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens
     res = get_registry().backends[backend].forward(problem, inputs)
     probs = res.probs if res.probs is not None else q.new_empty((0,), dtype=torch.float32)
     rng = res.rng_state if res.rng_state is not None else q.new_empty((0,), dtype=torch.int64)
+    if rng is rng_seed:  # a custom op's output may not be (or alias) one of its inputs
+        rng = rng.clone()
     return res.out, res.lse, probs, rng
 
 

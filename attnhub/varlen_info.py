@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -45,7 +46,11 @@ class VarlenInfo:
 
     def __init__(self, cu_seqlens_host: Sequence[int], device: torch.device | str | None = None,
                  *, _name: str = "cu_seqlens") -> None:
-        cu = tuple(int(x) for x in cu_seqlens_host)
+        try:  # operator.index, not int(): a float such as 2.5 must not be truncated silently
+            cu = tuple(operator.index(x) for x in cu_seqlens_host)
+        except TypeError:
+            raise InvalidArgumentError(_name, "a sequence of ints",
+                                       repr(cu_seqlens_host)[:80]) from None
         check_cu_seqlens_values(_name, cu)
         self.cu_seqlens_host: tuple[int, ...] = cu
         self.seqlens: tuple[int, ...] = tuple(cu[b + 1] - cu[b] for b in range(len(cu) - 1))
@@ -67,7 +72,11 @@ class VarlenInfo:
             lengths = lengths.tolist()
         cu = [0]
         for i, n in enumerate(lengths):
-            n = int(n)
+            try:
+                n = operator.index(n)
+            except TypeError:
+                raise InvalidArgumentError("lengths", "a sequence of ints",
+                                           f"lengths[{i}] = {n!r}") from None
             if n < 0:
                 raise InvalidArgumentError("lengths", "non-negative lengths", f"lengths[{i}] = {n}")
             cu.append(cu[-1] + n)
@@ -93,7 +102,7 @@ class VarlenInfo:
     def to(self, device: torch.device | str) -> VarlenInfo:
         """The same layout with its tensor on ``device`` (cached: built once per device)."""
         dev = torch.device(device)
-        if dev.type != "cpu" and dev.index is None:
+        if dev.type not in ("cpu", "meta") and dev.index is None:  # meta has no device module
             dev = torch.device(dev.type, torch.get_device_module(dev.type).current_device())
         info = self._by_device.get(dev)
         if info is None:

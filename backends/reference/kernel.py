@@ -39,6 +39,16 @@ class _Seq:
     kv_rows: torch.Tensor | None  # paged: flat pool row of each key, for scattering grads
 
 
+@dataclass
+class _Block:
+    """Query rows [i0, i1) of a sequence and the key range [j0, j1) any of them can see."""
+
+    i0: int
+    i1: int
+    j0: int
+    j1: int
+
+
 def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -57,19 +67,20 @@ def forward(problem: VarlenProblem, inputs: VarlenInputs,
                             problem.max_seqlen_k, dtype=torch.float32, device=q.device)
     rng = _rng_state(problem, inputs)
     for seq in _sequences(problem, inputs):
-        for i0, i1 in _chunks(seq, problem, ctype):
-            s, _ = _scores(problem, inputs, seq, i0, i1, ctype)
+        for blk in _blocks(seq, problem, ctype):
+            rows = slice(seq.q0 + blk.i0, seq.q0 + blk.i1)
+            s, _ = _scores(problem, inputs, seq, blk, ctype)
             p, row_lse = _softmax(s)
-            lse[:, seq.q0 + i0:seq.q0 + i1] = row_lse.to(torch.float32)
+            lse[:, rows] = row_lse.to(torch.float32)
             pd = p
             if problem.dropout_p > 0:
-                keep = _keep(problem, rng, seq, i0, i1)
+                keep = _keep(problem, rng, seq, blk)
                 pd = p * keep / (1.0 - problem.dropout_p)
                 if probs is not None:
                     p = torch.where(keep, p, -p)
             if probs is not None:
-                probs[seq.b, :, i0:i1, :seq.sk] = p.to(torch.float32)
-            out[seq.q0 + i0:seq.q0 + i1] = _pv(problem, pd, seq.v.to(ctype)).to(q.dtype)
+                probs[seq.b, :, blk.i0:blk.i1, blk.j0:blk.j1] = p.to(torch.float32)
+            out[rows] = _pv(problem, pd, seq.v[blk.j0:blk.j1].to(ctype)).to(q.dtype)
     return ForwardResult(out, lse, probs, rng)
 
 
@@ -95,33 +106,35 @@ def backward(problem: VarlenProblem, inputs: VarlenInputs, dout: torch.Tensor,
         kc, vc = seq.k.to(ctype), seq.v.to(ctype)
         dk_seq = torch.zeros(hk, seq.sk, d, dtype=ctype, device=q.device)
         dv_seq = torch.zeros_like(dk_seq)
-        for i0, i1 in _chunks(seq, problem, ctype):
-            s, tanh = _scores(problem, inputs, seq, i0, i1, ctype)
+        for blk in _blocks(seq, problem, ctype):
+            rows = slice(seq.q0 + blk.i0, seq.q0 + blk.i1)
+            keys = slice(blk.j0, blk.j1)
+            s, tanh = _scores(problem, inputs, seq, blk, ctype)
             p, _ = _softmax(s)
-            do = _grouped(dout[seq.q0 + i0:seq.q0 + i1].to(ctype), hk, g)  # (hk, g, C, d)
-            dp = torch.matmul(do, vc.permute(1, 2, 0).unsqueeze(1)).reshape(p.shape)
+            do = _grouped(dout[rows].to(ctype), hk, g)  # (hk, g, C, d)
+            dp = torch.matmul(do, vc[keys].permute(1, 2, 0).unsqueeze(1)).reshape(p.shape)
             pd = p
             if problem.dropout_p > 0:
                 if rng is None:
                     raise InvalidArgumentError("rng_state", "the dropout state that forward "
                                                "returned", None)
-                scale_keep = _keep(problem, rng, seq, i0, i1) / (1.0 - problem.dropout_p)
+                scale_keep = _keep(problem, rng, seq, blk) / (1.0 - problem.dropout_p)
                 pd = p * scale_keep
                 dp = dp * scale_keep
-            c = i1 - i0
-            dv_seq += torch.matmul(pd.reshape(hk, g, c, seq.sk).transpose(-1, -2), do).sum(1)
+            c, w = blk.i1 - blk.i0, blk.j1 - blk.j0
+            dv_seq[:, keys] += torch.matmul(pd.reshape(hk, g, c, w).transpose(-1, -2), do).sum(1)
             row_grad = dp - (p * dp).sum(-1, keepdim=True)
             if dlse is not None:  # d lse_i / d s_ij = p_ij
-                row_grad = row_grad + dlse[:, seq.q0 + i0:seq.q0 + i1, None].to(ctype)
+                row_grad = row_grad + dlse[:, rows, None].to(ctype)
             ds = p * row_grad
             if tanh is not None:
                 ds = ds * (1.0 - tanh * tanh)
             ds = ds * problem.scale
-            ds_g = ds.reshape(hk, g, c, seq.sk)
-            dq_c = torch.matmul(ds_g, kc.permute(1, 0, 2).unsqueeze(1))  # (hk, g, C, d)
-            dq[seq.q0 + i0:seq.q0 + i1] = dq_c.permute(2, 0, 1, 3).reshape(c, -1, d).to(q.dtype)
-            qg = _grouped(q[seq.q0 + i0:seq.q0 + i1].to(ctype), hk, g)
-            dk_seq += torch.matmul(ds_g.transpose(-1, -2), qg).sum(1)
+            ds_g = ds.reshape(hk, g, c, w)
+            dq_c = torch.matmul(ds_g, kc[keys].permute(1, 0, 2).unsqueeze(1))  # (hk, g, C, d)
+            dq[rows] = dq_c.permute(2, 0, 1, 3).reshape(c, -1, d).to(q.dtype)
+            qg = _grouped(q[rows].to(ctype), hk, g)
+            dk_seq[:, keys] += torch.matmul(ds_g.transpose(-1, -2), qg).sum(1)
         if paged:
             dk_acc.index_add_(0, seq.kv_rows, dk_seq.transpose(0, 1))
             dv_acc.index_add_(0, seq.kv_rows, dv_seq.transpose(0, 1))
@@ -204,14 +217,21 @@ def _sequences(problem: VarlenProblem, inputs: VarlenInputs) -> Iterator[_Seq]:
         yield _Seq(b, q0, q1, k0, sk, kb, vb, kv_rows)
 
 
-def _chunks(seq: _Seq, problem: VarlenProblem, ctype: torch.dtype) -> Iterator[tuple[int, int]]:
-    """Query row ranges [i0, i1) local to the sequence, sized to the memory budget."""
+def _blocks(seq: _Seq, problem: VarlenProblem, ctype: torch.dtype) -> Iterator[_Block]:
+    """Query chunks sized to the memory budget, each with the band of keys its rows can see
+    under the mask; chunks that see no key are skipped (their rows keep out 0, lse -inf)."""
     budget = int(float(os.environ.get("ATTNHUB_REFERENCE_CHUNK_MB", "256")) * 2**20)
     per_row = problem.nheads * max(seq.sk, 1) * torch.finfo(ctype).bits // 8 * _TEMPS_PER_SCORE
     step = max(1, budget // per_row)
-    sq = seq.q1 - seq.q0
+    sq, sk = seq.q1 - seq.q0, seq.sk
+    offset = sk - sq if problem.mask_alignment == "bottom_right" else 0
+    left, right = problem.window
     for i0 in range(0, sq, step):
-        yield i0, min(i0 + step, sq)
+        i1 = min(i0 + step, sq)
+        j0 = max(0, i0 + offset - left) if left >= 0 else 0
+        j1 = min(sk, i1 + offset + right) if right >= 0 else sk
+        if j0 < j1:
+            yield _Block(i0, i1, j0, j1)
 
 
 def _grouped(x: torch.Tensor, hk: int, g: int) -> torch.Tensor:
@@ -220,23 +240,24 @@ def _grouped(x: torch.Tensor, hk: int, g: int) -> torch.Tensor:
     return x.reshape(c, hk, g, d).permute(1, 2, 0, 3)
 
 
-def _scores(problem: VarlenProblem, inputs: VarlenInputs, seq: _Seq, i0: int, i1: int,
+def _scores(problem: VarlenProblem, inputs: VarlenInputs, seq: _Seq, blk: _Block,
             ctype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Masked scores (nheads, C, sk) in ctype (-inf where masked), and tanh(s / cap) for the
-    softcap derivative (None without softcap)."""
+    """Masked scores (nheads, C, j1 - j0) in ctype (-inf where masked), and tanh(s / cap)
+    for the softcap derivative (None without softcap)."""
     hk, g = problem.nheads_k, problem.group_size
     dev = inputs.q.device
-    qg = _grouped(inputs.q[seq.q0 + i0:seq.q0 + i1].to(ctype), hk, g)
-    kt = seq.k.to(ctype).permute(1, 2, 0).unsqueeze(1)  # (hk, 1, d, sk)
-    s = torch.matmul(qg, kt).reshape(problem.nheads, i1 - i0, seq.sk) * problem.scale
+    qg = _grouped(inputs.q[seq.q0 + blk.i0:seq.q0 + blk.i1].to(ctype), hk, g)
+    kt = seq.k[blk.j0:blk.j1].to(ctype).permute(1, 2, 0).unsqueeze(1)  # (hk, 1, d, w)
+    s = torch.matmul(qg, kt).reshape(problem.nheads, blk.i1 - blk.i0, blk.j1 - blk.j0)
+    s = s * problem.scale
     tanh = None
     if problem.softcap > 0:
         tanh = torch.tanh(s / problem.softcap)
         s = tanh * problem.softcap
     sq = seq.q1 - seq.q0
     offset = seq.sk - sq if problem.mask_alignment == "bottom_right" else 0
-    rows = torch.arange(i0, i1, device=dev)[:, None] + offset
-    rel = rows - torch.arange(seq.sk, device=dev)[None, :]  # i + offset - j
+    rows = torch.arange(blk.i0, blk.i1, device=dev)[:, None] + offset
+    rel = rows - torch.arange(blk.j0, blk.j1, device=dev)[None, :]  # i + offset - j
     if problem.alibi is not None:
         slopes = inputs.alibi_slopes
         assert slopes is not None
@@ -262,11 +283,11 @@ def _softmax(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return p, lse
 
 
-def _keep(problem: VarlenProblem, rng: torch.Tensor, seq: _Seq, i0: int, i1: int) -> torch.Tensor:
-    dev = rng.device
-    heads = torch.arange(problem.nheads, device=dev, dtype=torch.int64)[:, None, None]
-    rows = torch.arange(seq.q0 + i0, seq.q0 + i1, device=dev, dtype=torch.int64)[None, :, None]
-    cols = torch.arange(seq.k0, seq.k0 + seq.sk, device=dev, dtype=torch.int64)[None, None, :]
+def _keep(problem: VarlenProblem, rng: torch.Tensor, seq: _Seq, blk: _Block) -> torch.Tensor:
+    dev, i64 = rng.device, torch.int64
+    heads = torch.arange(problem.nheads, device=dev, dtype=i64)[:, None, None]
+    rows = torch.arange(seq.q0 + blk.i0, seq.q0 + blk.i1, device=dev, dtype=i64)[None, :, None]
+    cols = torch.arange(seq.k0 + blk.j0, seq.k0 + blk.j1, device=dev, dtype=i64)[None, None, :]
     return keep_mask(rng, heads, rows, cols, problem.dropout_p)
 
 

@@ -1,0 +1,92 @@
+"""The `attnhub` command: info, run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import info as info_mod
+from . import main_job
+
+
+def _lengths(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+    if not values or any(n < 0 for n in values):
+        raise argparse.ArgumentTypeError("expected one or more lengths >= 0")
+    return values
+
+
+def _window(text: str) -> tuple[int, int]:
+    parts = text.split(",")
+    try:
+        values = [int(x) for x in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LEFT,RIGHT or W, got {text!r}") from None
+    if len(values) == 1:
+        return values[0], values[0]
+    if len(values) == 2:
+        return values[0], values[1]
+    raise argparse.ArgumentTypeError(f"expected LEFT,RIGHT or W, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attnhub", description="Variable-length attention for every accelerator.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_info = sub.add_parser("info", help="versions, devices, backends and why each can or "
+                                         "cannot run, capability table")
+    p_info.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    d = main_job.JobConfig()
+    p_run = sub.add_parser(
+        "run", help="run a packed batch of mixed lengths through dispatch, check it against "
+                    "the reference and time it (defaults: the embedded job)")
+    default_lengths = ",".join(map(str, d.lengths))
+    p_run.add_argument("--lengths", type=_lengths, default=d.lengths,
+                       help=f"comma-separated sequence lengths (default {default_lengths})")
+    p_run.add_argument("--heads", type=int, default=d.nheads, help="query heads")
+    p_run.add_argument("--kv-heads", type=int, default=d.nheads_k, help="key/value heads")
+    p_run.add_argument("--head-dim", type=int, default=d.head_dim)
+    p_run.add_argument("--causal", action=argparse.BooleanOptionalAction, default=d.causal)
+    p_run.add_argument("--window", type=_window, default=None, help="LEFT,RIGHT or W")
+    p_run.add_argument("--softcap", type=float, default=d.softcap)
+    p_run.add_argument("--dtype", choices=("float16", "bfloat16", "float32", "float64"),
+                       default=None, help="default: bfloat16 on an accelerator, float32 on CPU")
+    p_run.add_argument("--device", default=None, help="default: the best device here")
+    p_run.add_argument("--backend", default=None, help="force a backend by name")
+    p_run.add_argument("--grad", action=argparse.BooleanOptionalAction, default=d.grad,
+                       help="also check and time the backward pass")
+    p_run.add_argument("--repeats", type=int, default=d.repeats)
+    p_run.add_argument("--seed", type=int, default=d.seed)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "info":
+        data = info_mod.collect()
+        print(json.dumps(data, indent=2) if args.json else info_mod.render(data))
+        return 0
+    cfg = main_job.JobConfig(
+        lengths=args.lengths, nheads=args.heads, nheads_k=args.kv_heads,
+        head_dim=args.head_dim, causal=args.causal, window=args.window, softcap=args.softcap,
+        dtype=args.dtype, device=args.device, backend=args.backend, grad=args.grad,
+        repeats=args.repeats, seed=args.seed)
+    from .errors import AttnhubError
+
+    try:
+        result = main_job.run_job(cfg)
+    except AttnhubError as exc:
+        print(f"attnhub run: {exc}", file=sys.stderr)
+        return 2
+    print(main_job.render(cfg, result))
+    return 0 if result.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

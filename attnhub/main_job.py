@@ -1,0 +1,168 @@
+"""`attnhub run`: one packed batch through dispatch, checked against the reference, timed."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .api import attention_forward_varlen
+from .dispatch import select
+from .normalize import normalize
+from .varlen_info import VarlenInfo
+
+# Mixed lengths, one empty sequence and one single token among them.
+DEFAULT_LENGTHS = (384, 1, 77, 0, 256, 130, 511, 33)
+
+
+@dataclass
+class JobConfig:
+    """The embedded default job; every field can be overridden from the command line."""
+
+    lengths: tuple[int, ...] = DEFAULT_LENGTHS
+    nheads: int = 8
+    nheads_k: int = 2
+    head_dim: int = 64
+    causal: bool = True
+    window: tuple[int, int] | None = None
+    softcap: float = 0.0
+    dtype: str | None = None  # None: bfloat16 on an accelerator, float32 on the CPU
+    device: str | None = None  # None: the best device here
+    backend: str | None = None
+    grad: bool = True
+    repeats: int = 5
+    seed: int = 0
+
+
+@dataclass
+class JobResult:
+    device: str
+    dtype: str
+    backends: dict[str, str]  # "forward" / "forward+backward" -> the backend that ran
+    tokens: int
+    errors: dict[str, float] = field(default_factory=dict)
+    tolerances: dict[str, float] = field(default_factory=dict)
+    times_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(self.errors[k] <= self.tolerances[k] for k in self.errors)
+
+
+def best_device() -> torch.device:
+    """CUDA if present, then other accelerators torch knows, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    for name in ("npu", "xpu", "mps"):
+        module = getattr(torch, name, None)
+        try:
+            if module is not None and module.is_available():
+                return torch.device(name)
+        except Exception:
+            continue
+    return torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    module = getattr(torch, device.type, None)
+    if device.type != "cpu" and module is not None and hasattr(module, "synchronize"):
+        module.synchronize()
+
+
+def _time_ms(fn, device: torch.device, repeats: int) -> float:
+    fn()  # warm-up: compilation, caches
+    _sync(device)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def run_job(cfg: JobConfig) -> JobResult:
+    """Run the configured batch through dispatch and through the reference in float64."""
+    device = torch.device(cfg.device) if cfg.device else best_device()
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else (
+        torch.float32 if device.type == "cpu" else torch.bfloat16)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    info = VarlenInfo.from_lengths(cfg.lengths, device)
+    total = info.total
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device, dtype)
+
+    q = rand(total, cfg.nheads, cfg.head_dim)
+    k = rand(total, cfg.nheads_k, cfg.head_dim)
+    v = rand(total, cfg.nheads_k, cfg.head_dim)
+    dout = rand(total, cfg.nheads, cfg.head_dim)
+    kwargs = dict(causal=cfg.causal, window_size=cfg.window, softcap=cfg.softcap)
+    backends = {"forward": select(normalize(q, k, v, info, info, **kwargs)[0],
+                                  cfg.backend).name}
+
+    def run(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, name: str | None):
+        return attention_forward_varlen(x, y, z, info, info, return_lse=True, backend=name,
+                                        **kwargs)
+
+    result = JobResult(device=str(device), dtype=str(dtype).removeprefix("torch."),
+                       backends=backends, tokens=total)
+    out, lse = run(q, k, v, cfg.backend)
+    hi = [t.detach().to(torch.float64) for t in (q, k, v)]
+    if cfg.grad:
+        for t in hi:
+            t.requires_grad_(True)
+    ref_out, ref_lse = run(*hi, "reference")
+    low = [t.detach() for t in (q, k, v)]
+    low_out, _ = run(*low, "reference")  # the reference's own error in this dtype
+    result.errors["out"] = (out.double() - ref_out.detach()).abs().max().item()
+    result.tolerances["out"] = 2 * (low_out.double() - ref_out.detach()).abs().max().item() + 1e-5
+    finite = torch.isfinite(ref_lse)
+    result.errors["lse"] = (lse.double() - ref_lse.double())[finite].abs().max().item() \
+        if finite.any() else 0.0
+    result.tolerances["lse"] = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
+    if not torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)):
+        result.errors["lse"] = float("inf")  # an empty row must be -inf and only those
+    result.times_ms["forward"] = _time_ms(lambda: run(q, k, v, cfg.backend), device, cfg.repeats)
+
+    if cfg.grad:
+        ref_grads = torch.autograd.grad(ref_out, hi, dout.double())
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        backends["forward+backward"] = select(
+            normalize(*leaves, info, info, **kwargs)[0], cfg.backend).name
+        low_leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        grads = torch.autograd.grad(run(*leaves, cfg.backend)[0], leaves, dout)
+        low_grads = torch.autograd.grad(run(*low_leaves, "reference")[0], low_leaves, dout)
+        for name, g, lg, rg in zip(("dq", "dk", "dv"), grads, low_grads, ref_grads,
+                                   strict=True):
+            result.errors[name] = (g.double() - rg).abs().max().item()
+            result.tolerances[name] = 2 * (lg.double() - rg).abs().max().item() + 1e-5
+
+        def fwd_bwd() -> None:
+            o = run(*leaves, cfg.backend)[0]
+            torch.autograd.grad(o, leaves, dout)
+
+        result.times_ms["forward+backward"] = _time_ms(fwd_bwd, device, cfg.repeats)
+    return result
+
+
+def render(cfg: JobConfig, result: JobResult) -> str:
+    lines = [
+        f"attnhub run: {len(cfg.lengths)} sequences, {result.tokens} tokens, lengths "
+        f"{list(cfg.lengths)}",
+        f"  heads {cfg.nheads}/{cfg.nheads_k} (q/kv), head_dim {cfg.head_dim}, causal "
+        f"{cfg.causal}, window {cfg.window or (-1, -1)}, softcap {cfg.softcap}",
+        f"  device {result.device}, dtype {result.dtype}",
+        "  backend: " + ", ".join(f"{v} ({k})" for k, v in result.backends.items()),
+        "  max abs error vs the reference in float64 (tolerance: 2x the reference's own error "
+        "in this dtype + 1e-5):",
+    ]
+    for k, err in result.errors.items():
+        ok = "ok" if err <= result.tolerances[k] else "FAIL"
+        lines.append(f"    {k:<4} {err:.3e}  (tolerance {result.tolerances[k]:.3e})  {ok}")
+    for k, ms in result.times_ms.items():
+        lines.append(f"  time {k}: {ms:.3f} ms (median of {cfg.repeats})")
+    lines.append("PASS" if result.passed else "FAIL")
+    return "\n".join(lines)
