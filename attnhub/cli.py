@@ -42,6 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
                                          "cannot run, capability table")
     p_info.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    p_conf = sub.add_parser(
+        "conformance", help="check backends against the reference in float64 (exit 1 on any "
+                            "failure)")
+    p_conf.add_argument("--backend", action="append", default=None, metavar="NAME",
+                        help="backend to check (repeatable; default: every backend available "
+                             "for the device)")
+    p_conf.add_argument("--device", default=None, help="default: the best device here")
+    p_conf.add_argument("--tier", choices=("quick", "full"), default="quick")
+    p_conf.add_argument("--report", default="conformance-report.md", metavar="FILE.md",
+                        help="markdown report (default %(default)s)")
+    p_conf.add_argument("--json", default="conformance-report.json", metavar="FILE.json",
+                        help="JSON report (default %(default)s)")
+    p_conf.add_argument("-k", dest="keyword", default=None,
+                        help="only cases whose id contains this text")
+
     d = main_job.JobConfig()
     p_run = sub.add_parser(
         "run", help="run a packed batch of mixed lengths through dispatch, check it against "
@@ -72,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         data = info_mod.collect()
         print(json.dumps(data, indent=2) if args.json else info_mod.render(data))
         return 0
+    if args.command == "conformance":
+        from .conformance.cli import run_conformance
+
+        return run_conformance(args.backend, args.device, args.tier, args.report, args.json,
+                               args.keyword)
     cfg = main_job.JobConfig(
         lengths=args.lengths, nheads=args.heads, nheads_k=args.kv_heads,
         head_dim=args.head_dim, causal=args.causal, window=args.window, softcap=args.softcap,

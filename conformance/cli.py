@@ -1,0 +1,65 @@
+"""`attnhub conformance`: run a tier on backends, print a progress bar, write both reports."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+from attnhub import dispatch
+from attnhub.errors import UnknownBackendError
+from attnhub.main_job import best_device
+from attnhub.registry import get_registry
+
+from . import report
+from .cases import tier_cases
+from .runner import CaseResult, run_suite
+
+
+def default_backends(device_type: str) -> list[str]:
+    """Every registered backend that claims the device type and is available here."""
+    registry = get_registry()
+    return [b.name for b in registry.for_device(device_type)
+            if not registry.unavailable_reasons(b)]
+
+
+def _progress(done: int, total: int, result: CaseResult) -> None:
+    """A bar redrawn in place on a terminal; a line per tenth of the run elsewhere (CI logs)."""
+    if not sys.stderr.isatty():
+        if done == total or done % max(1, total // 10) == 0:
+            sys.stderr.write(f"attnhub conformance: {done}/{total}\n")
+        return
+    width = 30
+    filled = width * done // total
+    mark = {"pass": ".", "fail": "F", "error": "E", "unsupported": "s"}[result.status]
+    sys.stderr.write(f"\r[{'#' * filled}{'-' * (width - filled)}] {done}/{total} {mark} "
+                     f"{result.backend:<12.12} {result.case.id[:60]:<60}")
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def run_conformance(backends: list[str] | None, device: str | None, tier: str,
+                    report_path: str, json_path: str, keyword: str | None = None) -> int:
+    """Returns the exit status: 0 when nothing failed, 1 otherwise, 2 on bad arguments."""
+    dev = device or str(best_device())
+    registry = get_registry()
+    names = backends or default_backends(dev.split(":")[0])
+    for name in names:
+        if name not in registry.backends:
+            error = UnknownBackendError(name, "--backend", registry.names())
+            print(f"attnhub conformance: {error}", file=sys.stderr)
+            return 2
+    cases = [c for c in tier_cases(tier) if not keyword or keyword in c.id]
+    with dispatch.use_backend(None):
+        results = run_suite(cases, names, dev, progress=_progress if cases else None)
+    pathlib.Path(report_path).write_text(report.markdown(results, tier, dev))
+    pathlib.Path(json_path).write_text(report.as_json(results, tier, dev))
+    failed = [r for r in results if r.failed]
+    counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "error",
+                                                                 "unsupported")}
+    for r in failed:
+        print(r.describe())
+    print(f"attnhub conformance ({tier}, {dev}, {', '.join(names)}): {counts['pass']} passed, "
+          f"{counts['fail'] + counts['error']} failed, {counts['unsupported']} unsupported; "
+          f"reports: {report_path}, {json_path}")
+    return 1 if failed else 0

@@ -1,0 +1,68 @@
+"""The pass rule: error against the fp64 oracle <= 2 x the reference's own low-dtype error
+plus a rounding slack; NaN never passes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FACTOR = 2.0
+# lse is float32 for every dtype; kernels reorder its fp32 sums, so it gets this floor.
+LSE_FLOOR = 1e-4
+
+
+@dataclass(frozen=True)
+class Check:
+    """One output of one case: its max abs error, the tolerance, and why it failed."""
+
+    output: str
+    error: float
+    tolerance: float
+    reference_error: float
+    failure: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+    def to_dict(self) -> dict:
+        return {"output": self.output, "error": self.error, "tolerance": self.tolerance,
+                "reference_error": self.reference_error, "failure": self.failure}
+
+
+def rounding_slack(values: torch.Tensor, dtype: torch.dtype) -> float:
+    """2 x the rounding error of ``dtype`` at the magnitude of ``values`` (flash-attn's
+    `(x + 0.3 - 0.3) - x` trick)."""
+    if values.numel() == 0:
+        return 0.0
+    x = values.to(dtype)
+    return 2.0 * ((x + 0.3 - 0.3) - x).abs().max().item()
+
+
+def check(output: str, got: torch.Tensor, oracle: torch.Tensor, reference: torch.Tensor,
+          dtype: torch.dtype, factor: float = FACTOR) -> Check:
+    """Compare ``got`` (the backend) and ``reference`` (the reference in the case's dtype) with
+    ``oracle`` (the reference in fp64)."""
+    if got.shape != oracle.shape:
+        return Check(output, float("inf"), 0.0, 0.0,
+                     f"shape {tuple(got.shape)}, expected {tuple(oracle.shape)}")
+    got64, ref64 = got.detach().double(), reference.detach().double()
+    oracle = oracle.detach().double()
+    if torch.isnan(got64).any():
+        n = int(torch.isnan(got64).sum())
+        return Check(output, float("nan"), 0.0, 0.0, f"{n} NaN values (unwritten memory or "
+                     "an out-of-bounds read of the NaN padding)")
+    neginf = torch.isneginf(oracle)
+    if not torch.equal(torch.isneginf(got64), neginf):
+        return Check(output, float("inf"), 0.0, 0.0, "-inf where the oracle is finite, or "
+                     "finite where a row sees no key (-inf expected)")
+    finite = ~neginf
+    err = (got64 - oracle)[finite].abs().max().item() if finite.any() else 0.0
+    ref_err = (ref64 - oracle)[finite].abs().max().item() if finite.any() else 0.0
+    slack = rounding_slack(oracle[finite], dtype if output != "lse" else torch.float32)
+    if output == "lse":
+        slack = max(slack, LSE_FLOOR)
+    tol = factor * ref_err + slack
+    failure = None if err <= tol else f"error {err:.3e} > {factor:g} x {ref_err:.3e} + {slack:.1e}"
+    return Check(output, err, tol, ref_err, failure)
