@@ -149,8 +149,12 @@ def explain_problem(problem: VarlenProblem, backend: str | None = None) -> Expla
     ordered = registry.for_device(problem.device_type)
     ordered += sorted((b for b in registry.backends.values() if b not in ordered),
                       key=lambda b: b.name)
-    try:
-        chosen: str | None = select(problem, backend).name
+    name, source = forced_backend(backend)
+    try:  # decided as select() would, without caching or spending its one-time warning
+        if name is not None:
+            chosen: str | None = _select_forced(problem, name, source).name
+        else:
+            chosen = _select_auto(problem, fallback_policy(), warn=False).name
     except (BackendUnavailableError, UnknownBackendError):
         chosen = None
     return Explanation(
@@ -176,7 +180,7 @@ def _select_forced(problem: VarlenProblem, name: str, source: str) -> Backend:
     return backend
 
 
-def _select_auto(problem: VarlenProblem, policy: str) -> Backend:
+def _select_auto(problem: VarlenProblem, policy: str, warn: bool = True) -> Backend:
     candidates = get_registry().for_device(problem.device_type)
     rejected: list[tuple[Backend, list[str]]] = []
     for backend in candidates:
@@ -190,7 +194,7 @@ def _select_auto(problem: VarlenProblem, policy: str) -> Backend:
                 raise BackendUnavailableError(
                     f"no accelerated backend can run this call [{_describe(problem)}] and "
                     "ATTNHUB_FALLBACK=error:\n" + _format_rejections(accelerated_rejected))
-            if policy == "warn":
+            if policy == "warn" and warn:
                 key = (problem.signature(), backend.name)
                 if key not in _warned:
                     _warned.add(key)
