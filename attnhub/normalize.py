@@ -73,21 +73,20 @@ def normalize(
             "j // (nheads // nheads_k))", f"nheads_k = {nheads_k}")
     device = q.device
 
-    cu_q, host_q, max_q = _cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, device, max_seqlen_q,
-                                      "max_seqlen_q")
-    cu_k, host_k, max_k = _cu_seqlens("cu_seqlens_k", cu_seqlens_k, None if paged else k.shape[0],
-                                      device, max_seqlen_k, "max_seqlen_k")
+    cu_q, seqlens_q, max_q = _cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, device,
+                                         max_seqlen_q, "max_seqlen_q")
+    cu_k, seqlens_k, max_k = _cu_seqlens("cu_seqlens_k", cu_seqlens_k,
+                                         None if paged else k.shape[0], device, max_seqlen_k,
+                                         "max_seqlen_k")
     batch = cu_q.shape[0] - 1
     if cu_k.shape[0] - 1 != batch:
         raise InvalidArgumentError("cu_seqlens_k", f"{batch + 1} offsets (the batch size of "
                                    f"cu_seqlens_q is {batch})", f"{cu_k.shape[0]} offsets")
-    seqlens_q = _lengths(host_q)
-    seqlens_k = _lengths(host_k)
 
     layout = None
     if paged:
         layout, block_table = _paged_layout(block_table, k, batch, device, seqlens_k, max_k)
-        total_k = host_k[-1] if host_k is not None else -1
+        total_k = sum(seqlens_k) if seqlens_k is not None else -1
     else:
         total_k = k.shape[0]
 
@@ -155,12 +154,21 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 def _cu_seqlens(name: str, cu: CuSeqlens, total: int | None, device: torch.device,
                 max_seqlen: int | None, max_name: str
                 ) -> tuple[torch.Tensor, tuple[int, ...] | None, int]:
-    """-> (int32 offsets on ``device``, host offsets or None, max_seqlen)."""
+    """-> (int32 offsets on ``device``, per-sequence lengths or None, max_seqlen)."""
     host: tuple[int, ...] | None
-    if isinstance(cu, VarlenInfo):
-        info = cu.to(device)
-        tensor, host = info.cu_seqlens, info.cu_seqlens_host
-    elif isinstance(cu, torch.Tensor):
+    if isinstance(cu, VarlenInfo):  # validated at construction: O(1) checks only
+        info = cu if cu.cu_seqlens.device == device else cu.to(device)
+        if total is not None and info.total != total:
+            raise InvalidArgumentError(name, f"a last offset equal to the number of rows "
+                                       f"({total})", info.total)
+        if max_seqlen is None:
+            return info.cu_seqlens, info.seqlens, info.max_seqlen
+        max_seqlen = _check_int(max_name, max_seqlen, 0)
+        if max_seqlen < info.max_seqlen:
+            raise InvalidArgumentError(max_name, f"at least the longest sequence "
+                                       f"({info.max_seqlen} tokens)", max_seqlen)
+        return info.cu_seqlens, info.seqlens, max_seqlen
+    if isinstance(cu, torch.Tensor):
         if cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
             raise InvalidArgumentError(name, "a 1-D int32 or int64 tensor of batch + 1 offsets",
                                        f"{cu.dim()}-D tensor of {cu.dtype}")
@@ -193,26 +201,20 @@ def _cu_seqlens(name: str, cu: CuSeqlens, total: int | None, device: torch.devic
     if host is not None and total is not None and host[-1] != total:
         raise InvalidArgumentError(name, f"a last offset equal to the number of rows ({total})",
                                    host[-1])
+    lengths = None if host is None else tuple(host[b + 1] - host[b] for b in range(len(host) - 1))
     # (not max(..., default=0): torch.compile cannot trace max's default keyword)
-    known_max = max([0] + [host[b + 1] - host[b] for b in range(len(host) - 1)]) \
-        if host is not None else None
+    known_max = None if lengths is None else max((0, *lengths))
     if max_seqlen is None:
         if known_max is None:
             raise InvalidArgumentError(max_name, "an int: the offsets are on the device and cannot "
                                        "be read back here (torch.compile tracing or CUDA graph "
                                        "capture); pass max_seqlen or a VarlenInfo")
-        return tensor, host, known_max
+        return tensor, lengths, known_max
     max_seqlen = _check_int(max_name, max_seqlen, 0)
     if known_max is not None and max_seqlen < known_max:
         raise InvalidArgumentError(max_name, f"at least the longest sequence ({known_max} tokens)",
                                    max_seqlen)
-    return tensor, host, max_seqlen
-
-
-def _lengths(host: tuple[int, ...] | None) -> tuple[int, ...] | None:
-    if host is None:
-        return None
-    return tuple(host[b + 1] - host[b] for b in range(len(host) - 1))
+    return tensor, lengths, max_seqlen
 
 
 def _paged_layout(block_table: torch.Tensor, k: torch.Tensor, batch: int, device: torch.device,

@@ -77,6 +77,8 @@ class VarlenProblem:
         """(every sq <= sk, every sq == sk), or None where the host lengths are unknown."""
         if self.seqlens_q is None or self.seqlens_k is None:
             return self._facts
+        if self.seqlens_q is self.seqlens_k:  # one layout for both sides (self-attention)
+            return True, True
         pairs = tuple(zip(self.seqlens_q, self.seqlens_k, strict=True))
         return all(a <= b for a, b in pairs), all(a == b for a, b in pairs)
 

@@ -101,6 +101,8 @@ class VarlenInfo:
 
     def to(self, device: torch.device | str) -> VarlenInfo:
         """The same layout with its tensor on ``device`` (cached: built once per device)."""
+        if device == self.cu_seqlens.device:
+            return self
         dev = torch.device(device)
         if dev.type not in ("cpu", "meta") and dev.index is None:  # meta has no device module
             dev = torch.device(dev.type, torch.get_device_module(dev.type).current_device())
