@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +34,10 @@ class CaseInputs:
             max_seqlen_q=max(case.seqlens_q, default=0),
             max_seqlen_k=max(case.seqlens_k, default=0), dropout_p=case.dropout_p,
             causal=case.causal, window_size=case.window, softcap=case.softcap,
-            alibi_slopes=self.alibi_slopes, block_table=self.block_table)
+            alibi_slopes=self.alibi_slopes, block_table=self.block_table,
+            # Explicit: normalize() would otherwise read torch's global deterministic mode,
+            # which poisoned() below switches on around the backend's run.
+            deterministic=False)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.q, self.k, self.v
@@ -118,7 +124,41 @@ def _paged(case: Case, k: torch.Tensor, v: torch.Tensor, gen: torch.Generator,
 def poison(device: torch.device | str, shapes: list[tuple[tuple[int, ...], torch.dtype]]) -> None:
     """Fill freed memory of the sizes a backend will allocate with NaN, so that an output
     row the backend forgets to write reads NaN instead of a lucky zero (reliable with the
-    CUDA caching allocator; best effort with the CPU allocator)."""
+    CUDA caching allocator; best effort with the CPU allocator, hence ``poisoned``)."""
     held = [torch.full(shape, float("nan"), dtype=dtype, device=device)
             for shape, dtype in shapes]
     del held
+
+
+# Warnings that torch raises in warn-only deterministic mode; they say nothing about the
+# backend under test.
+_DETERMINISM_WARNINGS = (r".*does not have a deterministic implementation.*",
+                         r".*Deterministic behavior was enabled.*")
+
+
+@contextlib.contextmanager
+def poisoned(device: torch.device | str, shapes: list[tuple[tuple[int, ...], torch.dtype]]
+             ) -> Iterator[None]:
+    """Run the backend under test with every fresh allocation holding NaN.
+
+    ``poison`` fills freed memory of the output sizes (``shapes``: out, lse, dq, dk, dv) for
+    caching allocators; on top of that, torch's ``fill_uninitialized_memory`` is switched on
+    (with deterministic algorithms in warn-only mode, which it needs), so that every
+    ``torch.empty`` / ``empty_like`` / ``new_empty`` float tensor starts as NaN (integers as
+    their maximum) on any device and allocator. An output row or gradient row the backend
+    never writes then reads NaN, and NaN never passes. The previous settings are restored.
+    """
+    poison(device, shapes)
+    was_on = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    was_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=was_warn_only or not was_on)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        with warnings.catch_warnings():
+            for message in _DETERMINISM_WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = was_fill

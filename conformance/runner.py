@@ -114,8 +114,8 @@ def _plain_case(case: Case, backend: str, data: inputs.CaseInputs, grad: bool,
                 device: torch.device | str) -> CaseResult:
     o_out, o_lse, o_grads = _run(ORACLE, case, data, torch.float64, grad)
     r_out, r_lse, r_grads = _run(ORACLE, case, data, None, grad)
-    inputs.poison(device, [(tuple(t.shape), t.dtype) for t in (r_out, r_lse)])
-    out, lse, grads = _run(backend, case, data, None, grad)
+    with inputs.poisoned(device, _shapes(r_out, r_lse, *(r_grads or ()))):
+        out, lse, grads = _run(backend, case, data, None, grad)
     checks = [tolerance.check("out", out, o_out, r_out, case.dtype),
               tolerance.check("lse", lse, o_lse, r_lse, case.dtype)]
     if grad:
@@ -124,6 +124,10 @@ def _plain_case(case: Case, backend: str, data: inputs.CaseInputs, grad: bool,
             checks.append(tolerance.check(name, g, og, rg, case.dtype))
     status = "pass" if all(c.ok for c in checks) else "fail"
     return CaseResult(backend, case, status, checks=checks)
+
+
+def _shapes(*tensors: torch.Tensor) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    return [(tuple(t.shape), t.dtype) for t in tensors]
 
 
 def _one_hot_values(case: Case, data: inputs.CaseInputs) -> torch.Tensor:
@@ -152,8 +156,9 @@ def _dropout_case(case: Case, backend: str, data: inputs.CaseInputs, grad: bool,
     def backend_run(seed: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         torch.manual_seed(seed)
         q, k, v = _leaves(data.tensors(), None, grad)
-        out = attnhub.attention_forward_varlen(q, k, v, **kwargs, backend=backend)
-        grads = torch.autograd.grad(out, (q, k, v), data.dout) if grad else None
+        with inputs.poisoned(device, _shapes(q, k, v)):
+            out = attnhub.attention_forward_varlen(q, k, v, **kwargs, backend=backend)
+            grads = torch.autograd.grad(out, (q, k, v), data.dout) if grad else None
         return out.detach(), grads
 
     out, grads = backend_run(case.seed)
