@@ -169,5 +169,6 @@ def test_without_a_backend_the_plugin_adds_nothing(empty_dir):
     # (--attnhub-tier and --attnhub-device are accepted; only --attnhub-backend adds cases.)
     proc = _run([*PYTEST, "-q", "--attnhub-tier", "full", "--attnhub-device", "cpu"],
                 empty_dir)
-    assert proc.returncode == 5, proc.stdout + proc.stderr  # pytest: no tests collected
-    assert "no tests ran" in proc.stdout
+    # pytest's exit code 5: no tests collected (the summary line varies with warnings)
+    assert proc.returncode == 5, proc.stdout + proc.stderr
+    assert "passed" not in proc.stdout and "attnhub-conformance" not in proc.stdout
