@@ -13,7 +13,7 @@ import pluggy
 from . import hookspecs
 from .backend import Backend
 
-BUILTIN_PLUGINS = ("attnhub.backends.reference.plugin",)
+BUILTIN_PLUGINS = ("attnhub.backends.reference.plugin", "attnhub.backends.triton.plugin")
 
 
 @dataclass(frozen=True)

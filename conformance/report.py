@@ -59,7 +59,7 @@ def markdown(results: list[CaseResult], tier: str, device: str) -> str:
              ", ".join(f"{k} {v}" for k, v in env.items() if v is not None), "",
              "Pass rule: max abs error against the reference in float64 <= 2 x the reference's "
              "own error in the case's dtype + 2 x the dtype's rounding error at the output's "
-             "magnitude (lse: at least 1e-4); NaN never passes; inputs carry NaN padding and "
+             "magnitude (at least 1e-5; lse: 1e-4); NaN never passes; inputs carry NaN padding and "
              "outputs are allocated from NaN-poisoned memory.", "",
              "| backend | " + " | ".join(features) + " | total |",
              "|---|" + "---|" * (len(features) + 1)]

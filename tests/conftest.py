@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter (set before triton is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from attnhub.backends.reference import kernel
 from attnhub.backends.reference import plugin as reference_plugin
 

@@ -1,0 +1,76 @@
+"""TritonBackend: attnhub's own varlen FlashAttention kernels (forward and backward)."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import ClassVar
+
+import torch
+
+from attnhub.backend import Backend, ForwardResult, Gradients
+from attnhub.capabilities import Capabilities
+from attnhub.inputs import VarlenInputs
+from attnhub.problem import VarlenProblem
+
+from . import configs
+
+
+class TritonBackend(Backend):
+    """Varlen FlashAttention-2-style kernels written in Triton: flat tile lists (no idle
+    programs on skewed batches), GQA without expanded K/V, deterministic backward."""
+
+    name: ClassVar[str] = "triton"
+    device_types: ClassVar[frozenset[str]] = frozenset({"cuda", "xpu"})
+    priority: ClassVar[int] = 100
+    description: ClassVar[str] = "attnhub's Triton kernels: fwd + bwd, flat tile scheduling"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+        head_dims=(16, 256),
+        page_size_multiple=16,
+        return_probs=False,
+    )
+
+    def __init__(self) -> None:
+        if configs.interpreting():
+            # TRITON_INTERPRET=1: the kernels run on CPU tensors, for testing. Ranked below
+            # the reference there, so only calls that ask for "triton" get the interpreter.
+            self.device_types = frozenset({*type(self).device_types, "cpu"})
+            self.priority = -2000
+
+    def unavailable_reasons(self) -> list[str]:
+        if importlib.util.find_spec("triton") is None:
+            return ["triton is not installed (pip install triton)"]
+        if configs.interpreting():
+            return []
+        if not (torch.cuda.is_available() or (hasattr(torch, "xpu")
+                                              and torch.xpu.is_available())):
+            return ["no GPU for Triton here (set TRITON_INTERPRET=1 to run the kernels on "
+                    "the CPU, slowly, for testing)"]
+        return []
+
+    def why_not(self, problem: VarlenProblem) -> list[str]:
+        reasons = super().why_not(problem)
+        if problem.paged is not None and problem.requires_grad:
+            reasons.append("backward through paged KV (block_table) is not implemented")
+        if configs.interpreting() and problem.dtype == torch.bfloat16:
+            reasons.append("bfloat16 dot products are wrong in the Triton interpreter "
+                           "(TRITON_INTERPRET=1); run bfloat16 on a GPU")
+        return reasons
+
+    def forward(self, problem: VarlenProblem, inputs: VarlenInputs) -> ForwardResult:
+        from .forward import forward
+
+        seed = None
+        if problem.dropout_p > 0:
+            seed = inputs.rng_state if inputs.rng_state is not None else torch.randint(
+                0, 2**31 - 1, (2,), dtype=torch.int64, device=inputs.q.device)
+        out, lse = forward(problem, inputs, seed)
+        return ForwardResult(out, lse, None, seed)
+
+    def backward(self, problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
+                 lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None = None
+                 ) -> Gradients:
+        from .backward import backward
+
+        dq, dk, dv = backward(problem, inputs, out, lse, dout, dlse, inputs.rng_state)
+        return Gradients(dq, dk, dv)

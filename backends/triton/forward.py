@@ -1,0 +1,219 @@
+"""Varlen FlashAttention forward in Triton: one program per (query tile, query head).
+
+Online softmax in base 2 over the key blocks each tile can see (causal and window bands are
+skipped, not masked), fp32 accumulation, GQA by indexing (no expanded K/V), softcap, ALiBi,
+Philox dropout, paged K/V through the block table, lse in natural log.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs, tiles
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _tanh(x):
+    # tanh without libdevice (not available in the interpreter): 1 - 2 / (exp(2x) + 1)
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def kv_rows(BlockTable, b, stride_bt_b, offs_n, k_start, PAGED: tl.constexpr,
+            PAGE_SIZE: tl.constexpr):
+    """Row indices of key positions ``offs_n`` (local to sequence b) in K/V: packed rows, or
+    page * PAGE_SIZE + slot in the flattened page pools."""
+    if PAGED:
+        page = tl.load(BlockTable + b * stride_bt_b + offs_n // PAGE_SIZE)
+        return page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
+    else:
+        return (k_start + offs_n).to(tl.int64)
+
+
+@triton.jit
+def score_tile(q, k, offs_m, offs_n, sq, sk, offset, qk_scale, softcap, slope,
+               window_left, window_right,
+               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, WINDOW_LEFT: tl.constexpr,
+               WINDOW_RIGHT: tl.constexpr, PRECISION: tl.constexpr):
+    """Scores of one (BLOCK_M, BLOCK_N) tile in base-2 units, -inf where masked, and the
+    softcap tanh (for backward)."""
+    s = tl.dot(q, k, input_precision=PRECISION)
+    if HAS_SOFTCAP:
+        t = _tanh(s * (qk_scale / softcap))
+        s = t * softcap
+    else:
+        t = s
+        s = s * qk_scale
+    rel = offs_m[:, None] + offset - offs_n[None, :]  # i + sk - sq - j
+    if HAS_ALIBI:
+        s = s - slope * tl.abs(rel).to(tl.float32)
+    visible = (offs_n[None, :] < sk) & (offs_m[:, None] < sq)
+    if WINDOW_LEFT:
+        visible = visible & (rel <= window_left)
+    if WINDOW_RIGHT:
+        visible = visible & (rel >= -window_right)
+    s = tl.where(visible, s * 1.4426950408889634, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def dropout_keep(seed_ptr, b, h, nheads, offs_m, offs_n, max_seqlen_k, dropout_p):
+    """Philox keep mask for the tile: one stream per (sequence, head), offset i * max_sk + j."""
+    seed = tl.load(seed_ptr)
+    stream = seed + (b * nheads + h).to(tl.int64) * 1000003
+    offsets = offs_m[:, None] * max_seqlen_k + offs_n[None, :]
+    return tl.rand(stream, offsets) >= dropout_p
+
+
+# Per-batch integers must not be specialised on (== 1, % 16): new lengths would recompile.
+PER_BATCH_ARGS = ["total_q", "batch", "max_seqlen_k"]
+
+
+@triton.jit(do_not_specialize=PER_BATCH_ARGS)
+def _fwd_kernel(
+    Q, K, V, Out, Lse, CuQ, CuK, TileSeq, TileBlk, BlockTable, Alibi, Seed,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_bt_b, stride_ab, total_q, batch, nheads, max_seqlen_k,
+    qk_scale, softcap, dropout_p, window_left, window_right,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOP_LEFT: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.load(TileSeq + pid)
+    if b >= batch:  # past the real tiles of a device-built (upper bound) tile list
+        return
+    mblk = tl.load(TileBlk + pid)
+    q_start = tl.load(CuQ + b)
+    sq = tl.load(CuQ + b + 1) - q_start
+    k_start = tl.load(CuK + b)
+    sk = tl.load(CuK + b + 1) - k_start
+    offset = 0 if TOP_LEFT else sk - sq
+    kvh = h // GROUP
+
+    offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < sq
+    d_ok = offs_d < HEAD_DIM
+    q_ptrs = Q + (q_start + offs_m).to(tl.int64)[:, None] * stride_qt + h * stride_qh \
+        + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    lo = 0
+    hi = sk
+    if WINDOW_RIGHT:
+        hi = tl.minimum(sk, mblk * BLOCK_M + BLOCK_M - 1 + offset + window_right + 1)
+    if WINDOW_LEFT:
+        lo = tl.maximum(0, mblk * BLOCK_M + offset - window_left)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + b * stride_ab + h)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < sk
+        rows = kv_rows(BlockTable, b, stride_bt_b, offs_n, k_start, PAGED, PAGE_SIZE)
+        k = tl.load(K + rows[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None],
+                    mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        s, _ = score_tile(q, k, offs_m, offs_n, sq, sk, offset, qk_scale, softcap, slope,
+                          window_left, window_right, HAS_SOFTCAP, HAS_ALIBI, WINDOW_LEFT,
+                          WINDOW_RIGHT, PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            keep = dropout_keep(Seed, b, h, nheads, offs_m, offs_n, max_seqlen_k, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        v = tl.load(V + rows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    o_ptrs = Out + (q_start + offs_m).to(tl.int64)[:, None] * stride_ot + h * stride_oh \
+        + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + h.to(tl.int64) * total_q + q_start + offs_m, lse, mask=row_ok)
+
+
+def tile_list(problem, cu_seqlens: torch.Tensor, block: int, rows_are_queries: bool
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The launch's tile list: planned on the host when lengths are known, else on the device."""
+    rows, cols = ((problem.seqlens_q, problem.seqlens_k) if rows_are_queries
+                  else (problem.seqlens_k, problem.seqlens_q))
+    if rows is not None and cols is not None:
+        return tiles.host_tiles(rows, cols, block, problem.window,
+                                problem.mask_alignment == "top_left", rows_are_queries,
+                                cu_seqlens.device)
+    total = problem.total_q if rows_are_queries else problem.total_k
+    return tiles.device_tiles(cu_seqlens, total, block)
+
+
+def kv_layout(problem, k: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """K or V as rows: packed (total_k, nheads_k, d), or page pools flattened to
+    (num_pages * page_size, nheads_k, d) (a view when the pool is contiguous per page)."""
+    if problem.paged is not None:
+        k = k.reshape(-1, *k.shape[2:])
+    return k, k.stride(0), k.stride(1)
+
+
+def forward(problem, inputs, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (total_q, nheads, d) in q's dtype and lse float32 (nheads, total_q)."""
+    q = inputs.q
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    k, stride_kt, stride_kh = kv_layout(problem, _last_contiguous(inputs.k))
+    v, stride_vt, stride_vh = kv_layout(problem, _last_contiguous(inputs.v))
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((problem.nheads, problem.total_q), dtype=torch.float32, device=q.device)
+    cfg = configs.forward_config(problem.head_dim)
+    tile_seq, tile_blk = tile_list(problem, inputs.cu_seqlens_q, cfg.block_m, True)
+    if tile_seq.numel() == 0 or problem.nheads == 0:
+        return out, lse
+    left, right = problem.window
+    alibi = inputs.alibi_slopes
+    block_table = inputs.block_table
+    dummy = inputs.cu_seqlens_q
+    grid = (tile_seq.numel(), problem.nheads)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, inputs.cu_seqlens_q, inputs.cu_seqlens_k, tile_seq, tile_blk,
+        block_table if block_table is not None else dummy,
+        alibi if alibi is not None else dummy, seed if seed is not None else dummy,
+        q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
+        out.stride(0), out.stride(1),
+        block_table.stride(0) if block_table is not None else 0,
+        alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0,
+        problem.total_q, problem.batch, problem.nheads, max(problem.max_seqlen_k, 1),
+        problem.scale, problem.softcap, problem.dropout_p, left, right,
+        GROUP=problem.group_size, HEAD_DIM=problem.head_dim,
+        BLOCK_D=configs.block_d(problem.head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        TOP_LEFT=problem.mask_alignment == "top_left", WINDOW_LEFT=left >= 0,
+        WINDOW_RIGHT=right >= 0, HAS_SOFTCAP=problem.softcap > 0,
+        HAS_ALIBI=alibi is not None, HAS_DROPOUT=problem.dropout_p > 0,
+        PAGED=problem.paged is not None,
+        PAGE_SIZE=problem.paged.page_size if problem.paged is not None else 1,
+        PRECISION=configs.dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse
+
+
+def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()

@@ -1,0 +1,216 @@
+"""Benchmark DESIGN.md's workloads W1-W4 side by side in one run: attnhub's triton backend,
+torch's bundled FlashAttention-2 (the aten op, called directly) and, when importable, FA4
+(flash_attn.cute). Prints TFLOP/s and ratios, writes a markdown table.
+
+    python benchmarks/bench_attention.py --out docs/benchmarks/latest.md
+
+Timing: triton.testing.do_bench (CUDA events, median) after warm-up, on random data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import inspect
+import pathlib
+import sys
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from workloads import HEAD_DIM, NHEADS, NHEADS_K, Workload, workloads
+
+import attnhub
+
+
+def _version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "-"
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device-to-device copy of 2 GiB: bytes read + written over time."""
+    x = torch.empty(2**30, dtype=torch.bfloat16, device="cuda").normal_()
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), warmup=25, rep=200, return_mode="median")
+    return 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
+
+
+def _fa4():
+    try:
+        from flash_attn.cute import flash_attn_varlen_func
+    except Exception as exc:  # not installed, or no matching GPU
+        print(f"FA4 not available: {type(exc).__name__}: {exc}")
+        return None
+    return flash_attn_varlen_func
+
+
+def _inputs(w: Workload, requires_grad: bool):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    tq, tk = sum(w.seqlens_q), sum(w.seqlens_k)
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    q = rand(tq, NHEADS, HEAD_DIM).requires_grad_(requires_grad)
+    k = rand(tk, NHEADS_K, HEAD_DIM).requires_grad_(requires_grad)
+    v = rand(tk, NHEADS_K, HEAD_DIM).requires_grad_(requires_grad)
+    dout = rand(tq, NHEADS, HEAD_DIM)
+    return q, k, v, dout
+
+
+def prefill_impls(w: Workload, causal: bool, backward: bool, fa4):
+    """name -> zero-argument callable running one forward (+ backward) of the workload."""
+    q, k, v, dout = _inputs(w, backward)
+    info_q = attnhub.VarlenInfo.from_lengths(w.seqlens_q, "cuda")
+    info_k = attnhub.VarlenInfo.from_lengths(w.seqlens_k, "cuda")
+    mq, mk = info_q.max_seqlen, info_k.max_seqlen
+    cq, ck = info_q.cu_seqlens, info_k.cu_seqlens
+    scale = HEAD_DIM ** -0.5
+    impls = {}
+
+    def triton_run():
+        out = attnhub.attention_forward_varlen(q, k, v, info_q, info_k, causal=causal,
+                                               backend="triton")
+        if backward:
+            torch.autograd.grad(out, (q, k, v), dout)
+        return out
+
+    impls["triton"] = triton_run
+
+    def fa2_run():
+        out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cq, ck, mq, mk, 0.0, causal, False, scale=scale)
+        if backward:
+            torch.ops.aten._flash_attention_backward(
+                dout, q, k, v, out, lse, cq, ck, mq, mk, 0.0, causal, seed, offset, scale=scale)
+        return out
+
+    impls["torch-fa2"] = fa2_run
+    if fa4 is not None:
+        params = inspect.signature(fa4).parameters
+        kw = {"causal": causal, "softmax_scale": scale}
+        if "max_seqlen_q" in params:
+            kw.update(max_seqlen_q=mq, max_seqlen_k=mk)
+
+        def fa4_run():
+            res = fa4(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, **kw)
+            out = res[0] if isinstance(res, tuple) else res
+            if backward:
+                torch.autograd.grad(out, (q, k, v), dout)
+            return out
+
+        impls["fa4"] = fa4_run
+    return impls
+
+
+def decode_impls(w: Workload):
+    """W4: one query token per sequence over a paged KV cache."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ps = w.page_size or 16
+    pages_per_seq = -(-max(w.seqlens_k) // ps)
+    num_pages = pages_per_seq * len(w.seqlens_k)
+    kpool = torch.randn(num_pages, ps, NHEADS_K, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
+                        generator=g)
+    vpool = torch.randn_like(kpool)
+    table = torch.randperm(num_pages, device="cuda", generator=g).to(torch.int32)
+    table = table.view(len(w.seqlens_k), pages_per_seq)
+    q = torch.randn(len(w.seqlens_q), NHEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
+                    generator=g)
+    info_q = attnhub.VarlenInfo.from_lengths(w.seqlens_q, "cuda")
+    info_k = attnhub.VarlenInfo.from_lengths(w.seqlens_k, "cuda")
+    k_packed = kpool[table.long()].reshape(-1, NHEADS_K, HEAD_DIM)
+    v_packed = vpool[table.long()].reshape(-1, NHEADS_K, HEAD_DIM)
+
+    def triton_run():
+        return attnhub.attention_forward_varlen(q, kpool, vpool, info_q, info_k,
+                                                block_table=table, backend="triton")
+
+    def fa2_packed_run():  # torch's FA2 has no paged KV: the same cache, gathered beforehand
+        return torch.ops.aten._flash_attention_forward(
+            q, k_packed, v_packed, info_q.cu_seqlens, info_k.cu_seqlens, 1, max(w.seqlens_k),
+            0.0, False, False, scale=HEAD_DIM ** -0.5)[0]
+
+    return {"triton": triton_run, "torch-fa2 (gathered kv)": fa2_packed_run}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="write the markdown table here")
+    parser.add_argument("--workloads", default="W1,W2,W3,W4")
+    parser.add_argument("--modes", default="fwd,fwd+bwd")
+    parser.add_argument("--no-fa4", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU")
+        return 2
+    wanted = set(args.workloads.split(","))
+    modes = args.modes.split(",")
+    fa4 = None if args.no_fa4 else _fa4()
+    dev = torch.cuda.get_device_name()
+    header = (f"device {dev}, date {datetime.date.today().isoformat()}, torch "
+              f"{torch.__version__}, triton {triton.__version__}, flash-attn-4 "
+              f"{_version('flash-attn-4')}, attnhub {attnhub.__version__}")
+    print(header)
+    bw = copy_bandwidth_gbs()
+    print(f"measured copy bandwidth: {bw:.0f} GB/s")
+    rows = []
+    for w in workloads():
+        if w.name not in wanted:
+            continue
+        if w.page_size is not None:
+            impls = decode_impls(w)
+            kv_bytes = 2 * sum(w.seqlens_k) * NHEADS_K * HEAD_DIM * 2
+            ref = impls["torch-fa2 (gathered kv)"]()
+            err = (impls["triton"]() - ref).abs().max().item()
+            for name, fn in impls.items():
+                ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
+                gbs = kv_bytes / (ms * 1e-3) / 1e9
+                rows.append((w.name, "-", "fwd", name, ms, None, gbs / bw))
+                print(f"{w.name} decode {name:<24} {ms * 1e3:8.1f} us  {gbs:7.0f} GB/s  "
+                      f"{100 * gbs / bw:5.1f}% of copy bandwidth  (max |triton - fa2| {err:.2e})")
+            continue
+        for causal in (False, True):
+            for mode in modes:
+                backward = mode == "fwd+bwd"
+                impls = prefill_impls(w, causal, backward, fa4)
+                if not backward:
+                    ref = impls["torch-fa2"]()
+                    err = (impls["triton"]() - ref).abs().max().item()
+                    print(f"{w.name} causal={causal} max |triton - fa2| = {err:.2e}")
+                flops = w.flops(causal, backward)
+                for name, fn in impls.items():
+                    ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+                    rows.append((w.name, causal, mode, name, ms, flops / (ms * 1e-3) / 1e12,
+                                 None))
+                    print(f"{w.name} causal={causal!s:<5} {mode:<7} {name:<10} {ms:8.3f} ms "
+                          f"{rows[-1][5]:7.1f} TFLOP/s")
+                torch.cuda.empty_cache()
+    lines = [f"# Benchmark: {header}", "", f"Measured copy bandwidth {bw:.0f} GB/s.", "",
+             "| workload | causal | mode | impl | ms | TFLOP/s | vs torch-fa2 | vs fa4 |",
+             "|---|---|---|---|---|---|---|---|"]
+    index = {(r[0], r[1], r[2], r[3]): r for r in rows}
+    for r in rows:
+        if r[5] is None:
+            lines.append(f"| {r[0]} | - | {r[2]} | {r[3]} | {r[4]:.4f} | - | "
+                         f"{100 * r[6]:.1f}% of bandwidth | - |")
+            continue
+        fa2 = index.get((r[0], r[1], r[2], "torch-fa2"))
+        f4 = index.get((r[0], r[1], r[2], "fa4"))
+        lines.append(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.3f} | {r[5]:.1f} | "
+                     f"{r[5] / fa2[5]:.2f}x | " + (f"{r[5] / f4[5]:.2f}x |" if f4 else "- |"))
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
