@@ -12,7 +12,7 @@ import torch
 from .registry import get_registry
 
 ENV_VARS = ("ATTNHUB_BACKEND", "ATTNHUB_FALLBACK", "ATTNHUB_VALIDATE",
-            "ATTNHUB_REFERENCE_CHUNK_MB")
+            "ATTNHUB_REFERENCE_CHUNK_MB", "ATTNHUB_TRITON_AUTOTUNE", "TRITON_INTERPRET")
 
 
 def _version(package: str) -> str | None:

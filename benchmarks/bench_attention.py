@@ -13,6 +13,7 @@ import argparse
 import datetime
 import importlib.metadata
 import inspect
+import os
 import pathlib
 import sys
 
@@ -139,6 +140,20 @@ def decode_impls(w: Workload):
     return {"triton": triton_run, "torch-fa2 (gathered kv)": fa2_packed_run}
 
 
+def autotune_picks() -> list[str]:
+    """The Triton autotuner's choice per kernel and key, when it was allowed to choose."""
+    if os.environ.get("ATTNHUB_TRITON_AUTOTUNE", "0") in ("", "0"):
+        return []
+    from attnhub.backends.triton import backward, forward
+
+    picks = []
+    for name, kernel in (("fwd", forward._fwd_kernel), ("dkdv", backward._dkdv_kernel),
+                         ("dq", backward._dq_kernel)):
+        for key, cfg in kernel.cache.items():
+            picks.append(f"{name} {key}: {cfg}")
+    return picks
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="write the markdown table here")
@@ -204,6 +219,10 @@ def main() -> int:
         f4 = index.get((r[0], r[1], r[2], "fa4"))
         lines.append(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.3f} | {r[5]:.1f} | "
                      f"{r[5] / fa2[5]:.2f}x | " + (f"{r[5] / f4[5]:.2f}x |" if f4 else "- |"))
+    tuned = autotune_picks()
+    if tuned:
+        lines += ["", "Autotuner picks (ATTNHUB_TRITON_AUTOTUNE=1):", ""]
+        lines += [f"* {t}" for t in tuned]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -49,6 +49,7 @@ def test_triton_matches_reference(dtype, kw):
 
 
 def _compiled_variants(kernel) -> int:
+    kernel = getattr(kernel, "fn", kernel)  # the JITFunction under an Autotuner
     caches = getattr(kernel, "device_caches", None)
     if caches is not None:  # triton >= 3.2: device -> (kernel cache, ...)
         return sum(len(entry[0]) for entry in caches.values())
@@ -72,3 +73,40 @@ def test_new_lengths_do_not_recompile():
             counts = now
             assert all(c >= 1 for c in counts)
         assert now == counts, f"recompiled for lengths {lengths}: {counts} -> {now}"
+
+
+def _run_case(dtype=torch.bfloat16):
+    lengths = [300, 1, 77, 0, 129]
+    info = attnhub.VarlenInfo.from_lengths(lengths, "cuda")
+    q, k, v = _qkv(lengths, dtype, grad=True)
+    out = attnhub.attention_forward_varlen(q, k, v, info, info, causal=True, backend="triton")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = attnhub.attention_forward_varlen(*ref_in, info, info, causal=True,
+                                           backend="reference")
+    ref_grads = torch.autograd.grad(ref, ref_in, dout.double())
+    errors = [(out.double() - ref).abs().max().item()]
+    errors += [(g.double() - rg).abs().max().item() for g, rg in zip(grads, ref_grads,
+                                                                      strict=True)]
+    return errors
+
+
+@pytest.mark.parametrize("kernel_name", ["fwd", "dkdv", "dq"])
+def test_every_config_the_autotuner_may_pick_is_correct(kernel_name, monkeypatch):
+    """Triton has miscompiled some configs (configs.BROKEN); none that remain may be wrong."""
+    from attnhub.backends.triton import backward, configs, forward
+
+    kernel = {"fwd": forward._fwd_kernel, "dkdv": backward._dkdv_kernel,
+              "dq": backward._dq_kernel}[kernel_name]
+    inner = {"fwd": "BLOCK_N", "dkdv": "BLOCK_M", "dq": "BLOCK_N"}[kernel_name]
+    wrong = []
+    for cfg in configs.candidates(kernel_name, inner):
+        choice = (cfg.kwargs[inner], cfg.num_warps, cfg.num_stages)
+        monkeypatch.setitem(configs.DEFAULTS[kernel_name], 128, choice)
+        kernel.cache.clear()
+        errors = _run_case()
+        if max(errors) > 0.1:
+            wrong.append((choice, errors))
+    kernel.cache.clear()
+    assert not wrong, f"configs giving wrong results: {wrong}"

@@ -13,15 +13,81 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .forward import PER_BATCH_ARGS, dropout_keep, kv_layout, score_tile, tile_list
+from .forward import (
+    PER_BATCH_ARGS,
+    dropout_keep,
+    key_ranges,
+    kv_layout,
+    score_scalars,
+    score_tile,
+    tile_list,
+)
 
 
+@triton.jit
+def _dkdv_blocks(dk, dv, kt, vt, Q, DO, Lse, Delta, b, h, q_start, sq, sk, offset, offs_n,
+                 offs_d, stride_qt, stride_qh, stride_dot, stride_doh, total_q, nheads,
+                 max_seqlen_k, qk_scale, tanh_scale, softcap2, slope2, dropout_p, window_left,
+                 window_right, Seed, start, stop,
+                 MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    d_ok = offs_d < HEAD_DIM
+    for start_m in range(start, stop, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < sq
+        rows_q = (q_start + offs_m).to(tl.int64)
+        q = tl.load(Q + rows_q[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(DO + rows_q[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
+                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        lse = tl.load(Lse + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_ok, other=0.0)
+        delta = tl.load(Delta + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_ok,
+                        other=0.0)
+        # Rows past the sequence load zeros (q, dO, lse, delta): they add exactly nothing.
+        s, t = score_tile(q, kt, offs_m, offs_n, sk, offset, qk_scale, tanh_scale, softcap2,
+                          slope2, window_left, window_right, MASK, HAS_SOFTCAP, HAS_ALIBI,
+                          WINDOW_LEFT, WINDOW_RIGHT, PRECISION)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        p = tl.exp2(s - lse2[:, None])  # 0 where masked or where the row sees nothing
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        pd = p
+        if HAS_DROPOUT:
+            keep = dropout_keep(Seed, b, h, nheads, offs_m, offs_n, max_seqlen_k, dropout_p)
+            pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        dv = tl.dot(tl.trans(pd.to(do.dtype)), do, dv, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+def _prune_dkdv(configs_, named_args, **kwargs):
+    d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 128))
+    return configs.pick("dkdv", configs_, d, "BLOCK_M")
+
+
+def _prune_dq(configs_, named_args, **kwargs):
+    d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 128))
+    return configs.pick("dq", configs_, d, "BLOCK_N")
+
+
+_KEY = ["HEAD_DIM", "GROUP", "WINDOW_LEFT", "WINDOW_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI",
+        "HAS_DROPOUT"]
+
+
+@triton.autotune(configs=configs.candidates("dkdv", "BLOCK_M"), key=[*_KEY, "BLOCK_N"],
+                 prune_configs_by={"early_config_prune": _prune_dkdv})
 @triton.jit(do_not_specialize=PER_BATCH_ARGS)
 def _dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, CuQ, CuK, TileSeq, TileBlk, Alibi, Seed,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_ab, total_q, batch, nheads,
-    max_seqlen_k, sm_scale, qk_scale, softcap, dropout_p, window_left, window_right,
+    max_seqlen_k, sm_scale, qk_scale, tanh_scale, softcap2, dropout_p, window_left,
+    window_right,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOP_LEFT: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -38,8 +104,9 @@ def _dkdv_kernel(
     k_start = tl.load(CuK + b)
     sk = tl.load(CuK + b + 1) - k_start
     offset = 0 if TOP_LEFT else sk - sq
+    n0 = nblk * BLOCK_N
 
-    offs_n = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < sk
     d_ok = offs_d < HEAD_DIM
@@ -49,51 +116,47 @@ def _dkdv_kernel(
     vt = tl.load(V + rows_k[None, :] * stride_vt + kvh * stride_vh + offs_d[:, None],
                  mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (D, N)
 
-    # Query rows that can see keys [nblk * BLOCK_N, nblk * BLOCK_N + BLOCK_N): i + offset - j
-    # within [-right, left].
+    # Query rows that see keys [n0, n0 + BLOCK_N): i + offset - j within [-right, left].
+    # Keys past the sequence may stay unmasked: their dK/dV rows are never stored.
     lo = 0
     hi = sq
+    full_lo = 0
+    full_hi = sq
     if WINDOW_RIGHT:
-        lo = tl.maximum(0, nblk * BLOCK_N - offset - window_right)
-        lo = (lo // BLOCK_M) * BLOCK_M
+        lo = (tl.maximum(0, n0 - offset - window_right) // BLOCK_M) * BLOCK_M
+        first_full = tl.maximum(n0 + BLOCK_N - 1 - offset - window_right, 0)
+        full_lo = (first_full + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     if WINDOW_LEFT:
-        hi = tl.minimum(sq, nblk * BLOCK_N + BLOCK_N - 1 - offset + window_left + 1)
+        hi = tl.minimum(sq, n0 + BLOCK_N - 1 - offset + window_left + 1)
+        full_hi = (tl.maximum(n0 - offset + window_left + 1, 0) // BLOCK_M) * BLOCK_M
+    a = tl.minimum(tl.maximum(full_lo, lo), hi)
+    bnd = tl.maximum(tl.minimum(full_hi, hi), a)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(GROUP):
         h = kvh * GROUP + g
-        slope = 0.0
+        slope2 = 0.0
         if HAS_ALIBI:
-            slope = tl.load(Alibi + b * stride_ab + h)
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < sq
-            rows_q = (q_start + offs_m).to(tl.int64)
-            q = tl.load(Q + rows_q[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                        mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-            do = tl.load(DO + rows_q[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
-                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-            lse = tl.load(Lse + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_ok,
-                          other=0.0)
-            delta = tl.load(Delta + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_ok,
-                            other=0.0)
-            s, t = score_tile(q, kt, offs_m, offs_n, sq, sk, offset, qk_scale, softcap, slope,
-                              window_left, window_right, HAS_SOFTCAP, HAS_ALIBI, WINDOW_LEFT,
-                              WINDOW_RIGHT, PRECISION)
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            p = tl.exp2(s - lse2[:, None])  # (M, N); 0 where masked or the row sees nothing
-            dp = tl.dot(do, vt, input_precision=PRECISION)
-            pd = p
-            if HAS_DROPOUT:
-                keep = dropout_keep(Seed, b, h, nheads, offs_m, offs_n, max_seqlen_k, dropout_p)
-                pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-            dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            if HAS_SOFTCAP:
-                ds = ds * (1.0 - t * t)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            slope2 = tl.load(Alibi + b * stride_ab + h) * 1.4426950408889634
+        dk, dv = _dkdv_blocks(
+            dk, dv, kt, vt, Q, DO, Lse, Delta, b, h, q_start, sq, sk, offset, offs_n, offs_d,
+            stride_qt, stride_qh, stride_dot, stride_doh, total_q, nheads, max_seqlen_k,
+            qk_scale, tanh_scale, softcap2, slope2, dropout_p, window_left, window_right, Seed,
+            lo, a, True, HEAD_DIM, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+            HAS_DROPOUT, PRECISION)
+        dk, dv = _dkdv_blocks(
+            dk, dv, kt, vt, Q, DO, Lse, Delta, b, h, q_start, sq, sk, offset, offs_n, offs_d,
+            stride_qt, stride_qh, stride_dot, stride_doh, total_q, nheads, max_seqlen_k,
+            qk_scale, tanh_scale, softcap2, slope2, dropout_p, window_left, window_right, Seed,
+            a, bnd, False, HEAD_DIM, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+            HAS_DROPOUT, PRECISION)
+        dk, dv = _dkdv_blocks(
+            dk, dv, kt, vt, Q, DO, Lse, Delta, b, h, q_start, sq, sk, offset, offs_n, offs_d,
+            stride_qt, stride_qh, stride_dot, stride_doh, total_q, nheads, max_seqlen_k,
+            qk_scale, tanh_scale, softcap2, slope2, dropout_p, window_left, window_right, Seed,
+            bnd, hi, True, HEAD_DIM, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+            HAS_DROPOUT, PRECISION)
     dk = dk * sm_scale
     dk_ptrs = DK + rows_k[:, None] * stride_dkt + kvh * stride_dkh + offs_d[None, :]
     dv_ptrs = DV + rows_k[:, None] * stride_dvt + kvh * stride_dvh + offs_d[None, :]
@@ -101,12 +164,47 @@ def _dkdv_kernel(
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
 
 
+@triton.jit
+def _dq_blocks(dq, q, do, lse2, delta, K, V, b, h, kvh, k_start, offs_m, offs_d, sk, offset,
+               stride_kt, stride_kh, stride_vt, stride_vh, nheads, max_seqlen_k, qk_scale,
+               tanh_scale, softcap2, slope2, dropout_p, window_left, window_right, Seed,
+               start, stop,
+               MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               PRECISION: tl.constexpr):
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(start, stop, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < sk
+        rows_k = (k_start + offs_n).to(tl.int64)
+        kt = tl.load(K + rows_k[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None],
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        vt = tl.load(V + rows_k[None, :] * stride_vt + kvh * stride_vh + offs_d[:, None],
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        s, t = score_tile(q, kt, offs_m, offs_n, sk, offset, qk_scale, tanh_scale, softcap2,
+                          slope2, window_left, window_right, MASK, HAS_SOFTCAP, HAS_ALIBI,
+                          WINDOW_LEFT, WINDOW_RIGHT, PRECISION)
+        p = tl.exp2(s - lse2[:, None])
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        if HAS_DROPOUT:
+            keep = dropout_keep(Seed, b, h, nheads, offs_m, offs_n, max_seqlen_k, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.autotune(configs=configs.candidates("dq", "BLOCK_N"), key=[*_KEY, "BLOCK_M"],
+                 prune_configs_by={"early_config_prune": _prune_dq})
 @triton.jit(do_not_specialize=PER_BATCH_ARGS)
 def _dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, CuQ, CuK, TileSeq, TileBlk, Alibi, Seed,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh, stride_ab, total_q, batch, nheads, max_seqlen_k,
-    sm_scale, qk_scale, softcap, dropout_p, window_left, window_right,
+    sm_scale, qk_scale, tanh_scale, softcap2, dropout_p, window_left, window_right,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOP_LEFT: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -124,8 +222,9 @@ def _dq_kernel(
     sk = tl.load(CuK + b + 1) - k_start
     offset = 0 if TOP_LEFT else sk - sq
     kvh = h // GROUP
+    m0 = mblk * BLOCK_M
 
-    offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < sq
     d_ok = offs_d < HEAD_DIM
@@ -137,38 +236,28 @@ def _dq_kernel(
     lse = tl.load(Lse + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(Delta + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    slope = 0.0
+    slope2 = 0.0
     if HAS_ALIBI:
-        slope = tl.load(Alibi + b * stride_ab + h)
+        slope2 = tl.load(Alibi + b * stride_ab + h) * 1.4426950408889634
 
-    lo = 0
-    hi = sk
-    if WINDOW_RIGHT:
-        hi = tl.minimum(sk, mblk * BLOCK_M + BLOCK_M - 1 + offset + window_right + 1)
-    if WINDOW_LEFT:
-        lo = tl.maximum(0, mblk * BLOCK_M + offset - window_left)
-        lo = (lo // BLOCK_N) * BLOCK_N
+    lo, a, bnd, hi = key_ranges(m0, sk, offset, window_left, window_right, BLOCK_M, BLOCK_N,
+                                WINDOW_LEFT, WINDOW_RIGHT)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < sk
-        rows_k = (k_start + offs_n).to(tl.int64)
-        kt = tl.load(K + rows_k[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None],
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        vt = tl.load(V + rows_k[None, :] * stride_vt + kvh * stride_vh + offs_d[:, None],
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s, t = score_tile(q, kt, offs_m, offs_n, sq, sk, offset, qk_scale, softcap, slope,
-                          window_left, window_right, HAS_SOFTCAP, HAS_ALIBI, WINDOW_LEFT,
-                          WINDOW_RIGHT, PRECISION)
-        p = tl.exp2(s - lse2[:, None])
-        dp = tl.dot(do, vt, input_precision=PRECISION)
-        if HAS_DROPOUT:
-            keep = dropout_keep(Seed, b, h, nheads, offs_m, offs_n, max_seqlen_k, dropout_p)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        ds = p * (dp - delta[:, None])
-        if HAS_SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+    dq = _dq_blocks(dq, q, do, lse2, delta, K, V, b, h, kvh, k_start, offs_m, offs_d, sk,
+                    offset, stride_kt, stride_kh, stride_vt, stride_vh, nheads, max_seqlen_k,
+                    qk_scale, tanh_scale, softcap2, slope2, dropout_p, window_left,
+                    window_right, Seed, lo, a, True, HEAD_DIM, BLOCK_N, WINDOW_LEFT,
+                    WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PRECISION)
+    dq = _dq_blocks(dq, q, do, lse2, delta, K, V, b, h, kvh, k_start, offs_m, offs_d, sk,
+                    offset, stride_kt, stride_kh, stride_vt, stride_vh, nheads, max_seqlen_k,
+                    qk_scale, tanh_scale, softcap2, slope2, dropout_p, window_left,
+                    window_right, Seed, a, bnd, False, HEAD_DIM, BLOCK_N, WINDOW_LEFT,
+                    WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PRECISION)
+    dq = _dq_blocks(dq, q, do, lse2, delta, K, V, b, h, kvh, k_start, offs_m, offs_d, sk,
+                    offset, stride_kt, stride_kh, stride_vt, stride_vh, nheads, max_seqlen_k,
+                    qk_scale, tanh_scale, softcap2, slope2, dropout_p, window_left,
+                    window_right, Seed, bnd, hi, True, HEAD_DIM, BLOCK_N, WINDOW_LEFT,
+                    WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + rows_q[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
@@ -188,39 +277,38 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    cfg = configs.backward_config(problem.head_dim)
+    key_tile, query_tile = configs.backward_tiles(problem.head_dim)
     left, right = problem.window
     alibi = inputs.alibi_slopes
     dummy = inputs.cu_seqlens_q
     common = dict(
         GROUP=problem.group_size, HEAD_DIM=problem.head_dim,
-        BLOCK_D=configs.block_d(problem.head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_D=configs.block_d(problem.head_dim),
         TOP_LEFT=problem.mask_alignment == "top_left", WINDOW_LEFT=left >= 0,
         WINDOW_RIGHT=right >= 0, HAS_SOFTCAP=problem.softcap > 0, HAS_ALIBI=alibi is not None,
-        HAS_DROPOUT=problem.dropout_p > 0, PRECISION=configs.dot_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        HAS_DROPOUT=problem.dropout_p > 0, PRECISION=configs.dot_precision(q.dtype))
     scalars = (problem.total_q, problem.batch, problem.nheads, max(problem.max_seqlen_k, 1),
-               problem.scale, problem.scale, problem.softcap, problem.dropout_p, left, right)
+               problem.scale, *score_scalars(problem), problem.dropout_p, left, right)
     alibi_arg = alibi if alibi is not None else dummy
     alibi_stride = alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0
     seed_arg = seed if seed is not None else dummy
 
-    k_seq, k_blk = tile_list(problem, inputs.cu_seqlens_k, cfg.block_n, False)
+    k_seq, k_blk = tile_list(problem, inputs.cu_seqlens_k, key_tile, False)
     if k_seq.numel() and problem.nheads_k:
         _dkdv_kernel[(k_seq.numel(), problem.nheads_k)](
             q, k, v, dout, lse, delta, dk, dv, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
             k_seq, k_blk, alibi_arg, seed_arg,
             q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
             dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0),
-            dv.stride(1), alibi_stride, *scalars, **common)
-    q_seq, q_blk = tile_list(problem, inputs.cu_seqlens_q, cfg.block_m, True)
+            dv.stride(1), alibi_stride, *scalars, BLOCK_N=key_tile, **common)
+    q_seq, q_blk = tile_list(problem, inputs.cu_seqlens_q, query_tile, True)
     if q_seq.numel() and problem.nheads:
         _dq_kernel[(q_seq.numel(), problem.nheads)](
             q, k, v, dout, lse, delta, dq, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
             q_seq, q_blk, alibi_arg, seed_arg,
             q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), alibi_stride,
-            *scalars, **common)
+            *scalars, BLOCK_M=query_tile, **common)
     return dq, dk, dv
 
 

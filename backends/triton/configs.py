@@ -10,8 +10,54 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+# (BLOCK_N or inner block, num_warps, num_stages) per kernel and head-dim bucket: the config a
+# launch uses unless ATTNHUB_TRITON_AUTOTUNE=1 asks the autotuner to try them all. Chosen from
+# the autotuner's picks on an H200 (docs/performance.md).
+DEFAULTS: dict[str, dict[int, tuple[int, int, int]]] = {
+    "fwd": {64: (64, 4, 3), 128: (64, 8, 3), 256: (32, 4, 2)},
+    "dkdv": {64: (32, 8, 2), 128: (32, 8, 2), 256: (16, 4, 1)},
+    "dq": {64: (32, 4, 2), 128: (32, 4, 2), 256: (16, 4, 1)},
+}
+
+# Configs Triton 3.6 miscompiles on Hopper (wrong dK, seen on an H200 on 2026-11-21): never
+# offered to the autotuner. tests/test_triton_gpu.py checks every offered config.
+BROKEN: dict[str, set[tuple[int, int, int]]] = {"dkdv": {(16, 4, 2), (32, 4, 2)}}
+
+
+def candidates(kernel: str, inner: str) -> list:
+    """Every config the autotuner may try for ``kernel`` (``inner``: the tuned block name)."""
+    import triton
+
+    if interpreting():
+        return [triton.Config({inner: 16}, num_warps=1, num_stages=1)]
+    if kernel == "fwd":
+        grid = [(n, w, s) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
+    else:
+        grid = [(x, w, s) for x in (16, 32, 64) for w in (4, 8) for s in (1, 2)]
+    return [triton.Config({inner: n}, num_warps=w, num_stages=s) for n, w, s in grid
+            if (n, w, s) not in BROKEN.get(kernel, set())]
+
+
+def autotuning() -> bool:
+    return os.environ.get("ATTNHUB_TRITON_AUTOTUNE", "0") not in ("", "0") and not interpreting()
+
+
+def pick(kernel: str, configs_: list, block_d_: int, inner: str) -> list:
+    """Configs to try for a launch: the bucket's default, or (autotuning) every config that
+    fits the head dim."""
+    fits = [c for c in configs_ if block_d_ <= 128 or (c.kwargs[inner] <= 64
+                                                       and c.num_stages <= 2)]
+    if autotuning() or interpreting():
+        return fits or configs_[:1]
+    bucket = 64 if block_d_ <= 64 else 128 if block_d_ <= 128 else 256
+    n, w, s = DEFAULTS[kernel][bucket]
+    chosen = [c for c in configs_ if c.kwargs[inner] == n and c.num_warps == w
+              and c.num_stages == s]
+    return chosen or (fits or configs_)[:1]
+
 
 def interpreting() -> bool:
+    """TRITON_INTERPRET=1: the kernels run in Triton's CPU interpreter (tests)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -36,24 +82,20 @@ def block_d(head_dim: int) -> int:
 
 
 def forward_config(head_dim: int) -> LaunchConfig:
+    """BLOCK_M (query rows per program) is fixed so the tile list can be planned before launch;
+    BLOCK_N, warps and stages are autotuned (forward.py). block_n here: the interpreter's."""
     if interpreting():  # BLOCK_M != BLOCK_N: the tests exercise both tile shapes
         return LaunchConfig(32, 16, 1, 1)
     d = block_d(head_dim)
-    if d <= 64:
-        return LaunchConfig(128, 64, 4, 3)
-    if d <= 128:
-        return LaunchConfig(128, 64, 8, 3)
-    return LaunchConfig(64, 32, 4, 2)
+    return LaunchConfig(128 if d <= 128 else 64, 64, 8, 3)
 
 
-def backward_config(head_dim: int) -> LaunchConfig:
-    """block_m: query rows per step of the dK/dV kernel and per program of the dQ kernel;
-    block_n: key rows per program of the dK/dV kernel and per step of the dQ kernel."""
+def backward_tiles(head_dim: int) -> tuple[int, int]:
+    """(key rows per dK/dV program, query rows per dQ program); the inner block sizes are
+    autotuned (backward.py)."""
     if interpreting():
-        return LaunchConfig(32, 16, 1, 1)
+        return 32, 32
     d = block_d(head_dim)
     if d <= 64:
-        return LaunchConfig(64, 64, 4, 2)
-    if d <= 128:
-        return LaunchConfig(64, 64, 8, 2)
-    return LaunchConfig(32, 32, 4, 1)
+        return 128, 128
+    return 64, 64

@@ -36,29 +36,54 @@ def kv_rows(BlockTable, b, stride_bt_b, offs_n, k_start, PAGED: tl.constexpr,
 
 
 @triton.jit
-def score_tile(q, k, offs_m, offs_n, sq, sk, offset, qk_scale, softcap, slope,
-               window_left, window_right,
+def score_tile(q, k, offs_m, offs_n, sk, offset, qk_scale, tanh_scale, softcap2, slope2,
+               window_left, window_right, MASK: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, WINDOW_LEFT: tl.constexpr,
                WINDOW_RIGHT: tl.constexpr, PRECISION: tl.constexpr):
-    """Scores of one (BLOCK_M, BLOCK_N) tile in base-2 units, -inf where masked, and the
-    softcap tanh (for backward)."""
+    """Scores of one (BLOCK_M, BLOCK_N) tile in base-2 units (-inf where masked when MASK),
+    and the softcap tanh for backward. qk_scale = scale * log2(e); tanh_scale = scale / cap;
+    softcap2 = cap * log2(e); slope2 = slope * log2(e)."""
     s = tl.dot(q, k, input_precision=PRECISION)
     if HAS_SOFTCAP:
-        t = _tanh(s * (qk_scale / softcap))
-        s = t * softcap
+        t = _tanh(s * tanh_scale)
+        s = t * softcap2
     else:
         t = s
         s = s * qk_scale
-    rel = offs_m[:, None] + offset - offs_n[None, :]  # i + sk - sq - j
-    if HAS_ALIBI:
-        s = s - slope * tl.abs(rel).to(tl.float32)
-    visible = (offs_n[None, :] < sk) & (offs_m[:, None] < sq)
-    if WINDOW_LEFT:
-        visible = visible & (rel <= window_left)
-    if WINDOW_RIGHT:
-        visible = visible & (rel >= -window_right)
-    s = tl.where(visible, s * 1.4426950408889634, float("-inf"))
+    if HAS_ALIBI or MASK:
+        rel = offs_m[:, None] + offset - offs_n[None, :]  # i + sk - sq - j
+        if HAS_ALIBI:
+            s = s - slope2 * tl.abs(rel).to(tl.float32)
+        if MASK:
+            visible = offs_n[None, :] < sk
+            if WINDOW_LEFT:
+                visible = visible & (rel <= window_left)
+            if WINDOW_RIGHT:
+                visible = visible & (rel >= -window_right)
+            s = tl.where(visible, s, float("-inf"))
     return s, t
+
+
+@triton.jit
+def key_ranges(m0, sk, offset, window_left, window_right, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
+    """Key blocks of query rows [m0, m0 + BLOCK_M): [lo, a) and [b, hi) need the mask,
+    [a, b) are fully visible to every row (and inside the sequence)."""
+    lo = 0
+    hi = sk
+    full_lo = 0
+    full_hi = (sk // BLOCK_N) * BLOCK_N
+    if WINDOW_RIGHT:
+        hi = tl.minimum(sk, m0 + BLOCK_M - 1 + offset + window_right + 1)
+        full_hi = tl.minimum(full_hi,
+                             (tl.maximum(m0 + offset + window_right + 1, 0) // BLOCK_N) * BLOCK_N)
+    if WINDOW_LEFT:
+        lo = (tl.maximum(0, m0 + offset - window_left) // BLOCK_N) * BLOCK_N
+        first_full = tl.maximum(m0 + BLOCK_M - 1 + offset - window_left, 0)
+        full_lo = tl.maximum(lo, (first_full + BLOCK_N - 1) // BLOCK_N * BLOCK_N)
+    a = tl.minimum(tl.maximum(full_lo, lo), hi)
+    b = tl.maximum(tl.minimum(full_hi, hi), a)
+    return lo, a, b, hi
 
 
 @triton.jit
@@ -74,12 +99,68 @@ def dropout_keep(seed_ptr, b, h, nheads, offs_m, offs_n, max_seqlen_k, dropout_p
 PER_BATCH_ARGS = ["total_q", "batch", "max_seqlen_k"]
 
 
+@triton.jit
+def _fwd_blocks(acc, l_i, m_i, q, K, V, BlockTable, b, h, kvh, k_start, stride_bt_b, stride_kt,
+                stride_kh, stride_vt, stride_vh, offs_m, offs_d, sk, offset, qk_scale,
+                tanh_scale, softcap2, slope2, window_left, window_right, Seed, nheads,
+                max_seqlen_k, dropout_p, start, stop,
+                MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr,
+                EVEN_D: tl.constexpr):
+    for start_n in range(start, stop, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        rows = kv_rows(BlockTable, b, stride_bt_b, offs_n, k_start, PAGED, PAGE_SIZE)
+        k_ptrs = K + rows[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None]
+        v_ptrs = V + rows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :]
+        if MASK:
+            n_ok = offs_n < sk
+            k = tl.load(k_ptrs, mask=n_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            v = tl.load(v_ptrs, mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        s, _ = score_tile(q, k, offs_m, offs_n, sk, offset, qk_scale, tanh_scale, softcap2,
+                          slope2, window_left, window_right, MASK, HAS_SOFTCAP, HAS_ALIBI,
+                          WINDOW_LEFT, WINDOW_RIGHT, PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = m_new
+        if MASK:  # a row may still have seen nothing: keep exp2 away from -inf - -inf, and
+            # keep m_i at -inf so that the row's first visible key sets the true maximum
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            keep = dropout_keep(Seed, b, h, nheads, offs_m, offs_n, max_seqlen_k, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+def _prune(configs_, named_args, **kwargs):
+    d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 128))
+    return configs.pick("fwd", configs_, d, "BLOCK_N")
+
+
+@triton.autotune(
+    configs=configs.candidates("fwd", "BLOCK_N"),
+    key=["HEAD_DIM", "GROUP", "BLOCK_M", "WINDOW_LEFT", "WINDOW_RIGHT", "HAS_SOFTCAP",
+         "HAS_ALIBI", "HAS_DROPOUT", "PAGED", "PAGE_SIZE"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit(do_not_specialize=PER_BATCH_ARGS)
 def _fwd_kernel(
     Q, K, V, Out, Lse, CuQ, CuK, TileSeq, TileBlk, BlockTable, Alibi, Seed,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_bt_b, stride_ab, total_q, batch, nheads, max_seqlen_k,
-    qk_scale, softcap, dropout_p, window_left, window_right,
+    qk_scale, tanh_scale, softcap2, dropout_p, window_left, window_right,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOP_LEFT: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -98,50 +179,45 @@ def _fwd_kernel(
     sk = tl.load(CuK + b + 1) - k_start
     offset = 0 if TOP_LEFT else sk - sq
     kvh = h // GROUP
+    m0 = mblk * BLOCK_M
 
-    offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < sq
     d_ok = offs_d < HEAD_DIM
     q_ptrs = Q + (q_start + offs_m).to(tl.int64)[:, None] * stride_qt + h * stride_qh \
         + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-
-    lo = 0
-    hi = sk
-    if WINDOW_RIGHT:
-        hi = tl.minimum(sk, mblk * BLOCK_M + BLOCK_M - 1 + offset + window_right + 1)
-    if WINDOW_LEFT:
-        lo = tl.maximum(0, mblk * BLOCK_M + offset - window_left)
-        lo = (lo // BLOCK_N) * BLOCK_N
-    slope = 0.0
+    slope2 = 0.0
     if HAS_ALIBI:
-        slope = tl.load(Alibi + b * stride_ab + h)
+        slope2 = tl.load(Alibi + b * stride_ab + h) * 1.4426950408889634
 
+    lo, a, bnd, hi = key_ranges(m0, sk, offset, window_left, window_right, BLOCK_M, BLOCK_N,
+                                WINDOW_LEFT, WINDOW_RIGHT)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < sk
-        rows = kv_rows(BlockTable, b, stride_bt_b, offs_n, k_start, PAGED, PAGE_SIZE)
-        k = tl.load(K + rows[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None],
-                    mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s, _ = score_tile(q, k, offs_m, offs_n, sq, sk, offset, qk_scale, softcap, slope,
-                          window_left, window_right, HAS_SOFTCAP, HAS_ALIBI, WINDOW_LEFT,
-                          WINDOW_RIGHT, PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if HAS_DROPOUT:
-            keep = dropout_keep(Seed, b, h, nheads, offs_m, offs_n, max_seqlen_k, dropout_p)
-            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = tl.load(V + rows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    # masked blocks before the fully visible ones (left window edge), the fully visible
+    # ones, then masked blocks after them (diagonal, right window edge, sequence end)
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, K, V, BlockTable, b, h, kvh, k_start, stride_bt_b, stride_kt,
+        stride_kh, stride_vt, stride_vh, offs_m, offs_d, sk, offset, qk_scale, tanh_scale,
+        softcap2, slope2, window_left, window_right, Seed, nheads, max_seqlen_k, dropout_p,
+        lo, a, True, HEAD_DIM, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+        HAS_DROPOUT, PAGED, PAGE_SIZE, PRECISION, EVEN_D)
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, K, V, BlockTable, b, h, kvh, k_start, stride_bt_b, stride_kt,
+        stride_kh, stride_vt, stride_vh, offs_m, offs_d, sk, offset, qk_scale, tanh_scale,
+        softcap2, slope2, window_left, window_right, Seed, nheads, max_seqlen_k, dropout_p,
+        a, bnd, False, HEAD_DIM, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+        HAS_DROPOUT, PAGED, PAGE_SIZE, PRECISION, EVEN_D)
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, K, V, BlockTable, b, h, kvh, k_start, stride_bt_b, stride_kt,
+        stride_kh, stride_vt, stride_vh, offs_m, offs_d, sk, offset, qk_scale, tanh_scale,
+        softcap2, slope2, window_left, window_right, Seed, nheads, max_seqlen_k, dropout_p,
+        bnd, hi, True, HEAD_DIM, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+        HAS_DROPOUT, PAGED, PAGE_SIZE, PRECISION, EVEN_D)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -201,18 +277,23 @@ def forward(problem, inputs, seed: torch.Tensor | None) -> tuple[torch.Tensor, t
         block_table.stride(0) if block_table is not None else 0,
         alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0,
         problem.total_q, problem.batch, problem.nheads, max(problem.max_seqlen_k, 1),
-        problem.scale, problem.softcap, problem.dropout_p, left, right,
+        *score_scalars(problem), problem.dropout_p, left, right,
         GROUP=problem.group_size, HEAD_DIM=problem.head_dim,
-        BLOCK_D=configs.block_d(problem.head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_D=configs.block_d(problem.head_dim), BLOCK_M=cfg.block_m,
         TOP_LEFT=problem.mask_alignment == "top_left", WINDOW_LEFT=left >= 0,
         WINDOW_RIGHT=right >= 0, HAS_SOFTCAP=problem.softcap > 0,
         HAS_ALIBI=alibi is not None, HAS_DROPOUT=problem.dropout_p > 0,
         PAGED=problem.paged is not None,
         PAGE_SIZE=problem.paged.page_size if problem.paged is not None else 1,
         PRECISION=configs.dot_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
+
+
+def score_scalars(problem) -> tuple[float, float, float]:
+    """(scale * log2 e, scale / softcap, softcap * log2 e): the kernels work in base 2."""
+    cap = problem.softcap
+    return (problem.scale * LOG2E, problem.scale / cap if cap > 0 else 0.0, cap * LOG2E)
 
 
 def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
