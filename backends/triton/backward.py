@@ -295,7 +295,7 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
 
     k_seq, k_blk = tile_list(problem, inputs.cu_seqlens_k, key_tile, False)
     if k_seq.numel() and problem.nheads_k:
-        _dkdv_kernel[(k_seq.numel(), problem.nheads_k)](
+        configs.launch("dkdv", _dkdv_kernel, (k_seq.numel(), problem.nheads_k),
             q, k, v, dout, lse, delta, dk, dv, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
             k_seq, k_blk, alibi_arg, seed_arg,
             q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
@@ -303,7 +303,7 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
             dv.stride(1), alibi_stride, *scalars, BLOCK_N=key_tile, **common)
     q_seq, q_blk = tile_list(problem, inputs.cu_seqlens_q, query_tile, True)
     if q_seq.numel() and problem.nheads:
-        _dq_kernel[(q_seq.numel(), problem.nheads)](
+        configs.launch("dq", _dq_kernel, (q_seq.numel(), problem.nheads),
             q, k, v, dout, lse, delta, dq, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
             q_seq, q_blk, alibi_arg, seed_arg,
             q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 # the autotuner's picks on an H200 (docs/performance.md).
 DEFAULTS: dict[str, dict[int, tuple[int, int, int]]] = {
     "fwd": {64: (64, 4, 3), 128: (64, 8, 3), 256: (32, 4, 2)},
-    "dkdv": {64: (32, 8, 2), 128: (32, 8, 2), 256: (16, 4, 1)},
-    "dq": {64: (32, 4, 2), 128: (32, 4, 2), 256: (16, 4, 1)},
+    "dkdv": {64: (64, 4, 2), 128: (64, 4, 2), 256: (16, 4, 1)},
+    "dq": {64: (64, 4, 2), 128: (64, 4, 2), 256: (16, 4, 1)},
 }
+
+INNER = {"fwd": "BLOCK_N", "dkdv": "BLOCK_M", "dq": "BLOCK_N"}
 
 # Configs Triton 3.6 miscompiles on Hopper (wrong dK, seen on an H200 on 2026-11-21): never
 # offered to the autotuner. tests/test_triton_gpu.py checks every offered config.
@@ -40,6 +42,19 @@ def candidates(kernel: str, inner: str) -> list:
 
 def autotuning() -> bool:
     return os.environ.get("ATTNHUB_TRITON_AUTOTUNE", "0") not in ("", "0") and not interpreting()
+
+
+def launch(kernel: str, jit_kernel, grid: tuple, *args, **kwargs) -> None:
+    """Launch ``jit_kernel`` (an autotuned Triton kernel): through the autotuner when
+    autotuning (or interpreting), else straight with the head-dim bucket's default config,
+    so that no launch pays for the autotuner's benchmarking."""
+    if autotuning() or interpreting():
+        jit_kernel[grid](*args, **kwargs)
+        return
+    d = kwargs["BLOCK_D"]
+    bucket = 64 if d <= 64 else 128 if d <= 128 else 256
+    n, w, s = DEFAULTS[kernel][bucket]
+    jit_kernel.fn[grid](*args, **kwargs, **{INNER[kernel]: n}, num_warps=w, num_stages=s)
 
 
 def pick(kernel: str, configs_: list, block_d_: int, inner: str) -> list:
@@ -95,7 +110,4 @@ def backward_tiles(head_dim: int) -> tuple[int, int]:
     autotuned (backward.py)."""
     if interpreting():
         return 32, 32
-    d = block_d(head_dim)
-    if d <= 64:
-        return 128, 128
-    return 64, 64
+    return 64, 64  # 128-row key tiles: dK wrong with Triton 3.6 on Hopper (docs/performance.md)

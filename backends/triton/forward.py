@@ -268,7 +268,7 @@ def forward(problem, inputs, seed: torch.Tensor | None) -> tuple[torch.Tensor, t
     block_table = inputs.block_table
     dummy = inputs.cu_seqlens_q
     grid = (tile_seq.numel(), problem.nheads)
-    _fwd_kernel[grid](
+    configs.launch("fwd", _fwd_kernel, grid,
         q, k, v, out, lse, inputs.cu_seqlens_q, inputs.cu_seqlens_k, tile_seq, tile_blk,
         block_table if block_table is not None else dummy,
         alibi if alibi is not None else dummy, seed if seed is not None else dummy,
