@@ -54,8 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="markdown report (default %(default)s)")
     p_conf.add_argument("--json", default="conformance-report.json", metavar="FILE.json",
                         help="JSON report (default %(default)s)")
-    p_conf.add_argument("-k", dest="keyword", default=None,
-                        help="only cases whose id contains this text")
+    p_conf.add_argument("-k", dest="keyword", action="append", default=None,
+                        help="only cases whose id contains this text (repeatable: any of them)")
+    p_conf.add_argument("--feature", action="append", default=None, metavar="NAME",
+                        help="only cases of this report column, e.g. window (repeatable)")
 
     d = main_job.JobConfig()
     p_run = sub.add_parser(
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         from .conformance.cli import run_conformance
 
         return run_conformance(args.backend, args.device, args.tier, args.report, args.json,
-                               args.keyword)
+                               args.keyword, args.feature)
     cfg = main_job.JobConfig(
         lengths=args.lengths, nheads=args.heads, nheads_k=args.kv_heads,
         head_dim=args.head_dim, causal=args.causal, window=args.window, softcap=args.softcap,

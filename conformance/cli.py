@@ -39,7 +39,9 @@ def _progress(done: int, total: int, result: CaseResult) -> None:
 
 
 def run_conformance(backends: list[str] | None, device: str | None, tier: str,
-                    report_path: str, json_path: str, keyword: str | None = None) -> int:
+                    report_path: str, json_path: str,
+                    keyword: str | list[str] | None = None,
+                    features: list[str] | None = None) -> int:
     """Returns the exit status: 0 when nothing failed, 1 otherwise, 2 on bad arguments."""
     dev = device or str(best_device())
     registry = get_registry()
@@ -49,7 +51,10 @@ def run_conformance(backends: list[str] | None, device: str | None, tier: str,
             error = UnknownBackendError(name, "--backend", registry.names())
             print(f"attnhub conformance: {error}", file=sys.stderr)
             return 2
-    cases = [c for c in tier_cases(tier) if not keyword or keyword in c.id]
+    keywords = [keyword] if isinstance(keyword, str) else keyword or []
+    cases = [c for c in tier_cases(tier)
+             if (not keywords or any(k in c.id for k in keywords))
+             and (not features or c.feature in features)]
     with dispatch.use_backend(None):
         results = run_suite(cases, names, dev, progress=_progress if cases else None)
     pathlib.Path(report_path).write_text(report.markdown(results, tier, dev))

@@ -104,3 +104,18 @@ def test_default_backends_are_the_ones_registered_for_the_device(tmp_path, capsy
     bf16 = next(r for r in data["results"] if r["status"] == "unsupported")
     assert bf16["reasons"] == ["dtype bfloat16 is not supported (supported: float16, float32)"]
     assert "3 passed, 2 failed, 1 unsupported" in capsys.readouterr().out
+
+
+def test_repeated_k_keeps_cases_matching_any(tmp_path):
+    assert main(_args(tmp_path, "--backend", "reference", "-k", "paged-zeros", "-k",
+                      "gqa-4-4-fp32")) == 0
+    data = json.loads((tmp_path / "report.json").read_text())
+    ids = {r["case"] for r in data["results"]}
+    assert ids and all("paged-zeros" in i or "gqa-4-4-fp32" in i for i in ids)
+    assert any("paged-zeros" in i for i in ids) and any("gqa-4-4-fp32" in i for i in ids)
+
+
+def test_feature_filter_keeps_whole_report_columns(tmp_path):
+    assert main(_args(tmp_path, "--backend", "reference", "--feature", "causal")) == 0
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["results"] and {r["feature"] for r in data["results"]} == {"causal"}

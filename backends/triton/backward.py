@@ -28,13 +28,14 @@ from .forward import (
 def _dkdv_blocks(dk, dv, kt, vt, Q, DO, Lse, Delta, b, h, q_start, sq, sk, offset, offs_n,
                  offs_d, stride_qt, stride_qh, stride_dot, stride_doh, total_q, nheads,
                  max_seqlen_k, qk_scale, tanh_scale, softcap2, slope2, dropout_p, window_left,
-                 window_right, Seed, start, stop,
+                 window_right, Seed, first, split, second, count,
                  MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                  WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                  PRECISION: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
-    for start_m in range(start, stop, BLOCK_M):
+    for i in range(0, count):  # blocks first, first + BLOCK_M, ... then second, ...
+        start_m = tl.where(i < split, first + i * BLOCK_M, second + (i - split) * BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < sq
         rows_q = (q_start + offs_m).to(tl.int64)
@@ -131,6 +132,9 @@ def _dkdv_kernel(
         full_hi = (tl.maximum(n0 - offset + window_left + 1, 0) // BLOCK_M) * BLOCK_M
     a = tl.minimum(tl.maximum(full_lo, lo), hi)
     bnd = tl.maximum(tl.minimum(full_hi, hi), a)
+    n_full = (bnd - a + BLOCK_M - 1) // BLOCK_M
+    n_before = (a - lo + BLOCK_M - 1) // BLOCK_M
+    n_masked = n_before + (hi - bnd + BLOCK_M - 1) // BLOCK_M
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -143,20 +147,14 @@ def _dkdv_kernel(
             dk, dv, kt, vt, Q, DO, Lse, Delta, b, h, q_start, sq, sk, offset, offs_n, offs_d,
             stride_qt, stride_qh, stride_dot, stride_doh, total_q, nheads, max_seqlen_k,
             qk_scale, tanh_scale, softcap2, slope2, dropout_p, window_left, window_right, Seed,
-            lo, a, True, HEAD_DIM, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-            HAS_DROPOUT, PRECISION)
+            a, n_full, a, n_full, False, HEAD_DIM, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT,
+            HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PRECISION)
         dk, dv = _dkdv_blocks(
             dk, dv, kt, vt, Q, DO, Lse, Delta, b, h, q_start, sq, sk, offset, offs_n, offs_d,
             stride_qt, stride_qh, stride_dot, stride_doh, total_q, nheads, max_seqlen_k,
             qk_scale, tanh_scale, softcap2, slope2, dropout_p, window_left, window_right, Seed,
-            a, bnd, False, HEAD_DIM, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-            HAS_DROPOUT, PRECISION)
-        dk, dv = _dkdv_blocks(
-            dk, dv, kt, vt, Q, DO, Lse, Delta, b, h, q_start, sq, sk, offset, offs_n, offs_d,
-            stride_qt, stride_qh, stride_dot, stride_doh, total_q, nheads, max_seqlen_k,
-            qk_scale, tanh_scale, softcap2, slope2, dropout_p, window_left, window_right, Seed,
-            bnd, hi, True, HEAD_DIM, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-            HAS_DROPOUT, PRECISION)
+            lo, n_before, bnd, n_masked, True, HEAD_DIM, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT,
+            HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PRECISION)
     dk = dk * sm_scale
     dk_ptrs = DK + rows_k[:, None] * stride_dkt + kvh * stride_dkh + offs_d[None, :]
     dv_ptrs = DV + rows_k[:, None] * stride_dvt + kvh * stride_dvh + offs_d[None, :]
@@ -168,13 +166,14 @@ def _dkdv_kernel(
 def _dq_blocks(dq, q, do, lse2, delta, K, V, b, h, kvh, k_start, offs_m, offs_d, sk, offset,
                stride_kt, stride_kh, stride_vt, stride_vh, nheads, max_seqlen_k, qk_scale,
                tanh_scale, softcap2, slope2, dropout_p, window_left, window_right, Seed,
-               start, stop,
+               first, split, second, count,
                MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                PRECISION: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
-    for start_n in range(start, stop, BLOCK_N):
+    for i in range(0, count):  # blocks first, first + BLOCK_N, ... then second, ...
+        start_n = tl.where(i < split, first + i * BLOCK_N, second + (i - split) * BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < sk
         rows_k = (k_start + offs_n).to(tl.int64)
@@ -242,22 +241,20 @@ def _dq_kernel(
 
     lo, a, bnd, hi = key_ranges(m0, sk, offset, window_left, window_right, BLOCK_M, BLOCK_N,
                                 WINDOW_LEFT, WINDOW_RIGHT)
+    n_full = (bnd - a + BLOCK_N - 1) // BLOCK_N
+    n_before = (a - lo + BLOCK_N - 1) // BLOCK_N
+    n_masked = n_before + (hi - bnd + BLOCK_N - 1) // BLOCK_N
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_blocks(dq, q, do, lse2, delta, K, V, b, h, kvh, k_start, offs_m, offs_d, sk,
                     offset, stride_kt, stride_kh, stride_vt, stride_vh, nheads, max_seqlen_k,
                     qk_scale, tanh_scale, softcap2, slope2, dropout_p, window_left,
-                    window_right, Seed, lo, a, True, HEAD_DIM, BLOCK_N, WINDOW_LEFT,
-                    WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PRECISION)
+                    window_right, Seed, a, n_full, a, n_full, False, HEAD_DIM, BLOCK_N,
+                    WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PRECISION)
     dq = _dq_blocks(dq, q, do, lse2, delta, K, V, b, h, kvh, k_start, offs_m, offs_d, sk,
                     offset, stride_kt, stride_kh, stride_vt, stride_vh, nheads, max_seqlen_k,
                     qk_scale, tanh_scale, softcap2, slope2, dropout_p, window_left,
-                    window_right, Seed, a, bnd, False, HEAD_DIM, BLOCK_N, WINDOW_LEFT,
-                    WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PRECISION)
-    dq = _dq_blocks(dq, q, do, lse2, delta, K, V, b, h, kvh, k_start, offs_m, offs_d, sk,
-                    offset, stride_kt, stride_kh, stride_vt, stride_vh, nheads, max_seqlen_k,
-                    qk_scale, tanh_scale, softcap2, slope2, dropout_p, window_left,
-                    window_right, Seed, bnd, hi, True, HEAD_DIM, BLOCK_N, WINDOW_LEFT,
-                    WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PRECISION)
+                    window_right, Seed, lo, n_before, bnd, n_masked, True, HEAD_DIM, BLOCK_N,
+                    WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + rows_q[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])

@@ -103,13 +103,14 @@ PER_BATCH_ARGS = ["total_q", "batch", "max_seqlen_k"]
 def _fwd_blocks(acc, l_i, m_i, q, K, V, BlockTable, b, h, kvh, k_start, stride_bt_b, stride_kt,
                 stride_kh, stride_vt, stride_vh, offs_m, offs_d, sk, offset, qk_scale,
                 tanh_scale, softcap2, slope2, window_left, window_right, Seed, nheads,
-                max_seqlen_k, dropout_p, start, stop,
+                max_seqlen_k, dropout_p, first, split, second, count,
                 MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                 WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                 PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr,
                 EVEN_D: tl.constexpr):
-    for start_n in range(start, stop, BLOCK_N):
+    for i in range(0, count):  # blocks first, first + BLOCK_N, ... then second, ...
+        start_n = tl.where(i < split, first + i * BLOCK_N, second + (i - split) * BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         rows = kv_rows(BlockTable, b, stride_bt_b, offs_n, k_start, PAGED, PAGE_SIZE)
         k_ptrs = K + rows[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None]
@@ -198,26 +199,23 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    # masked blocks before the fully visible ones (left window edge), the fully visible
-    # ones, then masked blocks after them (diagonal, right window edge, sequence end)
+    # the fully visible blocks, then the masked ones in one loop: before them (left window
+    # edge) and after them (diagonal, right window edge, sequence end)
+    n_full = (bnd - a + BLOCK_N - 1) // BLOCK_N
+    n_before = (a - lo + BLOCK_N - 1) // BLOCK_N
+    n_masked = n_before + (hi - bnd + BLOCK_N - 1) // BLOCK_N
     acc, l_i, m_i = _fwd_blocks(
         acc, l_i, m_i, q, K, V, BlockTable, b, h, kvh, k_start, stride_bt_b, stride_kt,
         stride_kh, stride_vt, stride_vh, offs_m, offs_d, sk, offset, qk_scale, tanh_scale,
         softcap2, slope2, window_left, window_right, Seed, nheads, max_seqlen_k, dropout_p,
-        lo, a, True, HEAD_DIM, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_DROPOUT, PAGED, PAGE_SIZE, PRECISION, EVEN_D)
+        a, n_full, a, n_full, False, HEAD_DIM, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP,
+        HAS_ALIBI, HAS_DROPOUT, PAGED, PAGE_SIZE, PRECISION, EVEN_D)
     acc, l_i, m_i = _fwd_blocks(
         acc, l_i, m_i, q, K, V, BlockTable, b, h, kvh, k_start, stride_bt_b, stride_kt,
         stride_kh, stride_vt, stride_vh, offs_m, offs_d, sk, offset, qk_scale, tanh_scale,
         softcap2, slope2, window_left, window_right, Seed, nheads, max_seqlen_k, dropout_p,
-        a, bnd, False, HEAD_DIM, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_DROPOUT, PAGED, PAGE_SIZE, PRECISION, EVEN_D)
-    acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, K, V, BlockTable, b, h, kvh, k_start, stride_bt_b, stride_kt,
-        stride_kh, stride_vt, stride_vh, offs_m, offs_d, sk, offset, qk_scale, tanh_scale,
-        softcap2, slope2, window_left, window_right, Seed, nheads, max_seqlen_k, dropout_p,
-        bnd, hi, True, HEAD_DIM, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_DROPOUT, PAGED, PAGE_SIZE, PRECISION, EVEN_D)
+        lo, n_before, bnd, n_masked, True, HEAD_DIM, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
+        HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PAGED, PAGE_SIZE, PRECISION, EVEN_D)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
