@@ -20,6 +20,7 @@ from .forward import (
     kv_layout,
     score_scalars,
     score_tile,
+    sequence_bounds,
     tile_list,
 )
 
@@ -100,11 +101,7 @@ def _dkdv_kernel(
     if b >= batch:
         return
     nblk = tl.load(TileBlk + pid)
-    q_start = tl.load(CuQ + b)
-    sq = tl.load(CuQ + b + 1) - q_start
-    k_start = tl.load(CuK + b)
-    sk = tl.load(CuK + b + 1) - k_start
-    offset = 0 if TOP_LEFT else sk - sq
+    q_start, sq, k_start, sk, offset = sequence_bounds(CuQ, CuK, b, TOP_LEFT)
     n0 = nblk * BLOCK_N
 
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -215,11 +212,7 @@ def _dq_kernel(
     if b >= batch:
         return
     mblk = tl.load(TileBlk + pid)
-    q_start = tl.load(CuQ + b)
-    sq = tl.load(CuQ + b + 1) - q_start
-    k_start = tl.load(CuK + b)
-    sk = tl.load(CuK + b + 1) - k_start
-    offset = 0 if TOP_LEFT else sk - sq
+    q_start, sq, k_start, sk, offset = sequence_bounds(CuQ, CuK, b, TOP_LEFT)
     kvh = h // GROUP
     m0 = mblk * BLOCK_M
 

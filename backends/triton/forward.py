@@ -36,6 +36,18 @@ def kv_rows(BlockTable, b, stride_bt_b, offs_n, k_start, PAGED: tl.constexpr,
 
 
 @triton.jit
+def sequence_bounds(CuQ, CuK, b, TOP_LEFT: tl.constexpr):
+    """(first query row, sq, first key row, sk, mask offset) of sequence b; the offset
+    aligns the mask bottom-right (sk - sq) or top-left (0)."""
+    q_start = tl.load(CuQ + b)
+    sq = tl.load(CuQ + b + 1) - q_start
+    k_start = tl.load(CuK + b)
+    sk = tl.load(CuK + b + 1) - k_start
+    offset = 0 if TOP_LEFT else sk - sq
+    return q_start, sq, k_start, sk, offset
+
+
+@triton.jit
 def score_tile(q, k, offs_m, offs_n, sk, offset, qk_scale, tanh_scale, softcap2, slope2,
                window_left, window_right, MASK: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, WINDOW_LEFT: tl.constexpr,
@@ -174,11 +186,7 @@ def _fwd_kernel(
     if b >= batch:  # past the real tiles of a device-built (upper bound) tile list
         return
     mblk = tl.load(TileBlk + pid)
-    q_start = tl.load(CuQ + b)
-    sq = tl.load(CuQ + b + 1) - q_start
-    k_start = tl.load(CuK + b)
-    sk = tl.load(CuK + b + 1) - k_start
-    offset = 0 if TOP_LEFT else sk - sq
+    q_start, sq, k_start, sk, offset = sequence_bounds(CuQ, CuK, b, TOP_LEFT)
     kvh = h // GROUP
     m0 = mblk * BLOCK_M
 
