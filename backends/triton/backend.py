@@ -58,8 +58,12 @@ class TritonBackend(Backend):
         return reasons
 
     def forward(self, problem: VarlenProblem, inputs: VarlenInputs) -> ForwardResult:
+        from . import decode
         from .forward import forward
 
+        if decode.eligible(problem):
+            out, lse = decode.forward(problem, inputs)
+            return ForwardResult(out, lse, None, None)
         seed = None
         if problem.dropout_p > 0:
             seed = inputs.rng_state if inputs.rng_state is not None else torch.randint(
