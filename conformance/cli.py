@@ -52,6 +52,12 @@ def run_conformance(backends: list[str] | None, device: str | None, tier: str,
             print(f"attnhub conformance: {error}", file=sys.stderr)
             return 2
     keywords = [keyword] if isinstance(keyword, str) else keyword or []
+    known = sorted({c.feature for c in tier_cases(tier)})
+    unknown = sorted(set(features or ()) - set(known))
+    if unknown:
+        print(f"attnhub conformance: unknown --feature {', '.join(unknown)}; the {tier} tier "
+              f"has: {', '.join(known)}", file=sys.stderr)
+        return 2
     cases = [c for c in tier_cases(tier)
              if (not keywords or any(k in c.id for k in keywords))
              and (not features or c.feature in features)]

@@ -119,3 +119,10 @@ def test_feature_filter_keeps_whole_report_columns(tmp_path):
     assert main(_args(tmp_path, "--backend", "reference", "--feature", "causal")) == 0
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["results"] and {r["feature"] for r in data["results"]} == {"causal"}
+
+
+def test_unknown_feature_is_an_error_listing_the_valid_ones(tmp_path, capsys):
+    assert main(_args(tmp_path, "--backend", "reference", "--feature", "windows")) == 2
+    err = capsys.readouterr().err
+    assert "unknown --feature windows" in err and "window" in err and "paged" in err
+    assert not (tmp_path / "report.md").exists()
