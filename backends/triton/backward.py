@@ -26,6 +26,24 @@ from .forward import (
 
 
 @triton.jit
+def query_rows(Q, DO, Lse, Delta, q_start, offs_m, sq, h, offs_d, stride_qt, stride_qh,
+               stride_dot, stride_doh, total_q, HEAD_DIM: tl.constexpr):
+    """q, dO, lse in base 2 (+inf where a row sees nothing, so p = 0) and delta of query rows
+    ``offs_m`` of head h; rows past the sequence load zeros and contribute exactly nothing."""
+    m_ok = offs_m < sq
+    mask = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    rows_q = (q_start + offs_m).to(tl.int64)
+    q = tl.load(Q + rows_q[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=mask,
+                other=0.0)
+    do = tl.load(DO + rows_q[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
+                 mask=mask, other=0.0)
+    lse = tl.load(Lse + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(Delta + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    return q, do, lse2, delta
+
+
+@triton.jit
 def _dkdv_blocks(dk, dv, kt, vt, Q, DO, Lse, Delta, b, h, q_start, sq, sk, offset, offs_n,
                  offs_d, stride_qt, stride_qh, stride_dot, stride_doh, total_q, nheads,
                  max_seqlen_k, qk_scale, tanh_scale, softcap2, slope2, dropout_p, window_left,
@@ -34,24 +52,15 @@ def _dkdv_blocks(dk, dv, kt, vt, Q, DO, Lse, Delta, b, h, q_start, sq, sk, offse
                  WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                  PRECISION: tl.constexpr):
-    d_ok = offs_d < HEAD_DIM
     for i in range(0, count):  # blocks first, first + BLOCK_M, ... then second, ...
         start_m = tl.where(i < split, first + i * BLOCK_M, second + (i - split) * BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < sq
-        rows_q = (q_start + offs_m).to(tl.int64)
-        q = tl.load(Q + rows_q[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(DO + rows_q[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
-                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        lse = tl.load(Lse + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_ok, other=0.0)
-        delta = tl.load(Delta + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_ok,
-                        other=0.0)
-        # Rows past the sequence load zeros (q, dO, lse, delta): they add exactly nothing.
+        q, do, lse2, delta = query_rows(Q, DO, Lse, Delta, q_start, offs_m, sq, h, offs_d,
+                                        stride_qt, stride_qh, stride_dot, stride_doh, total_q,
+                                        HEAD_DIM)
         s, t = score_tile(q, kt, offs_m, offs_n, sk, offset, qk_scale, tanh_scale, softcap2,
                           slope2, window_left, window_right, MASK, HAS_SOFTCAP, HAS_ALIBI,
                           WINDOW_LEFT, WINDOW_RIGHT, PRECISION)
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         p = tl.exp2(s - lse2[:, None])  # 0 where masked or where the row sees nothing
         dp = tl.dot(do, vt, input_precision=PRECISION)
         pd = p
@@ -221,13 +230,9 @@ def _dq_kernel(
     m_ok = offs_m < sq
     d_ok = offs_d < HEAD_DIM
     rows_q = (q_start + offs_m).to(tl.int64)
-    q = tl.load(Q + rows_q[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DO + rows_q[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
-                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    lse = tl.load(Lse + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_ok, other=0.0)
-    delta = tl.load(Delta + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    q, do, lse2, delta = query_rows(Q, DO, Lse, Delta, q_start, offs_m, sq, h, offs_d,
+                                    stride_qt, stride_qh, stride_dot, stride_doh, total_q,
+                                    HEAD_DIM)
     slope2 = 0.0
     if HAS_ALIBI:
         slope2 = tl.load(Alibi + b * stride_ab + h) * 1.4426950408889634
