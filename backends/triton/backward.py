@@ -27,14 +27,20 @@ from .forward import (
 
 @triton.jit
 def query_rows(Q, DO, Lse, Delta, q_start, offs_m, sq, h, offs_d, stride_qt, stride_qh,
-               stride_dot, stride_doh, total_q, HEAD_DIM: tl.constexpr):
-    """q, dO, lse in base 2 (+inf where a row sees nothing, so p = 0) and delta of query rows
-    ``offs_m`` of head h; rows past the sequence load zeros and contribute exactly nothing."""
+               stride_dot, stride_doh, total_q, HEAD_DIM: tl.constexpr,
+               TRANS_Q: tl.constexpr):
+    """q ((M, D), or (D, M) with TRANS_Q), dO (M, D), lse in base 2 (+inf where a row sees
+    nothing, so p = 0) and delta of query rows ``offs_m`` of head h; rows past the sequence
+    load zeros and contribute exactly nothing."""
     m_ok = offs_m < sq
     mask = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     rows_q = (q_start + offs_m).to(tl.int64)
-    q = tl.load(Q + rows_q[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=mask,
-                other=0.0)
+    if TRANS_Q:
+        q = tl.load(Q + rows_q[None, :] * stride_qt + h * stride_qh + offs_d[:, None],
+                    mask=m_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+    else:
+        q = tl.load(Q + rows_q[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                    mask=mask, other=0.0)
     do = tl.load(DO + rows_q[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
                  mask=mask, other=0.0)
     lse = tl.load(Lse + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_ok, other=0.0)
@@ -44,7 +50,7 @@ def query_rows(Q, DO, Lse, Delta, q_start, offs_m, sq, h, offs_d, stride_qt, str
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, kt, vt, Q, DO, Lse, Delta, b, h, q_start, sq, sk, offset, offs_n,
+def _dkdv_blocks(dk, dv, k, v, Q, DO, Lse, Delta, b, h, q_start, sq, sk, offset, offs_n,
                  offs_d, stride_qt, stride_qh, stride_dot, stride_doh, total_q, nheads,
                  max_seqlen_k, qk_scale, tanh_scale, softcap2, slope2, dropout_p, window_left,
                  window_right, Seed, first, split, second, count,
@@ -52,27 +58,32 @@ def _dkdv_blocks(dk, dv, kt, vt, Q, DO, Lse, Delta, b, h, q_start, sq, sk, offse
                  WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                  PRECISION: tl.constexpr):
+    # Tiles are (keys, queries): P^T and dS^T come out of the matmuls already in the layout
+    # of the left operand of dV += P^T dO and dK += dS^T Q, so nothing is transposed in
+    # registers.
+    kj = offs_n[:, None]
     for i in range(0, count):  # blocks first, first + BLOCK_M, ... then second, ...
         start_m = tl.where(i < split, first + i * BLOCK_M, second + (i - split) * BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q, do, lse2, delta = query_rows(Q, DO, Lse, Delta, q_start, offs_m, sq, h, offs_d,
-                                        stride_qt, stride_qh, stride_dot, stride_doh, total_q,
-                                        HEAD_DIM)
-        s, t = score_tile(q, kt, offs_m, offs_n, sk, offset, qk_scale, tanh_scale, softcap2,
-                          slope2, window_left, window_right, MASK, HAS_SOFTCAP, HAS_ALIBI,
-                          WINDOW_LEFT, WINDOW_RIGHT, PRECISION)
-        p = tl.exp2(s - lse2[:, None])  # 0 where masked or where the row sees nothing
-        dp = tl.dot(do, vt, input_precision=PRECISION)
-        pd = p
+        qt, do, lse2, delta = query_rows(Q, DO, Lse, Delta, q_start, offs_m, sq, h, offs_d,
+                                         stride_qt, stride_qh, stride_dot, stride_doh,
+                                         total_q, HEAD_DIM, True)
+        st, tt = score_tile(k, qt, offs_m[None, :], kj, sk, offset, qk_scale, tanh_scale,
+                            softcap2, slope2, window_left, window_right, MASK, HAS_SOFTCAP,
+                            HAS_ALIBI, WINDOW_LEFT, WINDOW_RIGHT, PRECISION)
+        pt = tl.exp2(st - lse2[None, :])  # 0 where masked or where the row sees nothing
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        pdt = pt
         if HAS_DROPOUT:
-            keep = dropout_keep(Seed, b, h, nheads, offs_m, offs_n, max_seqlen_k, dropout_p)
-            pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        dv = tl.dot(tl.trans(pd.to(do.dtype)), do, dv, input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
+            keep = dropout_keep(Seed, b, h, nheads, offs_m[None, :], kj, max_seqlen_k,
+                                dropout_p)
+            pdt = tl.where(keep, pt / (1.0 - dropout_p), 0.0)
+            dpt = tl.where(keep, dpt / (1.0 - dropout_p), 0.0)
+        dv = tl.dot(pdt.to(do.dtype), do, dv, input_precision=PRECISION)
+        dst = pt * (dpt - delta[None, :])
         if HAS_SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
+            dst = dst * (1.0 - tt * tt)
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PRECISION)
     return dk, dv
 
 
@@ -118,10 +129,11 @@ def _dkdv_kernel(
     n_ok = offs_n < sk
     d_ok = offs_d < HEAD_DIM
     rows_k = (k_start + offs_n).to(tl.int64)
-    kt = tl.load(K + rows_k[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None],
-                 mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (D, N)
-    vt = tl.load(V + rows_k[None, :] * stride_vt + kvh * stride_vh + offs_d[:, None],
-                 mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (D, N)
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + rows_k[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :],
+                mask=kv_mask, other=0.0)  # (N, D)
+    v = tl.load(V + rows_k[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
+                mask=kv_mask, other=0.0)  # (N, D)
 
     # Query rows that see keys [n0, n0 + BLOCK_N): i + offset - j within [-right, left].
     # Keys past the sequence may stay unmasked: their dK/dV rows are never stored.
@@ -150,13 +162,13 @@ def _dkdv_kernel(
         if HAS_ALIBI:
             slope2 = tl.load(Alibi + b * stride_ab + h) * 1.4426950408889634
         dk, dv = _dkdv_blocks(
-            dk, dv, kt, vt, Q, DO, Lse, Delta, b, h, q_start, sq, sk, offset, offs_n, offs_d,
+            dk, dv, k, v, Q, DO, Lse, Delta, b, h, q_start, sq, sk, offset, offs_n, offs_d,
             stride_qt, stride_qh, stride_dot, stride_doh, total_q, nheads, max_seqlen_k,
             qk_scale, tanh_scale, softcap2, slope2, dropout_p, window_left, window_right, Seed,
             a, n_full, a, n_full, False, HEAD_DIM, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT,
             HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PRECISION)
         dk, dv = _dkdv_blocks(
-            dk, dv, kt, vt, Q, DO, Lse, Delta, b, h, q_start, sq, sk, offset, offs_n, offs_d,
+            dk, dv, k, v, Q, DO, Lse, Delta, b, h, q_start, sq, sk, offset, offs_n, offs_d,
             stride_qt, stride_qh, stride_dot, stride_doh, total_q, nheads, max_seqlen_k,
             qk_scale, tanh_scale, softcap2, slope2, dropout_p, window_left, window_right, Seed,
             lo, n_before, bnd, n_masked, True, HEAD_DIM, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT,
@@ -164,8 +176,8 @@ def _dkdv_kernel(
     dk = dk * sm_scale
     dk_ptrs = DK + rows_k[:, None] * stride_dkt + kvh * stride_dkh + offs_d[None, :]
     dv_ptrs = DV + rows_k[:, None] * stride_dvt + kvh * stride_dvh + offs_d[None, :]
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -187,13 +199,14 @@ def _dq_blocks(dq, q, do, lse2, delta, K, V, b, h, kvh, k_start, offs_m, offs_d,
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         vt = tl.load(V + rows_k[None, :] * stride_vt + kvh * stride_vh + offs_d[:, None],
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s, t = score_tile(q, kt, offs_m, offs_n, sk, offset, qk_scale, tanh_scale, softcap2,
-                          slope2, window_left, window_right, MASK, HAS_SOFTCAP, HAS_ALIBI,
-                          WINDOW_LEFT, WINDOW_RIGHT, PRECISION)
+        s, t = score_tile(q, kt, offs_m[:, None], offs_n[None, :], sk, offset, qk_scale,
+                          tanh_scale, softcap2, slope2, window_left, window_right, MASK,
+                          HAS_SOFTCAP, HAS_ALIBI, WINDOW_LEFT, WINDOW_RIGHT, PRECISION)
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, vt, input_precision=PRECISION)
         if HAS_DROPOUT:
-            keep = dropout_keep(Seed, b, h, nheads, offs_m, offs_n, max_seqlen_k, dropout_p)
+            keep = dropout_keep(Seed, b, h, nheads, offs_m[:, None], offs_n[None, :],
+                                max_seqlen_k, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
@@ -232,7 +245,7 @@ def _dq_kernel(
     rows_q = (q_start + offs_m).to(tl.int64)
     q, do, lse2, delta = query_rows(Q, DO, Lse, Delta, q_start, offs_m, sq, h, offs_d,
                                     stride_qt, stride_qh, stride_dot, stride_doh, total_q,
-                                    HEAD_DIM)
+                                    HEAD_DIM, False)
     slope2 = 0.0
     if HAS_ALIBI:
         slope2 = tl.load(Alibi + b * stride_ab + h) * 1.4426950408889634

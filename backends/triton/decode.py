@@ -75,9 +75,9 @@ def _decode_split_kernel(
                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         v = tl.load(V + rows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s, _ = score_tile(q, k, i, offs_n, hi, offset, qk_scale, tanh_scale, softcap2,
-                          slope2, window_left, window_right, True, HAS_SOFTCAP, HAS_ALIBI,
-                          WINDOW_LEFT, WINDOW_RIGHT, PRECISION)
+        s, _ = score_tile(q, k, i[:, None], offs_n[None, :], hi, offset, qk_scale, tanh_scale,
+                          softcap2, slope2, window_left, window_right, True, HAS_SOFTCAP,
+                          HAS_ALIBI, WINDOW_LEFT, WINDOW_RIGHT, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_use[:, None])

@@ -48,14 +48,16 @@ def sequence_bounds(CuQ, CuK, b, TOP_LEFT: tl.constexpr):
 
 
 @triton.jit
-def score_tile(q, k, offs_m, offs_n, sk, offset, qk_scale, tanh_scale, softcap2, slope2,
+def score_tile(a, b, qi, kj, sk, offset, qk_scale, tanh_scale, softcap2, slope2,
                window_left, window_right, MASK: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, WINDOW_LEFT: tl.constexpr,
                WINDOW_RIGHT: tl.constexpr, PRECISION: tl.constexpr):
-    """Scores of one (BLOCK_M, BLOCK_N) tile in base-2 units (-inf where masked when MASK),
-    and the softcap tanh for backward. qk_scale = scale * log2(e); tanh_scale = scale / cap;
-    softcap2 = cap * log2(e); slope2 = slope * log2(e)."""
-    s = tl.dot(q, k, input_precision=PRECISION)
+    """Scores ``a @ b`` of one tile in base-2 units (-inf where masked when MASK), and the
+    softcap tanh for backward. ``qi`` / ``kj``: query and key positions broadcast to the
+    tile's shape (``offs_m[:, None]``, ``offs_n[None, :]`` for q @ k^T; the transpose for
+    k @ q^T). qk_scale = scale * log2(e); tanh_scale = scale / cap; softcap2 = cap * log2(e);
+    slope2 = slope * log2(e)."""
+    s = tl.dot(a, b, input_precision=PRECISION)
     if HAS_SOFTCAP:
         t = _tanh(s * tanh_scale)
         s = t * softcap2
@@ -63,11 +65,11 @@ def score_tile(q, k, offs_m, offs_n, sk, offset, qk_scale, tanh_scale, softcap2,
         t = s
         s = s * qk_scale
     if HAS_ALIBI or MASK:
-        rel = offs_m[:, None] + offset - offs_n[None, :]  # i + sk - sq - j
+        rel = qi + offset - kj  # i + sk - sq - j
         if HAS_ALIBI:
             s = s - slope2 * tl.abs(rel).to(tl.float32)
         if MASK:
-            visible = offs_n[None, :] < sk
+            visible = kj < sk
             if WINDOW_LEFT:
                 visible = visible & (rel <= window_left)
             if WINDOW_RIGHT:
@@ -99,11 +101,12 @@ def key_ranges(m0, sk, offset, window_left, window_right, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
-def dropout_keep(seed_ptr, b, h, nheads, offs_m, offs_n, max_seqlen_k, dropout_p):
-    """Philox keep mask for the tile: one stream per (sequence, head), offset i * max_sk + j."""
+def dropout_keep(seed_ptr, b, h, nheads, qi, kj, max_seqlen_k, dropout_p):
+    """Philox keep mask for the tile (positions ``qi`` / ``kj`` broadcast as in score_tile):
+    one stream per (sequence, head), offset i * max_sk + j."""
     seed = tl.load(seed_ptr)
     stream = seed + (b * nheads + h).to(tl.int64) * 1000003
-    offsets = offs_m[:, None] * max_seqlen_k + offs_n[None, :]
+    offsets = qi * max_seqlen_k + kj
     return tl.rand(stream, offsets) >= dropout_p
 
 
@@ -137,9 +140,9 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, BlockTable, b, h, kvh, k_start, stride_b
         else:
             k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
             v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        s, _ = score_tile(q, k, offs_m, offs_n, sk, offset, qk_scale, tanh_scale, softcap2,
-                          slope2, window_left, window_right, MASK, HAS_SOFTCAP, HAS_ALIBI,
-                          WINDOW_LEFT, WINDOW_RIGHT, PRECISION)
+        s, _ = score_tile(q, k, offs_m[:, None], offs_n[None, :], sk, offset, qk_scale,
+                          tanh_scale, softcap2, slope2, window_left, window_right, MASK,
+                          HAS_SOFTCAP, HAS_ALIBI, WINDOW_LEFT, WINDOW_RIGHT, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = m_new
         if MASK:  # a row may still have seen nothing: keep exp2 away from -inf - -inf, and
@@ -149,7 +152,8 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, BlockTable, b, h, kvh, k_start, stride_b
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
-            keep = dropout_keep(Seed, b, h, nheads, offs_m, offs_n, max_seqlen_k, dropout_p)
+            keep = dropout_keep(Seed, b, h, nheads, offs_m[:, None], offs_n[None, :],
+                                max_seqlen_k, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
