@@ -3,7 +3,8 @@
 * dK/dV: one program per (key tile, kv head); it loops over the query heads of its group and
   over the query blocks that can see its keys, so GQA gradients are reduced in registers.
 * dQ: one program per (query tile, query head) over the key blocks its rows can see.
-The softmax is recomputed from q, k and the forward's lse; delta = rowsum(dO * O) - dlse.
+The softmax is recomputed from q, k and the forward's lse; delta = rowsum(dO * O) - dlse
+comes from one fused pass over O and dO.
 """
 
 from __future__ import annotations
@@ -85,6 +86,29 @@ def _dkdv_blocks(dk, dv, k, v, Q, DO, Lse, Delta, b, h, q_start, sq, sk, offset,
             dst = dst * (1.0 - tt * tt)
         dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PRECISION)
     return dk, dv
+
+
+@triton.jit(do_not_specialize=["total_q"])
+def _delta_kernel(Out, DO, DLse, Delta, stride_ot, stride_oh, stride_dot, stride_doh,
+                  stride_lh, stride_lt, total_q, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] - dlse[h, t], float32 (nheads, total_q):
+    one pass over O and dO in their own dtype."""
+    h = tl.program_id(1)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    t_ok = offs_t < total_q
+    mask = t_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    rows = offs_t.to(tl.int64)
+    o = tl.load(Out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], mask=mask,
+                other=0.0)
+    do = tl.load(DO + rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=mask,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLse + h.to(tl.int64) * stride_lh + rows * stride_lt, mask=t_ok,
+                         other=0.0)
+    tl.store(Delta + h.to(tl.int64) * total_q + rows, delta, mask=t_ok)
 
 
 def _prune_dkdv(configs_, named_args, **kwargs):
@@ -279,9 +303,17 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
     k, stride_kt, stride_kh = kv_layout(problem, _c(inputs.k))
     v, stride_vt, stride_vh = kv_layout(problem, _c(inputs.v))
     dout = _c(dout)
-    delta = (dout.float() * out.float()).sum(-1).transpose(0, 1).contiguous()  # (nheads, T)
-    if dlse is not None:
-        delta = delta - dlse.float()
+    out = _c(out)
+    delta = torch.empty((problem.nheads, problem.total_q), dtype=torch.float32,
+                        device=q.device)
+    if problem.total_q and problem.nheads:
+        dlse_arg = dlse.float() if dlse is not None else delta
+        block_t = 16 if configs.interpreting() else 64
+        _delta_kernel[(triton.cdiv(problem.total_q, block_t), problem.nheads)](
+            out, dout, dlse_arg, delta, out.stride(0), out.stride(1), dout.stride(0),
+            dout.stride(1), dlse_arg.stride(0), dlse_arg.stride(1), problem.total_q,
+            HEAD_DIM=problem.head_dim, BLOCK_D=configs.block_d(problem.head_dim),
+            BLOCK_T=block_t, HAS_DLSE=dlse is not None, num_warps=4)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
