@@ -15,7 +15,7 @@ from .errors import (
     InvalidArgumentError,
     UnknownBackendError,
 )
-from .flash_varlen import (
+from .flash_attn.varlen import (
     flash_attn_varlen_func,
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,

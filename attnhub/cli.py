@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only cases whose id contains this text (repeatable: any of them)")
     p_conf.add_argument("--feature", action="append", default=None, metavar="NAME",
                         help="only cases of this report column, e.g. window (repeatable)")
+    p_conf.add_argument("--surface", default=None,
+                        choices=("flash_attn", "paddle", "flashattention_plus"),
+                        help="run the cases through this drop-in surface instead of "
+                             "attention_forward_varlen")
 
     d = main_job.JobConfig()
     p_run = sub.add_parser(
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         from .conformance.cli import run_conformance
 
         return run_conformance(args.backend, args.device, args.tier, args.report, args.json,
-                               args.keyword, args.feature)
+                               args.keyword, args.feature, args.surface)
     cfg = main_job.JobConfig(
         lengths=args.lengths, nheads=args.heads, nheads_k=args.kv_heads,
         head_dim=args.head_dim, causal=args.causal, window=args.window, softcap=args.softcap,

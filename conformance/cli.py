@@ -41,7 +41,7 @@ def _progress(done: int, total: int, result: CaseResult) -> None:
 def run_conformance(backends: list[str] | None, device: str | None, tier: str,
                     report_path: str, json_path: str,
                     keyword: str | list[str] | None = None,
-                    features: list[str] | None = None) -> int:
+                    features: list[str] | None = None, surface: str | None = None) -> int:
     """Returns the exit status: 0 when nothing failed, 1 otherwise, 2 on bad arguments."""
     dev = device or str(best_device())
     registry = get_registry()
@@ -62,7 +62,8 @@ def run_conformance(backends: list[str] | None, device: str | None, tier: str,
              if (not keywords or any(k in c.id for k in keywords))
              and (not features or c.feature in features)]
     with dispatch.use_backend(None):
-        results = run_suite(cases, names, dev, progress=_progress if cases else None)
+        results = run_suite(cases, names, dev, progress=_progress if cases else None,
+                            surface=surface)
     pathlib.Path(report_path).write_text(report.markdown(results, tier, dev))
     pathlib.Path(json_path).write_text(report.as_json(results, tier, dev))
     failed = [r for r in results if r.failed]
@@ -70,7 +71,8 @@ def run_conformance(backends: list[str] | None, device: str | None, tier: str,
                                                                  "unsupported")}
     for r in failed:
         print(r.describe())
-    print(f"attnhub conformance ({tier}, {dev}, {', '.join(names)}): {counts['pass']} passed, "
+    via = f" via {surface}" if surface else ""
+    print(f"attnhub conformance ({tier}, {dev}, {', '.join(names)}{via}): {counts['pass']} passed, "
           f"{counts['fail'] + counts['error']} failed, {counts['unsupported']} unsupported; "
           f"reports: {report_path}, {json_path}")
     return 1 if failed else 0

@@ -52,9 +52,9 @@ def markdown(results: list[CaseResult], tier: str, device: str) -> str:
     by_cell: dict[tuple[str, str], list[CaseResult]] = defaultdict(list)
     backends: list[str] = []
     for r in results:
-        by_cell[r.backend, r.case.feature].append(r)
-        if r.backend not in backends:
-            backends.append(r.backend)
+        by_cell[r.label, r.case.feature].append(r)
+        if r.label not in backends:
+            backends.append(r.label)
     lines = [f"# attnhub conformance: {tier} tier", "",
              ", ".join(f"{k} {v}" for k, v in env.items() if v is not None), "",
              "Pass rule: max abs error against the reference in float64 <= 2 x the reference's "
@@ -65,7 +65,7 @@ def markdown(results: list[CaseResult], tier: str, device: str) -> str:
              "|---|" + "---|" * (len(features) + 1)]
     for b in backends:
         row = [_cell(by_cell[b, f]) for f in features]
-        mine = [r for r in results if r.backend == b]
+        mine = [r for r in results if r.label == b]
         lines.append(f"| {b} | " + " | ".join(row) + f" | {_cell(mine)} |")
     failures = [r for r in results if r.failed]
     if failures:
@@ -74,16 +74,16 @@ def markdown(results: list[CaseResult], tier: str, device: str) -> str:
         for r in failures:
             bad = [c for c in r.checks if not c.ok]
             if not bad:
-                lines.append(f"| {r.backend} | {r.case.id} | - | - | - | "
+                lines.append(f"| {r.label} | {r.case.id} | - | - | - | "
                              f"{'; '.join(r.reasons)} |")
             for c in bad:
-                lines.append(f"| {r.backend} | {r.case.id} | {c.output} | {c.error:.3e} | "
+                lines.append(f"| {r.label} | {r.case.id} | {c.output} | {c.error:.3e} | "
                              f"{c.tolerance:.3e} | {c.failure} |")
     unsupported: dict[tuple[str, str], int] = defaultdict(int)
     for r in results:
         if r.status == "unsupported":
             for reason in r.reasons:
-                unsupported[r.backend, reason] += 1
+                unsupported[r.label, reason] += 1
     if unsupported:
         lines += ["", "## Unsupported (the backends' own reasons)", "",
                   "| backend | reason | cases |", "|---|---|---|"]
@@ -93,7 +93,7 @@ def markdown(results: list[CaseResult], tier: str, device: str) -> str:
     for r in results:
         for c in r.checks:
             if c.tolerance > 0 and c.ok:
-                key = (r.backend, c.output)
+                key = (r.label, c.output)
                 worst[key] = max(worst.get(key, 0.0), c.error / c.tolerance)
     if worst:
         lines += ["", "## Largest error / tolerance among passing checks", "",

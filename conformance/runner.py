@@ -16,6 +16,7 @@ from attnhub.registry import get_registry
 
 from . import dense, inputs, tolerance
 from .cases import Case
+from .surfaces import Surface, get_surface
 from .tolerance import Check
 
 ORACLE = "reference"
@@ -33,20 +34,27 @@ class CaseResult:
     checks: list[Check] = field(default_factory=list)
     forward_only: bool = False
     seconds: float = 0.0
+    surface: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The report's row name: the backend, and the surface the case went through."""
+        return self.backend if self.surface is None else f"{self.backend} via {self.surface}"
 
     @property
     def failed(self) -> bool:
         return self.status in ("fail", "error")
 
     def describe(self) -> str:
-        lines = [f"{self.backend} {self.case.id}: {self.status}"
+        lines = [f"{self.label} {self.case.id}: {self.status}"
                  + (" (forward only)" if self.forward_only else "")]
         lines += [f"  {r}" for r in self.reasons]
         lines += [f"  {c.output}: {c.failure}" for c in self.checks if not c.ok]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"backend": self.backend, "case": self.case.id, "feature": self.case.feature,
+        return {"backend": self.backend, "surface": self.surface, "case": self.case.id,
+                "feature": self.case.feature,
                 "status": self.status, "reasons": self.reasons, "forward_only": self.forward_only,
                 "seconds": round(self.seconds, 4), "checks": [c.to_dict() for c in self.checks]}
 
@@ -60,20 +68,31 @@ def _leaves(tensors: Iterable[torch.Tensor], dtype: torch.dtype | None, grad: bo
     return out
 
 
+def _call(backend: str, case: Case, kwargs: dict, q: torch.Tensor, k: torch.Tensor,
+          v: torch.Tensor, surface: Surface | None
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out, lse) of one call, direct or through ``surface`` (lse None where it gives none)."""
+    if surface is None:
+        return attnhub.attention_forward_varlen(q, k, v, **kwargs, return_lse=True,
+                                                backend=backend)
+    with dispatch.use_backend(backend):
+        return surface.call(case, kwargs, q, k, v)
+
+
 def _run(backend: str, case: Case, data: inputs.CaseInputs, dtype: torch.dtype | None,
-         grad: bool) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
+         grad: bool, surface: Surface | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...] | None]:
     """out, lse and (dq, dk, dv) of one run; ``dtype`` upcasts the inputs (the oracle)."""
     q, k, v = _leaves(data.tensors(), dtype, grad)
     kwargs = data.kwargs(case)
     if dtype is not None and kwargs["alibi_slopes"] is not None:
         kwargs["alibi_slopes"] = kwargs["alibi_slopes"].detach()
-    out, lse = attnhub.attention_forward_varlen(q, k, v, **kwargs, return_lse=True,
-                                                backend=backend)
+    out, lse = _call(backend, case, kwargs, q, k, v, surface)
     grads = None
     if grad:
         dout = data.dout if dtype is None else data.dout.to(dtype)
         grads = torch.autograd.grad(out, (q, k, v), dout)
-    return out.detach(), lse.detach(), grads
+    return out.detach(), None if lse is None else lse.detach(), grads
 
 
 def verdict(backend: str, case: Case, data: inputs.CaseInputs, grad: bool) -> list[str]:
@@ -82,42 +101,54 @@ def verdict(backend: str, case: Case, data: inputs.CaseInputs, grad: bool) -> li
     return dispatch.verdict(get_registry().backends[backend], problem)
 
 
-def run_case(case: Case, backend: str, device: torch.device | str) -> CaseResult:
+def run_case(case: Case, backend: str, device: torch.device | str,
+             surface: str | None = None) -> CaseResult:
     """One case on one backend: unsupported (its reasons), pass, fail (error figures) or
-    error (it raised)."""
+    error (it raised). ``surface`` (a name in conformance.surfaces.SURFACES) runs the case
+    through that drop-in surface instead of attention_forward_varlen."""
     start = time.perf_counter()
+    result = _run_case(case, backend, device, get_surface(surface) if surface else None)
+    result.surface = surface
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _run_case(case: Case, backend: str, device: torch.device | str,
+              surface: Surface | None) -> CaseResult:
+    if surface is not None and (gaps := surface.why_not(case)):
+        return CaseResult(backend, case, "unsupported", [f"surface {surface.name}: {r}"
+                                                         for r in gaps])
     data = inputs.build(case, device)
     reasons = verdict(backend, case, data, case.grad)
     forward_only = False
     if reasons and case.grad and not verdict(backend, case, data, False):
         forward_only = True
     elif reasons:
-        return CaseResult(backend, case, "unsupported", reasons,
-                          seconds=time.perf_counter() - start)
+        return CaseResult(backend, case, "unsupported", reasons)
     grad = case.grad and not forward_only
     try:
         if case.dropout_p > 0:
-            result = _dropout_case(case, backend, data, grad, device)
+            result = _dropout_case(case, backend, data, grad, device, surface)
         else:
-            result = _plain_case(case, backend, data, grad, device)
+            result = _plain_case(case, backend, data, grad, device, surface)
     except Exception as exc:
         tail = traceback.format_exception_only(type(exc), exc)[-1].strip()
         result = CaseResult(backend, case, "error", [tail])
     if forward_only:
         result.forward_only = True
         result.reasons = [f"backward not checked: {r}" for r in reasons] + result.reasons
-    result.seconds = time.perf_counter() - start
     return result
 
 
 def _plain_case(case: Case, backend: str, data: inputs.CaseInputs, grad: bool,
-                device: torch.device | str) -> CaseResult:
+                device: torch.device | str, surface: Surface | None = None) -> CaseResult:
     o_out, o_lse, o_grads = _run(ORACLE, case, data, torch.float64, grad)
     r_out, r_lse, r_grads = _run(ORACLE, case, data, None, grad)
     with inputs.poisoned(device, _shapes(r_out, r_lse, *(r_grads or ()))):
-        out, lse, grads = _run(backend, case, data, None, grad)
-    checks = [tolerance.check("out", out, o_out, r_out, case.dtype),
-              tolerance.check("lse", lse, o_lse, r_lse, case.dtype)]
+        out, lse, grads = _run(backend, case, data, None, grad, surface)
+    checks = [tolerance.check("out", out, o_out, r_out, case.dtype)]
+    if lse is not None:  # a surface without lse is judged on out and the gradients
+        checks.append(tolerance.check("lse", lse, o_lse, r_lse, case.dtype))
     if grad:
         assert grads is not None and o_grads is not None and r_grads is not None
         for name, g, og, rg in zip(("dq", "dk", "dv"), grads, o_grads, r_grads, strict=True):
@@ -142,7 +173,7 @@ def _one_hot_values(case: Case, data: inputs.CaseInputs) -> torch.Tensor:
 
 
 def _dropout_case(case: Case, backend: str, data: inputs.CaseInputs, grad: bool,
-                  device: torch.device | str) -> CaseResult:
+                  device: torch.device | str, surface: Surface | None = None) -> CaseResult:
     assert case.page_size is None and case.alibi is None and not case.softcap
     assert max(case.seqlens_k) <= case.head_dim, "dropout cases need sk <= head_dim"
     data.v = inputs._padded(_one_hot_values(case, data))
@@ -157,7 +188,7 @@ def _dropout_case(case: Case, backend: str, data: inputs.CaseInputs, grad: bool,
         torch.manual_seed(seed)
         q, k, v = _leaves(data.tensors(), None, grad)
         with inputs.poisoned(device, _shapes(q, k, v)):
-            out = attnhub.attention_forward_varlen(q, k, v, **kwargs, backend=backend)
+            out, _ = _call(backend, case, kwargs, q, k, v, surface)
             grads = torch.autograd.grad(out, (q, k, v), data.dout) if grad else None
         return out.detach(), grads
 
@@ -206,14 +237,15 @@ def _dropout_case(case: Case, backend: str, data: inputs.CaseInputs, grad: bool,
 
 
 def run_suite(cases: list[Case], backends: list[str], device: torch.device | str,
-              progress: Callable[[int, int, CaseResult], None] | None = None
-              ) -> list[CaseResult]:
-    """Every case on every backend, in order; ``progress(done, total, result)`` after each."""
+              progress: Callable[[int, int, CaseResult], None] | None = None,
+              surface: str | None = None) -> list[CaseResult]:
+    """Every case on every backend, in order; ``progress(done, total, result)`` after each.
+    ``surface``: run every case through that drop-in surface (see run_case)."""
     results = []
     total = len(cases) * len(backends)
     for backend in backends:
         for case in cases:
-            res = run_case(case, backend, device)
+            res = run_case(case, backend, device, surface)
             results.append(res)
             if progress is not None:
                 progress(len(results), total, res)

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from .api import attention_forward_varlen
-from .errors import InvalidArgumentError
-from .normalize import CuSeqlens, WindowSize
+from ..api import attention_forward_varlen
+from ..normalize import CuSeqlens, WindowSize
+from .layouts import check_packed
 
 
 def flash_attn_varlen_func(
@@ -56,7 +56,7 @@ def flash_attn_varlen_kvpacked_func(
     return_attn_probs: bool = False,
 ):
     """q (total_q, nheads, d), kv (total_k, 2, nheads_k, d); returns as flash_attn_varlen_func."""
-    _check_packed("kv", kv, 2, "(total_k, 2, nheads_k, head_dim)")
+    check_packed("kv", kv, 4, 1, 2, "(total_k, 2, nheads_k, head_dim)")
     return attention_forward_varlen(
         q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
@@ -77,14 +77,9 @@ def flash_attn_varlen_qkvpacked_func(
     return_attn_probs: bool = False,
 ):
     """qkv (total, 3, nheads, d), self-attention; returns as flash_attn_varlen_func."""
-    _check_packed("qkv", qkv, 3, "(total, 3, nheads, head_dim)")
+    check_packed("qkv", qkv, 4, 1, 3, "(total, 3, nheads, head_dim)")
     return attention_forward_varlen(
         qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
         dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
         return_attn_probs)
 
-
-def _check_packed(name: str, t: object, parts: int, shape: str) -> None:
-    if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[1] != parts:
-        got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise InvalidArgumentError(name, f"a 4-D tensor of shape {shape}", got)
