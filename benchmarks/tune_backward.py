@@ -59,7 +59,7 @@ def main() -> int:
           f"{flops / ms_fa2 / 1e9:.1f} TFLOP/s")
     for pair in args.tiles.split(","):
         key_tile, query_tile = (int(x) for x in pair.split("x"))
-        configs.backward_tiles = lambda head_dim, k=key_tile, q=query_tile: (k, q)
+        configs.backward_tiles = lambda head_dim, causal, k=key_tile, q=query_tile: (k, q)
         backward._dkdv_kernel.cache.clear()
         backward._dq_kernel.cache.clear()
         try:

@@ -113,12 +113,14 @@ def _delta_kernel(Out, DO, DLse, Delta, stride_ot, stride_oh, stride_dot, stride
 
 def _prune_dkdv(configs_, named_args, **kwargs):
     d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 128))
-    return configs.pick("dkdv", configs_, d, "BLOCK_M")
+    return configs.pick("dkdv", configs_, d, named_args.get("BLOCK_N", kwargs.get("BLOCK_N")),
+                        "BLOCK_M")
 
 
 def _prune_dq(configs_, named_args, **kwargs):
     d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 128))
-    return configs.pick("dq", configs_, d, "BLOCK_N")
+    return configs.pick("dq", configs_, d, named_args.get("BLOCK_M", kwargs.get("BLOCK_M")),
+                        "BLOCK_N")
 
 
 _KEY = ["HEAD_DIM", "GROUP", "WINDOW_LEFT", "WINDOW_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI",
@@ -317,7 +319,7 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    key_tile, query_tile = configs.backward_tiles(problem.head_dim)
+    key_tile, query_tile = configs.backward_tiles(problem.head_dim, problem.causal)
     left, right = problem.window
     alibi = inputs.alibi_slopes
     dummy = inputs.cu_seqlens_q

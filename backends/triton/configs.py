@@ -10,16 +10,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-# (BLOCK_N or inner block, num_warps, num_stages) per kernel and head-dim bucket: the config a
-# launch uses unless ATTNHUB_TRITON_AUTOTUNE=1 asks the autotuner to try them all. Chosen from
-# the autotuner's picks on an H200 (docs/performance.md).
-DEFAULTS: dict[str, dict[int, tuple[int, int, int]]] = {
-    "fwd": {64: (64, 4, 3), 128: (64, 8, 3), 256: (32, 4, 2)},
-    "dkdv": {64: (64, 4, 2), 128: (64, 4, 2), 256: (16, 4, 1)},
-    "dq": {64: (64, 4, 2), 128: (64, 4, 2), 256: (16, 4, 1)},
+# (inner block, num_warps, num_stages) per kernel, head-dim bucket and outer tile (the rows a
+# program owns: query rows for fwd and dq, key rows for dkdv): the config a launch uses unless
+# ATTNHUB_TRITON_AUTOTUNE=1 asks the autotuner to try them all. Chosen from the autotuner's
+# picks on an H200 (docs/performance.md).
+DEFAULTS: dict[str, dict[tuple[int, int], tuple[int, int, int]]] = {
+    "fwd": {(64, 128): (64, 4, 3), (128, 128): (64, 8, 3), (256, 64): (32, 4, 2)},
+    "dkdv": {(64, 64): (64, 4, 2), (128, 64): (64, 4, 1), (128, 128): (64, 8, 1),
+             (256, 64): (16, 4, 1)},
+    "dq": {(64, 64): (64, 4, 2), (128, 64): (64, 4, 2), (256, 64): (16, 4, 1)},
 }
 
 INNER = {"fwd": "BLOCK_N", "dkdv": "BLOCK_M", "dq": "BLOCK_N"}
+OUTER = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}
 
 # Configs Triton 3.6 miscompiles on Hopper (wrong dK, seen on an H200 on 2026-11-21): never
 # offered to the autotuner. tests/test_triton_gpu.py checks every offered config.
@@ -51,21 +54,26 @@ def launch(kernel: str, jit_kernel, grid: tuple, *args, **kwargs) -> None:
     if autotuning() or interpreting():
         jit_kernel[grid](*args, **kwargs)
         return
-    d = kwargs["BLOCK_D"]
-    bucket = 64 if d <= 64 else 128 if d <= 128 else 256
-    n, w, s = DEFAULTS[kernel][bucket]
+    n, w, s = default(kernel, kwargs["BLOCK_D"], kwargs[OUTER[kernel]])
     jit_kernel.fn[grid](*args, **kwargs, **{INNER[kernel]: n}, num_warps=w, num_stages=s)
 
 
-def pick(kernel: str, configs_: list, block_d_: int, inner: str) -> list:
-    """Configs to try for a launch: the bucket's default, or (autotuning) every config that
-    fits the head dim."""
+def default(kernel: str, block_d_: int, outer: int) -> tuple[int, int, int]:
+    """(inner block, warps, stages) for a launch; an outer tile without an entry of its own
+    (benchmarks/tune_backward.py tries any) takes its head-dim bucket's first entry."""
+    bucket = 64 if block_d_ <= 64 else 128 if block_d_ <= 128 else 256
+    table = DEFAULTS[kernel]
+    return table.get((bucket, outer)) or next(v for (b, _), v in table.items() if b == bucket)
+
+
+def pick(kernel: str, configs_: list, block_d_: int, outer: int, inner: str) -> list:
+    """Configs to try for a launch: the default, or (autotuning) every config that fits the
+    head dim."""
     fits = [c for c in configs_ if block_d_ <= 128 or (c.kwargs[inner] <= 64
                                                        and c.num_stages <= 2)]
     if autotuning() or interpreting():
         return fits or configs_[:1]
-    bucket = 64 if block_d_ <= 64 else 128 if block_d_ <= 128 else 256
-    n, w, s = DEFAULTS[kernel][bucket]
+    n, w, s = default(kernel, block_d_, outer)
     chosen = [c for c in configs_ if c.kwargs[inner] == n and c.num_warps == w
               and c.num_stages == s]
     return chosen or (fits or configs_)[:1]
@@ -105,9 +113,10 @@ def forward_config(head_dim: int) -> LaunchConfig:
     return LaunchConfig(128 if d <= 128 else 64, 64, 8, 3)
 
 
-def backward_tiles(head_dim: int) -> tuple[int, int]:
-    """(key rows per dK/dV program, query rows per dQ program); the inner block sizes are
-    autotuned (backward.py)."""
+def backward_tiles(head_dim: int, causal: bool) -> tuple[int, int]:
+    """(key rows per dK/dV program, query rows per dQ program); the inner block sizes come
+    from DEFAULTS. Causal calls take 128-row key tiles for head dims up to 128 (faster on
+    W1 and W3, docs/performance.md v4); only DEFAULTS' configs are known correct with them."""
     if interpreting():
         return 32, 32
-    return 64, 64  # 128-row key tiles: dK wrong with Triton 3.6 on Hopper (docs/performance.md)
+    return (128 if causal and 64 < block_d(head_dim) <= 128 else 64), 64
