@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import plans
 from .backend import Backend
 from .errors import BackendUnavailableError, InvalidArgumentError, UnknownBackendError
 from .problem import VarlenProblem
@@ -55,9 +56,17 @@ class Explanation(tuple):
 
 
 def clear_cache() -> None:
-    """Forget cached selections and fallback warnings (after registry or env changes)."""
+    """Forget cached selections, call plans and fallback warnings (after registry or env
+    changes)."""
     _cache.clear()
     _warned.clear()
+    plans.clear()
+
+
+def forced_context() -> str | None:
+    """The innermost attnhub.use_backend() override of this thread (None: none in force)."""
+    stack = getattr(_local, "forced", None)
+    return stack[-1] if stack else None
 
 
 @contextlib.contextmanager

@@ -13,7 +13,8 @@ import pluggy
 from . import hookspecs
 from .backend import Backend
 
-BUILTIN_PLUGINS = ("attnhub.backends.reference.plugin", "attnhub.backends.triton.plugin")
+BUILTIN_PLUGINS = ("attnhub.backends.reference.plugin", "attnhub.backends.triton.plugin",
+                   "attnhub.backends.cuda.plugin")
 
 
 @dataclass(frozen=True)
