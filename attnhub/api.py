@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import Explanation, explain_problem, select
+from . import plans
+from .backend import Backend
+from .dispatch import Explanation, explain_problem, forced_context, select
+from .inputs import VarlenInputs
 from .normalize import CuSeqlens, WindowSize, normalize
 from .ops import run_forward
+from .problem import VarlenProblem
 
 
 def attention_forward_varlen(
@@ -44,13 +48,32 @@ def attention_forward_varlen(
     return_attn_probs, lse float32 (nheads, total_q) and probs float32 (batch, nheads,
     max_seqlen_q, max_seqlen_k). ``backend`` forces a backend by name.
     """
+    key = plans.call_key(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+        softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+        return_attn_probs, block_table, backend, mask_alignment, forced_context())
+    plan = plans.get(key) if key is not None else None
+    if plan is not None:  # this call's key was normalized and dispatched before
+        return _run(plan.problem, plan.inputs(q, k, v, cu_seqlens_q, cu_seqlens_k),
+                    plan.backend, return_lse)
     problem, inputs = normalize(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
         softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
         alibi_slopes=alibi_slopes, deterministic=deterministic,
         return_attn_probs=return_attn_probs, block_table=block_table,
         mask_alignment=mask_alignment)
-    result = run_forward(problem, inputs, select(problem, backend))
+    chosen = select(problem, backend)
+    if key is not None:
+        plans.store(key, problem, chosen, inputs, cu_seqlens_q, cu_seqlens_k)
+    return _run(problem, inputs, chosen, return_lse)
+
+
+def _run(problem: VarlenProblem, inputs: VarlenInputs, backend: Backend, return_lse: bool):
+    """Run the call; out only (Backend.forward_out) when neither lse nor autograd is used."""
+    if not (return_lse or problem.return_probs or problem.requires_grad
+            or torch.compiler.is_compiling()):
+        return backend.forward_out(problem, inputs)
+    result = run_forward(problem, inputs, backend)
     if problem.return_probs:
         return result.out, result.lse, result.probs
     if return_lse:

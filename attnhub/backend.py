@@ -63,6 +63,12 @@ class Backend:
     def forward(self, problem: VarlenProblem, inputs: VarlenInputs) -> ForwardResult:
         raise NotImplementedError(f"backend {self.name!r} has no forward")
 
+    def forward_out(self, problem: VarlenProblem, inputs: VarlenInputs) -> torch.Tensor:
+        """Only ``out``, for calls that use neither lse nor autograd (eager, no grad, no
+        return_lse). The default runs ``forward``; a backend whose lse costs extra work (a
+        layout or convention fix-up) overrides it to skip that work."""
+        return self.forward(problem, inputs).out
+
     def backward(self, problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
                  lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None = None
                  ) -> Gradients:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import plans
 from .backend import Backend
 from .errors import BackendUnavailableError, InvalidArgumentError, UnknownBackendError
 from .problem import VarlenProblem
@@ -55,9 +56,19 @@ class Explanation(tuple):
 
 
 def clear_cache() -> None:
-    """Forget cached selections and fallback warnings (after registry or env changes)."""
+    """Forget cached selections, call plans and fallback warnings (after registry or env
+    changes)."""
     _cache.clear()
     _warned.clear()
+    plans.clear()
+
+
+def forced_context() -> str | None:
+    """The innermost attnhub.use_backend() override of this thread (None: none in force).
+    Reads the thread's attribute dict: getattr on a missing threading.local attribute raises
+    and catches internally, about a microsecond (this runs on every fast-path call)."""
+    stack = _local.__dict__.get("forced")
+    return stack[-1] if stack else None
 
 
 @contextlib.contextmanager

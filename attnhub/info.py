@@ -69,6 +69,7 @@ def collect() -> dict[str, Any]:
             "triton": _version("triton"),
             "pluggy": _version("pluggy"),
             "flash-attn": _version("flash-attn"),
+            "flash_attn_3": _version("flash_attn_3"),
             "flash-attn-4": _version("flash-attn-4"),
             "torch_npu": _version("torch-npu"),
         },

@@ -183,11 +183,7 @@ def _cu_seqlens(name: str, cu: CuSeqlens, total: int | None, device: torch.devic
                 check_cu_seqlens_values(name, host)
             else:
                 host = host_copies.cached(cu)
-        tensor = cu
-        if tensor.dtype != torch.int32:
-            tensor = tensor.to(torch.int32)
-        if tensor.device != device:
-            tensor = tensor.to(device, non_blocking=True)
+        tensor = device_offsets(cu, device)
     elif isinstance(cu, (list, tuple)):
         try:
             host = tuple(operator.index(x) for x in cu)  # int(2.5) would truncate silently
@@ -215,6 +211,15 @@ def _cu_seqlens(name: str, cu: CuSeqlens, total: int | None, device: torch.devic
         raise InvalidArgumentError(max_name, f"at least the longest sequence ({known_max} tokens)",
                                    max_seqlen)
     return tensor, lengths, max_seqlen
+
+
+def device_offsets(cu: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """cu_seqlens as backends receive them: int32 on ``device`` (no copy when it already is)."""
+    if cu.dtype != torch.int32:
+        cu = cu.to(torch.int32)
+    if cu.device != device:
+        cu = cu.to(device, non_blocking=True)
+    return cu
 
 
 def _paged_layout(block_table: torch.Tensor, k: torch.Tensor, batch: int, device: torch.device,

@@ -1,0 +1,30 @@
+"""attnhub's environment variables, read cheaply on every call.
+
+``os.environ.get`` of an unset variable costs about a microsecond (it raises and catches a
+KeyError inside); the dispatch fast path reads three variables per call, so it reads the
+process environment's raw mapping (``os.environ._data``, which os.environ itself writes
+through) where CPython has one, and falls back to ``os.environ.get`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+
+NAMES = ("ATTNHUB_BACKEND", "ATTNHUB_FALLBACK", "ATTNHUB_VALIDATE")
+
+_raw = getattr(os.environ, "_data", None)
+_encode = getattr(os.environ, "encodekey", None)
+_RAW_KEYS = tuple(_encode(n) for n in NAMES) if _raw is not None and _encode else None
+
+
+def snapshot() -> tuple:
+    """The raw values of NAMES (None when unset), in a form only compared for equality."""
+    if _RAW_KEYS is not None:
+        get = _raw.get  # type: ignore[union-attr]
+        return get(_RAW_KEYS[0]), get(_RAW_KEYS[1]), get(_RAW_KEYS[2])
+    return tuple(os.environ.get(n) for n in NAMES)
+
+
+def validate_is_auto(value: object) -> bool:
+    """Whether a raw ATTNHUB_VALIDATE value from ``snapshot`` means 'auto' (or unset)."""
+    return value is None or value in ("auto", b"auto")

@@ -1,0 +1,118 @@
+"""torch-flash: PyTorch's bundled FlashAttention-2 kernels, present in every CUDA build.
+
+Calls ``torch.ops.aten._flash_attention_forward`` / ``_flash_attention_backward`` with
+cum_seq_q / cum_seq_k (varlen). Facts (PyTorch's flash_attn/flash_api.cpp, and DESIGN.md's
+measurements on an H200 with torch 2.11): fp16 / bf16 only, head_dim a multiple of 8 up to
+256, sm80 or newer, int32 offsets, GQA read natively, causal and windows aligned bottom-right
+(-1 = unbounded), lse float32 (nheads, total_q) with +inf on rows that see no key, out 0
+there; no ALiBi in the bundled build, no softcap, no paged KV through this op.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from attnhub.backend import Backend, ForwardResult, Gradients
+from attnhub.capabilities import Capabilities
+from attnhub.inputs import VarlenInputs
+from attnhub.problem import VarlenProblem
+
+from . import device
+from .determinism import deterministic_algorithms
+from .tensors import (
+    dense_offsets,
+    empty_batch,
+    kernel_max_seqlen_q,
+    last_dim_contiguous,
+    lse_to_attnhub,
+    lse_to_flash,
+)
+
+# The forward returns the dropout state as uint64 (seed, offset); attnhub carries int64.
+_RNG_DTYPE = getattr(torch, "uint64", torch.int64)
+
+# The aten overloads, resolved once (they exist in every torch build, CUDA or not); module
+# attributes so that CPU tests can put recording fakes in their place.
+aten_forward = torch.ops.aten._flash_attention_forward.default
+aten_backward = torch.ops.aten._flash_attention_backward.default
+
+
+class TorchFlashBackend(Backend):
+    """Adapter to torch's bundled FlashAttention-2 (aten op, varlen through cum_seq)."""
+
+    name: ClassVar[str] = "torch-flash"
+    device_types: ClassVar[frozenset[str]] = frozenset({"cuda"})
+    priority: ClassVar[int] = 50
+    description: ClassVar[str] = "PyTorch's bundled FlashAttention-2 (aten._flash_attention_*)"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        dtypes=frozenset({torch.float16, torch.bfloat16}),
+        head_dims=(8, 256),
+        head_dim_multiple=8,
+        softcap=False,
+        alibi=frozenset(),
+        page_size_multiple=None,
+        top_left=False,
+        return_probs=False,
+    )
+
+    def unavailable_reasons(self) -> list[str]:
+        cc = device.capability()
+        reasons = device.cuda_reasons("compute capability 8.0 (Ampere) or newer",
+                                      None if cc is None else cc >= (8, 0))
+        if reasons:
+            return reasons
+        check = getattr(torch.backends.cuda, "is_flash_attention_available", None)
+        if check is not None and not check():
+            return ["this PyTorch build was compiled without its FlashAttention kernels"]
+        return []
+
+    def forward(self, problem: VarlenProblem, inputs: VarlenInputs) -> ForwardResult:
+        if problem.batch == 0:
+            return empty_batch(problem, inputs.q)
+        out, lse, rng = _forward(problem, inputs)
+        return ForwardResult(out, lse_to_attnhub(lse), None,
+                             rng.view(torch.int64) if problem.dropout_p > 0 else None)
+
+    def forward_out(self, problem: VarlenProblem, inputs: VarlenInputs) -> torch.Tensor:
+        if problem.batch == 0:
+            return inputs.q.new_zeros(inputs.q.shape)
+        return _forward(problem, inputs)[0]
+
+    def backward(self, problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
+                 lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None = None
+                 ) -> Gradients:
+        if dlse is not None:
+            raise NotImplementedError(
+                "backend 'torch-flash' cannot propagate a gradient through lse (its backward "
+                "takes none); use backend='triton', 'fa4' or 'reference' for losses on lse")
+        q, k, v = inputs.q, inputs.k, inputs.v
+        if problem.batch == 0:
+            return Gradients(torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
+        if problem.dropout_p > 0:
+            rng = inputs.rng_state.view(_RNG_DTYPE)
+        else:
+            rng = q.new_empty((2,), dtype=_RNG_DTYPE)
+        unused = q.new_empty((), dtype=_RNG_DTYPE)
+        with deterministic_algorithms(problem.deterministic):
+            dq, dk, dv = aten_backward(
+                last_dim_contiguous(dout), last_dim_contiguous(q), last_dim_contiguous(k),
+                last_dim_contiguous(v), last_dim_contiguous(out), lse_to_flash(lse),
+                dense_offsets(inputs.cu_seqlens_q), dense_offsets(inputs.cu_seqlens_k),
+                kernel_max_seqlen_q(problem), problem.max_seqlen_k, problem.dropout_p,
+                problem.causal, rng, unused, scale=problem.scale,
+                window_size_left=problem.window[0], window_size_right=problem.window[1])
+        return Gradients(dq, dk, dv)
+
+
+def _forward(problem: VarlenProblem, inputs: VarlenInputs
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> out, lse in the kernel's convention (+inf on empty rows), rng_state (uint64 (2,))."""
+    out, lse, rng, _unused, _mask = aten_forward(
+        last_dim_contiguous(inputs.q), last_dim_contiguous(inputs.k),
+        last_dim_contiguous(inputs.v), dense_offsets(inputs.cu_seqlens_q),
+        dense_offsets(inputs.cu_seqlens_k), kernel_max_seqlen_q(problem),
+        problem.max_seqlen_k, problem.dropout_p, problem.causal, False, scale=problem.scale,
+        window_size_left=problem.window[0], window_size_right=problem.window[1])
+    return out, lse, rng

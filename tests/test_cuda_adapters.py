@@ -1,0 +1,500 @@
+"""The CUDA adapters on the CPU, with their kernels replaced by recording fakes.
+
+Each fake takes the kernel's own arguments, rebuilds the call from them alone, computes it
+with the reference kernel and answers in the kernel's own conventions (+inf lse on rows that
+see no key for FA2/FA3, uint64 rng_state for torch's op, None = unbounded windows for FA4).
+So a wrong translation (scale, window, causal, offsets, rng hand-over, lse convention) changes
+the numbers, and the tests compare against the reference run directly.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from attnhub.backends.cuda import device, fa3, fa4, flash_attn2, torch_flash
+from attnhub.backends.reference import kernel
+
+import attnhub
+from attnhub.inputs import VarlenInputs
+from attnhub.ops import problem_from_op_args
+
+INF = float("inf")
+LENGTHS_Q = [5, 0, 3, 7, 1]
+LENGTHS_K = [5, 4, 0, 4, 6]  # sq > sk rows (causal), an empty q side, an empty k side
+
+
+def _call(dtype=torch.float16, nheads=4, nheads_k=2, head_dim=16, grad=False, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    tq, tk = sum(LENGTHS_Q), sum(LENGTHS_K)
+    q = torch.randn(tq, nheads, head_dim, generator=g).to(dtype).requires_grad_(grad)
+    k = torch.randn(tk, nheads_k, head_dim, generator=g).to(dtype).requires_grad_(grad)
+    v = torch.randn(tk, nheads_k, head_dim, generator=g).to(dtype).requires_grad_(grad)
+    iq = attnhub.VarlenInfo.from_lengths(LENGTHS_Q)
+    ik = attnhub.VarlenInfo.from_lengths(LENGTHS_K)
+    problem, inputs = attnhub.normalize(q, k, v, iq, ik, **kw)
+    dout = torch.randn(tq, nheads, head_dim, generator=g).to(dtype)
+    return problem, inputs, dout
+
+
+def _reference(problem, inputs, dout=None, rng_state=None):
+    inputs = VarlenInputs(inputs.q.detach(), inputs.k.detach(), inputs.v.detach(),
+                          inputs.cu_seqlens_q, inputs.cu_seqlens_k, inputs.alibi_slopes,
+                          inputs.block_table, rng_state)
+    res = kernel.forward(problem, inputs)
+    grads = None if dout is None else kernel.backward(problem, inputs, dout)
+    return res, grads
+
+
+def _kernel_problem(q, k, cu_q, alibi, block_table, max_q, max_k, scale, left, right, softcap,
+                    dropout_p, deterministic=False):
+    """The call as a kernel sees it, rebuilt from the kernel's arguments only."""
+    return problem_from_op_args(q, k, cu_q, alibi, block_table, max_q, max_k, scale, left, right,
+                                softcap, dropout_p, False, deterministic, False, False, None,
+                                None)
+
+
+class FakeAten:
+    """torch.ops.aten._flash_attention_forward / _backward in the op's conventions."""
+
+    def __init__(self):
+        self.forward_calls, self.backward_calls = [], []
+
+    def forward(self, q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, debug, *,
+                scale, window_size_left, window_size_right):
+        self.forward_calls.append(dict(
+            cu_dtype=(cu_q.dtype, cu_k.dtype), max_q=max_q, max_k=max_k, dropout_p=dropout_p,
+            is_causal=is_causal, scale=scale, window=(window_size_left, window_size_right)))
+        right = 0 if is_causal else window_size_right
+        p = _kernel_problem(q, k, cu_q, None, None, max_q, max_k, scale, window_size_left,
+                            right, 0.0, dropout_p)
+        rng = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64)
+        res = kernel.forward(p, VarlenInputs(q, k, v, cu_q, cu_k, rng_state=rng))
+        lse = torch.where(torch.isneginf(res.lse), INF, res.lse)
+        return res.out, lse, rng.view(torch.uint64), torch.empty(()), torch.empty(0)
+
+    def backward(self, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p, is_causal,
+                 rng, unused, *, scale, window_size_left, window_size_right):
+        self.backward_calls.append(dict(
+            lse=lse.clone(), rng_dtype=rng.dtype, max_q=max_q,
+            deterministic=torch.are_deterministic_algorithms_enabled()
+            and not torch.is_deterministic_algorithms_warn_only_enabled()))
+        right = 0 if is_causal else window_size_right
+        p = _kernel_problem(q, k, cu_q, None, None, max_q, max_k, scale, window_size_left,
+                            right, 0.0, dropout_p)
+        seed = rng.view(torch.int64) if dropout_p > 0 else None
+        return tuple(kernel.backward(p, VarlenInputs(q, k, v, cu_q, cu_k, rng_state=seed), dout))
+
+
+@pytest.fixture
+def aten(monkeypatch):
+    fake = FakeAten()
+    monkeypatch.setattr(torch_flash, "aten_forward", fake.forward)
+    monkeypatch.setattr(torch_flash, "aten_backward", fake.backward)
+    return fake
+
+
+def test_torch_flash_forward_translates_arguments_and_lse(aten):
+    problem, inputs, _ = _call(causal=True, window_size=(3, -1), softmax_scale=0.3)
+    res = torch_flash.TorchFlashBackend().forward(problem, inputs)
+    ref, _ = _reference(problem, inputs)
+    (call,) = aten.forward_calls
+    assert call == dict(cu_dtype=(torch.int32, torch.int32), max_q=7, max_k=6, dropout_p=0.0,
+                        is_causal=True, scale=0.3, window=(3, 0))
+    assert torch.equal(res.out, ref.out)
+    assert torch.isneginf(res.lse).any()  # rows that see no key: the kernel's +inf, converted
+    assert torch.equal(res.lse, ref.lse)
+    assert res.rng_state is None
+
+
+def test_torch_flash_avoids_max_seqlen_q_below_two(aten):
+    k = torch.randn(9, 2, 16, dtype=torch.float16)
+    for lengths in ([1, 1, 0], [0, 0, 0]):  # decode (max 1) and no queries at all (max 0)
+        q = torch.randn(sum(lengths), 4, 16, dtype=torch.float16)
+        cu = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+        problem, inputs = attnhub.normalize(q, k, k, cu, [0, 4, 9, 9])
+        out = torch_flash.TorchFlashBackend().forward_out(problem, inputs)
+        assert torch.equal(out, _reference(problem, inputs)[0].out)
+    # never 1 (FA2's GQA decode swap) nor 0 (a grid of no blocks)
+    assert [c["max_q"] for c in aten.forward_calls] == [2, 2]
+
+
+def test_torch_flash_backward_gets_the_kernels_lse_convention(aten):
+    problem, inputs, dout = _call(causal=True, grad=True)
+    backend = torch_flash.TorchFlashBackend()
+    res = backend.forward(problem, inputs)
+    grads = backend.backward(problem, inputs, res.out, res.lse, dout)
+    (call,) = aten.backward_calls
+    assert torch.isposinf(call["lse"]).any() and not torch.isneginf(call["lse"]).any()
+    assert torch.isneginf(res.lse).any()  # the caller's lse is left alone
+    _, ref = _reference(problem, inputs, dout)
+    for got, want in zip(grads, ref, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_torch_flash_dropout_hands_rng_state_to_backward(aten):
+    problem, inputs, dout = _call(dropout_p=0.3, grad=True)
+    backend = torch_flash.TorchFlashBackend()
+    res = backend.forward(problem, inputs)
+    assert res.rng_state.dtype == torch.int64 and res.rng_state.shape == (2,)
+    inputs.rng_state = res.rng_state  # what attnhub's custom op hands to backward
+    grads = backend.backward(problem, inputs, res.out, res.lse, dout)
+    assert aten.backward_calls[0]["rng_dtype"] == torch.uint64
+    ref, ref_grads = _reference(problem, inputs, dout, rng_state=res.rng_state)
+    assert torch.equal(res.out, ref.out)
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_torch_flash_deterministic_backward_uses_torchs_mode(aten, deterministic):
+    problem, inputs, dout = _call(grad=True, deterministic=deterministic)
+    backend = torch_flash.TorchFlashBackend()
+    res = backend.forward(problem, inputs)
+    before = torch.are_deterministic_algorithms_enabled()
+    backend.backward(problem, inputs, res.out, res.lse, dout)
+    assert aten.backward_calls[0]["deterministic"] is deterministic
+    assert torch.are_deterministic_algorithms_enabled() is before
+
+
+def test_torch_flash_rejects_dlse_with_a_reason(aten):
+    problem, inputs, dout = _call(grad=True)
+    backend = torch_flash.TorchFlashBackend()
+    res = backend.forward(problem, inputs)
+    with pytest.raises(NotImplementedError, match="gradient through lse"):
+        backend.backward(problem, inputs, res.out, res.lse, dout, torch.ones_like(res.lse))
+
+
+def test_torch_flash_empty_batch_calls_no_kernel(aten):
+    q = torch.randn(0, 4, 16, dtype=torch.float16)
+    problem, inputs = attnhub.normalize(q, q[:, :2], q[:, :2], [0], [0])
+    res = torch_flash.TorchFlashBackend().forward(problem, inputs)
+    assert res.out.shape == q.shape and res.lse.shape == (4, 0)
+    assert aten.forward_calls == []
+
+
+def test_torch_flash_forward_out_skips_the_lse_fixup(aten, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch_flash, "lse_to_attnhub", lambda lse: calls.append(lse) or lse)
+    problem, inputs, _ = _call()
+    out = torch_flash.TorchFlashBackend().forward_out(problem, inputs)
+    assert calls == [] and torch.equal(out, _reference(problem, inputs)[0].out)
+
+
+class _CPUTorchFlash(torch_flash.TorchFlashBackend):
+    """torch-flash claiming the CPU, so dispatch and the custom ops run it here."""
+
+    device_types = frozenset({"cpu"})
+
+    def unavailable_reasons(self):
+        return []
+
+
+def test_torch_flash_through_dispatch_and_autograd(aten, install):
+    install(_CPUTorchFlash())
+    problem, inputs, dout = _call(grad=True, causal=True)
+    q, k, v = inputs.q, inputs.k, inputs.v
+    iq = attnhub.VarlenInfo.from_lengths(LENGTHS_Q)
+    ik = attnhub.VarlenInfo.from_lengths(LENGTHS_K)
+    out, lse = attnhub.attention_forward_varlen(q, k, v, iq, ik, causal=True, return_lse=True)
+    assert attnhub.explain(q, k, v, iq, ik, causal=True).selected == "torch-flash"
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref, ref_grads = _reference(problem, inputs, dout)
+    assert torch.equal(out, ref.out) and torch.equal(lse, ref.lse)
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert torch.equal(got, want)
+
+
+def _fake_fa2(record):
+    def forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, *,
+                window_size_left, window_size_right, softcap, alibi_slopes, return_softmax,
+                block_table):
+        record.append(dict(max_q=max_q, window=(window_size_left, window_size_right),
+                           causal=causal, softcap=softcap, alibi=alibi_slopes is not None,
+                           block_table=block_table is not None, scale=scale))
+        right = 0 if causal else window_size_right
+        p = _kernel_problem(q, k, cu_q, alibi_slopes, block_table, max_q, max_k, scale,
+                            window_size_left, right, softcap, dropout_p)
+        rng = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64)
+        res = kernel.forward(p, VarlenInputs(q, k, v, cu_q, cu_k, alibi_slopes, block_table,
+                                             rng))
+        return res.out, torch.where(torch.isneginf(res.lse), INF, res.lse), None, rng
+
+    def backward(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, dropout_p,
+                 scale, causal, left, right, softcap, alibi, deterministic, rng):
+        record.append(dict(lse_posinf=bool(torch.isposinf(lse).any()),
+                           deterministic=deterministic, rng=rng))
+        p = _kernel_problem(q, k, cu_q, alibi, None, max_q, max_k, scale, left,
+                            0 if causal else right, softcap, dropout_p)
+        g = kernel.backward(p, VarlenInputs(q, k, v, cu_q, cu_k, alibi, None, rng), dout)
+        for buf, val in zip((dq, dk, dv), g, strict=True):
+            buf.copy_(val)
+        return torch.empty(0)
+
+    return types.SimpleNamespace(_flash_attn_varlen_forward=forward,
+                                 _flash_attn_varlen_backward=backward)
+
+
+def test_flash_attn2_softcap_alibi_and_grads(monkeypatch):
+    record = []
+    monkeypatch.setattr(flash_attn2, "kernels", lambda: _fake_fa2(record))
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    problem, inputs, dout = _call(grad=True, causal=True, softcap=5.0, alibi_slopes=slopes,
+                                  deterministic=True)
+    backend = flash_attn2.FlashAttn2Backend()
+    assert backend.why_not(problem) == []
+    res = backend.forward(problem, inputs)
+    grads = backend.backward(problem, inputs, res.out, res.lse, dout)
+    assert record[0] == dict(max_q=7, window=(-1, 0), causal=True, softcap=5.0, alibi=True,
+                             block_table=False, scale=0.25)
+    assert record[1] == dict(lse_posinf=True, deterministic=True, rng=None)
+    ref, ref_grads = _reference(problem, inputs, dout)
+    assert torch.equal(res.out, ref.out) and torch.equal(res.lse, ref.lse)
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert torch.equal(got, want)
+
+
+def _fake_fa3(record):
+    def forward(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                softmax_scale, causal, window_size_left, window_size_right, softcap):
+        record.append(dict(max_q=max_seqlen_q, window=(window_size_left, window_size_right),
+                           causal=causal))
+        p = _kernel_problem(q, k, cu_seqlens_q, None, None, max_seqlen_q, max_seqlen_k,
+                            softmax_scale, window_size_left,
+                            0 if causal else window_size_right, softcap, 0.0)
+        res = kernel.forward(p, VarlenInputs(q, k, v, cu_seqlens_q, cu_seqlens_k))
+        return res.out, torch.where(torch.isneginf(res.lse), INF, res.lse), None, None
+
+    def backward(dout, q, k, v, out, lse, cu_q, cu_k, used_q, used_k, max_q, max_k, dq, dk, dv,
+                 scale, causal, left, right, softcap, deterministic):
+        record.append(dict(lse_posinf=bool(torch.isposinf(lse).any()), used=(used_q, used_k)))
+        p = _kernel_problem(q, k, cu_q, None, None, max_q, max_k, scale, left,
+                            0 if causal else right, softcap, 0.0)
+        for buf, val in zip((dq, dk, dv), kernel.backward(
+                p, VarlenInputs(q, k, v, cu_q, cu_k), dout), strict=True):
+            buf.copy_(val)
+        return torch.empty(0)
+
+    return types.SimpleNamespace(_flash_attn_forward=forward, _flash_attn_backward=backward)
+
+
+def test_fa3_window_and_grads(monkeypatch):
+    record = []
+    monkeypatch.setattr(fa3, "kernels", lambda: _fake_fa3(record))
+    problem, inputs, dout = _call(grad=True, window_size=(2, 1), softcap=30.0)
+    backend = fa3.FA3Backend()
+    res = backend.forward(problem, inputs)
+    grads = backend.backward(problem, inputs, res.out, res.lse, dout)
+    assert record == [dict(max_q=7, window=(2, 1), causal=False),
+                      dict(lse_posinf=True, used=(None, None))]
+    ref, ref_grads = _reference(problem, inputs, dout)
+    assert torch.equal(res.out, ref.out) and torch.equal(res.lse, ref.lse)
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert torch.equal(got, want)
+
+
+def _fake_fa4(record):
+    def window(left, right, causal):
+        left = -1 if left is None else left
+        right = 0 if causal else (-1 if right is None else right)
+        return left, right
+
+    def forward(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                softmax_scale, causal, softcap, window_size_left, window_size_right, return_lse):
+        record.append(dict(window=(window_size_left, window_size_right), causal=causal,
+                           return_lse=return_lse))
+        left, right = window(window_size_left, window_size_right, causal)
+        p = _kernel_problem(q, k, cu_seqlens_q, None, None, max_seqlen_q, max_seqlen_k,
+                            softmax_scale, left, right, softcap, 0.0)
+        res = kernel.forward(p, VarlenInputs(q, k, v, cu_seqlens_q, cu_seqlens_k))
+        return res.out, res.lse if return_lse else None, None, None, None
+
+    def backward(q, k, v, out, dout, lse, scale, causal, softcap, *, window_size_left,
+                 window_size_right, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                 deterministic, dlse):
+        record.append(dict(dlse=dlse is not None, deterministic=deterministic))
+        left, right = window(window_size_left, window_size_right, causal)
+        p = _kernel_problem(q, k, cu_seqlens_q, None, None, max_seqlen_q, max_seqlen_k, scale,
+                            left, right, softcap, 0.0)
+        return tuple(kernel.backward(p, VarlenInputs(q, k, v, cu_seqlens_q, cu_seqlens_k),
+                                     dout, dlse))
+
+    return types.SimpleNamespace(_flash_attn_fwd=forward, _flash_attn_bwd=backward)
+
+
+@pytest.mark.parametrize(("window", "causal", "expected"), [
+    ((-1, -1), False, (None, None)), ((-1, -1), True, (None, 0)), ((3, -1), False, (3, None)),
+    ((-1, 2), False, (None, 2)), ((4, 1), False, (4, 1)), ((5, 0), True, (5, 0))])
+def test_fa4_window_translation(monkeypatch, window, causal, expected):
+    record = []
+    monkeypatch.setattr(fa4, "kernels", lambda: _fake_fa4(record))
+    problem, inputs, _ = _call(window_size=window, causal=causal)
+    res = fa4.FA4Backend().forward(problem, inputs)
+    assert record == [dict(window=expected, causal=causal, return_lse=True)]
+    ref, _ = _reference(problem, inputs)
+    assert torch.equal(res.out, ref.out) and torch.equal(res.lse, ref.lse)
+
+
+def test_fa4_passes_dlse_and_out_only_skips_lse(monkeypatch):
+    record = []
+    monkeypatch.setattr(fa4, "kernels", lambda: _fake_fa4(record))
+    problem, inputs, dout = _call(grad=True, causal=True, deterministic=True)
+    backend = fa4.FA4Backend()
+    res = backend.forward(problem, inputs)
+    dlse = torch.randn(res.lse.shape).masked_fill(torch.isneginf(res.lse), 0)
+    grads = backend.backward(problem, inputs, res.out, res.lse, dout, dlse)
+    assert record[1] == dict(dlse=True, deterministic=True)
+    ref_inputs = VarlenInputs(*(t.detach() for t in (inputs.q, inputs.k, inputs.v)),
+                              inputs.cu_seqlens_q, inputs.cu_seqlens_k)
+    ref_grads = kernel.backward(problem, ref_inputs, dout, dlse)
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert torch.equal(got, want)
+    backend.forward_out(problem, inputs)
+    assert record[2]["return_lse"] is False
+
+
+# --- capability reasons ------------------------------------------------------------------
+
+ALL = (torch_flash.TorchFlashBackend(), flash_attn2.FlashAttn2Backend(), fa3.FA3Backend(),
+       fa4.FA4Backend())
+
+
+def _problem(**kw):
+    return _call(**kw)[0]
+
+
+def _reasons(backend, **kw):
+    return backend.why_not(_problem(**kw))
+
+
+@pytest.mark.parametrize("backend", ALL, ids=lambda b: b.name)
+def test_common_reasons(backend):
+    assert _reasons(backend) == []
+    assert _reasons(backend, dtype=torch.float32) == [
+        "dtype float32 is not supported (supported: bfloat16, float16)"]
+    assert _reasons(backend, head_dim=12) == [
+        "head_dim 12 is not supported (needs 8..256 and a multiple of 8)"]
+    assert _reasons(backend, mask_alignment="top_left") == [
+        "top-left mask alignment (Paddle's convention) is not supported"]
+    assert _reasons(backend, return_attn_probs=True) == ["return_attn_probs is not supported"]
+
+
+def test_torch_flash_reasons():
+    b = torch_flash.TorchFlashBackend()
+    assert _reasons(b, softcap=5.0) == ["softcap (5.0) is not supported"]
+    assert _reasons(b, alibi_slopes=torch.ones(4)) == [
+        "ALiBi slopes of shape (nheads,) are not supported"]
+    assert _reasons(b, grad=True, dropout_p=0.1, deterministic=True, causal=True,
+                    window_size=(3, 0)) == []
+
+
+def test_flash_attn2_reasons():
+    b = flash_attn2.FlashAttn2Backend()
+    assert _reasons(b, softcap=5.0, dropout_p=0.1) == [
+        "softcap together with dropout is not supported by flash_attn"]
+    assert _reasons(b, alibi_slopes=torch.ones(5, 4)) == []
+
+
+@pytest.mark.parametrize("backend", [fa3.FA3Backend(), fa4.FA4Backend()], ids=lambda b: b.name)
+def test_fa3_fa4_reasons(backend):
+    assert _reasons(backend, dropout_p=0.1) == ["dropout (p = 0.1) is not supported"]
+    assert _reasons(backend, alibi_slopes=torch.ones(4)) == [
+        "ALiBi slopes of shape (nheads,) are not supported"]
+    assert _reasons(backend, softcap=5.0, grad=True, deterministic=True) == []
+
+
+def test_paged_reasons():
+    q = torch.randn(4, 4, 16, dtype=torch.float16)
+    pool = torch.randn(3, 256, 2, 16, dtype=torch.float16)
+    bt = torch.tensor([[0, 1], [2, 0]], dtype=torch.int32)
+    problem, _ = attnhub.normalize(q, pool, pool, [0, 2, 4], [0, 300, 310], block_table=bt)
+    assert torch_flash.TorchFlashBackend().why_not(problem) == [
+        "paged KV (block_table) is not supported"]
+    assert flash_attn2.FlashAttn2Backend().why_not(problem) == []
+    small, _ = attnhub.normalize(q, pool[:, :16], pool[:, :16], [0, 2, 4], [0, 20, 30],
+                                 block_table=bt)
+    assert flash_attn2.FlashAttn2Backend().why_not(small) == [
+        "paged KV with page_size 16 is not supported (needs a multiple of 256)"]
+    with torch.enable_grad():
+        grad, _ = attnhub.normalize(q.requires_grad_(), pool, pool, [0, 2, 4], [0, 300, 310],
+                                    block_table=bt)
+    assert flash_attn2.FlashAttn2Backend().why_not(grad) == [
+        "backward through paged KV (block_table) is not supported by flash_attn's varlen "
+        "backward"]
+
+
+def test_fa4_blackwell_head_dims(monkeypatch):
+    monkeypatch.setattr(device, "capability", lambda: (10, 0))
+    b = fa4.FA4Backend()
+    assert _reasons(b, head_dim=192) == [
+        "head_dim 192 is not supported on Blackwell by FA4 (needs <= 128, or 256)"]
+    assert _reasons(b, head_dim=256) == []
+    assert _reasons(b, head_dim=256, softcap=5.0, grad=True) == [
+        "softcap in the head_dim 256 backward is not supported on Blackwell by FA4"]
+    monkeypatch.setattr(device, "capability", lambda: (9, 0))
+    assert _reasons(b, head_dim=192) == []
+
+
+# --- availability ------------------------------------------------------------------------
+
+def _gpu(monkeypatch, cc, installed=()):
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(device, "capability", lambda: cc)
+    monkeypatch.setattr(device, "distribution_version",
+                        lambda name: "1.0" if name in installed else None)
+    monkeypatch.setattr(device, "module_present", lambda name: name in installed)
+    monkeypatch.setattr(device, "import_reason", lambda module: [])
+
+
+def test_unavailable_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    for b in ALL:
+        assert "this PyTorch build has no CUDA (torch.version.cuda is None)" in \
+            b.unavailable_reasons()
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(device, "capability", lambda: None)
+    assert torch_flash.TorchFlashBackend().unavailable_reasons() == [
+        "no CUDA device (torch.cuda.is_available() is False)"]
+
+
+def test_unavailable_reasons_by_gpu_and_package(monkeypatch):
+    _gpu(monkeypatch, (8, 0))
+    monkeypatch.setattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)
+    assert torch_flash.TorchFlashBackend().unavailable_reasons() == []
+    assert flash_attn2.FlashAttn2Backend().unavailable_reasons() == [
+        "flash-attn is not installed (pip install 'attnhub[flash-attn]')"]
+    assert fa3.FA3Backend().unavailable_reasons()[1] == \
+        "needs compute capability 9.0 (Hopper), found compute capability 8.0"
+    assert fa4.FA4Backend().unavailable_reasons() == [
+        "flash-attn-4 is not installed (pip install 'attnhub[fa4]')",
+        "needs compute capability 9.0 (Hopper) or 10.x (Blackwell), found compute "
+        "capability 8.0"]
+    _gpu(monkeypatch, (7, 5), installed=("flash-attn",))
+    assert flash_attn2.FlashAttn2Backend().unavailable_reasons() == [
+        "needs compute capability 8.0 (Ampere) or newer, found compute capability 7.5"]
+    _gpu(monkeypatch, (9, 0), installed=("flash-attn", "flash_attn_interface", "flash-attn-4"))
+    for b in ALL:
+        assert b.unavailable_reasons() == [], b.name
+
+
+def test_import_failure_is_a_reason(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(device, "capability", lambda: (9, 0))
+    monkeypatch.setattr(device, "distribution_version", lambda name: "4.0.0b36")
+    reasons = fa4.FA4Backend().unavailable_reasons()
+    assert len(reasons) == 1 and reasons[0].startswith("importing flash_attn.cute.interface "
+                                                       "failed: ")
+
+
+def test_importing_attnhub_imports_no_cuda_package():
+    import subprocess
+    import sys
+
+    code = ("import sys, attnhub; r = attnhub.get_registry(); "
+            "assert {'torch-flash', 'flash-attn', 'fa3', 'fa4'} <= set(r.backends); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('flash_attn', 'flash_attn_interface', 'flash_attn_3', 'cutlass')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
