@@ -16,6 +16,7 @@ preallocated tensor), isolating normalize + select against the plan cache.
 from __future__ import annotations
 
 import argparse
+import inspect
 import datetime
 import importlib.metadata
 import pathlib
@@ -185,8 +186,13 @@ def gpu_overhead(fa4) -> list[str]:
                  per_call_us(attnhub_auto, sync=sync)))
     varlen_attn = _varlen_attn()
     if varlen_attn is not None:
+        params = inspect.signature(varlen_attn).parameters
+        causal_kw = ({"window_size": (-1, 0)} if "window_size" in params
+                     else {"is_causal": True})
+        if "enable_gqa" in params:
+            causal_kw["enable_gqa"] = True
         rows.append(("torch.nn.attention.varlen.varlen_attn",
-                     per_call_us(lambda: varlen_attn(q, k, v, cu, cu, m, m, is_causal=True),
+                     per_call_us(lambda: varlen_attn(q, k, v, cu, cu, m, m, **causal_kw),
                                  sync=sync)))
     if fa4 is not None:
         rows.append(("FA4 flash_attn_varlen_func directly",
