@@ -498,3 +498,30 @@ def test_importing_attnhub_imports_no_cuda_package():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_fa2_left_only_window_declined_where_rows_could_lose_keys():
+    """FA2 bounds an unbounded right side at max_seqlen_k when the left side is bounded:
+    declined unless every sequence has sq <= sk (LENGTHS_Q has sequences longer than their
+    keys)."""
+    reason = ("window (3, -1) (bounded on the left only) with sequences that may have more "
+              "queries than keys: FlashAttention-2 bounds the right side at max_seqlen_k, "
+              "hiding keys from the first rows")
+    for b in (torch_flash.TorchFlashBackend(), flash_attn2.FlashAttn2Backend()):
+        assert _reasons(b, window_size=(3, -1)) == [reason]
+        assert _reasons(b, window_size=(3, 2)) == []
+        assert _reasons(b, window_size=(-1, 2)) == []
+        q = torch.randn(6, 4, 16, dtype=torch.float16)
+        k = torch.randn(9, 2, 16, dtype=torch.float16)
+        problem, _ = attnhub.normalize(q, k, k, [0, 2, 6], [0, 4, 9], window_size=(3, -1))
+        assert b.why_not(problem) == []
+
+
+def test_fa4_hopper_backward_head_dims(monkeypatch):
+    monkeypatch.setattr(device, "capability", lambda: (9, 0))
+    b = fa4.FA4Backend()
+    assert _reasons(b, head_dim=72, grad=True) == [
+        "head_dim 72 in the backward is not supported on Hopper by FA4 (needs a multiple of "
+        "32: 72 and 80 gave wrong gradients on an H200 with flash-attn-4 4.0.0b36)"]
+    assert _reasons(b, head_dim=72) == []
+    assert _reasons(b, head_dim=96, grad=True) == []

@@ -70,7 +70,11 @@ def test_torch_flash_dropout_is_reproducible_and_backward_uses_its_mask():
     a, _, ga = _run("torch-flash", q, k, v, dropout_p=0.2)
     torch.manual_seed(3)
     b, _, gb = _run("torch-flash", q, k, v, dropout_p=0.2)
-    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb, strict=True))
+    # Same mask: identical out; gradients equal up to the order of FA2's dQ atomics (a
+    # different mask would change them by O(1)).
+    assert torch.equal(a, b)
+    for x, y in zip(ga, gb, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-2, rtol=1e-2)
     torch.manual_seed(4)
     c, _, _ = _run("torch-flash", q, k, v, dropout_p=0.2)
     assert not torch.equal(a, c)

@@ -74,6 +74,10 @@ class FA4Backend(Backend):
     def why_not(self, problem: VarlenProblem) -> list[str]:
         reasons = super().why_not(problem)
         cc = device.capability()
+        if cc is not None and cc[0] == 9 and problem.requires_grad and problem.head_dim % 32:
+            reasons.append(f"head_dim {problem.head_dim} in the backward is not supported on "
+                           "Hopper by FA4 (needs a multiple of 32: 72 and 80 gave wrong "
+                           "gradients on an H200 with flash-attn-4 4.0.0b36)")
         if cc is not None and cc[0] == 10:
             d = problem.head_dim
             if 128 < d < 256:

@@ -23,6 +23,7 @@ from attnhub.inputs import VarlenInputs
 from attnhub.problem import VarlenProblem
 
 from . import device
+from .fa2_windows import left_only_window_reasons
 from .tensors import (
     dense_offsets,
     empty_batch,
@@ -70,7 +71,7 @@ class FlashAttn2Backend(Backend):
         return reasons or device.import_reason(MODULE)
 
     def why_not(self, problem: VarlenProblem) -> list[str]:
-        reasons = super().why_not(problem)
+        reasons = super().why_not(problem) + left_only_window_reasons(problem)
         if problem.softcap > 0 and problem.dropout_p > 0:
             reasons.append("softcap together with dropout is not supported by flash_attn")
         if problem.paged is not None and problem.requires_grad:

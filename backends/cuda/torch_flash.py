@@ -21,6 +21,7 @@ from attnhub.problem import VarlenProblem
 
 from . import device
 from .determinism import deterministic_algorithms
+from .fa2_windows import left_only_window_reasons
 from .tensors import (
     dense_offsets,
     empty_batch,
@@ -67,6 +68,9 @@ class TorchFlashBackend(Backend):
         if check is not None and not check():
             return ["this PyTorch build was compiled without its FlashAttention kernels"]
         return []
+
+    def why_not(self, problem: VarlenProblem) -> list[str]:
+        return super().why_not(problem) + left_only_window_reasons(problem)
 
     def forward(self, problem: VarlenProblem, inputs: VarlenInputs) -> ForwardResult:
         if problem.batch == 0:

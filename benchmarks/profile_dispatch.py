@@ -1,0 +1,74 @@
+"""Host cost of each step of attnhub's dispatch fast path, on the GPU machine's CPU.
+
+Times the steps in isolation (the kernel replaced by a function returning a cached result),
+so the figures are host time even where a loop of real calls is GPU-bound.
+
+    python benchmarks/profile_dispatch.py
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from attnhub.backends.cuda import torch_flash
+
+import attnhub
+from attnhub import dispatch, plans
+
+
+def per_call_us(fn, n: int = 20000) -> float:
+    for _ in range(500):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def main() -> None:
+    dev = "cuda"
+    lengths = [64] * 8
+    q = torch.randn(512, 32, 128, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(512, 8, 128, device=dev, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=dev,
+                      dtype=torch.int32)
+    scale = 128 ** -0.5
+    real = torch_flash.aten_forward
+    cached = real(q, k, v, cu, cu, 64, 64, 0.0, True, False, scale=scale)
+
+    def call():
+        return attnhub.attention_forward_varlen(q, k, v, cu, cu, 64, 64, causal=True,
+                                                backend="torch-flash")
+
+    call()
+    key = plans.call_key(q, k, v, cu, cu, 64, 64, 0.0, None, True, None, None, None, None,
+                         None, None, "torch-flash", "bottom_right", dispatch.forced_context())
+    plan = plans.get(key)
+    rows = [
+        ("aten op, real kernel (host loop)", per_call_us(
+            lambda: real(q, k, v, cu, cu, 64, 64, 0.0, True, False, scale=scale))),
+        ("plans.call_key", per_call_us(lambda: plans.call_key(
+            q, k, v, cu, cu, 64, 64, 0.0, None, True, None, None, None, None, None, None,
+            "torch-flash", "bottom_right", dispatch.forced_context()))),
+        ("plans.get", per_call_us(lambda: plans.get(key))),
+        ("plan.inputs", per_call_us(lambda: plan.inputs(q, k, v, cu, cu))),
+    ]
+    inputs = plan.inputs(q, k, v, cu, cu)
+    torch_flash.aten_forward = lambda *a, **kw: cached
+    try:
+        rows.append(("backend.forward_out, kernel stubbed", per_call_us(
+            lambda: plan.backend.forward_out(plan.problem, inputs))))
+        rows.append(("attention_forward_varlen, kernel stubbed", per_call_us(call)))
+    finally:
+        torch_flash.aten_forward = real
+    rows.append(("attention_forward_varlen, real kernel (host loop)", per_call_us(call)))
+    torch.cuda.synchronize()
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    for name, us in rows:
+        print(f"{name:55s} {us:7.2f} us")
+
+
+if __name__ == "__main__":
+    main()
