@@ -16,9 +16,9 @@ preallocated tensor), isolating normalize + select against the plan cache.
 from __future__ import annotations
 
 import argparse
-import inspect
 import datetime
 import importlib.metadata
+import inspect
 import pathlib
 import platform
 import sys
