@@ -48,14 +48,20 @@ def attention_forward_varlen(
     return_attn_probs, lse float32 (nheads, total_q) and probs float32 (batch, nheads,
     max_seqlen_q, max_seqlen_k). ``backend`` forces a backend by name.
     """
-    key = plans.call_key(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-        softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-        return_attn_probs, block_table, backend, mask_alignment, forced_context())
-    plan = plans.get(key) if key is not None else None
-    if plan is not None:  # this call's key was normalized and dispatched before
-        return _run(plan.problem, plan.inputs(q, k, v, cu_seqlens_q, cu_seqlens_k),
-                    plan.backend, return_lse)
+    key = None
+    if alibi_slopes is None and block_table is None and not return_attn_probs:
+        key = plans.call_key(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+            softmax_scale, causal, window_size, softcap, deterministic, backend,
+            mask_alignment, forced_context())
+        plan = plans.get(key) if key is not None else None
+        if plan is not None:  # this call's key was normalized and dispatched before
+            if plan.out_only and not return_lse:
+                if plan.offsets_as_given:
+                    return plan.run_out(q, k, v, cu_seqlens_q, cu_seqlens_k)
+                return plan.run_out(q, k, v, *plan.offsets(cu_seqlens_q, cu_seqlens_k))
+            return _run(plan.problem, plan.inputs(q, k, v, cu_seqlens_q, cu_seqlens_k),
+                        plan.backend, return_lse)
     problem, inputs = normalize(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
         softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,

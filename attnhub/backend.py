@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -68,6 +69,17 @@ class Backend:
         return_lse). The default runs ``forward``; a backend whose lse costs extra work (a
         layout or convention fix-up) overrides it to skip that work."""
         return self.forward(problem, inputs).out
+
+    def out_only_runner(self, problem: VarlenProblem
+                        ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                       torch.Tensor], torch.Tensor]:
+        """``forward_out`` for ``problem`` bound once, as ``run(q, k, v, cu_seqlens_q,
+        cu_seqlens_k) -> out`` with int32 offsets on q's device: what the dispatch fast path
+        (attnhub.plans) calls for every repeat of a call. A backend may resolve its static
+        launch arguments here, so repeats pay only for the launch."""
+        def run(q, k, v, cu_seqlens_q, cu_seqlens_k):
+            return self.forward_out(problem, VarlenInputs(q, k, v, cu_seqlens_q, cu_seqlens_k))
+        return run
 
     def backward(self, problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
                  lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None = None

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass
+@dataclass(slots=True)
 class VarlenInputs:
     """Tensors of one call, all on q's device.
 

@@ -20,8 +20,6 @@ Everything else takes the full path (normalize + select) on every call.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from . import environment, host_copies
@@ -35,28 +33,50 @@ MAX_PLANS = 256
 _plans: dict[tuple, Plan] = {}
 _Tensor = torch.Tensor
 _NUMBER = (float, int)
+_AUTO = ("auto", b"auto")
+# Looked up once: this module runs on every call.
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
+_deterministic_algorithms = torch.are_deterministic_algorithms_enabled
+_snapshot = environment.snapshot
 
 
-@dataclass(frozen=True)
 class Plan:
     """A normalized, dispatched call: its problem, its backend and the offsets to pass (the
-    VarlenInfo's device tensor, or None: the call's own tensor, made int32 on ``device``)."""
+    VarlenInfo's device tensor, or None: the call's own tensor, which is already int32 on
+    q's device when ``offsets_as_given``, else converted per call)."""
 
-    problem: VarlenProblem
-    backend: Backend
-    device: torch.device
-    cu_seqlens_q: torch.Tensor | None
-    cu_seqlens_k: torch.Tensor | None
-    pinned: tuple  # the VarlenInfo objects whose ids are in the key
+    __slots__ = ("backend", "cu_seqlens_k", "cu_seqlens_q", "device", "offsets_as_given",
+                 "out_only", "pinned", "problem", "run_out")
 
-    def inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q, cu_k
-               ) -> VarlenInputs:
-        """The backend's inputs for a call with this plan's key."""
+    def __init__(self, problem: VarlenProblem, backend: Backend, device: torch.device,
+                 cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+                 offsets_as_given: bool, pinned: tuple) -> None:
+        self.problem = problem
+        self.backend = backend
+        self.device = device
+        self.cu_seqlens_q = cu_seqlens_q
+        self.cu_seqlens_k = cu_seqlens_k
+        self.offsets_as_given = offsets_as_given
+        self.pinned = pinned  # the VarlenInfo objects whose ids are in the key
+        # Neither lse nor autograd: Backend.forward_out (torch.compile never gets here).
+        self.out_only = not (problem.return_probs or problem.requires_grad)
+        self.run_out = backend.out_only_runner(problem) if self.out_only else None
+
+    def offsets(self, cu_q, cu_k) -> tuple[torch.Tensor, torch.Tensor]:
+        """int32 offsets on q's device for a call with this plan's key."""
+        if self.offsets_as_given:
+            return cu_q, cu_k
         tq = self.cu_seqlens_q if self.cu_seqlens_q is not None else device_offsets(
             cu_q, self.device)
         tk = self.cu_seqlens_k if self.cu_seqlens_k is not None else device_offsets(
             cu_k, self.device)
-        return VarlenInputs(q, k, v, tq, tk)
+        return tq, tk
+
+    def inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q, cu_k
+               ) -> VarlenInputs:
+        """The backend's inputs for a call with this plan's key."""
+        return VarlenInputs(q, k, v, *self.offsets(cu_q, cu_k))
 
 
 def clear() -> None:
@@ -64,55 +84,54 @@ def clear() -> None:
     _plans.clear()
 
 
-def _offsets_key(cu: object, max_seqlen: object, validate: object) -> tuple | None:
+def call_key(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size,
+             softcap, deterministic, backend, mask_alignment, forced: str | None
+             ) -> tuple | None:
+    """The call's key, or None when the call is not eligible (see the module docstring; the
+    caller has checked that there are no ALiBi slopes, no block table and no probs).
+    ``forced``: the innermost ``use_backend`` override."""
+    if type(q) is not _Tensor or type(k) is not _Tensor or type(v) is not _Tensor \
+            or _is_compiling():
+        return None
+    if type(causal) is not bool or type(dropout_p) not in _NUMBER \
+            or (max_q is not None and type(max_q) is not int) \
+            or (max_k is not None and type(max_k) is not int) \
+            or (softmax_scale is not None and type(softmax_scale) not in _NUMBER) \
+            or (softcap is not None and type(softcap) not in _NUMBER) \
+            or (deterministic is not None and type(deterministic) is not bool) \
+            or type(mask_alignment) is not str or (backend is not None and type(backend)
+                                                    is not str):
+        return None
+    if window_size is not None and type(window_size) is not int and not (
+            type(window_size) is tuple and len(window_size) == 2
+            and type(window_size[0]) is int and type(window_size[1]) is int):
+        return None
+    env = _snapshot()
+    kq = _offsets_key(cu_q, max_q, env[2])
+    if kq is None:
+        return None
+    kk = kq if cu_k is cu_q and max_k == max_q else _offsets_key(cu_k, max_k, env[2])
+    if kk is None:
+        return None
+    # The problem depends on the grad flags only through "any requires grad" (and grad mode).
+    return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+            q.requires_grad or k.requires_grad or v.requires_grad, _grad_enabled(), kq,
+            True if kk is kq else kk,
+            max_q, max_k, dropout_p, softmax_scale, causal, window_size, softcap, deterministic,
+            mask_alignment, backend, forced, env,
+            _deterministic_algorithms())
+
+
+def _offsets_key(cu: object, max_seqlen: object, validate: object) -> object:
     if type(cu) is VarlenInfo:
-        return (id(cu),)
-    if type(cu) is _Tensor and type(max_seqlen) is int and cu.device.type != "cpu" \
-            and environment.validate_is_auto(validate) and host_copies.cached(cu) is None:
+        return id(cu)
+    if type(cu) is _Tensor and max_seqlen is not None and not cu.is_cpu \
+            and (validate is None or validate in _AUTO) and host_copies.cached(cu) is None:
         return (cu.shape, cu.dtype, cu.device)
     return None
 
 
-def call_key(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size,
-             softcap, alibi_slopes, deterministic, return_attn_probs, block_table, backend,
-             mask_alignment, forced: str | None) -> tuple | None:
-    """The call's key, or None when the call is not eligible (see the module docstring).
-    ``forced``: the innermost ``use_backend`` override."""
-    if alibi_slopes is not None or block_table is not None or return_attn_probs \
-            or torch.compiler.is_compiling():
-        return None
-    if type(q) is not _Tensor or type(k) is not _Tensor or type(v) is not _Tensor:
-        return None
-    if not (max_q is None or type(max_q) is int) or not (max_k is None or type(max_k) is int):
-        return None
-    if type(dropout_p) not in _NUMBER or type(causal) is not bool \
-            or not (softmax_scale is None or type(softmax_scale) in _NUMBER) \
-            or not (softcap is None or type(softcap) in _NUMBER) \
-            or not (deterministic is None or type(deterministic) is bool) \
-            or not (return_attn_probs is None or return_attn_probs is False) \
-            or type(mask_alignment) is not str or not (backend is None or type(backend) is str):
-        return None
-    if not (window_size is None or type(window_size) is int or (
-            type(window_size) is tuple and len(window_size) == 2
-            and type(window_size[0]) is int and type(window_size[1]) is int)):
-        return None
-    env = environment.snapshot()
-    kq = _offsets_key(cu_q, max_q, env[2])
-    if kq is None:
-        return None
-    kk = _offsets_key(cu_k, max_k, env[2])
-    if kk is None:
-        return None
-    # The problem depends on the grad flags only through "any requires grad" (and grad mode).
-    return (q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, v.shape, v.dtype, v.device,
-            q.requires_grad or k.requires_grad or v.requires_grad, kq, kk, max_q, max_k,
-            dropout_p, softmax_scale, causal, window_size, softcap, deterministic,
-            mask_alignment, backend, forced, env, torch.is_grad_enabled(),
-            torch.are_deterministic_algorithms_enabled())
-
-
-def get(key: tuple) -> Plan | None:
-    return _plans.get(key)
+get = _plans.get  # (key) -> Plan | None
 
 
 def store(key: tuple, problem: VarlenProblem, backend: Backend, inputs: VarlenInputs,
@@ -122,7 +141,11 @@ def store(key: tuple, problem: VarlenProblem, backend: Backend, inputs: VarlenIn
     if len(_plans) >= MAX_PLANS:
         del _plans[next(iter(_plans))]
     info_q, info_k = type(cu_q) is VarlenInfo, type(cu_k) is VarlenInfo
+    # Offsets given as int32 tensors on q's device reach the backend as they are (the key
+    # holds their dtype and device): no per-call conversion check.
+    as_given = not info_q and not info_k and inputs.cu_seqlens_q is cu_q \
+        and inputs.cu_seqlens_k is cu_k
     _plans[key] = Plan(problem, backend, inputs.q.device,
                        inputs.cu_seqlens_q if info_q else None,
-                       inputs.cu_seqlens_k if info_k else None,
+                       inputs.cu_seqlens_k if info_k else None, as_given,
                        tuple(c for c, pinned in ((cu_q, info_q), (cu_k, info_k)) if pinned))

@@ -21,6 +21,7 @@ import importlib.metadata
 import inspect
 import pathlib
 import platform
+import statistics
 import sys
 import time
 
@@ -58,6 +59,25 @@ def per_call_us(fn, calls: int = 2000, repeats: int = 5, sync=None) -> float:
             sync()
         best = min(best, (time.perf_counter() - t0) / calls * 1e6)
     return best
+
+
+def interleaved(paths: list[tuple[str, object]], sync, calls: int = 2000, rounds: int = 15
+                ) -> list[tuple[str, float]]:
+    """(name, median over ``rounds`` of the host-loop time per call in us) for each path,
+    the paths taking turns within every round."""
+    for _, fn in paths:
+        for _ in range(200):
+            fn()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name, _ in paths}
+    for _ in range(rounds):
+        for name, fn in paths:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync()
+            times[name].append((time.perf_counter() - t0) / calls * 1e6)
+    return [(name, statistics.median(times[name])) for name, _ in paths]
 
 
 def _tiny(device: str, dtype: torch.dtype):
@@ -174,11 +194,12 @@ def gpu_overhead(fa4) -> list[str]:
     def attnhub_auto():
         return attnhub.attention_forward_varlen(q, k, v, cu, cu, m, m, causal=True)
 
-    rows.append(("aten op directly (torch.ops.aten._flash_attention_forward)",
-                 per_call_us(aten_packet, sync=sync)))
-    rows.append(("aten overload directly (.default)", per_call_us(aten_overload, sync=sync)))
-    rows.append(("attnhub -> torch-flash (backend='torch-flash')",
-                 per_call_us(attnhub_torch_flash, sync=sync)))
+    # The three paths the target compares are timed interleaved (round-robin, median of
+    # rounds), so that clock and load drift hit them alike.
+    rows += interleaved([
+        ("aten op directly (torch.ops.aten._flash_attention_forward)", aten_packet),
+        ("aten overload directly (.default)", aten_overload),
+        ("attnhub -> torch-flash (backend='torch-flash')", attnhub_torch_flash)], sync)
     rows.append(("attnhub -> torch-flash, full path (plan cache bypassed)",
                  per_call_us(full_path(attnhub_torch_flash), calls=500, sync=sync)))
     chosen = attnhub.explain(q, k, v, cu, cu, m, m, causal=True).selected

@@ -43,26 +43,31 @@ def main() -> None:
                                                 backend="torch-flash")
 
     call()
-    key = plans.call_key(q, k, v, cu, cu, 64, 64, 0.0, None, True, None, None, None, None,
-                         None, None, "torch-flash", "bottom_right", dispatch.forced_context())
+    key = plans.call_key(q, k, v, cu, cu, 64, 64, 0.0, None, True, None, None, None,
+                         "torch-flash", "bottom_right", dispatch.forced_context())
     plan = plans.get(key)
     rows = [
         ("aten op, real kernel (host loop)", per_call_us(
             lambda: real(q, k, v, cu, cu, 64, 64, 0.0, True, False, scale=scale))),
         ("plans.call_key", per_call_us(lambda: plans.call_key(
-            q, k, v, cu, cu, 64, 64, 0.0, None, True, None, None, None, None, None, None,
-            "torch-flash", "bottom_right", dispatch.forced_context()))),
+            q, k, v, cu, cu, 64, 64, 0.0, None, True, None, None, None, "torch-flash",
+            "bottom_right", dispatch.forced_context()))),
+        ("q/k/v shape, dtype, device, requires_grad", per_call_us(lambda: (
+            q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+            q.requires_grad or k.requires_grad or v.requires_grad))),
         ("plans.get", per_call_us(lambda: plans.get(key))),
         ("plan.inputs", per_call_us(lambda: plan.inputs(q, k, v, cu, cu))),
     ]
     inputs = plan.inputs(q, k, v, cu, cu)
     torch_flash.aten_forward = lambda *a, **kw: cached
+    plans.clear()  # plans bind the kernel when made: make them again around the stub
     try:
         rows.append(("backend.forward_out, kernel stubbed", per_call_us(
             lambda: plan.backend.forward_out(plan.problem, inputs))))
         rows.append(("attention_forward_varlen, kernel stubbed", per_call_us(call)))
     finally:
         torch_flash.aten_forward = real
+        plans.clear()
     rows.append(("attention_forward_varlen, real kernel (host loop)", per_call_us(call)))
     torch.cuda.synchronize()
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")
