@@ -163,7 +163,8 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, BlockTable, b, h, kvh, k_start, stride_b
 
 def _prune(configs_, named_args, **kwargs):
     d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 128))
-    return configs.pick("fwd", configs_, d, "BLOCK_N")
+    return configs.pick("fwd", configs_, d, named_args.get("BLOCK_M", kwargs.get("BLOCK_M")),
+                        "BLOCK_N")
 
 
 @triton.autotune(
