@@ -57,6 +57,17 @@ class TritonBackend(Backend):
                            "(TRITON_INTERPRET=1); run bfloat16 on a GPU")
         return reasons
 
+    def prepare(self, problem: VarlenProblem, inputs: VarlenInputs) -> object | None:
+        """A plan's forward tile list, when the host lengths are known and the call takes the
+        tiled (not the split-KV decode) path."""
+        from . import decode, tiles
+        from .forward import tile_list
+
+        if not problem.lengths_known or decode.eligible(problem):
+            return None
+        block_m = configs.forward_config(problem.head_dim).block_m
+        return tiles.Schedule(tile_list(problem, inputs.cu_seqlens_q, block_m, True))
+
     def forward(self, problem: VarlenProblem, inputs: VarlenInputs) -> ForwardResult:
         from . import decode
         from .forward import forward

@@ -270,7 +270,11 @@ def forward(problem, inputs, seed: torch.Tensor | None) -> tuple[torch.Tensor, t
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((problem.nheads, problem.total_q), dtype=torch.float32, device=q.device)
     cfg = configs.forward_config(problem.head_dim)
-    tile_seq, tile_blk = tile_list(problem, inputs.cu_seqlens_q, cfg.block_m, True)
+    schedule = inputs.schedule
+    if isinstance(schedule, tiles.Schedule):  # planned once by attnhub.plan
+        tile_seq, tile_blk = schedule.fwd
+    else:
+        tile_seq, tile_blk = tile_list(problem, inputs.cu_seqlens_q, cfg.block_m, True)
     if tile_seq.numel() == 0 or problem.nheads == 0:
         return out, lse
     left, right = problem.window
