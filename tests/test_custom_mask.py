@@ -109,3 +109,29 @@ def test_custom_mask_is_a_static_feature_and_a_reason(install):
     plain, _ = attnhub.normalize(q, k, v, cu_q, cu_k)
     assert problem.signature() != plain.signature() and "custom_mask" in problem.features()
     assert attnhub.VarlenProblem.from_signature(problem.signature()).custom_mask
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(causal=True), dict(window_size=(6, 3))])
+def test_triton_forward_reads_the_packed_mask(kw):
+    """The Triton kernel (interpreted on the CPU) against the reference; tiles of 32 query
+    rows and 16 keys, so the mask crosses tile edges and fully masked rows occur."""
+    seqlens_q, seqlens_k = [37, 0, 20, 5], [40, 3, 20, 0]
+    q, k, v, cu_q, cu_k = make_qkv(seqlens_q, seqlens_k, 2, 1, 16, dtype=torch.float32, seed=10)
+    blocks = _random_masks(seqlens_q, seqlens_k, seed=11, density=0.5)
+    blocks[0][3] = False  # a row that sees nothing
+    mask = _flat(blocks)
+    got = attnhub.attention_forward_varlen(q, k, v, cu_q, cu_k, custom_mask=mask,
+                                           backend="triton", return_lse=True, **kw)
+    want = attnhub.attention_forward_varlen(q, k, v, cu_q, cu_k, custom_mask=mask,
+                                            backend="reference", return_lse=True, **kw)
+    torch.testing.assert_close(got[0], want[0], rtol=2e-5, atol=2e-5)
+    assert torch.equal(torch.isneginf(got[1]), torch.isneginf(want[1]))
+    torch.testing.assert_close(got[1], want[1], rtol=2e-5, atol=2e-5)
+
+
+def test_triton_declines_backward_with_custom_mask():
+    q, k, v, cu_q, cu_k = make_qkv([20], [20], 2, 1, 16, dtype=torch.float32,
+                                   requires_grad=True)
+    mask = torch.ones(400, dtype=torch.bool)
+    verdicts = {v_.backend: v_ for v_ in attnhub.explain(q, k, v, cu_q, cu_k, custom_mask=mask)}
+    assert "backward with a custom mask is not implemented" in verdicts["triton"].reasons

@@ -28,6 +28,8 @@ class TritonBackend(Backend):
         head_dims=(16, 256),
         page_size_multiple=16,
         return_probs=False,
+        custom_mask=True,  # forward only: bits read from the packed mask in the kernel
+        custom_mask_backward=False,
     )
 
     def __init__(self) -> None:
