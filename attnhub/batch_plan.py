@@ -58,7 +58,7 @@ class BatchPlan:
                  block_table: torch.Tensor | None, custom_mask, cuda_graph: bool) -> None:
         self._static = static
         self.cuda_graph = cuda_graph
-        self._grad: tuple[VarlenProblem, Backend] | BackendUnavailableError | None = None
+        self._grad: tuple[VarlenProblem, Backend] | BackendUnavailableError
         problem, inputs = self._normalize(cu_seqlens_q, cu_seqlens_k, block_table, custom_mask)
         if cuda_graph:
             problem = _without_lengths(problem)
@@ -94,7 +94,11 @@ class BatchPlan:
         self._q_shape = (problem.total_q, problem.nheads, problem.head_dim)
         self._kv_tail = inputs.k.shape[1:]
         self._kv_rows = inputs.k.shape[0]
-        self._grad = None
+        grad = dataclasses.replace(problem, requires_grad=True)  # decided now, not while
+        try:  # torch.compile traces run()
+            self._grad = (grad, select(grad, self._static.backend))
+        except BackendUnavailableError as exc:
+            self._grad = exc
 
     def replan(self, cu_seqlens_q: CuSeqlens, cu_seqlens_k: CuSeqlens,
                block_table: torch.Tensor | None = None,
@@ -126,12 +130,6 @@ class BatchPlan:
         return self
 
     def _grad_variant(self) -> tuple[VarlenProblem, Backend]:
-        if self._grad is None:
-            problem = dataclasses.replace(self.problem, requires_grad=True)
-            try:
-                self._grad = (problem, select(problem, self._static.backend))
-            except BackendUnavailableError as exc:
-                self._grad = exc
         if isinstance(self._grad, BackendUnavailableError):
             raise self._grad
         return self._grad
