@@ -7,7 +7,9 @@ custom ops (autograd, torch.compile). See README.md and docs/.
 
 from .api import attention_forward_varlen, explain
 from .backend import Backend, ForwardResult, Gradients
+from .batch_plan import BatchPlan, plan
 from .capabilities import Capabilities
+from .custom_mask import PackedMask
 from .dispatch import Explanation, Verdict, select, use_backend
 from .errors import (
     AttnhubError,
@@ -33,11 +35,13 @@ __all__ = [
     "AttnhubError",
     "Backend",
     "BackendUnavailableError",
+    "BatchPlan",
     "Capabilities",
     "Explanation",
     "ForwardResult",
     "Gradients",
     "InvalidArgumentError",
+    "PackedMask",
     "PagedLayout",
     "UnknownBackendError",
     "VarlenInfo",
@@ -53,6 +57,7 @@ __all__ = [
     "get_registry",
     "hookimpl",
     "normalize",
+    "plan",
     "select",
     "use_backend",
 ]

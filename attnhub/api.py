@@ -6,6 +6,7 @@ import torch
 
 from . import plans
 from .backend import Backend
+from .custom_mask import PackedMask
 from .dispatch import Explanation, explain_problem, forced_context, select
 from .inputs import VarlenInputs
 from .normalize import CuSeqlens, WindowSize, normalize
@@ -34,6 +35,7 @@ def attention_forward_varlen(
     return_lse: bool = False,
     backend: str | None = None,
     mask_alignment: str = "bottom_right",
+    custom_mask: torch.Tensor | PackedMask | None = None,
 ):
     """Attention over a packed batch of variable-length sequences.
 
@@ -46,10 +48,13 @@ def attention_forward_varlen(
 
     Returns out (q's shape and dtype); (out, lse) with return_lse; (out, lse, probs) with
     return_attn_probs, lse float32 (nheads, total_q) and probs float32 (batch, nheads,
-    max_seqlen_q, max_seqlen_k). ``backend`` forces a backend by name.
+    max_seqlen_q, max_seqlen_k). ``backend`` forces a backend by name. ``custom_mask``: a
+    1-D bool tensor, each request's row-major (sq, sk) block (True = visible) concatenated,
+    or a PackedMask; applied on top of causal / window.
     """
     key = None
-    if alibi_slopes is None and block_table is None and not return_attn_probs:
+    if alibi_slopes is None and block_table is None and not return_attn_probs \
+            and custom_mask is None:
         key = plans.call_key(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
             softmax_scale, causal, window_size, softcap, deterministic, backend,
@@ -67,7 +72,7 @@ def attention_forward_varlen(
         softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
         alibi_slopes=alibi_slopes, deterministic=deterministic,
         return_attn_probs=return_attn_probs, block_table=block_table,
-        mask_alignment=mask_alignment)
+        mask_alignment=mask_alignment, custom_mask=custom_mask)
     chosen = select(problem, backend)
     if key is not None:
         plans.store(key, problem, chosen, inputs, cu_seqlens_q, cu_seqlens_k)
@@ -107,6 +112,7 @@ def explain(
     *,
     backend: str | None = None,
     mask_alignment: str = "bottom_right",
+    custom_mask: torch.Tensor | PackedMask | None = None,
 ) -> Explanation:
     """Every registered backend's verdict (reasons, or selected) for this call, computing
     nothing. Takes attention_forward_varlen's arguments; ``print()`` it for a table."""
@@ -115,5 +121,5 @@ def explain(
         softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
         alibi_slopes=alibi_slopes, deterministic=deterministic,
         return_attn_probs=return_attn_probs, block_table=block_table,
-        mask_alignment=mask_alignment)
+        mask_alignment=mask_alignment, custom_mask=custom_mask)
     return explain_problem(problem, backend)

@@ -61,6 +61,13 @@ class Backend:
         default derives the reasons from ``capabilities``; override to add more."""
         return self.capabilities.reasons(problem)
 
+    def prepare(self, problem: VarlenProblem, inputs: VarlenInputs) -> object | None:
+        """Launch metadata for a planned layout (``attnhub.plan``), computed once and handed
+        back as ``inputs.schedule`` on every ``run`` of the plan (host work is fine here).
+        None (the default): nothing to precompute. A backend must also run correctly with
+        ``inputs.schedule`` None (calls outside a plan, and through the custom op)."""
+        return None
+
     def forward(self, problem: VarlenProblem, inputs: VarlenInputs) -> ForwardResult:
         raise NotImplementedError(f"backend {self.name!r} has no forward")
 

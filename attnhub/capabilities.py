@@ -15,7 +15,9 @@ _SHORT_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "f
 @dataclass(frozen=True)
 class Capabilities:
     """Declarative feature set. ``page_size_multiple`` None = no paged KV; ``head_dims`` a
-    closed range; ``head_dim_multiple`` the granularity the kernels need."""
+    closed range; ``head_dim_multiple`` the granularity the kernels need. ``custom_mask`` is
+    opt-in (False by default): a backend claims per-request boolean masks explicitly;
+    ``custom_mask_backward`` says whether its backward takes them too."""
 
     dtypes: frozenset[torch.dtype]
     head_dims: tuple[int, int] = (1, 1 << 16)
@@ -31,6 +33,8 @@ class Capabilities:
     deterministic_backward: bool = True
     top_left: bool = True
     return_probs: bool = True
+    custom_mask: bool = False
+    custom_mask_backward: bool = True
 
     def reasons(self, p: VarlenProblem) -> list[str]:
         """Plain sentences for every feature of ``p`` outside this set."""
@@ -73,6 +77,10 @@ class Capabilities:
             out.append("top-left mask alignment (Paddle's convention) is not supported")
         if not self.return_probs and p.return_probs:
             out.append("return_attn_probs is not supported")
+        if p.custom_mask and not self.custom_mask:
+            out.append("custom masks (a per-request boolean mask) are not supported")
+        elif p.custom_mask and p.requires_grad and not self.custom_mask_backward:
+            out.append("backward with a custom mask is not implemented")
         return out
 
     def summary(self) -> dict[str, str]:
@@ -97,4 +105,6 @@ class Capabilities:
             "determ.": yes[self.deterministic_backward],
             "top_left": yes[self.top_left],
             "probs": yes[self.return_probs],
+            "mask": ("fwd" if not self.custom_mask_backward else "yes") if self.custom_mask
+            else "no",
         }

@@ -17,6 +17,10 @@ class VarlenInputs:
     or (batch, nheads). rng_state: dropout state. In backward, the rng_state that the
     same backend's forward returned; in forward, None (the backend draws from torch's
     generator) or, for the reference backend, a fixed int64 (2,) seed pair.
+    custom_mask / custom_mask_offsets: the bit-packed per-request mask (uint8, little bit
+    order) and the int64 (batch,) bit offset of each request's (sq, sk) block
+    (attnhub.custom_mask). schedule: what the backend's ``prepare`` returned for this layout
+    (a plan's precomputed launch metadata), or None.
     """
 
     q: torch.Tensor
@@ -27,3 +31,6 @@ class VarlenInputs:
     alibi_slopes: torch.Tensor | None = None
     block_table: torch.Tensor | None = None
     rng_state: torch.Tensor | None = None
+    custom_mask: torch.Tensor | None = None
+    custom_mask_offsets: torch.Tensor | None = None
+    schedule: object | None = None

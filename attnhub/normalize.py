@@ -9,6 +9,7 @@ from typing import Union
 
 import torch
 
+from . import custom_mask as masks
 from . import host_copies
 from .errors import InvalidArgumentError
 from .inputs import VarlenInputs
@@ -40,10 +41,13 @@ def normalize(
     return_attn_probs: bool | None = None,
     block_table: torch.Tensor | None = None,
     mask_alignment: str = "bottom_right",
+    custom_mask: torch.Tensor | masks.PackedMask | None = None,
 ) -> tuple[VarlenProblem, VarlenInputs]:
     """Validate one call and describe it. Shapes: q (total_q, nheads, head_dim); k, v
     (total_k, nheads_k, head_dim), or with ``block_table`` page pools (num_pages, page_size,
-    nheads_k, head_dim). Raises InvalidArgumentError naming the argument at fault."""
+    nheads_k, head_dim). ``custom_mask``: a 1-D bool tensor (each request's row-major
+    (sq, sk) block, True = visible, concatenated) or a PackedMask (attnhub.custom_mask).
+    Raises InvalidArgumentError naming the argument at fault."""
     paged = block_table is not None
     _check_tensor("q", q, 3, "(total_q, nheads, head_dim)")
     kv_shape = ("(num_pages, page_size, nheads_k, head_dim)" if paged
@@ -102,6 +106,11 @@ def normalize(
         deterministic = torch.are_deterministic_algorithms_enabled()
     requires_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                                  or v.requires_grad)
+    packed = None
+    if custom_mask is not None:
+        if not isinstance(custom_mask, masks.PackedMask):
+            custom_mask = masks.from_bool(custom_mask, cu_q, cu_k, seqlens_q, seqlens_k)
+        packed = masks.check(custom_mask, batch, device)
     problem = VarlenProblem(
         device_type=device.type,
         dtype=q.dtype,
@@ -124,11 +133,14 @@ def normalize(
         deterministic=bool(deterministic),
         mask_alignment=mask_alignment,  # type: ignore[arg-type]
         return_probs=bool(return_attn_probs),
+        custom_mask=packed is not None,
         seqlens_q=seqlens_q,
         seqlens_k=seqlens_k,
     )
     inputs = VarlenInputs(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                          alibi_slopes=alibi_slopes, block_table=block_table)
+                          alibi_slopes=alibi_slopes, block_table=block_table,
+                          custom_mask=packed.bits if packed is not None else None,
+                          custom_mask_offsets=packed.offsets if packed is not None else None)
     return problem, inputs
 
 

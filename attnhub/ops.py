@@ -33,6 +33,7 @@ def run_forward(problem: VarlenProblem, inputs: VarlenInputs, backend: Backend) 
         # Host lengths would be guarded constants under torch.compile: leave them out there.
         None if compiling or problem.seqlens_q is None else list(problem.seqlens_q),
         None if compiling or problem.seqlens_k is None else list(problem.seqlens_k),
+        inputs.custom_mask, inputs.custom_mask_offsets,
     )
     return ForwardResult(out, lse, probs if problem.return_probs else None,
                          rng if problem.dropout_p > 0 else None)
@@ -43,8 +44,8 @@ def problem_from_op_args(q: Tensor, k: Tensor, cu_seqlens_q: Tensor,
                          max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int,
                          window_right: int, softcap: float, dropout_p: float, top_left: bool,
                          deterministic: bool, return_probs: bool, requires_grad: bool,
-                         seqlens_q: list[int] | None, seqlens_k: list[int] | None
-                         ) -> VarlenProblem:
+                         seqlens_q: list[int] | None, seqlens_k: list[int] | None,
+                         custom_mask: bool = False) -> VarlenProblem:
     """Rebuild the (already validated) problem inside the op from its arguments."""
     batch = cu_seqlens_q.shape[0] - 1
     paged = None
@@ -63,7 +64,7 @@ def problem_from_op_args(q: Tensor, k: Tensor, cu_seqlens_q: Tensor,
         causal=window_right == 0, window=(window_left, window_right), softcap=softcap,
         alibi=alibi, dropout_p=dropout_p, paged=paged, requires_grad=requires_grad,
         deterministic=deterministic, mask_alignment="top_left" if top_left else "bottom_right",
-        return_probs=return_probs,
+        return_probs=return_probs, custom_mask=custom_mask,
         seqlens_q=tuple(seqlens_q) if seqlens_q is not None else None,
         seqlens_k=tuple(seqlens_k) if seqlens_k is not None else None,
     )
@@ -75,16 +76,18 @@ def varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens
                max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int,
                window_right: int, softcap: float, dropout_p: float, top_left: bool,
                deterministic: bool, return_probs: bool, requires_grad: bool, backend: str,
-               seqlens_q: list[int] | None, seqlens_k: list[int] | None
+               seqlens_q: list[int] | None, seqlens_k: list[int] | None,
+               custom_mask: Tensor | None = None, custom_mask_offsets: Tensor | None = None
                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> out (q's shape), lse float32 (nheads, total_q), probs (batch, nheads, max_q, max_k)
-    or empty, rng_state int64 (2,) or empty."""
+    or empty, rng_state int64 (2,) or empty. custom_mask / custom_mask_offsets: the packed
+    per-request mask (attnhub.custom_mask) or None."""
     problem = problem_from_op_args(q, k, cu_seqlens_q, alibi_slopes, block_table, max_seqlen_q,
                                    max_seqlen_k, scale, window_left, window_right, softcap,
                                    dropout_p, top_left, deterministic, return_probs,
-                                   requires_grad, seqlens_q, seqlens_k)
+                                   requires_grad, seqlens_q, seqlens_k, custom_mask is not None)
     inputs = VarlenInputs(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, block_table,
-                          rng_seed)
+                          rng_seed, custom_mask, custom_mask_offsets)
     res = get_registry().backends[backend].forward(problem, inputs)
     probs = res.probs if res.probs is not None else q.new_empty((0,), dtype=torch.float32)
     rng = res.rng_state if res.rng_state is not None else q.new_empty((0,), dtype=torch.int64)
@@ -97,7 +100,7 @@ def varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens
 def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, block_table, rng_seed,
                      max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap,
                      dropout_p, top_left, deterministic, return_probs, requires_grad, backend,
-                     seqlens_q, seqlens_k):
+                     seqlens_q, seqlens_k, custom_mask=None, custom_mask_offsets=None):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
     probs_shape = ((cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k)
@@ -114,14 +117,16 @@ def varlen_bwd(dout: Tensor | None, dlse: Tensor | None, q: Tensor, k: Tensor, v
                max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int,
                window_right: int, softcap: float, dropout_p: float, top_left: bool,
                deterministic: bool, backend: str, seqlens_q: list[int] | None,
-               seqlens_k: list[int] | None) -> tuple[Tensor, Tensor, Tensor]:
+               seqlens_k: list[int] | None, custom_mask: Tensor | None = None,
+               custom_mask_offsets: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """-> dq, dk, dv. dout / dlse: gradients of out and lse (None where unused)."""
     problem = problem_from_op_args(q, k, cu_seqlens_q, alibi_slopes, block_table, max_seqlen_q,
                                    max_seqlen_k, scale, window_left, window_right, softcap,
                                    dropout_p, top_left, deterministic, False, True, seqlens_q,
-                                   seqlens_k)
+                                   seqlens_k, custom_mask is not None)
     inputs = VarlenInputs(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, block_table,
-                          rng_state if rng_state is not None and rng_state.numel() else None)
+                          rng_state if rng_state is not None and rng_state.numel() else None,
+                          custom_mask, custom_mask_offsets)
     if dout is None:
         dout = torch.zeros_like(out)
     grads = get_registry().backends[backend].backward(problem, inputs, out, lse, dout, dlse)
@@ -138,22 +143,24 @@ def _varlen_bwd_fake(dout, dlse, q, k, v, *rest):
 def _setup_context(ctx, inputs, output) -> None:
     (q, k, v, cu_q, cu_k, alibi, block_table, _seed, max_q, max_k, scale, wl, wr, softcap,
      dropout_p, top_left, deterministic, _return_probs, _requires_grad, backend, seqlens_q,
-     seqlens_k) = inputs
+     seqlens_k, mask, mask_offsets) = inputs
     out, lse, probs, rng = output
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(probs, rng)
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi, block_table, rng)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi, block_table, rng, mask,
+                          mask_offsets)
     ctx.scalars = (max_q, max_k, scale, wl, wr, softcap, dropout_p, top_left, deterministic,
                    backend, seqlens_q, seqlens_k)
 
 
 def _backward(ctx, dout, dlse, _dprobs, _drng):
-    q, k, v, out, lse, cu_q, cu_k, alibi, block_table, rng = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, alibi, block_table, rng, mask, mask_offsets = \
+        ctx.saved_tensors
     if dout is None and dlse is None:
-        return (None,) * 22
+        return (None,) * 24
     dq, dk, dv = varlen_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, alibi, block_table, rng,
-                            *ctx.scalars)
-    return (dq, dk, dv) + (None,) * 19
+                            *ctx.scalars, mask, mask_offsets)
+    return (dq, dk, dv) + (None,) * 21
 
 
 varlen_fwd.register_autograd(_backward, setup_context=_setup_context)

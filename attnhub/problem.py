@@ -27,9 +27,11 @@ class VarlenProblem:
 
     Lengths are in tokens. ``window`` is (left, right) with -1 meaning unbounded, already
     folded with ``causal`` (causal implies right == 0, and right == 0 implies causal).
-    ``softcap`` 0.0 means off. ``seqlens_q`` / ``seqlens_k`` are host tuples when the caller
-    gave host data (a list, a CPU tensor, a VarlenInfo), else None. ``total_k`` is the packed
-    K/V row count, or for a paged layout the sum of the kv lengths when known (else -1).
+    ``softcap`` 0.0 means off. ``custom_mask``: the call carries a per-request boolean mask
+    (attnhub.custom_mask), applied on top of ``window``. ``seqlens_q`` / ``seqlens_k`` are
+    host tuples when the caller gave host data (a list, a CPU tensor, a VarlenInfo), else
+    None. ``total_k`` is the packed K/V row count, or for a paged layout the sum of the kv
+    lengths when known (else -1).
     """
 
     device_type: str
@@ -53,6 +55,7 @@ class VarlenProblem:
     deterministic: bool = False
     mask_alignment: MaskAlignment = "bottom_right"
     return_probs: bool = False
+    custom_mask: bool = False
     seqlens_q: tuple[int, ...] | None = field(default=None, repr=False)
     seqlens_k: tuple[int, ...] | None = field(default=None, repr=False)
     _facts: tuple[bool | None, bool | None] = field(default=(None, None), repr=False,
@@ -91,6 +94,7 @@ class VarlenProblem:
             self.scale, self.causal, self.window, self.softcap, self.alibi, self.dropout_p,
             self.paged.page_size if self.paged is not None else None, self.requires_grad,
             self.deterministic, self.mask_alignment, self.return_probs, self.length_facts(),
+            self.custom_mask,
         )
 
     @classmethod
@@ -99,14 +103,14 @@ class VarlenProblem:
         when selection runs from a signature (torch.compile tracing, cached selections)."""
         (device_type, dtype, nheads, nheads_k, head_dim, scale, causal, window, softcap, alibi,
          dropout_p, page_size, requires_grad, deterministic, mask_alignment, return_probs,
-         facts) = sig
+         facts, custom_mask) = sig
         problem = cls(
             device_type=device_type, dtype=dtype, batch=0, total_q=0, total_k=0, nheads=nheads,
             nheads_k=nheads_k, head_dim=head_dim, max_seqlen_q=0, max_seqlen_k=0, scale=scale,
             causal=causal, window=window, softcap=softcap, alibi=alibi, dropout_p=dropout_p,
             paged=PagedLayout(0, page_size, 0) if page_size is not None else None,
             requires_grad=requires_grad, deterministic=deterministic,
-            mask_alignment=mask_alignment, return_probs=return_probs)
+            mask_alignment=mask_alignment, return_probs=return_probs, custom_mask=custom_mask)
         object.__setattr__(problem, "_facts", facts)
         return problem
 
@@ -127,6 +131,8 @@ class VarlenProblem:
             out.append("dropout")
         if self.paged is not None:
             out.append(f"paged(page_size={self.paged.page_size})")
+        if self.custom_mask:
+            out.append("custom_mask")
         if self.mask_alignment != "bottom_right":
             out.append("top_left")
         if self.requires_grad:

@@ -98,10 +98,12 @@ def naive_attention(
     top_left: bool = False,
     keep: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    custom_mask: Sequence[torch.Tensor] | None = None,
 ) -> NaiveResult:
     """The oracle. ``keep``: an explicit dropout keep mask (batch, nheads, >= sq, >= sk), bool;
     kept probabilities are scaled by 1 / (1 - dropout_p). With ``block_table``, k and v are
-    page pools (num_pages, page_size, nheads_k, d)."""
+    page pools (num_pages, page_size, nheads_k, d). ``custom_mask``: one bool (sq, sk) tensor
+    per request (True = visible), combined with the window."""
     cq, ck = as_offsets(cu_seqlens_q), as_offsets(cu_seqlens_k)
     batch = len(cq) - 1
     assert len(ck) == batch + 1
@@ -143,6 +145,8 @@ def naive_attention(
             dist = (i + sk - sq - j).abs()
             s = s - slope.to(F64).view(nheads, 1, 1) * dist
         vis = visible_mask(sq, sk, left, right, top_left)  # (sq, sk)
+        if custom_mask is not None:
+            vis = vis & custom_mask[b].to(torch.bool).cpu()
         row_any = vis.any(-1)  # (sq,)
         s = s.masked_fill(~vis, -math.inf)
         s_safe = torch.where(row_any.view(1, sq, 1), s, torch.zeros_like(s))

@@ -24,7 +24,8 @@ class ReferenceBackend(Backend):
     fallback: ClassVar[bool] = True
     description: ClassVar[str] = "pure PyTorch, fp32 math, every feature; the oracle"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}))
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
+        custom_mask=True)
 
     def why_not(self, problem: VarlenProblem) -> list[str]:
         reasons = super().why_not(problem)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnhub import host_copies
+from attnhub import custom_mask, host_copies
 from attnhub.backend import ForwardResult, Gradients
 from attnhub.errors import InvalidArgumentError
 from attnhub.inputs import VarlenInputs
@@ -37,6 +37,7 @@ class _Seq:
     k: torch.Tensor  # (sk, nheads_k, head_dim)
     v: torch.Tensor
     kv_rows: torch.Tensor | None  # paged: flat pool row of each key, for scattering grads
+    mask_offset: int = 0  # custom mask: the first bit of this sequence's (sq, sk) block
 
 
 @dataclass
@@ -190,6 +191,7 @@ def _sequences(problem: VarlenProblem, inputs: VarlenInputs) -> Iterator[_Seq]:
     if paged is not None:
         assert inputs.block_table is not None
         pages = host_copies.host_copy(inputs.block_table)
+    mask_offsets = _mask_offsets(problem, inputs, cu_q, cu_k)
     k, v = inputs.k, inputs.v
     for b in range(problem.batch):
         q0, q1, k0, k1 = cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]
@@ -214,7 +216,25 @@ def _sequences(problem: VarlenProblem, inputs: VarlenInputs) -> Iterator[_Seq]:
             kv_rows = rows
         else:
             kb, vb = k[k0:k1], v[k0:k1]
-        yield _Seq(b, q0, q1, k0, sk, kb, vb, kv_rows)
+        yield _Seq(b, q0, q1, k0, sk, kb, vb, kv_rows,
+                   mask_offsets[b] if mask_offsets is not None else 0)
+
+
+def _mask_offsets(problem: VarlenProblem, inputs: VarlenInputs, cu_q: tuple[int, ...],
+                  cu_k: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Host bit offsets of the custom mask's blocks, checked against the packed size."""
+    if not problem.custom_mask:
+        return None
+    assert inputs.custom_mask is not None and inputs.custom_mask_offsets is not None
+    offsets = host_copies.host_copy(inputs.custom_mask_offsets)
+    nbits = inputs.custom_mask.shape[0] * 8
+    for b, off in enumerate(offsets):
+        size = (cu_q[b + 1] - cu_q[b]) * (cu_k[b + 1] - cu_k[b])
+        if size and not (off >= 0 and off + size <= nbits):
+            raise InvalidArgumentError(
+                "custom_mask", f"bits [{off}, {off + size}) of request {b} inside the packed "
+                f"mask ({nbits} bits)", f"{nbits} bits")
+    return offsets
 
 
 def _blocks(seq: _Seq, problem: VarlenProblem, ctype: torch.dtype) -> Iterator[_Block]:
@@ -269,6 +289,10 @@ def _scores(problem: VarlenProblem, inputs: VarlenInputs, seq: _Seq, blk: _Block
         visible &= rel <= left
     if right >= 0:
         visible &= rel >= -right
+    if problem.custom_mask:
+        assert inputs.custom_mask is not None
+        visible &= custom_mask.read_block(inputs.custom_mask, seq.mask_offset, seq.sk,
+                                          range(blk.i0, blk.i1), range(blk.j0, blk.j1))
     return s.masked_fill(~visible, float("-inf")), tanh
 
 

@@ -28,6 +28,8 @@ class TritonBackend(Backend):
         head_dims=(16, 256),
         page_size_multiple=16,
         return_probs=False,
+        custom_mask=True,  # forward only: bits read from the packed mask in the kernel
+        custom_mask_backward=False,
     )
 
     def __init__(self) -> None:
@@ -56,6 +58,17 @@ class TritonBackend(Backend):
             reasons.append("bfloat16 dot products are wrong in the Triton interpreter "
                            "(TRITON_INTERPRET=1); run bfloat16 on a GPU")
         return reasons
+
+    def prepare(self, problem: VarlenProblem, inputs: VarlenInputs) -> object | None:
+        """A plan's forward tile list, when the host lengths are known and the call takes the
+        tiled (not the split-KV decode) path."""
+        from . import decode, tiles
+        from .forward import tile_list
+
+        if not problem.lengths_known or decode.eligible(problem):
+            return None
+        block_m = configs.forward_config(problem.head_dim).block_m
+        return tiles.Schedule(tile_list(problem, inputs.cu_seqlens_q, block_m, True))
 
     def forward(self, problem: VarlenProblem, inputs: VarlenInputs) -> ForwardResult:
         from . import decode

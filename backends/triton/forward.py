@@ -118,9 +118,9 @@ PER_BATCH_ARGS = ["total_q", "batch", "max_seqlen_k"]
 def _fwd_blocks(acc, l_i, m_i, q, K, V, BlockTable, b, h, kvh, k_start, stride_bt_b, stride_kt,
                 stride_kh, stride_vt, stride_vh, offs_m, offs_d, sk, offset, qk_scale,
                 tanh_scale, softcap2, slope2, window_left, window_right, Seed, nheads,
-                max_seqlen_k, dropout_p, first, split, second, count,
-                MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+                max_seqlen_k, dropout_p, first, split, second, count, MaskBits, mask_off, sq,
+                MASK: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                 PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr,
                 EVEN_D: tl.constexpr):
@@ -143,6 +143,11 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, BlockTable, b, h, kvh, k_start, stride_b
         s, _ = score_tile(q, k, offs_m[:, None], offs_n[None, :], sk, offset, qk_scale,
                           tanh_scale, softcap2, slope2, window_left, window_right, MASK,
                           HAS_SOFTCAP, HAS_ALIBI, WINDOW_LEFT, WINDOW_RIGHT, PRECISION)
+        if HAS_CUSTOM_MASK:  # bit (mask_off + i * sk + j) of the packed mask, little order
+            pos = mask_off + offs_m[:, None].to(tl.int64) * sk + offs_n[None, :]
+            in_seq = (offs_m[:, None] < sq) & (offs_n[None, :] < sk)
+            byte = tl.load(MaskBits + (pos >> 3), mask=in_seq, other=0).to(tl.int32)
+            s = tl.where(((byte >> (pos & 7).to(tl.int32)) & 1) != 0, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = m_new
         if MASK:  # a row may still have seen nothing: keep exp2 away from -inf - -inf, and
@@ -170,12 +175,12 @@ def _prune(configs_, named_args, **kwargs):
 @triton.autotune(
     configs=configs.candidates("fwd", "BLOCK_N"),
     key=["HEAD_DIM", "GROUP", "BLOCK_M", "WINDOW_LEFT", "WINDOW_RIGHT", "HAS_SOFTCAP",
-         "HAS_ALIBI", "HAS_DROPOUT", "PAGED", "PAGE_SIZE"],
+         "HAS_ALIBI", "HAS_DROPOUT", "PAGED", "PAGE_SIZE", "HAS_CUSTOM_MASK"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit(do_not_specialize=PER_BATCH_ARGS)
 def _fwd_kernel(
-    Q, K, V, Out, Lse, CuQ, CuK, TileSeq, TileBlk, BlockTable, Alibi, Seed,
+    Q, K, V, Out, Lse, CuQ, CuK, TileSeq, TileBlk, BlockTable, Alibi, Seed, MaskBits, MaskOffsets,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_bt_b, stride_ab, total_q, batch, nheads, max_seqlen_k,
     qk_scale, tanh_scale, softcap2, dropout_p, window_left, window_right,
@@ -183,7 +188,7 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOP_LEFT: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, PAGED: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -205,6 +210,9 @@ def _fwd_kernel(
     slope2 = 0.0
     if HAS_ALIBI:
         slope2 = tl.load(Alibi + b * stride_ab + h) * 1.4426950408889634
+    mask_off = 0
+    if HAS_CUSTOM_MASK:
+        mask_off = tl.load(MaskOffsets + b)
 
     lo, a, bnd, hi = key_ranges(m0, sk, offset, window_left, window_right, BLOCK_M, BLOCK_N,
                                 WINDOW_LEFT, WINDOW_RIGHT)
@@ -221,14 +229,16 @@ def _fwd_kernel(
         acc, l_i, m_i, q, K, V, BlockTable, b, h, kvh, k_start, stride_bt_b, stride_kt,
         stride_kh, stride_vt, stride_vh, offs_m, offs_d, sk, offset, qk_scale, tanh_scale,
         softcap2, slope2, window_left, window_right, Seed, nheads, max_seqlen_k, dropout_p,
-        a, n_full, a, n_full, False, HEAD_DIM, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP,
-        HAS_ALIBI, HAS_DROPOUT, PAGED, PAGE_SIZE, PRECISION, EVEN_D)
+        a, n_full, a, n_full, MaskBits, mask_off, sq, HAS_CUSTOM_MASK, HAS_CUSTOM_MASK, HEAD_DIM,
+        BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PAGED,
+        PAGE_SIZE, PRECISION, EVEN_D)
     acc, l_i, m_i = _fwd_blocks(
         acc, l_i, m_i, q, K, V, BlockTable, b, h, kvh, k_start, stride_bt_b, stride_kt,
         stride_kh, stride_vt, stride_vh, offs_m, offs_d, sk, offset, qk_scale, tanh_scale,
         softcap2, slope2, window_left, window_right, Seed, nheads, max_seqlen_k, dropout_p,
-        lo, n_before, bnd, n_masked, True, HEAD_DIM, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
-        HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PAGED, PAGE_SIZE, PRECISION, EVEN_D)
+        lo, n_before, bnd, n_masked, MaskBits, mask_off, sq, True, HAS_CUSTOM_MASK, HEAD_DIM,
+        BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PAGED,
+        PAGE_SIZE, PRECISION, EVEN_D)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -271,7 +281,11 @@ def forward(problem, inputs, seed: torch.Tensor | None) -> tuple[torch.Tensor, t
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((problem.nheads, problem.total_q), dtype=torch.float32, device=q.device)
     cfg = configs.forward_config(problem.head_dim)
-    tile_seq, tile_blk = tile_list(problem, inputs.cu_seqlens_q, cfg.block_m, True)
+    schedule = inputs.schedule
+    if isinstance(schedule, tiles.Schedule):  # planned once by attnhub.plan
+        tile_seq, tile_blk = schedule.fwd
+    else:
+        tile_seq, tile_blk = tile_list(problem, inputs.cu_seqlens_q, cfg.block_m, True)
     if tile_seq.numel() == 0 or problem.nheads == 0:
         return out, lse
     left, right = problem.window
@@ -283,6 +297,8 @@ def forward(problem, inputs, seed: torch.Tensor | None) -> tuple[torch.Tensor, t
         q, k, v, out, lse, inputs.cu_seqlens_q, inputs.cu_seqlens_k, tile_seq, tile_blk,
         block_table if block_table is not None else dummy,
         alibi if alibi is not None else dummy, seed if seed is not None else dummy,
+        inputs.custom_mask if problem.custom_mask else dummy,
+        inputs.custom_mask_offsets if problem.custom_mask else dummy,
         q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
         out.stride(0), out.stride(1),
         block_table.stride(0) if block_table is not None else 0,
@@ -296,7 +312,7 @@ def forward(problem, inputs, seed: torch.Tensor | None) -> tuple[torch.Tensor, t
         HAS_ALIBI=alibi is not None, HAS_DROPOUT=problem.dropout_p > 0,
         PAGED=problem.paged is not None,
         PAGE_SIZE=problem.paged.page_size if problem.paged is not None else 1,
-        PRECISION=configs.dot_precision(q.dtype),
+        PRECISION=configs.dot_precision(q.dtype), HAS_CUSTOM_MASK=problem.custom_mask,
     )
     return out, lse
 

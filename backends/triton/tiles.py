@@ -10,8 +10,17 @@ as an upper bound whose extra programs exit at once.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A plan's precomputed forward tile list: (tile_seq, tile_block) int32 on the device."""
+
+    fwd: tuple[torch.Tensor, torch.Tensor]
+
 
 _CACHE: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 _CACHE_SIZE = 64
