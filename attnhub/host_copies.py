@@ -34,6 +34,11 @@ def can_read_back() -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
+def cache_ids():
+    """A live view of the ids that have a host copy (a cheap first test before ``cached``)."""
+    return _cache.keys()
+
+
 def cached(t: torch.Tensor) -> tuple | None:
     """The host copy of ``t`` taken earlier, if ``t`` has not been modified since."""
     entry = _cache.get(id(t))

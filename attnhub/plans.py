@@ -39,6 +39,7 @@ _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
 _deterministic_algorithms = torch.are_deterministic_algorithms_enabled
 _snapshot = environment.snapshot
+_host_copy_ids = host_copies.cache_ids()  # ids with a host copy (a live view of the cache)
 
 
 class Plan:
@@ -126,7 +127,8 @@ def _offsets_key(cu: object, max_seqlen: object, validate: object) -> object:
     if type(cu) is VarlenInfo:
         return id(cu)
     if type(cu) is _Tensor and max_seqlen is not None and not cu.is_cpu \
-            and (validate is None or validate in _AUTO) and host_copies.cached(cu) is None:
+            and (validate is None or validate in _AUTO) \
+            and (id(cu) not in _host_copy_ids or host_copies.cached(cu) is None):
         return (cu.shape, cu.dtype, cu.device)
     return None
 

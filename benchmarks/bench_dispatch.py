@@ -255,7 +255,8 @@ def _workload_inputs(w: Workload, grad: bool):
 
 def workload_rows(fa4, names: list[str]) -> list[str]:
     """W1-W3: each adapter directly vs through attnhub, fwd and fwd+bwd, TFLOP/s."""
-    lines = ["## W1-W3: adapters directly vs through attnhub (TFLOP/s, median of do_bench)", "",
+    lines = ["## W1-W3: adapters directly vs through attnhub (TFLOP/s, median of 3 alternating "
+             "do_bench medians)", "",
              "| workload | mode | kernel | direct | attnhub | attnhub / direct |",
              "|---|---|---|---|---|---|"]
     for w in (w for w in workloads() if w.name in names):
@@ -267,7 +268,13 @@ def workload_rows(fa4, names: list[str]) -> list[str]:
                 flops = w.flops(causal, backward=grad)
                 impls = _impls(q, k, v, dout, cu, m, info, causal, grad, fa4)
                 for kernel, (direct, through) in impls.items():
-                    d, t = (flops / _cuda_ms(f) / 1e9 for f in (direct, through))
+                    # Alternating rounds, median of each side: GPU clock drift over the
+                    # seconds of one measurement (a few percent on W2) hits both alike.
+                    ms = {direct: [], through: []}
+                    for _ in range(3):
+                        for f in (direct, through):
+                            ms[f].append(_cuda_ms(f))
+                    d, t = (flops / statistics.median(ms[f]) / 1e9 for f in (direct, through))
                     mode = ("fwd+bwd" if grad else "fwd")
                     lines.append(f"| {w.name}{' causal' if causal else ''} | {mode} | {kernel} "
                                  f"| {d:.0f} | {t:.0f} | {t / d:.3f} |")
