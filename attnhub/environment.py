@@ -25,6 +25,16 @@ def snapshot() -> tuple:
     return tuple(os.environ.get(n) for n in NAMES)
 
 
+def raw_get():
+    """The raw mapping's ``get`` (keys from ``raw_keys``), or None where there is none."""
+    return _raw.get if _RAW_KEYS is not None else None  # type: ignore[union-attr]
+
+
+def raw_keys() -> tuple:
+    """NAMES as keys of the raw mapping (empty where there is none)."""
+    return _RAW_KEYS or ()
+
+
 def validate_is_auto(value: object) -> bool:
     """Whether a raw ATTNHUB_VALIDATE value from ``snapshot`` means 'auto' (or unset)."""
     return value is None or value in ("auto", b"auto")

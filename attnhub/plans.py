@@ -38,7 +38,10 @@ _AUTO = ("auto", b"auto")
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
 _deterministic_algorithms = torch.are_deterministic_algorithms_enabled
-_snapshot = environment.snapshot
+_env = environment.snapshot
+# snapshot()'s raw-mapping reads, inlined into call_key where CPython offers the mapping.
+_env_raw = environment.raw_get()
+_ENV_KEYS = environment.raw_keys()
 _host_copy_ids = host_copies.cache_ids()  # ids with a host copy (a live view of the cache)
 
 
@@ -107,7 +110,8 @@ def call_key(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal
             type(window_size) is tuple and len(window_size) == 2
             and type(window_size[0]) is int and type(window_size[1]) is int):
         return None
-    env = _snapshot()
+    env = _env() if _env_raw is None else (
+        _env_raw(_ENV_KEYS[0]), _env_raw(_ENV_KEYS[1]), _env_raw(_ENV_KEYS[2]))
     kq = _offsets_key(cu_q, max_q, env[2])
     if kq is None:
         return None
