@@ -94,6 +94,11 @@ class BatchPlan:
         self._q_shape = (problem.total_q, problem.nheads, problem.head_dim)
         self._kv_tail = inputs.k.shape[1:]
         self._kv_rows = inputs.k.shape[0]
+        i = self._inputs
+        # Out-only calls on plain inputs go straight to the backend's bound launch.
+        plain = (i.alibi_slopes is None and i.block_table is None and i.rng_state is None
+                 and i.custom_mask is None and i.schedule is None)
+        self._run_out = backend.out_only_runner(problem) if plain else None
         grad = dataclasses.replace(problem, requires_grad=True)  # decided now, not while
         try:  # torch.compile traces run()
             self._grad = (grad, select(grad, self._static.backend))
@@ -150,10 +155,17 @@ class BatchPlan:
                                        f"{q.dtype} on {q.device}")
         grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                             or v.requires_grad)
-        problem, backend = self._grad_variant() if grad else (self.problem, self.backend)
-        inputs = dataclasses.replace(self._inputs, q=q, k=k, v=v)
+        i = self._inputs
         if not (return_lse or grad or torch.compiler.is_compiling()):
-            return backend.forward_out(problem, inputs)
+            if self._run_out is not None:
+                return self._run_out(q, k, v, i.cu_seqlens_q, i.cu_seqlens_k)
+            return self.backend.forward_out(self.problem, VarlenInputs(
+                q, k, v, i.cu_seqlens_q, i.cu_seqlens_k, i.alibi_slopes, i.block_table,
+                i.rng_state, i.custom_mask, i.custom_mask_offsets, i.schedule))
+        problem, backend = self._grad_variant() if grad else (self.problem, self.backend)
+        inputs = VarlenInputs(q, k, v, i.cu_seqlens_q, i.cu_seqlens_k, i.alibi_slopes,
+                              i.block_table, i.rng_state, i.custom_mask, i.custom_mask_offsets,
+                              i.schedule)
         result = run_forward(problem, inputs, backend)
         return (result.out, result.lse) if return_lse else result.out
 
