@@ -60,9 +60,17 @@ class FakeAten:
 
     def __init__(self):
         self.forward_calls, self.backward_calls = [], []
+        self.fail = None  # an error the next forward raises, as a failing launch would
 
     def forward(self, q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, debug, *,
                 scale, window_size_left, window_size_right):
+        # The real kernel's layout checks (flash_api.cpp: CHECK_CONTIGUOUS, stride(-1) == 1).
+        if any(t.stride(-1) != 1 for t in (q, k, v)):
+            raise RuntimeError("Input tensor must have contiguous last dimension")
+        if not (cu_q.is_contiguous() and cu_k.is_contiguous()):
+            raise RuntimeError("cu_seqlens_q must be contiguous")
+        if self.fail is not None:
+            raise self.fail
         self.forward_calls.append(dict(
             cu_dtype=(cu_q.dtype, cu_k.dtype), max_q=max_q, max_k=max_k, dropout_p=dropout_p,
             is_causal=is_causal, scale=scale, window=(window_size_left, window_size_right)))
@@ -525,3 +533,17 @@ def test_fa4_hopper_backward_head_dims(monkeypatch):
         "32: 72 and 80 gave wrong gradients on an H200 with flash-attn-4 4.0.0b36)"]
     assert _reasons(b, head_dim=72) == []
     assert _reasons(b, head_dim=96, grad=True) == []
+
+
+def test_torch_flash_out_only_runner_handles_layouts_the_kernel_refuses(aten):
+    problem, inputs, _ = _call(causal=True)
+    run = torch_flash.TorchFlashBackend().out_only_runner(problem)
+    wide = torch.stack([inputs.q, torch.full_like(inputs.q, float("nan"))], dim=-1)
+    q = wide[..., 0]  # stride(-1) == 2: the kernel refuses it, the runner makes it dense
+    cu_q = torch.stack([inputs.cu_seqlens_q, inputs.cu_seqlens_q], dim=-1)[:, 0]
+    out = run(q, inputs.k, inputs.v, cu_q, inputs.cu_seqlens_k)
+    ref, _ = _reference(problem, inputs)
+    assert torch.equal(out, ref.out) and len(aten.forward_calls) == 1
+    aten.fail = RuntimeError("CUDA error: an illegal memory access was encountered")
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        run(inputs.q, inputs.k, inputs.v, inputs.cu_seqlens_q, inputs.cu_seqlens_k)

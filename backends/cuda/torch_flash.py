@@ -94,20 +94,18 @@ class TorchFlashBackend(Backend):
         kernel = getattr(aten_forward, "_op", aten_forward)
 
         def run(q, k, v, cu_seqlens_q, cu_seqlens_k):
-            # last_dim_contiguous / dense_offsets, inlined: this runs on every repeat call.
-            if not q.is_contiguous():
-                q = last_dim_contiguous(q)
-            if not k.is_contiguous():
-                k = last_dim_contiguous(k)
-            if not v.is_contiguous():
-                v = last_dim_contiguous(v)
-            if not cu_seqlens_q.is_contiguous():
-                cu_seqlens_q = cu_seqlens_q.contiguous()
-            if not cu_seqlens_k.is_contiguous():
-                cu_seqlens_k = cu_seqlens_k.contiguous()
-            return kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, dropout_p, causal,
-                          False, scale=scale, window_size_left=left,
-                          window_size_right=right)[0]
+            try:  # the kernel checks its layouts itself: no Python checks on the common path
+                return kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, dropout_p,
+                              causal, False, scale=scale, window_size_left=left,
+                              window_size_right=right)[0]
+            except RuntimeError:
+                dense = (last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v),
+                         dense_offsets(cu_seqlens_q), dense_offsets(cu_seqlens_k))
+                if all(a is b for a, b in zip(dense, (q, k, v, cu_seqlens_q, cu_seqlens_k),
+                                              strict=True)):
+                    raise  # not a layout the kernel refused
+                return kernel(*dense, max_q, max_k, dropout_p, causal, False, scale=scale,
+                              window_size_left=left, window_size_right=right)[0]
         return run
 
     def backward(self, problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
