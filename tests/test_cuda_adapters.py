@@ -63,7 +63,9 @@ class FakeAten:
         self.fail = None  # an error the next forward raises, as a failing launch would
 
     def forward(self, q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, debug, *,
-                scale, window_size_left, window_size_right):
+                scale, window_size_left=None, window_size_right=None):
+        window_size_left = -1 if window_size_left is None else window_size_left
+        window_size_right = -1 if window_size_right is None else window_size_right
         # The real kernel's layout checks (flash_api.cpp: CHECK_CONTIGUOUS, stride(-1) == 1).
         if any(t.stride(-1) != 1 for t in (q, k, v)):
             raise RuntimeError("Input tensor must have contiguous last dimension")

@@ -93,19 +93,23 @@ class TorchFlashBackend(Backend):
         # The overload's C++ entry point (what OpOverload.__call__ forwards to), resolved once.
         kernel = getattr(aten_forward, "_op", aten_forward)
 
-        def run(q, k, v, cu_seqlens_q, cu_seqlens_k):
-            try:  # the kernel checks its layouts itself: no Python checks on the common path
-                return kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, dropout_p,
-                              causal, False, scale=scale, window_size_left=left,
-                              window_size_right=right)[0]
-            except RuntimeError:
-                dense = (last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v),
-                         dense_offsets(cu_seqlens_q), dense_offsets(cu_seqlens_k))
-                if all(a is b for a, b in zip(dense, (q, k, v, cu_seqlens_q, cu_seqlens_k),
-                                              strict=True)):
-                    raise  # not a layout the kernel refused
-                return kernel(*dense, max_q, max_k, dropout_p, causal, False, scale=scale,
-                              window_size_left=left, window_size_right=right)[0]
+        # Window arguments only when they say more than is_causal: the op then parses fewer
+        # keywords per call (-1 / -1 is its default, and is_causal sets right = 0).
+        if left == -1 and right == (0 if causal else -1):
+            def run(q, k, v, cu_seqlens_q, cu_seqlens_k):
+                try:  # the kernel checks its layouts itself: no Python checks per call
+                    return kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, dropout_p,
+                                  causal, False, scale=scale)[0]
+                except RuntimeError:
+                    return _dense_retry(run, q, k, v, cu_seqlens_q, cu_seqlens_k)
+        else:
+            def run(q, k, v, cu_seqlens_q, cu_seqlens_k):
+                try:
+                    return kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, dropout_p,
+                                  causal, False, scale=scale, window_size_left=left,
+                                  window_size_right=right)[0]
+                except RuntimeError:
+                    return _dense_retry(run, q, k, v, cu_seqlens_q, cu_seqlens_k)
         return run
 
     def backward(self, problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
@@ -132,6 +136,16 @@ class TorchFlashBackend(Backend):
                 problem.causal, rng, unused, scale=problem.scale,
                 window_size_left=problem.window[0], window_size_right=problem.window[1])
         return Gradients(dq, dk, dv)
+
+
+def _dense_retry(run, q, k, v, cu_seqlens_q, cu_seqlens_k) -> torch.Tensor:
+    """After the kernel raised: run again with the layouts it needs (stride 1 on the head
+    dimension, contiguous offsets), or re-raise when the inputs had them already."""
+    dense = (last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v),
+             dense_offsets(cu_seqlens_q), dense_offsets(cu_seqlens_k))
+    if all(a is b for a, b in zip(dense, (q, k, v, cu_seqlens_q, cu_seqlens_k), strict=True)):
+        raise  # the error the caller is handling: it was not about layouts
+    return run(*dense)
 
 
 def _forward(problem: VarlenProblem, inputs: VarlenInputs
