@@ -28,8 +28,7 @@ class TritonBackend(Backend):
         head_dims=(16, 256),
         page_size_multiple=16,
         return_probs=False,
-        custom_mask=True,  # forward only: bits read from the packed mask in the kernel
-        custom_mask_backward=False,
+        custom_mask=True,  # bits read from the packed mask in the kernels (fwd and bwd)
     )
 
     def __init__(self) -> None:

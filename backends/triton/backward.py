@@ -16,6 +16,7 @@ import triton.language as tl
 from . import configs
 from .forward import (
     PER_BATCH_ARGS,
+    custom_mask_visible,
     dropout_keep,
     key_ranges,
     kv_layout,
@@ -54,8 +55,9 @@ def query_rows(Q, DO, Lse, Delta, q_start, offs_m, sq, h, offs_d, stride_qt, str
 def _dkdv_blocks(dk, dv, k, v, Q, DO, Lse, Delta, b, h, q_start, sq, sk, offset, offs_n,
                  offs_d, stride_qt, stride_qh, stride_dot, stride_doh, total_q, nheads,
                  max_seqlen_k, qk_scale, tanh_scale, softcap2, slope2, dropout_p, window_left,
-                 window_right, Seed, first, split, second, count,
-                 MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 window_right, Seed, first, split, second, count, MaskBits, mask_off,
+                 MASK: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_M: tl.constexpr,
                  WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                  PRECISION: tl.constexpr):
@@ -72,6 +74,9 @@ def _dkdv_blocks(dk, dv, k, v, Q, DO, Lse, Delta, b, h, q_start, sq, sk, offset,
         st, tt = score_tile(k, qt, offs_m[None, :], kj, sk, offset, qk_scale, tanh_scale,
                             softcap2, slope2, window_left, window_right, MASK, HAS_SOFTCAP,
                             HAS_ALIBI, WINDOW_LEFT, WINDOW_RIGHT, PRECISION)
+        if HAS_CUSTOM_MASK:
+            st = tl.where(custom_mask_visible(MaskBits, mask_off, offs_m[None, :], kj, sq, sk),
+                          st, float("-inf"))
         pt = tl.exp2(st - lse2[None, :])  # 0 where masked or where the row sees nothing
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         pdt = pt
@@ -124,14 +129,14 @@ def _prune_dq(configs_, named_args, **kwargs):
 
 
 _KEY = ["HEAD_DIM", "GROUP", "WINDOW_LEFT", "WINDOW_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI",
-        "HAS_DROPOUT"]
+        "HAS_DROPOUT", "HAS_CUSTOM_MASK"]
 
 
 @triton.autotune(configs=configs.candidates("dkdv", "BLOCK_M"), key=[*_KEY, "BLOCK_N"],
                  prune_configs_by={"early_config_prune": _prune_dkdv})
 @triton.jit(do_not_specialize=PER_BATCH_ARGS)
 def _dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, CuQ, CuK, TileSeq, TileBlk, Alibi, Seed,
+    Q, K, V, DO, Lse, Delta, DK, DV, CuQ, CuK, TileSeq, TileBlk, Alibi, Seed, MaskBits, MaskOffsets,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_ab, total_q, batch, nheads,
     max_seqlen_k, sm_scale, qk_scale, tanh_scale, softcap2, dropout_p, window_left,
@@ -140,6 +145,7 @@ def _dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOP_LEFT: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_CUSTOM_MASK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -149,6 +155,9 @@ def _dkdv_kernel(
     nblk = tl.load(TileBlk + pid)
     q_start, sq, k_start, sk, offset = sequence_bounds(CuQ, CuK, b, TOP_LEFT)
     n0 = nblk * BLOCK_N
+    mask_off = 0
+    if HAS_CUSTOM_MASK:
+        mask_off = tl.load(MaskOffsets + b)
 
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -191,14 +200,14 @@ def _dkdv_kernel(
             dk, dv, k, v, Q, DO, Lse, Delta, b, h, q_start, sq, sk, offset, offs_n, offs_d,
             stride_qt, stride_qh, stride_dot, stride_doh, total_q, nheads, max_seqlen_k,
             qk_scale, tanh_scale, softcap2, slope2, dropout_p, window_left, window_right, Seed,
-            a, n_full, a, n_full, False, HEAD_DIM, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT,
-            HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PRECISION)
+            a, n_full, a, n_full, MaskBits, mask_off, False, HAS_CUSTOM_MASK, HEAD_DIM, BLOCK_M,
+            WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PRECISION)
         dk, dv = _dkdv_blocks(
             dk, dv, k, v, Q, DO, Lse, Delta, b, h, q_start, sq, sk, offset, offs_n, offs_d,
             stride_qt, stride_qh, stride_dot, stride_doh, total_q, nheads, max_seqlen_k,
             qk_scale, tanh_scale, softcap2, slope2, dropout_p, window_left, window_right, Seed,
-            lo, n_before, bnd, n_masked, True, HEAD_DIM, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT,
-            HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PRECISION)
+            lo, n_before, bnd, n_masked, MaskBits, mask_off, True, HAS_CUSTOM_MASK, HEAD_DIM,
+            BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PRECISION)
     dk = dk * sm_scale
     dk_ptrs = DK + rows_k[:, None] * stride_dkt + kvh * stride_dkh + offs_d[None, :]
     dv_ptrs = DV + rows_k[:, None] * stride_dvt + kvh * stride_dvh + offs_d[None, :]
@@ -210,8 +219,9 @@ def _dkdv_kernel(
 def _dq_blocks(dq, q, do, lse2, delta, K, V, b, h, kvh, k_start, offs_m, offs_d, sk, offset,
                stride_kt, stride_kh, stride_vt, stride_vh, nheads, max_seqlen_k, qk_scale,
                tanh_scale, softcap2, slope2, dropout_p, window_left, window_right, Seed,
-               first, split, second, count,
-               MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+               first, split, second, count, MaskBits, mask_off, sq,
+               MASK: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_N: tl.constexpr,
                WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                PRECISION: tl.constexpr):
@@ -228,6 +238,9 @@ def _dq_blocks(dq, q, do, lse2, delta, K, V, b, h, kvh, k_start, offs_m, offs_d,
         s, t = score_tile(q, kt, offs_m[:, None], offs_n[None, :], sk, offset, qk_scale,
                           tanh_scale, softcap2, slope2, window_left, window_right, MASK,
                           HAS_SOFTCAP, HAS_ALIBI, WINDOW_LEFT, WINDOW_RIGHT, PRECISION)
+        if HAS_CUSTOM_MASK:
+            s = tl.where(custom_mask_visible(MaskBits, mask_off, offs_m[:, None],
+                                             offs_n[None, :], sq, sk), s, float("-inf"))
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, vt, input_precision=PRECISION)
         if HAS_DROPOUT:
@@ -245,7 +258,7 @@ def _dq_blocks(dq, q, do, lse2, delta, K, V, b, h, kvh, k_start, offs_m, offs_d,
                  prune_configs_by={"early_config_prune": _prune_dq})
 @triton.jit(do_not_specialize=PER_BATCH_ARGS)
 def _dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, CuQ, CuK, TileSeq, TileBlk, Alibi, Seed,
+    Q, K, V, DO, Lse, Delta, DQ, CuQ, CuK, TileSeq, TileBlk, Alibi, Seed, MaskBits, MaskOffsets,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh, stride_ab, total_q, batch, nheads, max_seqlen_k,
     sm_scale, qk_scale, tanh_scale, softcap2, dropout_p, window_left, window_right,
@@ -253,6 +266,7 @@ def _dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOP_LEFT: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_CUSTOM_MASK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -263,6 +277,9 @@ def _dq_kernel(
     q_start, sq, k_start, sk, offset = sequence_bounds(CuQ, CuK, b, TOP_LEFT)
     kvh = h // GROUP
     m0 = mblk * BLOCK_M
+    mask_off = 0
+    if HAS_CUSTOM_MASK:
+        mask_off = tl.load(MaskOffsets + b)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -285,13 +302,15 @@ def _dq_kernel(
     dq = _dq_blocks(dq, q, do, lse2, delta, K, V, b, h, kvh, k_start, offs_m, offs_d, sk,
                     offset, stride_kt, stride_kh, stride_vt, stride_vh, nheads, max_seqlen_k,
                     qk_scale, tanh_scale, softcap2, slope2, dropout_p, window_left,
-                    window_right, Seed, a, n_full, a, n_full, False, HEAD_DIM, BLOCK_N,
-                    WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PRECISION)
+                    window_right, Seed, a, n_full, a, n_full, MaskBits, mask_off, sq, False,
+                    HAS_CUSTOM_MASK, HEAD_DIM, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP,
+                    HAS_ALIBI, HAS_DROPOUT, PRECISION)
     dq = _dq_blocks(dq, q, do, lse2, delta, K, V, b, h, kvh, k_start, offs_m, offs_d, sk,
                     offset, stride_kt, stride_kh, stride_vt, stride_vh, nheads, max_seqlen_k,
                     qk_scale, tanh_scale, softcap2, slope2, dropout_p, window_left,
-                    window_right, Seed, lo, n_before, bnd, n_masked, True, HEAD_DIM, BLOCK_N,
-                    WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PRECISION)
+                    window_right, Seed, lo, n_before, bnd, n_masked, MaskBits, mask_off, sq,
+                    True, HAS_CUSTOM_MASK, HEAD_DIM, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
+                    HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + rows_q[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
@@ -328,18 +347,21 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
         BLOCK_D=configs.block_d(problem.head_dim),
         TOP_LEFT=problem.mask_alignment == "top_left", WINDOW_LEFT=left >= 0,
         WINDOW_RIGHT=right >= 0, HAS_SOFTCAP=problem.softcap > 0, HAS_ALIBI=alibi is not None,
-        HAS_DROPOUT=problem.dropout_p > 0, PRECISION=configs.dot_precision(q.dtype))
+        HAS_DROPOUT=problem.dropout_p > 0, PRECISION=configs.dot_precision(q.dtype),
+        HAS_CUSTOM_MASK=problem.custom_mask)
     scalars = (problem.total_q, problem.batch, problem.nheads, max(problem.max_seqlen_k, 1),
                problem.scale, *score_scalars(problem), problem.dropout_p, left, right)
     alibi_arg = alibi if alibi is not None else dummy
     alibi_stride = alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0
     seed_arg = seed if seed is not None else dummy
+    mask_args = ((inputs.custom_mask, inputs.custom_mask_offsets) if problem.custom_mask
+                 else (dummy, dummy))
 
     k_seq, k_blk = tile_list(problem, inputs.cu_seqlens_k, key_tile, False)
     if k_seq.numel() and problem.nheads_k:
         configs.launch("dkdv", _dkdv_kernel, (k_seq.numel(), problem.nheads_k),
             q, k, v, dout, lse, delta, dk, dv, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
-            k_seq, k_blk, alibi_arg, seed_arg,
+            k_seq, k_blk, alibi_arg, seed_arg, *mask_args,
             q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
             dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0),
             dv.stride(1), alibi_stride, *scalars, BLOCK_N=key_tile, **common)
@@ -347,7 +369,7 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
     if q_seq.numel() and problem.nheads:
         configs.launch("dq", _dq_kernel, (q_seq.numel(), problem.nheads),
             q, k, v, dout, lse, delta, dq, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
-            q_seq, q_blk, alibi_arg, seed_arg,
+            q_seq, q_blk, alibi_arg, seed_arg, *mask_args,
             q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), alibi_stride,
             *scalars, BLOCK_M=query_tile, **common)

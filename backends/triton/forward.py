@@ -101,6 +101,16 @@ def key_ranges(m0, sk, offset, window_left, window_right, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
+def custom_mask_visible(MaskBits, mask_off, qi, kj, sq, sk):
+    """Bits mask_off + i * sk + j of the packed per-request mask (little bit order) at query /
+    key positions ``qi`` / ``kj`` (broadcast as in score_tile); False outside the sequence."""
+    pos = mask_off + qi.to(tl.int64) * sk + kj
+    in_seq = (qi < sq) & (kj < sk)
+    byte = tl.load(MaskBits + (pos >> 3), mask=in_seq, other=0).to(tl.int32)
+    return ((byte >> (pos & 7).to(tl.int32)) & 1) != 0
+
+
+@triton.jit
 def dropout_keep(seed_ptr, b, h, nheads, qi, kj, max_seqlen_k, dropout_p):
     """Philox keep mask for the tile (positions ``qi`` / ``kj`` broadcast as in score_tile):
     one stream per (sequence, head), offset i * max_sk + j."""
@@ -143,11 +153,9 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, BlockTable, b, h, kvh, k_start, stride_b
         s, _ = score_tile(q, k, offs_m[:, None], offs_n[None, :], sk, offset, qk_scale,
                           tanh_scale, softcap2, slope2, window_left, window_right, MASK,
                           HAS_SOFTCAP, HAS_ALIBI, WINDOW_LEFT, WINDOW_RIGHT, PRECISION)
-        if HAS_CUSTOM_MASK:  # bit (mask_off + i * sk + j) of the packed mask, little order
-            pos = mask_off + offs_m[:, None].to(tl.int64) * sk + offs_n[None, :]
-            in_seq = (offs_m[:, None] < sq) & (offs_n[None, :] < sk)
-            byte = tl.load(MaskBits + (pos >> 3), mask=in_seq, other=0).to(tl.int32)
-            s = tl.where(((byte >> (pos & 7).to(tl.int32)) & 1) != 0, s, float("-inf"))
+        if HAS_CUSTOM_MASK:
+            s = tl.where(custom_mask_visible(MaskBits, mask_off, offs_m[:, None],
+                                             offs_n[None, :], sq, sk), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = m_new
         if MASK:  # a row may still have seen nothing: keep exp2 away from -inf - -inf, and
