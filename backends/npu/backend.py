@@ -3,7 +3,8 @@
 torch_npu is imported lazily: attnhub imports and runs without it, and the backend then
 reports "torch_npu not installed". Forward calls npu_fusion_attention; backward calls
 npu_fusion_attention_grad, the operator torch_npu's own autograd formula runs, with the
-statistics rebuilt from lse and the (seed, offset) that forward returned.
+statistics rebuilt from lse and the (seed, offset) that forward returned. ALiBi calls use
+npu_fusion_attention_v2 / npu_fusion_attention_grad_v2, the only ones with pse_type.
 """
 
 from __future__ import annotations
