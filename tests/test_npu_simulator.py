@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from attnhub.backends.npu import simulator as sim
+from naive import naive_attention
 
 MASK = sim.compressed_causal_mask()
 
@@ -155,3 +156,116 @@ def test_dropout_mask_is_reproducible_from_seed_and_offset():
     c = _call(q, k, v, (3, 5), (4, 5), keep_prob=0.6)
     assert torch.equal(a[0], b[0]) and a[4] == b[4] and not torch.equal(a[0], c[0])
     assert a[6] == 4 * (3 * 4 + 5 * 5)  # numels: N * sum(sq * skv)
+
+
+# --- pse / pse_type of npu_fusion_attention_v2: the operator-generated ALiBi ----------------
+
+
+def _v2(q, k, v, sq, sk, **kw):
+    return sim.npu_fusion_attention_v2(q, k, v, q.shape[1], "TND", actual_seq_qlen=_ends(sq),
+                                       actual_seq_kvlen=_ends(sk), **kw)
+
+
+def _dense_bias(q, k, v, lengths, scale, visible, bias):
+    """Float64 attention of sq == sk sequences with bias(b, n) -> (N, n, n) added after the
+    scale (and before the mask)."""
+    g = q.shape[1] // k.shape[1]
+    outs, r = [], 0
+    for b, n in enumerate(lengths):
+        s = torch.einsum("ihd,jhd->hij", q[r:r + n].double(),
+                         k[r:r + n].double().repeat_interleave(g, 1)) * scale + bias(b, n)
+        p = torch.softmax(s.masked_fill(~visible(n), float("-inf")), -1)
+        outs.append(torch.einsum("hij,jhd->ihd", p, v[r:r + n].double().repeat_interleave(g, 1)))
+        r += n
+    return torch.cat(outs)
+
+
+def _bias_fn(slopes, sqrt=False, q_start=0, kv_start=0):
+    def bias(b, n):
+        i = torch.arange(n, dtype=torch.float64)[:, None] + q_start
+        j = torch.arange(n, dtype=torch.float64)[None, :] + kv_start
+        dist = (j - i).abs()
+        slope = slopes if slopes.dim() == 1 else slopes[b]
+        return -slope.double()[:, None, None] * (dist.sqrt() if sqrt else dist)
+    return bias
+
+
+@pytest.mark.parametrize("shape", ["head", "batch_head"])
+@pytest.mark.parametrize(("mode", "causal"), [(0, False), (3, True)])
+def test_pse_type_2_is_the_alibi_of_the_naive_oracle(shape, mode, causal):
+    lengths = (3, 6, 1, 4)
+    q, k, v = _qkv(lengths, lengths, n=4, nk=2)
+    slopes = torch.rand(4) if shape == "head" else torch.rand(4, 4)
+    mask = {"atten_mask": MASK, "sparse_mode": mode} if mode else {}
+    out = _v2(q, k, v, lengths, lengths, pse=slopes, pse_type=2, scale=0.3, **mask)[0]
+    cu = [0, *_ends(lengths)]
+    want = naive_attention(q, k, v, cu, cu, softmax_scale=0.3, causal=causal, alibi_slopes=slopes)
+    torch.testing.assert_close(out.double(), want.out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("pse_type", "q_start", "kv_start"), [(3, 0, 0), (2, 2, 0), (3, 1, 4)])
+def test_pse_type_3_takes_the_root_and_start_indices_shift_the_zero_line(pse_type, q_start,
+                                                                         kv_start):
+    lengths = (5, 2, 4)
+    q, k, v = _qkv(lengths, lengths, n=2, nk=1)
+    slopes = torch.rand(3, 2) * 2
+    out = _v2(q, k, v, lengths, lengths, pse=slopes, pse_type=pse_type, scale=0.25,
+              q_start_idx=[q_start], kv_start_idx=[kv_start], atten_mask=MASK, sparse_mode=4,
+              pre_tokens=2, next_tokens=1)[0]
+
+    def band(n):
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        return (j >= i - 2) & (j <= i + 1)
+
+    want = _dense_bias(q, k, v, lengths, 0.25, band,
+                       _bias_fn(slopes, pse_type == 3, q_start, kv_start))
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_v2_grad_with_generated_alibi_matches_autograd():
+    lengths = (4, 6)
+    q, k, v = _qkv(lengths, lengths, n=4, nk=2)
+    slopes = torch.rand(4)
+    kw = {"pse": slopes, "pse_type": 2, "atten_mask": MASK, "sparse_mode": 3}
+    out, smax, ssum = _v2(q, k, v, lengths, lengths, scale=0.4, **kw)[:3]
+    dy = torch.randn_like(out)
+    grads = sim.npu_fusion_attention_grad_v2(
+        q, k, v, dy, 4, "TND", softmax_max=smax, softmax_sum=ssum, attention_in=out,
+        scale_value=0.4, actual_seq_qlen=_ends(lengths), actual_seq_kvlen=_ends(lengths), **kw)
+    assert len(grads) == 6
+
+    def causal(n):
+        return torch.ones(n, n, dtype=torch.bool).tril()
+
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    dense = _dense_bias(*leaves, lengths, 0.4, causal, _bias_fn(slopes))
+    want = torch.autograd.grad(dense, leaves, dy.double())
+    for got, ref in zip(grads[:3], want, strict=True):
+        torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "text"), [
+    ({"pse_type": 4}, ValueError, "pse_type must be one of"),
+    ({"pse_type": 2, "pse": torch.ones(4, dtype=torch.float16)}, TypeError, "float32"),
+    ({"pse_type": 3, "pse": torch.ones(3, 4)}, ValueError, r"\[B, N\] = \[2, 4\]"),
+    ({"pse_type": 2, "pse": torch.ones(4), "lengths_k": (4, 5)}, ValueError, "Sq == Skv"),
+    ({"pse_type": 2}, ValueError, "slopes"),
+    ({"pse_type": 1, "pse": torch.ones(2, 4, 1024, 5)}, NotImplementedError, "pse_type 2 and 3"),
+    ({"pse_type": 2, "pse": torch.ones(4), "q_start_idx": torch.tensor([1])}, TypeError,
+     "host data"),
+    ({"pse_type": 2, "pse": torch.ones(4), "kv_start_idx": [0, 1]}, ValueError, "exactly one"),
+    ({"query_rope": torch.ones(8, 4, 16)}, NotImplementedError, "query_rope"),
+])
+def test_documented_pse_constraints_are_hard_errors(kwargs, error, text):
+    lengths_k = kwargs.pop("lengths_k", (3, 5))
+    q, k, v = _qkv((3, 5), lengths_k)
+    with pytest.raises(error, match=text):
+        _v2(q, k, v, (3, 5), lengths_k, **kwargs)
+
+
+def test_v1_has_no_pse_type_and_its_pse_is_not_modeled():
+    q, k, v = _qkv((3, 5), (3, 5))
+    with pytest.raises(NotImplementedError, match="pse"):
+        _call(q, k, v, (3, 5), (3, 5), pse=torch.ones(4))
+    with pytest.raises(TypeError):
+        _call(q, k, v, (3, 5), (3, 5), pse_type=2)

@@ -22,21 +22,23 @@ def npu():
     """The simulator as torch_npu, recording every call's keyword arguments."""
     with simulation.simulated() as module:
         calls = []
-        real_fwd, real_bwd = module.npu_fusion_attention, module.npu_fusion_attention_grad
+        names = {"npu_fusion_attention": "fwd", "npu_fusion_attention_grad": "bwd",
+                 "npu_fusion_attention_v2": "fwd_v2", "npu_fusion_attention_grad_v2": "bwd_v2"}
+        real = {name: getattr(module, name) for name in names}
 
-        def fwd(*args, **kwargs):
-            calls.append(("fwd", kwargs))
-            return real_fwd(*args, **kwargs)
+        def recording(name):
+            def call(*args, **kwargs):
+                calls.append((names[name], kwargs))
+                return real[name](*args, **kwargs)
+            return call
 
-        def bwd(*args, **kwargs):
-            calls.append(("bwd", kwargs))
-            return real_bwd(*args, **kwargs)
-
-        module.npu_fusion_attention, module.npu_fusion_attention_grad = fwd, bwd
+        for name in names:
+            setattr(module, name, recording(name))
         try:
             yield calls
         finally:
-            module.npu_fusion_attention, module.npu_fusion_attention_grad = real_fwd, real_bwd
+            for name, fn in real.items():
+                setattr(module, name, fn)
 
 
 def _inputs(lq, lk, n=4, nk=2, d=16, grad=False):
@@ -150,7 +152,9 @@ def test_gradient_through_lse_raises_a_clear_error(npu):
 
 @pytest.mark.parametrize(("kw", "text"), [
     ({"softcap": 5.0}, "softcap"),
-    ({"alibi_slopes": torch.ones(4)}, "ALiBi"),
+    ({"alibi_slopes": torch.ones(4)}, "Sq and Skv are of equal length"),
+    ({"alibi_slopes": torch.ones(1, 4), "lq": (3,), "lk": (5,), "causal": True},
+     "pse_type 2"),
     ({"causal": True, "lq": (5,), "lk": (3,)}, "sq <= sk"),
     ({"return_attn_probs": True}, "return_attn_probs"),
     ({"mask_alignment": "top_left", "causal": True}, "top-left"),
@@ -175,3 +179,59 @@ def test_without_torch_npu_attnhub_works_and_npu_is_unavailable(monkeypatch):
     assert backend.device_types == frozenset({"npu"}) and backend.priority == 100
     assert backend.unavailable_reasons()[0].startswith("torch_npu not installed")
     assert "npu" in get_registry().backends
+
+
+@pytest.mark.parametrize("shape", ["head", "batch_head"])
+def test_alibi_becomes_the_generated_pse_of_the_v2_operators(npu, shape):
+    lens = (3, 0, 5, 4)  # the empty sequence is gathered out, and its slopes row with it
+    q, k, v = _inputs(lens, lens, grad=True)
+    info = attnhub.VarlenInfo.from_lengths(lens)
+    slopes = torch.rand(4) if shape == "head" else torch.rand(4, 4)
+    out = attnhub.attention_forward_varlen(q, k, v, info, info, alibi_slopes=slopes,
+                                           window_size=(2, 1), softmax_scale=0.3, backend="npu")
+    out.sum().backward()
+    assert [c[0] for c in npu] == ["fwd_v2", "bwd_v2"]
+    want_pse = slopes if shape == "head" else slopes[[0, 2, 3]]
+    for _, args in npu:
+        assert args["pse_type"] == 2
+        assert args["pse"].dtype == torch.float32 and args["pse"].shape == want_pse.shape
+        torch.testing.assert_close(args["pse"], want_pse, rtol=0, atol=0)
+        assert args["q_start_idx"] is None and args["kv_start_idx"] is None
+        assert (args["sparse_mode"], args["pre_tokens"], args["next_tokens"]) == (4, 2, 1)
+        assert "pre_tockens" not in args and "next_tockens" not in args
+        assert args["actual_seq_qlen"] == args["actual_seq_kvlen"] == [3, 8, 12]
+    assert npu[0][1]["scale"] == 0.3 and npu[1][1]["scale_value"] == 0.3
+
+
+def test_alibi_gradients_match_the_reference(npu):
+    lens = (4, 0, 6, 1)
+    q, k, v = _inputs(lens, lens, grad=True)
+    slopes = torch.rand(4, 4) * 2
+    info = attnhub.VarlenInfo.from_lengths(lens)
+    results = []
+    for backend in ("npu", "reference"):
+        out = attnhub.attention_forward_varlen(q, k, v, info, info, alibi_slopes=slopes,
+                                               causal=True, backend=backend)
+        results.append((out, *torch.autograd.grad((out * out).sum(), (q, k, v))))
+    no_alibi = attnhub.attention_forward_varlen(q, k, v, info, info, causal=True,
+                                                backend="reference")
+    assert (results[1][0] - no_alibi).abs().max() > 0.1  # the bias matters here
+    for got, ref in zip(*results, strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_alibi_without_the_v2_operators_is_a_reason(npu, monkeypatch):
+    monkeypatch.delattr(sys.modules["torch_npu"], "npu_fusion_attention_v2")
+    q, k, v = _inputs((3,), (3,))
+    with attnhub.use_backend(None):
+        explanation = attnhub.explain(q, k, v, [0, 3], [0, 3], alibi_slopes=torch.ones(4))
+    reasons = next(x for x in explanation if x.backend == "npu").reasons
+    assert any("npu_fusion_attention_v2" in r for r in reasons), reasons
+    assert not any("equal length" in r for r in reasons)
+
+
+def test_alibi_with_unequal_lengths_raises_at_call_time_when_facts_were_unknown():
+    problem, inputs = _problem((3, 4), (3, 5), alibi_slopes=torch.ones(4))
+    layout = tnd_layout(problem, inputs.cu_seqlens_q, inputs.cu_seqlens_k)
+    with pytest.raises(ValueError, match="Sq == Skv"):
+        translate.forward_kwargs(problem, layout, torch.device("cpu"), torch.ones(4))

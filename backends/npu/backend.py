@@ -3,7 +3,8 @@
 torch_npu is imported lazily: attnhub imports and runs without it, and the backend then
 reports "torch_npu not installed". Forward calls npu_fusion_attention; backward calls
 npu_fusion_attention_grad, the operator torch_npu's own autograd formula runs, with the
-statistics rebuilt from lse and the (seed, offset) that forward returned.
+statistics rebuilt from lse and the (seed, offset) that forward returned. ALiBi calls use
+npu_fusion_attention_v2 / npu_fusion_attention_grad_v2, the only ones with pse_type.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class NpuBackend(Backend):
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         head_dims=(1, 768),
         softcap=False,
-        alibi=frozenset(),
+        alibi=frozenset({"head", "batch_head"}),
         page_size_multiple=None,
         deterministic_backward=False,
         top_left=False,
@@ -73,10 +74,7 @@ class NpuBackend(Backend):
     def why_not(self, problem: VarlenProblem) -> list[str]:
         reasons = super().why_not(problem)
         if problem.alibi is not None:
-            reasons.append("ALiBi: in layout TND npu_fusion_attention takes position bias only "
-                           "as a compressed pse (the last 1024 rows of a full bias, equal q/kv "
-                           "lengths, causal), whose per-sequence indexing attnhub cannot yet "
-                           "verify without Ascend hardware")
+            reasons.extend(self._alibi_reasons(problem))
         if problem.softcap > 0:
             reasons.append("npu_fusion_attention has no logit softcap")
         if problem.nheads > MAX_HEADS:
@@ -86,6 +84,23 @@ class NpuBackend(Backend):
         if problem.window == (-1, 0) and sq_le_sk is False:
             reasons.append("causal with a sequence whose queries outnumber its keys (sq > sk): "
                            "npu_fusion_attention's sparse_mode 3 requires sq <= sk")
+        return reasons
+
+    @staticmethod
+    def _alibi_reasons(problem: VarlenProblem) -> list[str]:
+        reasons = []
+        _, sq_eq_sk = problem.length_facts()
+        if sq_eq_sk is False:
+            reasons.append("ALiBi with a sequence whose sq != sk: npu_fusion_attention_v2 "
+                           "generates ALiBi (pse_type 2) only where 'Sq and Skv are of equal "
+                           "length'")
+        try:
+            module = torch_npu()
+        except ImportError:
+            return reasons  # unavailable_reasons says why
+        if not all(hasattr(module, f) for f in translate.V2):
+            reasons.append("ALiBi needs npu_fusion_attention_v2 and npu_fusion_attention_grad_v2 "
+                           "(pse_type), which this torch_npu lacks; upgrade torch_npu")
         return reasons
 
     def forward(self, problem: VarlenProblem, inputs: VarlenInputs) -> ForwardResult:
@@ -100,8 +115,9 @@ class NpuBackend(Backend):
         if not layout.empty:
             qc, = gather(layout.q_rows, q)
             kc, vc = gather(layout.k_rows, inputs.k, inputs.v)
-            res = torch_npu().npu_fusion_attention(
-                qc, kc, vc, **translate.forward_kwargs(problem, layout, q.device))
+            fwd = getattr(torch_npu(), translate.operators(problem)[0])
+            res = fwd(qc, kc, vc, **translate.forward_kwargs(problem, layout, q.device,
+                                                          inputs.alibi_slopes))
             out_c, smax, ssum, _, seed, offset, _ = res
             lse_c = softmax_stats.lse_from_stats(smax, ssum, qc.shape[0], problem.nheads)
             out = scatter_rows(layout.q_rows, out_c, problem.total_q)
@@ -140,9 +156,10 @@ class NpuBackend(Backend):
         lse_c = lse if layout.q_rows is None else lse.index_select(
             1, self._rows(layout.q_rows, lse.device))
         smax, ssum = softmax_stats.stats_from_lse(lse_c)
-        dq_c, dk_c, dv_c, _ = torch_npu().npu_fusion_attention_grad(
-            qc, kc, vc, dout_c, **translate.grad_kwargs(problem, layout, q.device, smax, ssum,
-                                                        out_c, seed, offset))
+        bwd = getattr(torch_npu(), translate.operators(problem)[1])
+        grads = bwd(qc, kc, vc, dout_c, **translate.grad_kwargs(
+            problem, layout, q.device, smax, ssum, out_c, seed, offset, inputs.alibi_slopes))
+        dq_c, dk_c, dv_c = grads[:3]  # v2 returns 6 or 7 tensors depending on the release
         dq = scatter_rows(layout.q_rows, dq_c, q.shape[0])
         dk = scatter_rows(layout.k_rows, dk_c, k.shape[0])
         dv = scatter_rows(layout.k_rows, dv_c, v.shape[0])

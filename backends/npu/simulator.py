@@ -11,8 +11,9 @@ NaN (undefined) unless ``inner_precise=2``, which makes them zeros.
 
 Where the documentation leaves a choice, the model is the strict reading: zero-length
 sequences in the lists (repeated offsets) are an error, and a compressed mask that is not
-exactly the documented one is an error. Only the TND layout without ``pse`` and sparse modes
-0-4 are modeled; anything else raises NotImplementedError.
+exactly the documented one is an error. Only the TND layout and sparse modes 0-4 are modeled;
+of ``pse``, only the ALiBi that ``npu_fusion_attention_v2`` generates from slopes (pse_type 2
+and 3, simulator_pse); anything else raises NotImplementedError.
 
 The dropout keep mask is a counter-based hash of (seed, offset, head, query row, key row):
 reproducible from the (seed, offset) that forward returns and backward takes back. The seed
@@ -22,6 +23,8 @@ comes from torch's default CPU generator, so ``torch.manual_seed`` makes it repr
 from __future__ import annotations
 
 import torch
+
+from . import simulator_pse
 
 SIMULATOR = True  # marks this module when it stands in for torch_npu
 INT32_MAX = 2**31 - 1
@@ -35,10 +38,35 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, pa
                          actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0,
                          gen_mask_parallel=True, sync=False, softmax_layout=""):
     """-> (attention_out [T, N, D], softmax_max, softmax_sum, softmax_in (empty), seed,
-    offset, numels), as torch_npu documents for layout TND."""
+    offset, numels), as torch_npu documents for layout TND. No pse_type: a pse tensor (the
+    compressed [B, N, 1024, Skv] form) is not modeled."""
     call = _Call(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask,
                  keep_prob, pre_tockens, next_tockens, prefix, actual_seq_qlen,
                  actual_seq_kvlen, sparse_mode, softmax_layout)
+    return _forward(call, float(scale), inner_precise, softmax_layout)
+
+
+def npu_fusion_attention_v2(query, key, value, head_num, input_layout, *, pse=None,
+                            padding_mask=None, atten_mask=None, query_rope=None, key_rope=None,
+                            scale=1.0, keep_prob=1.0, pre_tokens=INT32_MAX,
+                            next_tokens=INT32_MAX, inner_precise=0, prefix=None,
+                            actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0,
+                            gen_mask_parallel=True, sync=False, pse_type=1, q_start_idx=None,
+                            kv_start_idx=None, softmax_layout="", sink=None, dropout_mask=None,
+                            seed=0, offset=0):
+    """npu_fusion_attention with v2's keywords (pre_tokens / next_tokens) and pse_type,
+    q_start_idx, kv_start_idx: the operator-generated ALiBi of pse_type 2 and 3 is modeled
+    (simulator_pse). Same 7 outputs as npu_fusion_attention."""
+    _v2_unmodeled(query_rope, key_rope, sink, dropout_mask, seed, offset)
+    call = _Call(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask,
+                 keep_prob, pre_tokens, next_tokens, prefix, actual_seq_qlen,
+                 actual_seq_kvlen, sparse_mode, softmax_layout, pse_type, q_start_idx,
+                 kv_start_idx)
+    return _forward(call, float(scale), inner_precise, softmax_layout)
+
+
+def _forward(call: _Call, scale: float, inner_precise: int, softmax_layout: str):
+    query, value, keep_prob = call.query, call.value, call.keep_prob
     seed = int(torch.randint(0, INT32_MAX, (1,)).item()) if keep_prob < 1.0 else 0
     offset = 0
     t, n, _ = query.shape
@@ -46,7 +74,7 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, pa
     smax = torch.zeros(n, t, dtype=torch.float32, device=query.device)
     ssum = torch.zeros(n, t, dtype=torch.float32, device=query.device)
     for seq in call.sequences():
-        s, visible = call.scores(seq, float(scale))
+        s, visible = call.scores(seq, scale)
         m = s.amax(-1)
         e = torch.exp(s - m[..., None])
         total = e.sum(-1)
@@ -82,6 +110,44 @@ def npu_fusion_attention_grad(query, key, value, dy, head_num, input_layout, *, 
     call = _Call(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask,
                  keep_prob, pre_tockens, next_tockens, prefix, actual_seq_qlen,
                  actual_seq_kvlen, sparse_mode, softmax_layout)
+    return _grad(call, dy, softmax_max, softmax_sum, attention_in, float(scale_value),
+                 seed, offset, numels, softmax_layout)
+
+
+def npu_fusion_attention_grad_v2(query, key, value, dy, head_num, input_layout, *, pse=None,
+                                 padding_mask=None, atten_mask=None, softmax_max=None,
+                                 softmax_sum=None, softmax_in=None, attention_in=None,
+                                 query_rope=None, key_rope=None, scale_value=1.0, keep_prob=1.0,
+                                 pre_tokens=INT32_MAX, next_tokens=INT32_MAX, inner_precise=0,
+                                 seed=0, offset=0, numels=0, prefix=None, actual_seq_qlen=None,
+                                 actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True,
+                                 sync=False, pse_type=1, q_start_idx=None, kv_start_idx=None,
+                                 softmax_layout="", sink=None):
+    """-> (dq, dk, dv, dpse, dq_rope, dk_rope), the last three empty: the backward of
+    npu_fusion_attention_v2, with the same pse / pse_type arguments as its forward."""
+    _v2_unmodeled(query_rope, key_rope, sink, None, 0, 0)
+    call = _Call(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask,
+                 keep_prob, pre_tokens, next_tokens, prefix, actual_seq_qlen,
+                 actual_seq_kvlen, sparse_mode, softmax_layout, pse_type, q_start_idx,
+                 kv_start_idx)
+    dq, dk, dv, dpse = _grad(call, dy, softmax_max, softmax_sum, attention_in,
+                             float(scale_value), seed, offset, numels, softmax_layout)
+    return dq, dk, dv, dpse, dpse.clone(), dpse.clone()
+
+
+def _v2_unmodeled(query_rope, key_rope, sink, dropout_mask, seed, offset) -> None:
+    if query_rope is not None or key_rope is not None or sink is not None \
+            or dropout_mask is not None:
+        raise NotImplementedError("the simulator does not model query_rope, key_rope, sink or "
+                                  "dropout_mask")
+    if seed or offset:
+        raise NotImplementedError("the simulator draws the dropout seed itself; seed/offset "
+                                  "inputs of the v2 forward are not modeled")
+
+
+def _grad(call: _Call, dy, softmax_max, softmax_sum, attention_in, scale_value: float, seed,
+          offset, numels, softmax_layout: str):
+    query, key, value, keep_prob = call.query, call.key, call.value, call.keep_prob
     if softmax_max is None or softmax_sum is None or attention_in is None:
         raise ValueError("npu_fusion_attention_grad needs softmax_max, softmax_sum and "
                          "attention_in from the forward call")
@@ -96,7 +162,7 @@ def npu_fusion_attention_grad(query, key, value, dy, head_num, input_layout, *, 
     dv = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
     g = call.group
     for seq in call.sequences():
-        s, visible = call.scores(seq, float(scale_value))
+        s, visible = call.scores(seq, scale_value)
         rows = slice(seq.q0, seq.q1)
         p = torch.exp(s - smax[:, rows, None]) / ssum[:, rows, None]
         p = torch.where(visible, p, torch.zeros_like(p))
@@ -106,7 +172,7 @@ def npu_fusion_attention_grad(query, key, value, dy, head_num, input_layout, *, 
         vb, kb = seq.v(call), seq.k(call)
         dpd = torch.einsum("hid,hjd->hij", do, vb) * keep
         delta = (do * o).sum(-1, keepdim=True)
-        ds = p * (dpd - delta) * float(scale_value)
+        ds = p * (dpd - delta) * scale_value
         dq[rows] = torch.einsum("hij,hjd->ihd", ds, kb)
         qb = query[rows].float().transpose(0, 1)
         dk_h = torch.einsum("hij,hid->jhd", ds, qb)
@@ -145,12 +211,15 @@ class _Call:
 
     def __init__(self, query, key, value, head_num, input_layout, pse, padding_mask, atten_mask,
                  keep_prob, pre_tockens, next_tockens, prefix, actual_seq_qlen, actual_seq_kvlen,
-                 sparse_mode, softmax_layout) -> None:
+                 sparse_mode, softmax_layout, pse_type=None, q_start_idx=None,
+                 kv_start_idx=None) -> None:
+        """pse_type None: the v1 operator (no pse_type; its pse is not modeled)."""
         if input_layout != "TND":
             raise NotImplementedError(f"the simulator models input_layout 'TND' only, got "
                                       f"{input_layout!r}")
-        if pse is not None or prefix is not None:
-            raise NotImplementedError("the simulator does not model pse or prefix")
+        if prefix is not None or (pse is not None and pse_type is None):
+            raise NotImplementedError("the simulator does not model prefix, nor pse without "
+                                      "pse_type (npu_fusion_attention_v2 models pse_type 2, 3)")
         if padding_mask is not None:
             raise ValueError("padding_mask is not supported (Ascend: reserved)")
         if softmax_layout not in ("", "TND"):
@@ -183,6 +252,9 @@ class _Call:
         self.mask = atten_mask
         self.pre, self.next = int(pre_tockens), int(next_tockens)
         self._check_mask()
+        self.alibi = None if pse_type is None else simulator_pse.parse(
+            pse, pse_type, q_start_idx, kv_start_idx, n1, _lengths(self.ends_q),
+            _lengths(self.ends_k))
 
     def _check_mask(self) -> None:
         if self.mask is None:
@@ -242,6 +314,8 @@ class _Call:
         (1, sq, sk)."""
         q = self.query[seq.q0:seq.q1].float().transpose(0, 1)
         s = torch.einsum("hid,hjd->hij", q, seq.k(self)) * scale
+        if self.alibi is not None:
+            s = s + self.alibi.bias(seq.index, seq.sq, seq.sk)
         visible = self.visible(seq)[None]
         return s.masked_fill(~visible, float("-inf")), visible
 

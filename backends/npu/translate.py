@@ -9,7 +9,11 @@ Mapping (Ascend's documentation, cited in docs/npu.md):
   causal has right = 0);
 * scale always passed (the operator's default is 1.0); keep_prob = 1 - dropout_p;
 * inner_precise 2 when some query row sees no key, so those rows come back as zeros;
-* actual_seq_qlen / actual_seq_kvlen: Python int lists of END offsets (layout.TndLayout).
+* actual_seq_qlen / actual_seq_kvlen: Python int lists of END offsets (layout.TndLayout);
+* ALiBi (every computed sequence has sq == sk): npu_fusion_attention_v2 / _grad_v2, whose
+  pse_type 2 generates ``-slope[h] * |i - j|`` from float32 slopes added after the scale;
+  pse = the slopes, (nheads,) as given or (batch, nheads) restricted to the computed
+  sequences; v2 names the band arguments pre_tokens / next_tokens.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from .layout import TndLayout
 INT32_MAX = 2**31 - 1
 COMPRESSED_MASK_SIZE = 2048
 SPARSE_NONE, SPARSE_CAUSAL, SPARSE_BAND = 0, 3, 4
+PSE_GENERATED_ALIBI = 2  # pse_type: the operator generates -slope * |i - j|, mul then add
+V1 = ("npu_fusion_attention", "npu_fusion_attention_grad")
+V2 = ("npu_fusion_attention_v2", "npu_fusion_attention_grad_v2")
 
 _masks: dict[torch.device, torch.Tensor] = {}
 
@@ -68,17 +75,52 @@ def common_kwargs(problem: VarlenProblem, layout: TndLayout, device: torch.devic
     }
 
 
-def forward_kwargs(problem: VarlenProblem, layout: TndLayout, device: torch.device) -> dict:
-    """Keyword arguments of npu_fusion_attention(query, key, value, **kwargs)."""
-    return {**common_kwargs(problem, layout, device), "scale": problem.scale}
+def operators(problem: VarlenProblem) -> tuple[str, str]:
+    """Names of the (forward, backward) torch_npu functions: the v2 pair for ALiBi (only v2
+    takes pse_type), else npu_fusion_attention / npu_fusion_attention_grad."""
+    return V2 if problem.alibi is not None else V1
+
+
+def alibi_kwargs(problem: VarlenProblem, layout: TndLayout, slopes: torch.Tensor | None
+                 ) -> dict:
+    """The v2 arguments of ALiBi: pse = float32 slopes, (nheads,) or (active batch, nheads),
+    pse_type 2, no start-index shift; the band arguments under v2's names."""
+    if slopes is None:
+        raise ValueError("an ALiBi problem needs its alibi_slopes")
+    if any(layout.seqlens_q[b] != layout.seqlens_k[b] for b in layout.active):
+        raise ValueError("ALiBi on npu_fusion_attention_v2 needs sq == sk in every sequence "
+                         "(pse_type 2 'supports only Sq == Skv')")
+    pse = slopes.float()
+    if problem.alibi == "batch_head" and layout.compacted:
+        index = torch.tensor(layout.active, dtype=torch.int64).to(pse.device, non_blocking=True)
+        pse = pse.index_select(0, index)
+    return {"pse": pse.contiguous(), "pse_type": PSE_GENERATED_ALIBI, "q_start_idx": None,
+            "kv_start_idx": None}
+
+
+def _with_alibi(kwargs: dict, problem: VarlenProblem, layout: TndLayout,
+                slopes: torch.Tensor | None) -> dict:
+    if problem.alibi is None:
+        return kwargs
+    kwargs["pre_tokens"] = kwargs.pop("pre_tockens")
+    kwargs["next_tokens"] = kwargs.pop("next_tockens")
+    return {**kwargs, **alibi_kwargs(problem, layout, slopes)}
+
+
+def forward_kwargs(problem: VarlenProblem, layout: TndLayout, device: torch.device,
+                   slopes: torch.Tensor | None = None) -> dict:
+    """Keyword arguments of the forward operator (``operators(problem)[0]``)(query, key,
+    value, **kwargs)."""
+    kwargs = {**common_kwargs(problem, layout, device), "scale": problem.scale}
+    return _with_alibi(kwargs, problem, layout, slopes)
 
 
 def grad_kwargs(problem: VarlenProblem, layout: TndLayout, device: torch.device,
                 softmax_max: torch.Tensor, softmax_sum: torch.Tensor, out: torch.Tensor,
-                seed: int, offset: int) -> dict:
-    """Keyword arguments of npu_fusion_attention_grad(query, key, value, dy, **kwargs); the
-    backward names the scale ``scale_value``."""
-    return {
+                seed: int, offset: int, slopes: torch.Tensor | None = None) -> dict:
+    """Keyword arguments of the backward operator (``operators(problem)[1]``)(query, key,
+    value, dy, **kwargs); the backward names the scale ``scale_value``."""
+    kwargs = {
         **common_kwargs(problem, layout, device),
         "softmax_max": softmax_max,
         "softmax_sum": softmax_sum,
@@ -89,6 +131,7 @@ def grad_kwargs(problem: VarlenProblem, layout: TndLayout, device: torch.device,
         "offset": offset,
         "numels": dropout_numels(problem, layout),
     }
+    return _with_alibi(kwargs, problem, layout, slopes)
 
 
 def dropout_numels(problem: VarlenProblem, layout: TndLayout) -> int:
