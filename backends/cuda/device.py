@@ -4,8 +4,11 @@ importing any CUDA-only extension."""
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.metadata
 import importlib.util
+from collections.abc import Callable
+from types import ModuleType
 
 import torch
 
@@ -51,3 +54,12 @@ def import_reason(module: str) -> list[str]:
     except Exception as exc:
         return [f"importing {module} failed: {type(exc).__name__}: {exc}"]
     return []
+
+
+def lazy_module(name: str) -> Callable[[], ModuleType]:
+    """A function that imports module ``name`` on its first call and returns it: adapters
+    import their kernel package only when a call runs on them."""
+    @functools.cache
+    def load() -> ModuleType:
+        return importlib.import_module(name)
+    return load

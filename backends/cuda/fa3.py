@@ -11,8 +11,6 @@ softcap, deterministic backward; no dropout, no ALiBi. Paged KV goes through pag
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
 from typing import ClassVar
 
 import torch
@@ -26,15 +24,7 @@ from . import device
 from .tensors import dense_offsets, empty_batch, last_dim_contiguous, lse_to_attnhub, lse_to_flash
 
 MODULE = "flash_attn_interface"
-_module: ModuleType | None = None
-
-
-def kernels() -> ModuleType:
-    """FA3's interface module, imported on first use."""
-    global _module
-    if _module is None:
-        _module = importlib.import_module(MODULE)
-    return _module
+kernels = device.lazy_module(MODULE)  # the interface module, imported on first use
 
 
 class FA3Backend(Backend):

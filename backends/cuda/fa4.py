@@ -11,8 +11,6 @@ ALiBi. Page tables go with ``seqused_k`` there, not with cu_seqlens_k: paged KV 
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
 from typing import ClassVar
 
 import torch
@@ -26,15 +24,7 @@ from . import device
 from .tensors import dense_offsets, empty_batch
 
 MODULE = "flash_attn.cute.interface"
-_module: ModuleType | None = None
-
-
-def kernels() -> ModuleType:
-    """flash_attn.cute's interface module, imported on first use (it loads CUTLASS's DSL)."""
-    global _module
-    if _module is None:
-        _module = importlib.import_module(MODULE)
-    return _module
+kernels = device.lazy_module(MODULE)  # the interface module, imported on first use
 
 
 def window(problem: VarlenProblem) -> tuple[int | None, int | None]:

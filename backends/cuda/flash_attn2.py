@@ -11,8 +11,6 @@ pads other sizes, its low-level functions do not).
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
 from typing import ClassVar
 
 import torch
@@ -34,15 +32,7 @@ from .tensors import (
 )
 
 MODULE = "flash_attn.flash_attn_interface"
-_module: ModuleType | None = None
-
-
-def kernels() -> ModuleType:
-    """flash_attn's interface module, imported on first use."""
-    global _module
-    if _module is None:
-        _module = importlib.import_module(MODULE)
-    return _module
+kernels = device.lazy_module(MODULE)  # the interface module, imported on first use
 
 
 class FlashAttn2Backend(Backend):
