@@ -21,10 +21,10 @@ FALLBACK_POLICIES = ("warn", "error", "allow")
 
 # Per-thread stack of use_backend() overrides (a threading.local, which torch.compile traces).
 _local = threading.local()
-# How many use_backend() contexts are open in all threads: while none is, forced_context()
-# answers without touching the thread-local (it runs on every fast-path call).
-_open_overrides = [0]
-_overrides_lock = threading.Lock()
+# One entry per use_backend() context open in any thread (append / pop are atomic, and
+# torch.compile traces them): while it is empty, forced_context() answers without touching
+# the thread-local (it runs on every fast-path call).
+_open_overrides: list[None] = []
 _cache: dict[tuple, str] = {}  # selection key -> backend name
 _warned: set[tuple] = set()
 
@@ -71,7 +71,7 @@ def forced_context() -> str | None:
     """The innermost attnhub.use_backend() override of this thread (None: none in force).
     Reads the thread's attribute dict: getattr on a missing threading.local attribute raises
     and catches internally, about a microsecond (this runs on every fast-path call)."""
-    if not _open_overrides[0]:
+    if not _open_overrides:
         return None
     stack = _local.__dict__.get("forced")
     return stack[-1] if stack else None
@@ -86,14 +86,12 @@ def use_backend(name: str | None) -> Iterator[None]:
     if stack is None:
         stack = _local.forced = []
     stack.append(name)
-    with _overrides_lock:
-        _open_overrides[0] += 1
+    _open_overrides.append(None)
     try:
         yield
     finally:
         stack.pop()
-        with _overrides_lock:
-            _open_overrides[0] -= 1
+        _open_overrides.pop()
 
 
 def forced_backend(argument: str | None = None) -> tuple[str | None, str]:
