@@ -4,13 +4,13 @@ the fast path free of host syncs, `attnhub info` listing the adapters.
 Run on the device machine: python -m pytest -m gpu tests/test_cuda_gpu.py
 """
 
-import contextlib
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
+from cuda_sync import no_sync
 
 import attnhub
 from attnhub.registry import get_registry
@@ -89,23 +89,13 @@ def test_torch_flash_deterministic_backward_is_bitwise_repeatable():
     assert not torch.are_deterministic_algorithms_enabled()
 
 
-@contextlib.contextmanager
-def _no_sync():
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-
-
 def test_fast_path_does_not_sync():
     q, k, v = _qkv(torch.bfloat16)
     cu = torch.tensor([0, 64, 64, 81, 381, 382], dtype=torch.int32, device="cuda")
     info = attnhub.VarlenInfo.from_lengths(LENGTHS_Q, "cuda")
     kk, vv = k[:382], v[:382]
     for _ in range(2):  # the first call plans, the second takes the plan
-        with _no_sync():
+        with no_sync():
             attnhub.attention_forward_varlen(q, kk, vv, cu, cu, 300, 300, causal=True,
                                              backend="torch-flash")
             attnhub.attention_forward_varlen(q, kk[:382], vv[:382], info, info, causal=True,

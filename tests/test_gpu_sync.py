@@ -3,10 +3,10 @@
 Run on the device machine: python -m pytest -m gpu tests/test_gpu_sync.py
 """
 
-import contextlib
 
 import pytest
 import torch
+from cuda_sync import no_sync
 
 import attnhub
 from attnhub import dispatch
@@ -21,17 +21,6 @@ def _qkv(total: int, device: str = "cuda"):
     k = torch.randn(total, 2, 64, device=device, generator=g, dtype=torch.bfloat16)
     v = torch.randn(total, 2, 64, device=device, generator=g, dtype=torch.bfloat16)
     return q, k, v
-
-
-@contextlib.contextmanager
-def no_sync():
-    """torch raises on any synchronising CUDA call inside the block."""
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_varlen_info_normalize_and_select_do_not_sync():
