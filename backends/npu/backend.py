@@ -173,7 +173,8 @@ class NpuBackend(Backend):
         if problem.window == (-1, 0) and any(
                 layout.seqlens_q[b] > layout.seqlens_k[b] for b in layout.active):
             raise ValueError("causal attention with sq > sk in some sequence cannot run on "
-                             "npu_fusion_attention (sparse_mode 3 requires sq <= sk)")
+                             "npu_fusion_attention (sparse_mode 3 requires sq <= sk)"
+                             + translate.UNKNOWN_LENGTHS_HINT)
         return layout
 
     @staticmethod

@@ -81,6 +81,13 @@ def operators(problem: VarlenProblem) -> tuple[str, str]:
     return V2 if problem.alibi is not None else V1
 
 
+# Why a length constraint can still fail at run time, and what the caller can do.
+UNKNOWN_LENGTHS_HINT = ("; these lengths were not known when the backend was chosen "
+                        "(device offsets with max_seqlen): pass a VarlenInfo or host offsets "
+                        "so that dispatch can pick another backend, or choose one with "
+                        "backend=")
+
+
 def alibi_kwargs(problem: VarlenProblem, layout: TndLayout, slopes: torch.Tensor | None
                  ) -> dict:
     """The v2 arguments of ALiBi: pse = float32 slopes, (nheads,) or (active batch, nheads),
@@ -89,7 +96,7 @@ def alibi_kwargs(problem: VarlenProblem, layout: TndLayout, slopes: torch.Tensor
         raise ValueError("an ALiBi problem needs its alibi_slopes")
     if any(layout.seqlens_q[b] != layout.seqlens_k[b] for b in layout.active):
         raise ValueError("ALiBi on npu_fusion_attention_v2 needs sq == sk in every sequence "
-                         "(pse_type 2 'supports only Sq == Skv')")
+                         "(pse_type 2 'supports only Sq == Skv')" + UNKNOWN_LENGTHS_HINT)
     pse = slopes.float()
     if problem.alibi == "batch_head" and layout.compacted:
         index = torch.tensor(layout.active, dtype=torch.int64).to(pse.device, non_blocking=True)
