@@ -85,6 +85,14 @@ def plugin_of(*backends, name="fake_plugin"):
 
 
 @pytest.fixture
+def fresh_dynamo():
+    """torch.compile tests: each starts and ends with dynamo's caches and counters reset."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
 def install():
     """install(*backends, reference=True) -> a fresh Registry, made the process-wide one;
     the default registry is restored afterwards."""

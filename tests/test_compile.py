@@ -12,15 +12,10 @@ from attnhub import VarlenInfo
 
 torch._dynamo.config.cache_size_limit = 64
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
 NHEADS, NHEADS_K, D = 4, 2, 8
 WIDTH = NHEADS * D
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 class CountingBackend:

@@ -10,15 +10,10 @@ from test_compile import CountingBackend
 
 import attnhub
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
 NHEADS, NHEADS_K, D = 4, 2, 8
 WIDTH = NHEADS * D
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 class Block(torch.nn.Module):
