@@ -150,9 +150,30 @@ def test_a_broken_backend_fails_under_pytest(tmp_path, empty_dir):
     assert re.search(r"out: error \d\.\d{3}e[+-]\d\d > 2 x", proc.stdout)
 
 
+def test_reference_through_a_surface(empty_dir):
+    proc = _run([*PYTEST, "--attnhub-backend", "reference", "--attnhub-surface", "flash_attn",
+                 "-k", "gqa and fp32", "-q", "-rA"], empty_dir)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    expected = _expected(("gqa", "fp32"))
+    assert _counts(proc.stdout)["passed"] == len(expected)
+    assert "reference-via-flash_attn-gqa" in proc.stdout
+
+
+def test_unknown_surface_is_a_usage_error():
+    options = {"--attnhub-backend": ["reference"], "--attnhub-tier": "quick",
+               "--attnhub-device": None, "--attnhub-surface": "nope"}
+
+    class Config:
+        def getoption(self, name):
+            return options[name]
+
+    with pytest.raises(pytest.UsageError, match=r"unknown surface 'nope'.*flash_attn"):
+        pytest_plugin.pytest_collection_modifyitems(None, Config(), [])
+
+
 def test_unknown_backend_is_a_usage_error():
     options = {"--attnhub-backend": ["nope"], "--attnhub-tier": "quick",
-               "--attnhub-device": None}
+               "--attnhub-device": None, "--attnhub-surface": None}
 
     class Config:
         def getoption(self, name):
