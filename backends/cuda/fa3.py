@@ -21,7 +21,14 @@ from attnhub.inputs import VarlenInputs
 from attnhub.problem import VarlenProblem
 
 from . import device
-from .tensors import dense_offsets, empty_batch, last_dim_contiguous, lse_to_attnhub, lse_to_flash
+from .tensors import (
+    dense_offsets,
+    empty_batch,
+    last_dim_contiguous,
+    lse_to_attnhub,
+    lse_to_flash,
+    reject_dlse,
+)
 
 MODULE = "flash_attn_interface"
 kernels = device.lazy_module(MODULE)  # the interface module, imported on first use
@@ -70,10 +77,7 @@ class FA3Backend(Backend):
     def backward(self, problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
                  lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None = None
                  ) -> Gradients:
-        if dlse is not None:
-            raise NotImplementedError(
-                "backend 'fa3' cannot propagate a gradient through lse (FA3's backward takes "
-                "none); use backend='triton', 'fa4' or 'reference'")
+        reject_dlse(dlse, self.name, "FA3")
         q, k, v = (last_dim_contiguous(t) for t in (inputs.q, inputs.k, inputs.v))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         if problem.batch == 0:

@@ -29,6 +29,7 @@ from .tensors import (
     last_dim_contiguous,
     lse_to_attnhub,
     lse_to_flash,
+    reject_dlse,
 )
 
 MODULE = "flash_attn.flash_attn_interface"
@@ -84,10 +85,7 @@ class FlashAttn2Backend(Backend):
     def backward(self, problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
                  lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None = None
                  ) -> Gradients:
-        if dlse is not None:
-            raise NotImplementedError(
-                "backend 'flash-attn' cannot propagate a gradient through lse (flash_attn's "
-                "backward takes none); use backend='triton', 'fa4' or 'reference'")
+        reject_dlse(dlse, self.name, "flash_attn")
         q, k, v = (last_dim_contiguous(t) for t in (inputs.q, inputs.k, inputs.v))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         if problem.batch == 0:

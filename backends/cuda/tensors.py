@@ -23,6 +23,15 @@ def lse_to_flash(lse: torch.Tensor) -> torch.Tensor:
     return lse.nan_to_num(nan=_NAN, posinf=_INF, neginf=_INF)
 
 
+def reject_dlse(dlse: torch.Tensor | None, backend: str, kernel: str) -> None:
+    """FA2/FA3 backward kernels take no gradient of lse: a loss on lse is an error naming
+    the backends that take one. ``kernel``: whose backward, for the message."""
+    if dlse is not None:
+        raise NotImplementedError(
+            f"backend {backend!r} cannot propagate a gradient through lse ({kernel}'s backward "
+            "takes none); use backend='triton', 'fa4' or 'reference' for losses on lse")
+
+
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     """The kernels need stride 1 on the head dimension (any row and head strides).
     is_contiguous() first: it answers the common case in half the time of stride(-1)."""

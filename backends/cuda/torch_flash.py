@@ -29,6 +29,7 @@ from .tensors import (
     last_dim_contiguous,
     lse_to_attnhub,
     lse_to_flash,
+    reject_dlse,
 )
 
 # The forward returns the dropout state as uint64 (seed, offset); attnhub carries int64.
@@ -115,10 +116,7 @@ class TorchFlashBackend(Backend):
     def backward(self, problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
                  lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None = None
                  ) -> Gradients:
-        if dlse is not None:
-            raise NotImplementedError(
-                "backend 'torch-flash' cannot propagate a gradient through lse (its backward "
-                "takes none); use backend='triton', 'fa4' or 'reference' for losses on lse")
+        reject_dlse(dlse, self.name, "torch's FA2")
         q, k, v = inputs.q, inputs.k, inputs.v
         if problem.batch == 0:
             return Gradients(torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
