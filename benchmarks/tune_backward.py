@@ -48,7 +48,11 @@ def main() -> int:
     parser.add_argument("--tiles", default="64x64,128x128,128x64,64x128",
                         help="key-tile x query-tile pairs to try")
     parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--maxnreg", default="0:0",
+                        help="comma list of dkdv:dq register caps to try on the backward "
+                             "kernels' head-dim-128 defaults (0: none)")
     args = parser.parse_args()
+    saved = {name: dict(configs.DEFAULTS[name]) for name in ("dkdv", "dq")}
     if os.environ.get("ATTNHUB_TRITON_AUTOTUNE", "0") in ("", "0"):
         print("note: ATTNHUB_TRITON_AUTOTUNE is off: each pair runs the DEFAULTS configs")
     w = next(x for x in workloads() if x.name == args.workload)
@@ -57,7 +61,11 @@ def main() -> int:
     ms_fa2 = do_bench(base["torch-fa2"], warmup=25, rep=100, return_mode="median")
     print(f"{w.name} causal={args.causal} torch-fa2 fwd+bwd {ms_fa2:.3f} ms "
           f"{flops / ms_fa2 / 1e9:.1f} TFLOP/s")
-    for pair in args.tiles.split(","):
+    trials = [(pair, r) for pair in args.tiles.split(",") for r in args.maxnreg.split(",")]
+    for pair, regs in trials:
+        for name, cap in zip(("dkdv", "dq"), (int(x) for x in regs.split(":")), strict=True):
+            configs.DEFAULTS[name] = {key: ((*entry[:3], cap) if key[0] == 128 else entry)
+                                      for key, entry in saved[name].items()}
         key_tile, query_tile = (int(x) for x in pair.split("x"))
         configs.backward_tiles = lambda head_dim, causal, k=key_tile, q=query_tile: (k, q)
         backward._dkdv_kernel.cache.clear()
@@ -65,10 +73,11 @@ def main() -> int:
         try:
             ms = do_bench(base["triton"], warmup=25, rep=100, return_mode="median")
         except Exception as exc:  # out of shared memory / registers for this shape
-            print(f"tiles {pair}: failed: {type(exc).__name__}: {str(exc)[:200]}")
+            print(f"tiles {pair} maxnreg {regs}: failed: {type(exc).__name__}: "
+                  f"{str(exc)[:200]}")
             continue
         err = max_grad_error(args.causal)
-        print(f"tiles {pair}: {ms:.3f} ms {flops / ms / 1e9:.1f} TFLOP/s "
+        print(f"tiles {pair} maxnreg {regs}: {ms:.3f} ms {flops / ms / 1e9:.1f} TFLOP/s "
               f"({ms_fa2 / ms:.2f}x torch-fa2), max grad error vs fp64 {err:.3f}"
               + ("  WRONG" if err > 0.1 else ""))
         for pick in autotune_picks():

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-# (inner block, num_warps, num_stages) per kernel, head-dim bucket and outer tile (the rows a
-# program owns: query rows for fwd and dq, key rows for dkdv): the config a launch uses unless
-# ATTNHUB_TRITON_AUTOTUNE=1 asks the autotuner to try them all. Chosen from the autotuner's
-# picks on an H200 (docs/performance.md).
-DEFAULTS: dict[str, dict[tuple[int, int], tuple[int, int, int]]] = {
-    "fwd": {(64, 128): (64, 4, 3), (128, 128): (64, 8, 3), (256, 64): (32, 4, 2)},
+# (inner block, num_warps, num_stages[, maxnreg]) per kernel, head-dim bucket and outer tile
+# (the rows a program owns: query rows for fwd and dq, key rows for dkdv): the config a launch
+# uses unless ATTNHUB_TRITON_AUTOTUNE=1 asks the autotuner to try them all. Chosen from
+# benchmarks on an H200 (docs/performance.md). maxnreg 128 on the head-dim-128 forward lets two
+# 8-warp programs share an SM, so one's softmax overlaps the other's matmuls (v5).
+DEFAULTS: dict[str, dict[tuple[int, int], tuple[int, ...]]] = {
+    "fwd": {(64, 128): (64, 4, 3), (128, 128): (64, 8, 2, 128), (256, 64): (32, 4, 2)},
     "dkdv": {(64, 64): (64, 4, 2), (128, 64): (64, 4, 1), (128, 128): (64, 8, 1),
              (256, 64): (16, 4, 1)},
     "dq": {(64, 64): (64, 4, 2), (128, 64): (64, 4, 2), (256, 64): (16, 4, 1)},
@@ -29,17 +30,19 @@ OUTER = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}
 BROKEN: dict[str, set[tuple[int, int, int]]] = {"dkdv": {(16, 4, 2), (32, 4, 2)}}
 
 
-def candidates(kernel: str, inner: str) -> list:
-    """Every config the autotuner may try for ``kernel`` (``inner``: the tuned block name)."""
+def candidates(kernel: str, inner: str, pre_hook=None) -> list:
+    """Every config the autotuner may try for ``kernel`` (``inner``: the tuned block name;
+    ``pre_hook`` runs before each launch with the named arguments)."""
     import triton
 
     if interpreting():
-        return [triton.Config({inner: 16}, num_warps=1, num_stages=1)]
+        return [triton.Config({inner: 16}, num_warps=1, num_stages=1, pre_hook=pre_hook)]
     if kernel == "fwd":
         grid = [(n, w, s) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
     else:
         grid = [(x, w, s) for x in (16, 32, 64) for w in (4, 8) for s in (1, 2)]
-    return [triton.Config({inner: n}, num_warps=w, num_stages=s) for n, w, s in grid
+    return [triton.Config({inner: n}, num_warps=w, num_stages=s, pre_hook=pre_hook)
+            for n, w, s in grid
             if (n, w, s) not in BROKEN.get(kernel, set())]
 
 
@@ -54,16 +57,18 @@ def launch(kernel: str, jit_kernel, grid: tuple, *args, **kwargs) -> None:
     if autotuning() or interpreting():
         jit_kernel[grid](*args, **kwargs)
         return
-    n, w, s = default(kernel, kwargs["BLOCK_D"], kwargs[OUTER[kernel]])
-    jit_kernel.fn[grid](*args, **kwargs, **{INNER[kernel]: n}, num_warps=w, num_stages=s)
+    n, w, s, regs = default(kernel, kwargs["BLOCK_D"], kwargs[OUTER[kernel]])
+    jit_kernel.fn[grid](*args, **kwargs, **{INNER[kernel]: n}, num_warps=w, num_stages=s,
+                        **({"maxnreg": regs} if regs else {}))
 
 
-def default(kernel: str, block_d_: int, outer: int) -> tuple[int, int, int]:
-    """(inner block, warps, stages) for a launch; an outer tile without an entry of its own
-    (benchmarks/tune_backward.py tries any) takes its head-dim bucket's first entry."""
+def default(kernel: str, block_d_: int, outer: int) -> tuple[int, int, int, int]:
+    """(inner block, warps, stages, maxnreg or 0) for a launch; an outer tile without an entry
+    of its own (benchmarks/tune_backward.py tries any) takes its head-dim bucket's first."""
     bucket = 64 if block_d_ <= 64 else 128 if block_d_ <= 128 else 256
     table = DEFAULTS[kernel]
-    return table.get((bucket, outer)) or next(v for (b, _), v in table.items() if b == bucket)
+    entry = table.get((bucket, outer)) or next(v for (b, _), v in table.items() if b == bucket)
+    return (*entry, 0)[:4]
 
 
 def pick(kernel: str, configs_: list, block_d_: int, outer: int, inner: str) -> list:
@@ -73,7 +78,7 @@ def pick(kernel: str, configs_: list, block_d_: int, outer: int, inner: str) -> 
                                                        and c.num_stages <= 2)]
     if autotuning() or interpreting():
         return fits or configs_[:1]
-    n, w, s = default(kernel, block_d_, outer)
+    n, w, s, _ = default(kernel, block_d_, outer)
     chosen = [c for c in configs_ if c.kwargs[inner] == n and c.num_warps == w
               and c.num_stages == s]
     return chosen or (fits or configs_)[:1]

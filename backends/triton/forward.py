@@ -13,7 +13,16 @@ import triton.language as tl
 
 from . import configs, tiles
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton < 3.4: pointer loads only
+    TensorDescriptor = None
+
 LOG2E = 1.4426950408889634
+
+# Fully visible key blocks read K/V through TMA descriptors where the layout allows
+# (benchmarks/tune_forward_variants.py compares with pointer loads).
+USE_TMA = True
 LN2 = 0.6931471805599453
 
 
@@ -125,25 +134,27 @@ PER_BATCH_ARGS = ["total_q", "batch", "max_seqlen_k"]
 
 
 @triton.jit
-def _fwd_blocks(acc, l_i, m_i, q, K, V, BlockTable, b, h, kvh, k_start, stride_bt_b, stride_kt,
-                stride_kh, stride_vt, stride_vh, offs_m, offs_d, sk, offset, qk_scale,
-                tanh_scale, softcap2, slope2, window_left, window_right, Seed, nheads,
-                max_seqlen_k, dropout_p, first, split, second, count, MaskBits, mask_off, sq,
-                MASK: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr,
-                EVEN_D: tl.constexpr):
+def _fwd_blocks(acc, l_i, m_i, q, K, V, desc_k, desc_v, BlockTable, b, h, kvh, k_start, stride_bt_b,
+                stride_kt, stride_kh, stride_vt, stride_vh, offs_m, offs_d, sk, offset, qk_scale,
+                tanh_scale, softcap2, slope2, window_left, window_right, Seed, nheads, max_seqlen_k,
+                dropout_p, first, split, second, count, MaskBits, mask_off, sq, MASK: tl.constexpr,
+                HAS_CUSTOM_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE:
+                tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
     for i in range(0, count):  # blocks first, first + BLOCK_N, ... then second, ...
         start_n = tl.where(i < split, first + i * BLOCK_N, second + (i - split) * BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         rows = kv_rows(BlockTable, b, stride_bt_b, offs_n, k_start, PAGED, PAGE_SIZE)
         k_ptrs = K + rows[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None]
         v_ptrs = V + rows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :]
-        if MASK:
+        if MASK:  # pointer loads here: TMA boxes were slower on the masked edge blocks (v5)
             n_ok = offs_n < sk
             k = tl.load(k_ptrs, mask=n_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
             v = tl.load(v_ptrs, mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        elif USE_TMA:
+            k = desc_k.load([k_start + start_n, kvh * HEAD_DIM]).T
+            v = desc_v.load([k_start + start_n, kvh * HEAD_DIM])
         elif EVEN_D:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
@@ -174,6 +185,53 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, BlockTable, b, h, kvh, k_start, stride_b
     return acc, l_i, m_i
 
 
+@triton.jit
+def _load_kt(K, desc_k, row0, kvh, stride_kt, stride_kh, offs_n, offs_d,
+             HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
+    """K^T of key rows [row0, row0 + BLOCK_N) of kv head kvh: (HEAD_DIM, BLOCK_N)."""
+    if USE_TMA:
+        return desc_k.load([row0, kvh * HEAD_DIM]).T
+    else:
+        rows = (row0 + offs_n).to(tl.int64)
+        return tl.load(K + rows[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None])
+
+
+@triton.jit
+def _load_v(V, desc_v, row0, kvh, stride_vt, stride_vh, offs_n, offs_d,
+            HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
+    """V rows [row0, row0 + BLOCK_N) of kv head kvh: (BLOCK_N, HEAD_DIM)."""
+    if USE_TMA:
+        return desc_v.load([row0, kvh * HEAD_DIM])
+    else:
+        rows = (row0 + offs_n).to(tl.int64)
+        return tl.load(V + rows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :])
+
+
+@triton.jit
+def _fwd_plain_blocks(acc, l_i, m_i, q, K, V, desc_k, desc_v, k_start, kvh, stride_kt,
+                      stride_kh, stride_vt, stride_vh, offs_d, qk_scale, first, count,
+                      HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    """Fully visible key blocks first, first + BLOCK_N, ... (count of them) of a call with no
+    softcap, ALiBi, dropout, custom mask or pages: the scale is folded into the exponent's
+    FMA, K/V come through TMA descriptors when USE_TMA."""
+    offs_n = tl.arange(0, BLOCK_N)
+    row0 = k_start + first
+    for i in range(0, count):
+        k = _load_kt(K, desc_k, row0 + i * BLOCK_N, kvh, stride_kt, stride_kh, offs_n, offs_d,
+                     HEAD_DIM, USE_TMA)
+        s = tl.dot(q, k, input_precision=PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = _load_v(V, desc_v, row0 + i * BLOCK_N, kvh, stride_vt, stride_vh, offs_n, offs_d,
+                    HEAD_DIM, USE_TMA)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
 def _prune(configs_, named_args, **kwargs):
     d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 128))
     return configs.pick("fwd", configs_, d, named_args.get("BLOCK_M", kwargs.get("BLOCK_M")),
@@ -181,7 +239,8 @@ def _prune(configs_, named_args, **kwargs):
 
 
 @triton.autotune(
-    configs=configs.candidates("fwd", "BLOCK_N"),
+    configs=configs.candidates("fwd", "BLOCK_N",
+                               pre_hook=lambda nargs: set_descriptor_blocks(nargs)),
     key=["HEAD_DIM", "GROUP", "BLOCK_M", "WINDOW_LEFT", "WINDOW_RIGHT", "HAS_SOFTCAP",
          "HAS_ALIBI", "HAS_DROPOUT", "PAGED", "PAGE_SIZE", "HAS_CUSTOM_MASK"],
     prune_configs_by={"early_config_prune": _prune},
@@ -189,7 +248,8 @@ def _prune(configs_, named_args, **kwargs):
 @triton.jit(do_not_specialize=PER_BATCH_ARGS)
 def _fwd_kernel(
     Q, K, V, Out, Lse, CuQ, CuK, TileSeq, TileBlk, BlockTable, Alibi, Seed, MaskBits, MaskOffsets,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    desc_k, desc_v, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
+    stride_oh,
     stride_bt_b, stride_ab, total_q, batch, nheads, max_seqlen_k,
     qk_scale, tanh_scale, softcap2, dropout_p, window_left, window_right,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -197,6 +257,7 @@ def _fwd_kernel(
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
+    PLAIN: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -233,20 +294,26 @@ def _fwd_kernel(
     n_full = (bnd - a + BLOCK_N - 1) // BLOCK_N
     n_before = (a - lo + BLOCK_N - 1) // BLOCK_N
     n_masked = n_before + (hi - bnd + BLOCK_N - 1) // BLOCK_N
+    if PLAIN:
+        acc, l_i, m_i = _fwd_plain_blocks(
+            acc, l_i, m_i, q, K, V, desc_k, desc_v, k_start, kvh, stride_kt, stride_kh,
+            stride_vt, stride_vh, offs_d, qk_scale, a, n_full, HEAD_DIM, BLOCK_N, USE_TMA,
+            PRECISION)
+    else:
+        acc, l_i, m_i = _fwd_blocks(
+            acc, l_i, m_i, q, K, V, desc_k, desc_v, BlockTable, b, h, kvh, k_start, stride_bt_b,
+            stride_kt, stride_kh, stride_vt, stride_vh, offs_m, offs_d, sk, offset, qk_scale,
+            tanh_scale, softcap2, slope2, window_left, window_right, Seed, nheads, max_seqlen_k,
+            dropout_p, a, n_full, a, n_full, MaskBits, mask_off, sq, HAS_CUSTOM_MASK,
+            HAS_CUSTOM_MASK, HEAD_DIM, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+            HAS_DROPOUT, PAGED, PAGE_SIZE, PRECISION, EVEN_D, USE_TMA)
     acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, K, V, BlockTable, b, h, kvh, k_start, stride_bt_b, stride_kt,
-        stride_kh, stride_vt, stride_vh, offs_m, offs_d, sk, offset, qk_scale, tanh_scale,
-        softcap2, slope2, window_left, window_right, Seed, nheads, max_seqlen_k, dropout_p,
-        a, n_full, a, n_full, MaskBits, mask_off, sq, HAS_CUSTOM_MASK, HAS_CUSTOM_MASK, HEAD_DIM,
-        BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PAGED,
-        PAGE_SIZE, PRECISION, EVEN_D)
-    acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, K, V, BlockTable, b, h, kvh, k_start, stride_bt_b, stride_kt,
-        stride_kh, stride_vt, stride_vh, offs_m, offs_d, sk, offset, qk_scale, tanh_scale,
-        softcap2, slope2, window_left, window_right, Seed, nheads, max_seqlen_k, dropout_p,
-        lo, n_before, bnd, n_masked, MaskBits, mask_off, sq, True, HAS_CUSTOM_MASK, HEAD_DIM,
-        BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PAGED,
-        PAGE_SIZE, PRECISION, EVEN_D)
+        acc, l_i, m_i, q, K, V, desc_k, desc_v, BlockTable, b, h, kvh, k_start, stride_bt_b,
+        stride_kt, stride_kh, stride_vt, stride_vh, offs_m, offs_d, sk, offset, qk_scale,
+        tanh_scale, softcap2, slope2, window_left, window_right, Seed, nheads, max_seqlen_k,
+        dropout_p, lo, n_before, bnd, n_masked, MaskBits, mask_off, sq, True, HAS_CUSTOM_MASK,
+        HEAD_DIM, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PAGED,
+        PAGE_SIZE, PRECISION, EVEN_D, USE_TMA)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -300,13 +367,21 @@ def forward(problem, inputs, seed: torch.Tensor | None) -> tuple[torch.Tensor, t
     alibi = inputs.alibi_slopes
     block_table = inputs.block_table
     dummy = inputs.cu_seqlens_q
+    rows_exact = configs.block_d(problem.head_dim) == problem.head_dim and problem.paged is None
+    plain = (rows_exact and not problem.custom_mask and problem.dropout_p == 0
+             and problem.softcap == 0 and alibi is None)
+    use_tma = rows_exact and USE_TMA and tma_ready(k, v, problem.head_dim)
+    desc_k = desc_v = dummy
+    if use_tma:
+        block_n = configs.default("fwd", problem.head_dim, cfg.block_m)[0]
+        desc_k, desc_v = (row_descriptor(t, problem.head_dim, block_n) for t in (k, v))
     grid = (tile_seq.numel(), problem.nheads)
     configs.launch("fwd", _fwd_kernel, grid,
         q, k, v, out, lse, inputs.cu_seqlens_q, inputs.cu_seqlens_k, tile_seq, tile_blk,
         block_table if block_table is not None else dummy,
         alibi if alibi is not None else dummy, seed if seed is not None else dummy,
         inputs.custom_mask if problem.custom_mask else dummy,
-        inputs.custom_mask_offsets if problem.custom_mask else dummy,
+        inputs.custom_mask_offsets if problem.custom_mask else dummy, desc_k, desc_v,
         q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
         out.stride(0), out.stride(1),
         block_table.stride(0) if block_table is not None else 0,
@@ -321,8 +396,41 @@ def forward(problem, inputs, seed: torch.Tensor | None) -> tuple[torch.Tensor, t
         PAGED=problem.paged is not None,
         PAGE_SIZE=problem.paged.page_size if problem.paged is not None else 1,
         PRECISION=configs.dot_precision(q.dtype), HAS_CUSTOM_MASK=problem.custom_mask,
+        PLAIN=plain, USE_TMA=use_tma,
     )
     return out, lse
+
+
+def tma_ready(k: torch.Tensor, v: torch.Tensor, head_dim: int) -> bool:
+    """Whether K and V (rows, heads, head_dim) can be read through 2-D TMA descriptors over
+    (rows, heads * head_dim): heads contiguous in a row, 16-byte aligned base and row stride,
+    on a Hopper-or-later GPU (or the interpreter)."""
+    if TensorDescriptor is None:
+        return False
+    if not configs.interpreting() and (k.device.type != "cuda"
+                                       or torch.cuda.get_device_capability(k.device)[0] < 9):
+        return False
+    for t in (k, v):
+        size = t.element_size()
+        if (t.stride(1) != head_dim or t.data_ptr() % 16 or (t.stride(0) * size) % 16
+                or head_dim * size < 16):
+            return False
+    return True
+
+
+def row_descriptor(t: torch.Tensor, head_dim: int, block_n: int):
+    """TMA descriptor of (rows, heads, head_dim) ``t`` as (rows, heads * head_dim), loading
+    (block_n, head_dim) boxes; set_descriptor_blocks adapts the box to an autotuned BLOCK_N."""
+    flat = t.as_strided((t.shape[0], t.shape[1] * head_dim), (t.stride(0), 1))
+    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [block_n, head_dim])
+
+
+def set_descriptor_blocks(nargs: dict) -> None:
+    """Autotuner pre-hook: the descriptors' boxes follow the config's BLOCK_N."""
+    for name in ("desc_k", "desc_v"):
+        desc = nargs[name]
+        if TensorDescriptor is not None and isinstance(desc, TensorDescriptor):
+            desc.block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM"]]
 
 
 def score_scalars(problem) -> tuple[float, float, float]:

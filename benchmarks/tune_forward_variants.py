@@ -1,0 +1,117 @@
+"""Compare the Triton forward's loads of fully visible key blocks (TMA descriptors or
+pointers) and its launch configs (key block, stages, warps, register cap) on DESIGN.md's
+workloads, optionally with one feature on, against torch's FA2 in the same run; each output
+is checked against the pointer-load, uncapped baseline. How forward.USE_TMA and
+DEFAULTS["fwd"] were chosen (docs/performance.md v5).
+
+    python benchmarks/tune_forward_variants.py --workloads W1,W2 --configs 64:3,64:2:8:128
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import traceback
+
+from triton.testing import do_bench
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import torch
+from attnhub.backends.triton import configs, forward
+from bench_attention import _inputs, prefill_impls
+from workloads import HEAD_DIM, NHEADS, workloads
+
+import attnhub
+
+FEATURES = {
+    "none": {},
+    "softcap": {"softcap": 30.0},
+    "alibi": {"alibi_slopes": "slopes"},
+    "window": {"window_size": (256, 0)},
+    "dropout": {"dropout_p": 0.1},
+}
+
+
+def feature_run(w, causal: bool, feature: str):
+    """The Triton forward of the workload with one feature on (seeded, so runs compare)."""
+    q, k, v, _ = _inputs(w, False)
+    info_q = attnhub.VarlenInfo.from_lengths(w.seqlens_q, "cuda")
+    kwargs = dict(FEATURES[feature])
+    if "alibi_slopes" in kwargs:
+        kwargs["alibi_slopes"] = torch.rand(NHEADS, device="cuda", dtype=torch.float32) * 0.1
+
+    def run():
+        torch.manual_seed(0)
+        return attnhub.attention_forward_varlen(q, k, v, info_q, info_q, causal=causal,
+                                                backend="triton", **kwargs)
+
+    return run
+
+VARIANTS = {"pointers": False, "tma": True}  # how K/V of fully visible blocks are read
+
+
+def set_variant(name: str, block_n: int, stages: int, warps: int, maxnreg: int = 0) -> None:
+    forward.USE_TMA = VARIANTS[name]
+    block_m = configs.forward_config(HEAD_DIM).block_m
+    configs.DEFAULTS["fwd"][(128, block_m)] = (block_n, warps, stages, maxnreg)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", default="W1,W2,W3")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--configs", default="64:3,128:2",
+                        help="key block:stages[:warps[:maxnreg]] (8 warps unless given)")
+    parser.add_argument("--feature", default="none", choices=sorted(FEATURES))
+    parser.add_argument("--block-m", type=int, default=0, help="query tile (default: 128)")
+    parser.add_argument("--out", default=None, help="markdown table to write")
+    args = parser.parse_args()
+    names = args.workloads.split(",")
+    pairs = []
+    for c in args.configs.split(","):
+        given = [int(x) for x in c.split(":")]
+        pairs.append((*given, *(8, 0)[len(given) - 2:]))
+    if args.block_m:
+        configs.forward_config = lambda head_dim: configs.LaunchConfig(args.block_m, 64, 8, 3)
+    rows = ["| workload | causal | variant | key block | stages | warps | maxnreg | ms | TFLOP/s "
+            "| vs torch-fa2 | max diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for w in (x for x in workloads() if x.name in names):
+        for causal in (False, True):
+            flops = w.flops(causal, backward=False)
+            impls = prefill_impls(w, causal, False, None)
+            if args.feature != "none":
+                impls["triton"] = feature_run(w, causal, args.feature)
+            ms_fa2 = do_bench(impls["torch-fa2"], warmup=25, rep=100, return_mode="median")
+            print(f"{w.name} causal={causal} torch-fa2 {ms_fa2:.3f} ms "
+                  f"{flops / ms_fa2 / 1e9:.1f} TFLOP/s", flush=True)
+            set_variant("pointers", 64, 3, 8)
+            ref = impls["triton"]().float()
+            for variant in args.variants.split(","):
+                for block_n, stages, warps, maxnreg in pairs:
+                    set_variant(variant, block_n, stages, warps, maxnreg)
+                    try:
+                        diff = (impls["triton"]().float() - ref).abs().max().item()
+                        ms = do_bench(impls["triton"], warmup=25, rep=100,
+                                      return_mode="median")
+                    except Exception as exc:  # a variant Triton cannot compile: say so
+                        traceback.print_exc(limit=1)
+                        print(f"  {variant} {block_n}:{stages}:{warps}:{maxnreg} failed: "
+                              f"{type(exc).__name__}")
+                        rows.append(f"| {w.name} | {causal} | {variant} | {block_n} | "
+                                    f"{stages} | {warps} | {maxnreg} | failed | | | |")
+                        continue
+                    tf = flops / ms / 1e9
+                    print(f"  {variant:8s} {block_n:3d}:{stages}:{warps}:{maxnreg} {ms:.3f} ms "
+                          f"{tf:.1f} TFLOP/s {ms_fa2 / ms:.2f}x fa2, max diff {diff:.2e}",
+                          flush=True)
+                    rows.append(f"| {w.name} | {causal} | {variant} | {block_n} | {stages} | "
+                                f"{warps} | {maxnreg} | {ms:.3f} | {tf:.1f} | "
+                                f"{ms_fa2 / ms:.2f}x | {diff:.1e} |")
+    if args.out:
+        pathlib.Path(args.out).write_text("\n".join(rows) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

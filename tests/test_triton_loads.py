@@ -1,0 +1,38 @@
+"""The Triton forward's two ways of reading K/V for fully visible key blocks (TMA descriptors
+and pointer loads) give the same output, on the CPU (TRITON_INTERPRET=1)."""
+
+import pytest
+import torch
+from attnhub.backends.triton import configs, forward
+
+import attnhub
+
+pytestmark = pytest.mark.skipif(not configs.interpreting(),
+                                reason="CPU tensors reach the Triton kernels only in the "
+                                       "interpreter (TRITON_INTERPRET=1)")
+
+LENGTHS = [70, 5, 0, 130, 33]
+
+
+@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window_size": (40, 3)},
+                                {"softcap": 5.0}])
+def test_tma_and_pointer_loads_agree(kw, monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    total = sum(LENGTHS)
+    q = torch.randn(total, 6, 32, generator=gen)
+    k, v = (torch.randn(total, 3, 32, generator=gen) for _ in range(2))
+    info = attnhub.VarlenInfo.from_lengths(LENGTHS, "cpu")
+    assert forward.tma_ready(k, v, 32)
+    outs = []
+    for use_tma in (True, False):
+        monkeypatch.setattr(forward, "USE_TMA", use_tma)
+        outs.append(attnhub.attention_forward_varlen(q, k, v, info, info, backend="triton",
+                                                     **kw))
+    ref = attnhub.attention_forward_varlen(q, k, v, info, info, backend="reference", **kw)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    torch.testing.assert_close(outs[0], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_tma_needs_heads_contiguous_in_a_row():
+    k = torch.randn(16, 32, 2).transpose(1, 2)  # (rows, heads, d) with head stride 1
+    assert not forward.tma_ready(k, k, 32)
