@@ -22,7 +22,7 @@ def test_tma_and_pointer_loads_agree(kw, monkeypatch):
     q = torch.randn(total, 6, 32, generator=gen)
     k, v = (torch.randn(total, 3, 32, generator=gen) for _ in range(2))
     info = attnhub.VarlenInfo.from_lengths(LENGTHS, "cpu")
-    assert forward.tma_ready(k, v, 32)
+    assert forward.tma_ready(32, k, v)
     outs = []
     for use_tma in (True, False):
         monkeypatch.setattr(forward, "USE_TMA", use_tma)
@@ -35,4 +35,4 @@ def test_tma_and_pointer_loads_agree(kw, monkeypatch):
 
 def test_tma_needs_heads_contiguous_in_a_row():
     k = torch.randn(16, 32, 2).transpose(1, 2)  # (rows, heads, d) with head stride 1
-    assert not forward.tma_ready(k, k, 32)
+    assert not forward.tma_ready(32, k, k)

@@ -232,6 +232,41 @@ def _fwd_plain_blocks(acc, l_i, m_i, q, K, V, desc_k, desc_v, k_start, kvh, stri
         m_i = m_new
     return acc, l_i, m_i
 
+def tma_ready(head_dim: int, *tensors: torch.Tensor) -> bool:
+    """Whether every (rows, heads, head_dim) tensor can be read through a 2-D TMA descriptor
+    over (rows, heads * head_dim): heads contiguous in a row, 16-byte aligned base and row
+    stride, on a Hopper-or-later GPU (or the interpreter)."""
+    if TensorDescriptor is None or not tensors:
+        return False
+    if not configs.interpreting() and (tensors[0].device.type != "cuda" or
+                                       torch.cuda.get_device_capability(tensors[0].device)[0]
+                                       < 9):
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if (t.stride(1) != head_dim or t.data_ptr() % 16 or (t.stride(0) * size) % 16
+                or head_dim * size < 16):
+            return False
+    return True
+
+
+def row_descriptor(t: torch.Tensor, head_dim: int, block_rows: int):
+    """TMA descriptor of (rows, heads, head_dim) ``t`` as (rows, heads * head_dim), loading
+    (block_rows, head_dim) boxes; descriptor_hook adapts the box to an autotuned block."""
+    flat = t.as_strided((t.shape[0], t.shape[1] * head_dim), (t.stride(0), 1))
+    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [block_rows, head_dim])
+
+
+def descriptor_hook(names: tuple[str, ...], block: str):
+    """Autotuner pre-hook: the boxes of descriptors ``names`` follow the config's ``block``."""
+    def hook(nargs: dict) -> None:
+        for name in names:
+            desc = nargs[name]
+            if TensorDescriptor is not None and isinstance(desc, TensorDescriptor):
+                desc.block_shape = [nargs[block], nargs["HEAD_DIM"]]
+    return hook
+
+
 def _prune(configs_, named_args, **kwargs):
     d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 128))
     return configs.pick("fwd", configs_, d, named_args.get("BLOCK_M", kwargs.get("BLOCK_M")),
@@ -240,7 +275,7 @@ def _prune(configs_, named_args, **kwargs):
 
 @triton.autotune(
     configs=configs.candidates("fwd", "BLOCK_N",
-                               pre_hook=lambda nargs: set_descriptor_blocks(nargs)),
+                               pre_hook=descriptor_hook(("desc_k", "desc_v"), "BLOCK_N")),
     key=["HEAD_DIM", "GROUP", "BLOCK_M", "WINDOW_LEFT", "WINDOW_RIGHT", "HAS_SOFTCAP",
          "HAS_ALIBI", "HAS_DROPOUT", "PAGED", "PAGE_SIZE", "HAS_CUSTOM_MASK"],
     prune_configs_by={"early_config_prune": _prune},
@@ -370,7 +405,7 @@ def forward(problem, inputs, seed: torch.Tensor | None) -> tuple[torch.Tensor, t
     rows_exact = configs.block_d(problem.head_dim) == problem.head_dim and problem.paged is None
     plain = (rows_exact and not problem.custom_mask and problem.dropout_p == 0
              and problem.softcap == 0 and alibi is None)
-    use_tma = rows_exact and USE_TMA and tma_ready(k, v, problem.head_dim)
+    use_tma = rows_exact and USE_TMA and tma_ready(problem.head_dim, k, v)
     desc_k = desc_v = dummy
     if use_tma:
         block_n = configs.default("fwd", problem.head_dim, cfg.block_m)[0]
@@ -399,38 +434,6 @@ def forward(problem, inputs, seed: torch.Tensor | None) -> tuple[torch.Tensor, t
         PLAIN=plain, USE_TMA=use_tma,
     )
     return out, lse
-
-
-def tma_ready(k: torch.Tensor, v: torch.Tensor, head_dim: int) -> bool:
-    """Whether K and V (rows, heads, head_dim) can be read through 2-D TMA descriptors over
-    (rows, heads * head_dim): heads contiguous in a row, 16-byte aligned base and row stride,
-    on a Hopper-or-later GPU (or the interpreter)."""
-    if TensorDescriptor is None:
-        return False
-    if not configs.interpreting() and (k.device.type != "cuda"
-                                       or torch.cuda.get_device_capability(k.device)[0] < 9):
-        return False
-    for t in (k, v):
-        size = t.element_size()
-        if (t.stride(1) != head_dim or t.data_ptr() % 16 or (t.stride(0) * size) % 16
-                or head_dim * size < 16):
-            return False
-    return True
-
-
-def row_descriptor(t: torch.Tensor, head_dim: int, block_n: int):
-    """TMA descriptor of (rows, heads, head_dim) ``t`` as (rows, heads * head_dim), loading
-    (block_n, head_dim) boxes; set_descriptor_blocks adapts the box to an autotuned BLOCK_N."""
-    flat = t.as_strided((t.shape[0], t.shape[1] * head_dim), (t.stride(0), 1))
-    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [block_n, head_dim])
-
-
-def set_descriptor_blocks(nargs: dict) -> None:
-    """Autotuner pre-hook: the descriptors' boxes follow the config's BLOCK_N."""
-    for name in ("desc_k", "desc_v"):
-        desc = nargs[name]
-        if TensorDescriptor is not None and isinstance(desc, TensorDescriptor):
-            desc.block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM"]]
 
 
 def score_scalars(problem) -> tuple[float, float, float]:
