@@ -48,6 +48,10 @@ def main() -> int:
     parser.add_argument("--tiles", default="64x64,128x128,128x64,64x128",
                         help="key-tile x query-tile pairs to try")
     parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--dkdv", default="",
+                        help="comma list of inner:warps:stages[:maxnreg] dK/dV configs to try "
+                             "(default: DEFAULTS')")
+    parser.add_argument("--dq", default="", help="the same for dQ (applied with every --dkdv)")
     parser.add_argument("--maxnreg", default="0:0",
                         help="comma list of dkdv:dq register caps to try on the backward "
                              "kernels' head-dim-128 defaults (0: none)")
@@ -61,23 +65,32 @@ def main() -> int:
     ms_fa2 = do_bench(base["torch-fa2"], warmup=25, rep=100, return_mode="median")
     print(f"{w.name} causal={args.causal} torch-fa2 fwd+bwd {ms_fa2:.3f} ms "
           f"{flops / ms_fa2 / 1e9:.1f} TFLOP/s")
-    trials = [(pair, r) for pair in args.tiles.split(",") for r in args.maxnreg.split(",")]
-    for pair, regs in trials:
-        for name, cap in zip(("dkdv", "dq"), (int(x) for x in regs.split(":")), strict=True):
+    overrides = [(a, b) for a in (args.dkdv.split(",") if args.dkdv else [""])
+                 for b in (args.dq.split(",") if args.dq else [""])]
+    trials = [(pair, r, o) for pair in args.tiles.split(",") for r in args.maxnreg.split(",")
+              for o in overrides]
+    for pair, regs, (dkdv_cfg, dq_cfg) in trials:
+        caps = zip(("dkdv", "dq"), (int(x) for x in regs.split(":")), strict=True)
+        for name, cap in caps:
             configs.DEFAULTS[name] = {key: ((*entry[:3], cap) if key[0] == 128 else entry)
                                       for key, entry in saved[name].items()}
         key_tile, query_tile = (int(x) for x in pair.split("x"))
+        for name, cfg, outer in (("dkdv", dkdv_cfg, key_tile), ("dq", dq_cfg, query_tile)):
+            if cfg:
+                configs.DEFAULTS[name][(128, outer)] = tuple(int(x) for x in cfg.split(":"))
+        label = (f"{pair} maxnreg {regs}, dkdv {dkdv_cfg or 'default'}, "
+                 f"dq {dq_cfg or 'default'}")
         configs.backward_tiles = lambda head_dim, causal, k=key_tile, q=query_tile: (k, q)
         backward._dkdv_kernel.cache.clear()
         backward._dq_kernel.cache.clear()
         try:
             ms = do_bench(base["triton"], warmup=25, rep=100, return_mode="median")
         except Exception as exc:  # out of shared memory / registers for this shape
-            print(f"tiles {pair} maxnreg {regs}: failed: {type(exc).__name__}: "
+            print(f"tiles {label}: failed: {type(exc).__name__}: "
                   f"{str(exc)[:200]}")
             continue
         err = max_grad_error(args.causal)
-        print(f"tiles {pair} maxnreg {regs}: {ms:.3f} ms {flops / ms / 1e9:.1f} TFLOP/s "
+        print(f"tiles {label}: {ms:.3f} ms {flops / ms / 1e9:.1f} TFLOP/s "
               f"({ms_fa2 / ms:.2f}x torch-fa2), max grad error vs fp64 {err:.3f}"
               + ("  WRONG" if err > 0.1 else ""))
         for pick in autotune_picks():
