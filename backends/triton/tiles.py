@@ -75,12 +75,13 @@ def find_tile(Cu, batch, pid, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     BLOCK) each, offsets ``Cu``: batch + 1 ints) are numbered in sequence order; b == batch
     past the last tile. Reads the offsets CHUNK sequences at a time."""
     offs = tl.arange(0, CHUNK)
-    b = batch + 0 * pid
-    blk = 0 * pid
-    before = 0 * pid  # tiles of the sequences of earlier chunks
+    zero = pid * 0  # the loop-carried values must be int32 tensors from the start
+    b = batch + zero
+    blk = zero
+    before = zero  # tiles of the sequences of earlier chunks
     for start in range(0, batch, CHUNK):
         idx = start + offs
-        ok = idx < batch
+        ok = idx < tl.where(before <= pid, batch, 0)  # no loads once pid's sequence is behind
         lo = tl.load(Cu + idx, mask=ok, other=0)
         hi = tl.load(Cu + idx + 1, mask=ok, other=0)
         counts = (hi - lo + BLOCK - 1) // BLOCK
