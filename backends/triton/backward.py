@@ -20,11 +20,12 @@ from .forward import (
     dropout_keep,
     key_ranges,
     kv_layout,
+    launch_tiles,
     score_scalars,
     score_tile,
     sequence_bounds,
-    tile_list,
 )
+from .tiles import program_tile
 
 
 @triton.jit
@@ -145,14 +146,12 @@ def _dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOP_LEFT: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_CUSTOM_MASK: tl.constexpr,
+    HAS_CUSTOM_MASK: tl.constexpr, DEVICE_TILES: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     kvh = tl.program_id(1)
-    b = tl.load(TileSeq + pid)
+    b, nblk = program_tile(TileSeq, TileBlk, CuK, batch, BLOCK_N, DEVICE_TILES)
     if b >= batch:
         return
-    nblk = tl.load(TileBlk + pid)
     q_start, sq, k_start, sk, offset = sequence_bounds(CuQ, CuK, b, TOP_LEFT)
     n0 = nblk * BLOCK_N
     mask_off = 0
@@ -266,14 +265,12 @@ def _dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOP_LEFT: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_CUSTOM_MASK: tl.constexpr,
+    HAS_CUSTOM_MASK: tl.constexpr, DEVICE_TILES: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     h = tl.program_id(1)
-    b = tl.load(TileSeq + pid)
+    b, mblk = program_tile(TileSeq, TileBlk, CuQ, batch, BLOCK_M, DEVICE_TILES)
     if b >= batch:
         return
-    mblk = tl.load(TileBlk + pid)
     q_start, sq, k_start, sk, offset = sequence_bounds(CuQ, CuK, b, TOP_LEFT)
     kvh = h // GROUP
     m0 = mblk * BLOCK_M
@@ -357,22 +354,25 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
     mask_args = ((inputs.custom_mask, inputs.custom_mask_offsets) if problem.custom_mask
                  else (dummy, dummy))
 
-    k_seq, k_blk = tile_list(problem, inputs.cu_seqlens_k, key_tile, False)
-    if k_seq.numel() and problem.nheads_k:
-        configs.launch("dkdv", _dkdv_kernel, (k_seq.numel(), problem.nheads_k),
+    k_programs, k_seq, k_blk, k_device = launch_tiles(problem, inputs.cu_seqlens_k, key_tile,
+                                                      False)
+    if k_programs and problem.nheads_k:
+        configs.launch("dkdv", _dkdv_kernel, (k_programs, problem.nheads_k),
             q, k, v, dout, lse, delta, dk, dv, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
             k_seq, k_blk, alibi_arg, seed_arg, *mask_args,
             q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
             dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0),
-            dv.stride(1), alibi_stride, *scalars, BLOCK_N=key_tile, **common)
-    q_seq, q_blk = tile_list(problem, inputs.cu_seqlens_q, query_tile, True)
-    if q_seq.numel() and problem.nheads:
-        configs.launch("dq", _dq_kernel, (q_seq.numel(), problem.nheads),
+            dv.stride(1), alibi_stride, *scalars, BLOCK_N=key_tile, DEVICE_TILES=k_device,
+            **common)
+    q_programs, q_seq, q_blk, q_device = launch_tiles(problem, inputs.cu_seqlens_q, query_tile,
+                                                      True)
+    if q_programs and problem.nheads:
+        configs.launch("dq", _dq_kernel, (q_programs, problem.nheads),
             q, k, v, dout, lse, delta, dq, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
             q_seq, q_blk, alibi_arg, seed_arg, *mask_args,
             q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), alibi_stride,
-            *scalars, BLOCK_M=query_tile, **common)
+            *scalars, BLOCK_M=query_tile, DEVICE_TILES=q_device, **common)
     return dq, dk, dv
 
 

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from . import configs, tiles
+from .tiles import program_tile
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -292,14 +293,12 @@ def _fwd_kernel(
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
-    PLAIN: tl.constexpr, USE_TMA: tl.constexpr,
+    PLAIN: tl.constexpr, USE_TMA: tl.constexpr, DEVICE_TILES: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     h = tl.program_id(1)
-    b = tl.load(TileSeq + pid)
-    if b >= batch:  # past the real tiles of a device-built (upper bound) tile list
+    b, mblk = program_tile(TileSeq, TileBlk, CuQ, batch, BLOCK_M, DEVICE_TILES)
+    if b >= batch:  # past the real tiles (DEVICE_TILES launches an upper bound)
         return
-    mblk = tl.load(TileBlk + pid)
     q_start, sq, k_start, sk, offset = sequence_bounds(CuQ, CuK, b, TOP_LEFT)
     kvh = h // GROUP
     m0 = mblk * BLOCK_M
@@ -361,16 +360,32 @@ def _fwd_kernel(
 
 
 def tile_list(problem, cu_seqlens: torch.Tensor, block: int, rows_are_queries: bool
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The launch's tile list: planned on the host when lengths are known, else on the device."""
+              ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The launch's tile list planned on the host when lengths are known, else None (the
+    kernels then find their tiles from the offsets: DEVICE_TILES)."""
     rows, cols = ((problem.seqlens_q, problem.seqlens_k) if rows_are_queries
                   else (problem.seqlens_k, problem.seqlens_q))
-    if rows is not None and cols is not None:
-        return tiles.host_tiles(rows, cols, block, problem.window,
-                                problem.mask_alignment == "top_left", rows_are_queries,
-                                cu_seqlens.device)
+    if rows is None or cols is None:
+        return None
+    return tiles.host_tiles(rows, cols, block, problem.window,
+                            problem.mask_alignment == "top_left", rows_are_queries,
+                            cu_seqlens.device)
+
+
+def launch_tiles(problem, cu_seqlens: torch.Tensor, block: int, rows_are_queries: bool,
+                 planned: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[int, torch.Tensor, torch.Tensor, bool]:
+    """(programs, TileSeq, TileBlk, DEVICE_TILES) of a launch tiling ``cu_seqlens``' side by
+    ``block`` rows: the ``planned`` or host-planned list, or without host lengths the upper
+    bound cdiv(total, block) + batch of programs that find their own tiles (the two tile
+    arguments are then placeholders)."""
+    planned = planned if planned is not None else tile_list(problem, cu_seqlens, block,
+                                                            rows_are_queries)
+    if planned is not None:
+        return planned[0].numel(), planned[0], planned[1], False
     total = problem.total_q if rows_are_queries else problem.total_k
-    return tiles.device_tiles(cu_seqlens, total, block)
+    programs = triton.cdiv(total, block) + problem.batch if total > 0 else 0
+    return programs, cu_seqlens, cu_seqlens, True
 
 
 def kv_layout(problem, k: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -392,11 +407,10 @@ def forward(problem, inputs, seed: torch.Tensor | None) -> tuple[torch.Tensor, t
     lse = torch.empty((problem.nheads, problem.total_q), dtype=torch.float32, device=q.device)
     cfg = configs.forward_config(problem.head_dim)
     schedule = inputs.schedule
-    if isinstance(schedule, tiles.Schedule):  # planned once by attnhub.plan
-        tile_seq, tile_blk = schedule.fwd
-    else:
-        tile_seq, tile_blk = tile_list(problem, inputs.cu_seqlens_q, cfg.block_m, True)
-    if tile_seq.numel() == 0 or problem.nheads == 0:
+    planned = schedule.fwd if isinstance(schedule, tiles.Schedule) else None  # attnhub.plan
+    programs, tile_seq, tile_blk, device_tiles = launch_tiles(
+        problem, inputs.cu_seqlens_q, cfg.block_m, True, planned)
+    if programs == 0 or problem.nheads == 0:
         return out, lse
     left, right = problem.window
     alibi = inputs.alibi_slopes
@@ -410,7 +424,7 @@ def forward(problem, inputs, seed: torch.Tensor | None) -> tuple[torch.Tensor, t
     if use_tma:
         block_n = configs.default("fwd", problem.head_dim, cfg.block_m)[0]
         desc_k, desc_v = (row_descriptor(t, problem.head_dim, block_n) for t in (k, v))
-    grid = (tile_seq.numel(), problem.nheads)
+    grid = (programs, problem.nheads)
     configs.launch("fwd", _fwd_kernel, grid,
         q, k, v, out, lse, inputs.cu_seqlens_q, inputs.cu_seqlens_k, tile_seq, tile_blk,
         block_table if block_table is not None else dummy,
@@ -431,7 +445,7 @@ def forward(problem, inputs, seed: torch.Tensor | None) -> tuple[torch.Tensor, t
         PAGED=problem.paged is not None,
         PAGE_SIZE=problem.paged.page_size if problem.paged is not None else 1,
         PRECISION=configs.dot_precision(q.dtype), HAS_CUSTOM_MASK=problem.custom_mask,
-        PLAIN=plain, USE_TMA=use_tma,
+        PLAIN=plain, USE_TMA=use_tma, DEVICE_TILES=device_tiles,
     )
     return out, lse
 

@@ -3,8 +3,9 @@
 A launch over a packed batch gets one program per block of rows of one sequence, not a
 batch x cdiv(max_seqlen) grid of mostly idle programs. With host lengths the list is built
 on the host, heaviest tiles first (causal tiles near the diagonal end do more work), and
-cached per layout; without host lengths it is built on the device with no synchronisation,
-as an upper bound whose extra programs exit at once.
+cached per layout; without host lengths no list is built: the launch takes an upper bound
+of programs, each finds its own tile from the offsets (``find_tile``), and the extra ones
+exit at once.
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
+
+# Sequences whose offsets find_tile reads per step: fixed, so no batch size recompiles.
+FIND_CHUNK = tl.constexpr(256)
 
 
 @dataclass(frozen=True)
@@ -63,17 +69,41 @@ def host_tiles(rows: tuple[int, ...], cols: tuple[int, ...], block: int, window:
     return result
 
 
-def device_tiles(cu_seqlens: torch.Tensor, total: int, block: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tile_seq, tile_block) built on the device from offsets alone: cdiv(total, block) +
-    batch entries (an upper bound); entries past the real tiles have tile_seq == batch."""
-    batch = cu_seqlens.shape[0] - 1
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
-    counts = (lengths + block - 1) // block
-    ends = torch.cumsum(counts, 0)
-    upper = -(-total // block) + batch
-    idx = torch.arange(upper, device=cu_seqlens.device, dtype=torch.int64)
-    seq = torch.searchsorted(ends, idx, right=True)
-    starts = ends - counts
-    blk = idx - starts[seq.clamp(max=max(batch - 1, 0))] if batch > 0 else idx
-    return seq.to(torch.int32), blk.to(torch.int32)
+@triton.jit
+def find_tile(Cu, batch, pid, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """(b, blk) of program ``pid`` when the tiles of sequences 0..batch-1 (cdiv(length,
+    BLOCK) each, offsets ``Cu``: batch + 1 ints) are numbered in sequence order; b == batch
+    past the last tile. Reads the offsets CHUNK sequences at a time."""
+    offs = tl.arange(0, CHUNK)
+    zero = pid * 0  # the loop-carried values must be int32 tensors from the start
+    b = batch + zero
+    blk = zero
+    before = zero  # tiles of the sequences of earlier chunks
+    for start in range(0, batch, CHUNK):
+        idx = start + offs
+        ok = idx < tl.where(before <= pid, batch, 0)  # no loads once pid's sequence is behind
+        lo = tl.load(Cu + idx, mask=ok, other=0)
+        hi = tl.load(Cu + idx + 1, mask=ok, other=0)
+        counts = (hi - lo + BLOCK - 1) // BLOCK
+        ends = before + tl.cumsum(counts, 0)
+        # at most one sequence of the whole batch holds pid (empty ones hold no tile)
+        hit = (ends - counts <= pid) & (pid < ends)
+        b = tl.minimum(b, tl.min(tl.where(hit, idx, batch), 0))
+        blk += tl.sum(tl.where(hit, pid - (ends - counts), 0), 0)
+        before += tl.sum(counts, 0)
+    return b, blk
+
+
+@triton.jit
+def program_tile(TileSeq, TileBlk, Cu, batch, BLOCK: tl.constexpr,
+                 DEVICE_TILES: tl.constexpr):
+    """(sequence, block) of this program (axis 0): entry pid of the host-planned list
+    (TileSeq, TileBlk), or with DEVICE_TILES found from the tiled side's offsets ``Cu``;
+    b >= batch means no work."""
+    pid = tl.program_id(0)
+    if DEVICE_TILES:
+        b, blk = find_tile(Cu, batch, pid, BLOCK, FIND_CHUNK)
+    else:
+        b = tl.load(TileSeq + pid)
+        blk = tl.load(TileBlk + pid)
+    return b, blk
