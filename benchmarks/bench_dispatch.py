@@ -205,6 +205,13 @@ def gpu_overhead(fa4) -> list[str]:
     chosen = attnhub.explain(q, k, v, cu, cu, m, m, causal=True).selected
     rows.append((f"attnhub, automatic selection (-> {chosen})",
                  per_call_us(attnhub_auto, sync=sync)))
+    info = attnhub.VarlenInfo.from_lengths([TINY[1]] * TINY[0], "cuda")
+    rows.append(("attnhub -> triton, device cu_seqlens (tiles found in the kernel)",
+                 per_call_us(lambda: attnhub.attention_forward_varlen(
+                     q, k, v, cu, cu, m, m, causal=True, backend="triton"), sync=sync)))
+    rows.append(("attnhub -> triton, VarlenInfo (host tile list, cached)",
+                 per_call_us(lambda: attnhub.attention_forward_varlen(
+                     q, k, v, info, info, causal=True, backend="triton"), sync=sync)))
     varlen_attn = _varlen_attn()
     if varlen_attn is not None:
         params = inspect.signature(varlen_attn).parameters
