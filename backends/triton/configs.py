@@ -7,6 +7,7 @@ Under TRITON_INTERPRET=1 (CPU tests) small blocks keep the interpreter fast.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -84,8 +85,10 @@ def pick(kernel: str, configs_: list, block_d_: int, outer: int, inner: str) -> 
     return chosen or (fits or configs_)[:1]
 
 
+@functools.cache
 def interpreting() -> bool:
-    """TRITON_INTERPRET=1: the kernels run in Triton's CPU interpreter (tests)."""
+    """TRITON_INTERPRET=1: the kernels run in Triton's CPU interpreter (tests). Read once, as
+    Triton decides it when the kernels are defined."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

@@ -7,6 +7,8 @@ Philox dropout, paged K/V through the block table, lse in natural log.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -239,9 +241,8 @@ def tma_ready(head_dim: int, *tensors: torch.Tensor) -> bool:
     stride, on a Hopper-or-later GPU (or the interpreter)."""
     if TensorDescriptor is None or not tensors:
         return False
-    if not configs.interpreting() and (tensors[0].device.type != "cuda" or
-                                       torch.cuda.get_device_capability(tensors[0].device)[0]
-                                       < 9):
+    device = tensors[0].device
+    if not configs.interpreting() and (device.type != "cuda" or _sm_major(device.index) < 9):
         return False
     for t in tensors:
         size = t.element_size()
@@ -249,6 +250,11 @@ def tma_ready(head_dim: int, *tensors: torch.Tensor) -> bool:
                 or head_dim * size < 16):
             return False
     return True
+
+
+@functools.cache
+def _sm_major(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def row_descriptor(t: torch.Tensor, head_dim: int, block_rows: int):
