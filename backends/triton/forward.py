@@ -2,7 +2,8 @@
 
 Online softmax in base 2 over the key blocks each tile can see (causal and window bands are
 skipped, not masked), fp32 accumulation, GQA by indexing (no expanded K/V), softcap, ALiBi,
-Philox dropout, paged K/V through the block table, lse in natural log.
+Philox dropout, paged K/V through the block table, lse in natural log. Fully visible key
+blocks read K/V through TMA descriptors where the layout allows (docs/triton.md, Loads).
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ except ImportError:  # triton < 3.4: pointer loads only
     TensorDescriptor = None
 
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 # Fully visible key blocks read K/V through TMA descriptors where the layout allows
 # (benchmarks/tune_forward_variants.py compares with pointer loads).
 USE_TMA = True
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -137,14 +138,15 @@ PER_BATCH_ARGS = ["total_q", "batch", "max_seqlen_k"]
 
 
 @triton.jit
-def _fwd_blocks(acc, l_i, m_i, q, K, V, desc_k, desc_v, BlockTable, b, h, kvh, k_start, stride_bt_b,
-                stride_kt, stride_kh, stride_vt, stride_vh, offs_m, offs_d, sk, offset, qk_scale,
-                tanh_scale, softcap2, slope2, window_left, window_right, Seed, nheads, max_seqlen_k,
-                dropout_p, first, split, second, count, MaskBits, mask_off, sq, MASK: tl.constexpr,
-                HAS_CUSTOM_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE:
-                tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
+def _fwd_blocks(acc, l_i, m_i, q, K, V, desc_k, desc_v, BlockTable, b, h, kvh, k_start,
+                stride_bt_b, stride_kt, stride_kh, stride_vt, stride_vh, offs_m, offs_d, sk,
+                offset, qk_scale, tanh_scale, softcap2, slope2, window_left, window_right, Seed,
+                nheads, max_seqlen_k, dropout_p, first, split, second, count, MaskBits,
+                mask_off, sq, MASK: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr,
+                WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                HAS_DROPOUT: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                PRECISION: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
     for i in range(0, count):  # blocks first, first + BLOCK_N, ... then second, ...
         start_n = tl.where(i < split, first + i * BLOCK_N, second + (i - split) * BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -234,6 +236,7 @@ def _fwd_plain_blocks(acc, l_i, m_i, q, K, V, desc_k, desc_v, k_start, kvh, stri
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
+
 
 def tma_ready(head_dim: int, *tensors: torch.Tensor) -> bool:
     """Whether every (rows, heads, head_dim) tensor can be read through a 2-D TMA descriptor
