@@ -22,7 +22,7 @@ import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from workloads import HEAD_DIM, NHEADS, NHEADS_K, Workload, workloads
+from workloads import HEAD_DIM, NHEADS, NHEADS_K, Workload, workload_inputs, workloads
 
 import attnhub
 
@@ -51,23 +51,9 @@ def _fa4():
     return flash_attn_varlen_func
 
 
-def _inputs(w: Workload, requires_grad: bool):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    tq, tk = sum(w.seqlens_q), sum(w.seqlens_k)
-
-    def rand(*shape):
-        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
-
-    q = rand(tq, NHEADS, HEAD_DIM).requires_grad_(requires_grad)
-    k = rand(tk, NHEADS_K, HEAD_DIM).requires_grad_(requires_grad)
-    v = rand(tk, NHEADS_K, HEAD_DIM).requires_grad_(requires_grad)
-    dout = rand(tq, NHEADS, HEAD_DIM)
-    return q, k, v, dout
-
-
 def prefill_impls(w: Workload, causal: bool, backward: bool, fa4):
     """name -> zero-argument callable running one forward (+ backward) of the workload."""
-    q, k, v, dout = _inputs(w, backward)
+    q, k, v, dout = workload_inputs(w, backward)
     info_q = attnhub.VarlenInfo.from_lengths(w.seqlens_q, "cuda")
     info_k = attnhub.VarlenInfo.from_lengths(w.seqlens_k, "cuda")
     mq, mk = info_q.max_seqlen, info_k.max_seqlen

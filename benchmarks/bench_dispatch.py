@@ -28,7 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from workloads import HEAD_DIM, NHEADS, NHEADS_K, Workload, workloads
+from workloads import HEAD_DIM, NHEADS, NHEADS_K, workload_inputs, workloads
 
 import attnhub
 from attnhub import plans
@@ -247,19 +247,6 @@ def _cuda_ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
-def _workload_inputs(w: Workload, grad: bool):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    tq, tk = sum(w.seqlens_q), sum(w.seqlens_k)
-
-    def rand(*shape):
-        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
-
-    q = rand(tq, NHEADS, HEAD_DIM).requires_grad_(grad)
-    k = rand(tk, NHEADS_K, HEAD_DIM).requires_grad_(grad)
-    v = rand(tk, NHEADS_K, HEAD_DIM).requires_grad_(grad)
-    return q, k, v, rand(tq, NHEADS, HEAD_DIM)
-
-
 def workload_rows(fa4, names: list[str]) -> list[str]:
     """W1-W3: each adapter directly vs through attnhub, fwd and fwd+bwd, TFLOP/s."""
     lines = ["## W1-W3: adapters directly vs through attnhub (TFLOP/s, median of 3 alternating "
@@ -271,7 +258,7 @@ def workload_rows(fa4, names: list[str]) -> list[str]:
         cu, m = info.cu_seqlens, info.max_seqlen
         for causal in (False, True):
             for grad in (False, True):
-                q, k, v, dout = _workload_inputs(w, grad)
+                q, k, v, dout = workload_inputs(w, grad)
                 flops = w.flops(causal, backward=grad)
                 impls = _impls(q, k, v, dout, cu, m, info, causal, grad, fa4)
                 for kernel, (direct, through) in impls.items():

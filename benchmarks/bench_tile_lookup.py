@@ -17,15 +17,14 @@ import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_attention import _inputs
-from workloads import workloads
+from workloads import workload_inputs, workloads
 
 import attnhub
 
 
 def time_both(w, causal: bool, backward: bool) -> tuple[float, float]:
     """(ms with a VarlenInfo, ms with device offsets + max_seqlen) for one workload and mode."""
-    q, k, v, dout = _inputs(w, backward)
+    q, k, v, dout = workload_inputs(w, backward)
     info = attnhub.VarlenInfo.from_lengths(w.seqlens_q, "cuda")
     device_args = (info.cu_seqlens, info.cu_seqlens, info.max_seqlen, info.max_seqlen)
 

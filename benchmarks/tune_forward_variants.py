@@ -19,8 +19,8 @@ from triton.testing import do_bench
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import torch
 from attnhub.backends.triton import configs, forward
-from bench_attention import _inputs, prefill_impls
-from workloads import HEAD_DIM, NHEADS, workloads
+from bench_attention import prefill_impls
+from workloads import HEAD_DIM, NHEADS, workload_inputs, workloads
 
 import attnhub
 
@@ -35,7 +35,7 @@ FEATURES = {
 
 def feature_run(w, causal: bool, feature: str):
     """The Triton forward of the workload with one feature on (seeded, so runs compare)."""
-    q, k, v, _ = _inputs(w, False)
+    q, k, v, _ = workload_inputs(w, False)
     info_q = attnhub.VarlenInfo.from_lengths(w.seqlens_q, "cuda")
     kwargs = dict(FEATURES[feature])
     if "alibi_slopes" in kwargs:

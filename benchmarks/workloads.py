@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import torch
+
 NHEADS, NHEADS_K, HEAD_DIM = 32, 8, 128
 
 
@@ -42,3 +44,20 @@ def workloads() -> list[Workload]:
         Workload("W3", w3, w3),
         Workload("W4", (1,) * 64, (4096,) * 64, page_size=16),
     ]
+
+
+def workload_inputs(w: Workload, requires_grad: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random bf16 q (total_q, NHEADS, HEAD_DIM), k and v (total_k, NHEADS_K, HEAD_DIM) and
+    dout (like q) on the GPU, from a fixed seed, so every script times the same data."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    tq, tk = sum(w.seqlens_q), sum(w.seqlens_k)
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    q = rand(tq, NHEADS, HEAD_DIM).requires_grad_(requires_grad)
+    k = rand(tk, NHEADS_K, HEAD_DIM).requires_grad_(requires_grad)
+    v = rand(tk, NHEADS_K, HEAD_DIM).requires_grad_(requires_grad)
+    dout = rand(tq, NHEADS, HEAD_DIM)
+    return q, k, v, dout
