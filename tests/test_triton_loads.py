@@ -36,3 +36,22 @@ def test_tma_and_pointer_loads_agree(kw, monkeypatch):
 def test_tma_needs_heads_contiguous_in_a_row():
     k = torch.randn(16, 32, 2).transpose(1, 2)  # (rows, heads, d) with head stride 1
     assert not forward.tma_ready(32, k, k)
+
+
+@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window_size": (40, 3)}])
+def test_no_sequence_reads_another_sequences_rows(kw):
+    """Non-finite K/V rows of one sequence change no other sequence's output: every key block
+    a program reads lies inside its own sequence, or is read with masked loads."""
+    gen = torch.Generator().manual_seed(1)
+    total = sum(LENGTHS)
+    q = torch.randn(total, 4, 32, generator=gen)
+    k, v = (torch.randn(total, 2, 32, generator=gen) for _ in range(2))
+    info = attnhub.VarlenInfo.from_lengths(LENGTHS, "cpu")
+    clean = attnhub.attention_forward_varlen(q, k, v, info, info, backend="triton", **kw)
+    poisoned = 75  # the third non-empty sequence, rows [75, 205)
+    k[poisoned:poisoned + 130] = float("inf")
+    v[poisoned:poisoned + 130] = float("nan")
+    out = attnhub.attention_forward_varlen(q, k, v, info, info, backend="triton", **kw)
+    others = torch.ones(total, dtype=torch.bool)
+    others[poisoned:poisoned + 130] = False
+    torch.testing.assert_close(out[others], clean[others], rtol=0, atol=0)

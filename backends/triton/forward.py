@@ -3,7 +3,8 @@
 Online softmax in base 2 over the key blocks each tile can see (causal and window bands are
 skipped, not masked), fp32 accumulation, GQA by indexing (no expanded K/V), softcap, ALiBi,
 Philox dropout, paged K/V through the block table, lse in natural log. Fully visible key
-blocks read K/V through TMA descriptors where the layout allows (docs/triton.md, Loads).
+blocks, and in plain calls the diagonal blocks inside the sequence, read K/V through TMA
+descriptors where the layout allows (docs/triton.md, Loads).
 """
 
 from __future__ import annotations
@@ -215,20 +216,29 @@ def _load_v(V, desc_v, row0, kvh, stride_vt, stride_vh, offs_n, offs_d,
 @triton.jit
 def _fwd_plain_blocks(acc, l_i, m_i, q, K, V, desc_k, desc_v, k_start, kvh, stride_kt,
                       stride_kh, stride_vt, stride_vh, offs_d, qk_scale, first, count,
-                      HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
-                      PRECISION: tl.constexpr):
-    """Fully visible key blocks first, first + BLOCK_N, ... (count of them) of a call with no
-    softcap, ALiBi, dropout, custom mask or pages: the scale is folded into the exponent's
-    FMA, K/V come through TMA descriptors when USE_TMA."""
+                      kmax, mask_from, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                      USE_TMA: tl.constexpr, PRECISION: tl.constexpr, RIGHT_EDGE: tl.constexpr):
+    """Key blocks first, first + BLOCK_N, ... (count of them, all inside the sequence) of a
+    call with no softcap, ALiBi, dropout, custom mask or pages: the scale is folded into the
+    exponent's FMA, K/V come through TMA descriptors when USE_TMA. With RIGHT_EDGE, blocks
+    from key ``mask_from`` on (the diagonal) mask keys past ``kmax``, each query row's last
+    visible key: the diagonal blocks run in the visible blocks' loop (v6)."""
     offs_n = tl.arange(0, BLOCK_N)
     row0 = k_start + first
     for i in range(0, count):
         k = _load_kt(K, desc_k, row0 + i * BLOCK_N, kvh, stride_kt, stride_kh, offs_n, offs_d,
                      HEAD_DIM, USE_TMA)
         s = tl.dot(q, k, input_precision=PRECISION)
+        if RIGHT_EDGE:  # noqa: SIM102 (a constexpr test, then a runtime one)
+            if first + i * BLOCK_N >= mask_from:
+                s = tl.where((first + i * BLOCK_N + offs_n)[None, :] <= kmax[:, None], s,
+                             float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        m_use = m_new
+        if RIGHT_EDGE:  # rows that have seen nothing yet keep exp2 away from -inf - -inf
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s * qk_scale - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         v = _load_v(V, desc_v, row0 + i * BLOCK_N, kvh, stride_vt, stride_vh, offs_n, offs_d,
@@ -338,10 +348,17 @@ def _fwd_kernel(
     n_before = (a - lo + BLOCK_N - 1) // BLOCK_N
     n_masked = n_before + (hi - bnd + BLOCK_N - 1) // BLOCK_N
     if PLAIN:
+        n_edge = 0
+        if WINDOW_RIGHT:  # right-edge blocks inside the sequence join the visible blocks' loop
+            n_edge = tl.minimum((hi - bnd + BLOCK_N - 1) // BLOCK_N,
+                                tl.maximum(sk - bnd, 0) // BLOCK_N)
+            n_masked = n_before + (hi - bnd - n_edge * BLOCK_N + BLOCK_N - 1) // BLOCK_N
         acc, l_i, m_i = _fwd_plain_blocks(
             acc, l_i, m_i, q, K, V, desc_k, desc_v, k_start, kvh, stride_kt, stride_kh,
-            stride_vt, stride_vh, offs_d, qk_scale, a, n_full, HEAD_DIM, BLOCK_N, USE_TMA,
-            PRECISION)
+            stride_vt, stride_vh, offs_d, qk_scale, a, n_full + n_edge,
+            offs_m + offset + window_right, bnd, HEAD_DIM, BLOCK_N, USE_TMA, PRECISION,
+            WINDOW_RIGHT)
+        bnd += n_edge * BLOCK_N
     else:
         acc, l_i, m_i = _fwd_blocks(
             acc, l_i, m_i, q, K, V, desc_k, desc_v, BlockTable, b, h, kvh, k_start, stride_bt_b,
