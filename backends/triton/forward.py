@@ -147,7 +147,11 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, desc_k, desc_v, BlockTable, b, h, kvh, k
                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr,
                 WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                 HAS_DROPOUT: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                PRECISION: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
+                PRECISION: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr,
+                kmax, mask_from, RIGHT_EDGE: tl.constexpr):
+    """Key blocks first, first + BLOCK_N, ... (split of them) then second, ... (count in all),
+    masked when MASK; with RIGHT_EDGE (unmasked blocks inside the sequence), blocks from key
+    ``mask_from`` on mask keys past ``kmax``, each query row's last visible key (v6)."""
     for i in range(0, count):  # blocks first, first + BLOCK_N, ... then second, ...
         start_n = tl.where(i < split, first + i * BLOCK_N, second + (i - split) * BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -173,10 +177,14 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, desc_k, desc_v, BlockTable, b, h, kvh, k
         if HAS_CUSTOM_MASK:
             s = tl.where(custom_mask_visible(MaskBits, mask_off, offs_m[:, None],
                                              offs_n[None, :], sq, sk), s, float("-inf"))
+        if RIGHT_EDGE:  # noqa: SIM102 (a constexpr test, then a runtime one)
+            if start_n >= mask_from:
+                s = tl.where(offs_n[None, :] <= kmax[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = m_new
-        if MASK:  # a row may still have seen nothing: keep exp2 away from -inf - -inf, and
-            # keep m_i at -inf so that the row's first visible key sets the true maximum
+        if MASK or RIGHT_EDGE:  # a row may still have seen nothing: keep exp2 away from
+            # -inf - -inf, and keep m_i at -inf so that the row's first visible key sets the
+            # true maximum
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
@@ -347,33 +355,39 @@ def _fwd_kernel(
     n_full = (bnd - a + BLOCK_N - 1) // BLOCK_N
     n_before = (a - lo + BLOCK_N - 1) // BLOCK_N
     n_masked = n_before + (hi - bnd + BLOCK_N - 1) // BLOCK_N
+    # right-edge blocks inside the sequence (the causal diagonal) join the visible blocks' loop,
+    # masked from the edge on (v6); a custom mask masks every block anyway, and with ALiBi or
+    # dropout the joined loop was not faster (docs/performance.md v6)
+    RIGHT_EDGE: tl.constexpr = (WINDOW_RIGHT and not HAS_CUSTOM_MASK and not HAS_ALIBI
+                                and not HAS_DROPOUT)
+    n_edge = 0
+    if RIGHT_EDGE:
+        n_edge = tl.minimum((hi - bnd + BLOCK_N - 1) // BLOCK_N,
+                            tl.maximum(sk - bnd, 0) // BLOCK_N)
+        n_masked = n_before + (hi - bnd - n_edge * BLOCK_N + BLOCK_N - 1) // BLOCK_N
+    kmax = offs_m + offset + window_right
     if PLAIN:
-        n_edge = 0
-        if WINDOW_RIGHT:  # right-edge blocks inside the sequence join the visible blocks' loop
-            n_edge = tl.minimum((hi - bnd + BLOCK_N - 1) // BLOCK_N,
-                                tl.maximum(sk - bnd, 0) // BLOCK_N)
-            n_masked = n_before + (hi - bnd - n_edge * BLOCK_N + BLOCK_N - 1) // BLOCK_N
         acc, l_i, m_i = _fwd_plain_blocks(
             acc, l_i, m_i, q, K, V, desc_k, desc_v, k_start, kvh, stride_kt, stride_kh,
-            stride_vt, stride_vh, offs_d, qk_scale, a, n_full + n_edge,
-            offs_m + offset + window_right, bnd, HEAD_DIM, BLOCK_N, USE_TMA, PRECISION,
-            WINDOW_RIGHT)
-        bnd += n_edge * BLOCK_N
+            stride_vt, stride_vh, offs_d, qk_scale, a, n_full + n_edge, kmax, bnd, HEAD_DIM,
+            BLOCK_N, USE_TMA, PRECISION, RIGHT_EDGE)
     else:
         acc, l_i, m_i = _fwd_blocks(
             acc, l_i, m_i, q, K, V, desc_k, desc_v, BlockTable, b, h, kvh, k_start, stride_bt_b,
             stride_kt, stride_kh, stride_vt, stride_vh, offs_m, offs_d, sk, offset, qk_scale,
             tanh_scale, softcap2, slope2, window_left, window_right, Seed, nheads, max_seqlen_k,
-            dropout_p, a, n_full, a, n_full, MaskBits, mask_off, sq, HAS_CUSTOM_MASK,
-            HAS_CUSTOM_MASK, HEAD_DIM, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-            HAS_DROPOUT, PAGED, PAGE_SIZE, PRECISION, EVEN_D, USE_TMA)
+            dropout_p, a, n_full + n_edge, a, n_full + n_edge, MaskBits, mask_off, sq,
+            HAS_CUSTOM_MASK, HAS_CUSTOM_MASK, HEAD_DIM, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
+            HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PAGED, PAGE_SIZE, PRECISION, EVEN_D, USE_TMA,
+            kmax, bnd, RIGHT_EDGE)
+    bnd += n_edge * BLOCK_N
     acc, l_i, m_i = _fwd_blocks(
         acc, l_i, m_i, q, K, V, desc_k, desc_v, BlockTable, b, h, kvh, k_start, stride_bt_b,
         stride_kt, stride_kh, stride_vt, stride_vh, offs_m, offs_d, sk, offset, qk_scale,
         tanh_scale, softcap2, slope2, window_left, window_right, Seed, nheads, max_seqlen_k,
         dropout_p, lo, n_before, bnd, n_masked, MaskBits, mask_off, sq, True, HAS_CUSTOM_MASK,
         HEAD_DIM, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PAGED,
-        PAGE_SIZE, PRECISION, EVEN_D, USE_TMA)
+        PAGE_SIZE, PRECISION, EVEN_D, USE_TMA, kmax, 0, False)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
