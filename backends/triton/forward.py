@@ -139,6 +139,16 @@ PER_BATCH_ARGS = ["total_q", "batch", "max_seqlen_k"]
 
 
 @triton.jit
+def _mask_right_edge(s, kj, block_start, mask_from, kmax):
+    """Scores ``s`` of a key block starting at ``block_start`` (keys ``kj``): from key
+    ``mask_from`` on (the diagonal), keys past each query row's last visible key ``kmax``
+    are masked (-inf); earlier blocks are fully visible and left as they are."""
+    if block_start >= mask_from:
+        s = tl.where(kj[None, :] <= kmax[:, None], s, float("-inf"))
+    return s
+
+
+@triton.jit
 def _fwd_blocks(acc, l_i, m_i, q, K, V, desc_k, desc_v, BlockTable, b, h, kvh, k_start,
                 stride_bt_b, stride_kt, stride_kh, stride_vt, stride_vh, offs_m, offs_d, sk,
                 offset, qk_scale, tanh_scale, softcap2, slope2, window_left, window_right, Seed,
@@ -163,8 +173,10 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, desc_k, desc_v, BlockTable, b, h, kvh, k
             k = tl.load(k_ptrs, mask=n_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
             v = tl.load(v_ptrs, mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
         elif USE_TMA:
-            k = desc_k.load([k_start + start_n, kvh * HEAD_DIM]).T
-            v = desc_v.load([k_start + start_n, kvh * HEAD_DIM])
+            k = _load_kt(K, desc_k, k_start + start_n, kvh, stride_kt, stride_kh, offs_n,
+                         offs_d, HEAD_DIM, True)
+            v = _load_v(V, desc_v, k_start + start_n, kvh, stride_vt, stride_vh, offs_n,
+                        offs_d, HEAD_DIM, True)
         elif EVEN_D:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
@@ -177,9 +189,8 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, desc_k, desc_v, BlockTable, b, h, kvh, k
         if HAS_CUSTOM_MASK:
             s = tl.where(custom_mask_visible(MaskBits, mask_off, offs_m[:, None],
                                              offs_n[None, :], sq, sk), s, float("-inf"))
-        if RIGHT_EDGE:  # noqa: SIM102 (a constexpr test, then a runtime one)
-            if start_n >= mask_from:
-                s = tl.where(offs_n[None, :] <= kmax[:, None], s, float("-inf"))
+        if RIGHT_EDGE:
+            s = _mask_right_edge(s, offs_n, start_n, mask_from, kmax)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = m_new
         if MASK or RIGHT_EDGE:  # a row may still have seen nothing: keep exp2 away from
@@ -237,10 +248,9 @@ def _fwd_plain_blocks(acc, l_i, m_i, q, K, V, desc_k, desc_v, k_start, kvh, stri
         k = _load_kt(K, desc_k, row0 + i * BLOCK_N, kvh, stride_kt, stride_kh, offs_n, offs_d,
                      HEAD_DIM, USE_TMA)
         s = tl.dot(q, k, input_precision=PRECISION)
-        if RIGHT_EDGE:  # noqa: SIM102 (a constexpr test, then a runtime one)
-            if first + i * BLOCK_N >= mask_from:
-                s = tl.where((first + i * BLOCK_N + offs_n)[None, :] <= kmax[:, None], s,
-                             float("-inf"))
+        if RIGHT_EDGE:
+            s = _mask_right_edge(s, first + i * BLOCK_N + offs_n, first + i * BLOCK_N,
+                                 mask_from, kmax)
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         m_use = m_new
         if RIGHT_EDGE:  # rows that have seen nothing yet keep exp2 away from -inf - -inf
@@ -354,7 +364,6 @@ def _fwd_kernel(
     # edge) and after them (diagonal, right window edge, sequence end)
     n_full = (bnd - a + BLOCK_N - 1) // BLOCK_N
     n_before = (a - lo + BLOCK_N - 1) // BLOCK_N
-    n_masked = n_before + (hi - bnd + BLOCK_N - 1) // BLOCK_N
     # right-edge blocks inside the sequence (the causal diagonal) join the visible blocks' loop,
     # masked from the edge on (v6); a custom mask masks every block anyway, and with ALiBi or
     # dropout the joined loop was not faster (docs/performance.md v6)
@@ -364,7 +373,6 @@ def _fwd_kernel(
     if RIGHT_EDGE:
         n_edge = tl.minimum((hi - bnd + BLOCK_N - 1) // BLOCK_N,
                             tl.maximum(sk - bnd, 0) // BLOCK_N)
-        n_masked = n_before + (hi - bnd - n_edge * BLOCK_N + BLOCK_N - 1) // BLOCK_N
     kmax = offs_m + offset + window_right
     if PLAIN:
         acc, l_i, m_i = _fwd_plain_blocks(
@@ -381,6 +389,7 @@ def _fwd_kernel(
             HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PAGED, PAGE_SIZE, PRECISION, EVEN_D, USE_TMA,
             kmax, bnd, RIGHT_EDGE)
     bnd += n_edge * BLOCK_N
+    n_masked = n_before + (hi - bnd + BLOCK_N - 1) // BLOCK_N
     acc, l_i, m_i = _fwd_blocks(
         acc, l_i, m_i, q, K, V, desc_k, desc_v, BlockTable, b, h, kvh, k_start, stride_bt_b,
         stride_kt, stride_kh, stride_vt, stride_vh, offs_m, offs_d, sk, offset, qk_scale,
