@@ -18,7 +18,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import torch
-from attnhub.backends.triton import configs, forward
+from attnhub.backends.triton import configs, forward, hopper_forward
 from bench_attention import prefill_impls
 from workloads import HEAD_DIM, NHEADS, workload_inputs, workloads
 
@@ -48,11 +48,24 @@ def feature_run(w, causal: bool, feature: str):
 
     return run
 
-VARIANTS = {"pointers": False, "tma": True}  # how K/V of fully visible blocks are read
+# (USE_TMA, USE_GLUON, Gluon config changes): how K/V of fully visible blocks are read in the
+# tl kernel, or the warp-specialised Gluon kernel (hopper_forward.py; --configs do not apply)
+VARIANTS = {
+    "pointers": (False, False, {}),
+    "tma": (True, False, {}),
+    "gluon": (True, True, {}),
+    "gluon-pingpong": (True, True, {"pingpong": True}),
+    "gluon-direct": (True, True, {"direct_store": True}),
+    "gluon-3stages": (True, True, {"stages": 3, "direct_store": True}),
+    "gluon-n64": (True, True, {"block_n": 64}),
+    "gluon-regs232": (True, True, {"consumer_regs": 232, "producer_regs": 40}),
+}
+GLUON_DEFAULT = dict(hopper_forward.CONFIG)
 
 
 def set_variant(name: str, block_n: int, stages: int, warps: int, maxnreg: int = 0) -> None:
-    forward.USE_TMA = VARIANTS[name]
+    forward.USE_TMA, forward.USE_GLUON, changes = VARIANTS[name]
+    hopper_forward.CONFIG.update(GLUON_DEFAULT, **changes)
     block_m = configs.forward_config(HEAD_DIM).block_m
     configs.DEFAULTS["fwd"][(128, block_m)] = (block_n, warps, stages, maxnreg)
 
@@ -60,7 +73,7 @@ def set_variant(name: str, block_n: int, stages: int, warps: int, maxnreg: int =
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", default="W1,W2,W3")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default="tma,gluon")
     parser.add_argument("--configs", default="64:3,128:2",
                         help="key block:stages[:warps[:maxnreg]] (8 warps unless given)")
     parser.add_argument("--feature", default="none", choices=sorted(FEATURES))

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs, tiles
+from . import configs, hopper_forward, tiles
 from .tiles import program_tile
 
 try:
@@ -29,6 +29,10 @@ LN2 = 0.6931471805599453
 # Fully visible key blocks read K/V through TMA descriptors where the layout allows
 # (benchmarks/tune_forward_variants.py compares with pointer loads).
 USE_TMA = True
+
+# Plain calls on an sm_90 GPU with a host-planned tile list run the warp-specialised Gluon
+# kernel (hopper_forward.py, docs/performance.md v7); False keeps them on the tl kernel.
+USE_GLUON = True
 
 
 @triton.jit
@@ -468,6 +472,12 @@ def forward(problem, inputs, seed: torch.Tensor | None) -> tuple[torch.Tensor, t
     rows_exact = configs.block_d(problem.head_dim) == problem.head_dim and problem.paged is None
     plain = (rows_exact and not problem.custom_mask and problem.dropout_p == 0
              and problem.softcap == 0 and alibi is None)
+    if (USE_GLUON and not device_tiles and cfg.block_m == hopper_forward.BLOCK_M
+            and hopper_forward.supports(problem, q, k, v, plain)):
+        hopper_forward.forward(problem, q, k, v, out, lse, inputs.cu_seqlens_q,
+                               inputs.cu_seqlens_k, tile_seq, tile_blk,
+                               score_scalars(problem)[0])
+        return out, lse
     use_tma = rows_exact and USE_TMA and tma_ready(problem.head_dim, k, v)
     desc_k = desc_v = dummy
     if use_tma:

@@ -1,0 +1,340 @@
+"""Warp-specialised varlen forward for Hopper (sm_90), written in Gluon.
+
+The plain forward (no softcap, ALiBi, dropout, custom mask or pages; head dim 64 or 128;
+fp16/bf16; causal and windows allowed) of the Triton backend on an H100/H200. One program per
+(query tile of 128 rows, query head), as the tl kernel (forward.py), but scheduled by hand:
+
+* a producer warp streams K and V blocks through TMA into a ring of STAGES shared buffers,
+  one mbarrier per buffer and direction (ready / empty), K and V apart so QK^T starts before
+  V has landed;
+* two consumer warpgroups (8 warps, 64 query rows each) issue QK^T of block j and P V of
+  block j - 1 as asynchronous wgmma, and compute block j's softmax while P V still runs
+  (FlashAttention-3's intra-warpgroup overlap, Shah et al. 2024, section 3.2).
+
+Semantics match forward.py exactly (bottom-right or top-left alignment, windows, lse in
+natural log, rows that see no key: zeros and lse -inf). Rows past a sequence's end that a
+K/V box reads are masked in the scores and zeroed in V before P V, so no sequence reads
+another's values (tests/test_triton_loads.py). Needs ``triton.experimental.gluon`` with
+Hopper's wgmma (Triton 3.5+); the tl kernel serves every other call.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except ImportError:  # no Gluon (Triton < 3.5): the tl kernel serves every call
+    gluon = None
+
+BLOCK_M = 128
+# (key block, stages, ping-pong, consumer registers, producer registers), from benchmarks on
+# an H200 (docs/performance.md v7)
+CONFIG = {"block_n": 128, "stages": 2, "pingpong": False, "direct_store": False,
+          "consumer_regs": 240, "producer_regs": 24}
+HEAD_DIMS = (64, 128)
+
+if gluon is not None:
+
+    @gluon.jit
+    def _produce(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                 k_empty, v_empty, q_row, q_col, k_row, kv_col, n_blocks,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """Producer warp: Q once, then K and V of blocks 0..n_blocks-1 into the ring."""
+        mbarrier.expect(q_bar, desc_q.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc_q, [q_row, q_col], q_bar, q_smem)
+        for j in range(n_blocks):
+            st = j % STAGES
+            use = j // STAGES
+            row = k_row + j * BLOCK_N
+            mbarrier.wait(k_empty.index(st), (use & 1) ^ 1, pred=use > 0)
+            mbarrier.expect(k_ready.index(st), desc_k.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc_k, [row, kv_col], k_ready.index(st),
+                                            k_smem.index(st))
+            mbarrier.wait(v_empty.index(st), (use & 1) ^ 1, pred=use > 0)
+            mbarrier.expect(v_ready.index(st), desc_v.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc_v, [row, kv_col], v_ready.index(st),
+                                            v_smem.index(st))
+
+    @gluon.jit
+    def _masked(s, ks, m0, sk, offset, window_left, window_right, S_LAYOUT: gl.constexpr,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, WINDOW_LEFT: gl.constexpr,
+                WINDOW_RIGHT: gl.constexpr):
+        """Scores ``s`` of the key block starting at ``ks`` with invisible keys at -inf."""
+        kj = ks + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_LAYOUT))
+        qi = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, S_LAYOUT))
+        kj2 = kj[None, :]
+        rel = qi[:, None] + offset - kj2  # i + offset - j
+        visible = kj2 < sk
+        if WINDOW_LEFT:
+            visible = visible & (rel <= window_left)
+        if WINDOW_RIGHT:
+            visible = visible & (rel >= -window_right)
+        return gl.where(visible, s, float("-inf"))
+
+    @gluon.jit
+    def _zero_tail_rows(v_buf, valid, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                        NUM_WARPS: gl.constexpr):
+        """Rows ``valid``.. of the V block in shared memory set to zero (they belong to the
+        next sequence: P is 0 there, but 0 * inf or NaN would not be)."""
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8],
+                                                [NUM_WARPS, 1], [1, 0])
+        v = v_buf.load(layout)
+        rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
+        v = gl.where((rows < valid)[:, None], v, gl.zeros_like(v))
+        gl.thread_barrier()
+        v_buf.store(v)
+        fence_async_shared()
+        gl.thread_barrier()
+
+    @gluon.jit
+    def _consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
+                 v_zeroed, Out,
+                 Lse, q_start, sq, h, m0, sk, offset, lo, n_blocks, full_lo, full_hi, qk_scale,
+                 window_left, window_right, stride_ot, stride_oh, total_q,
+                 WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+                 DIRECT_STORE: gl.constexpr, WINDOW_LEFT: gl.constexpr,
+                 WINDOW_RIGHT: gl.constexpr):
+        """Consumer warpgroup WG (0 or 1): query rows [m0 + WG * ROWS, + ROWS) of the tile,
+        online softmax over the key blocks, then O and lse. With PINGPONG the two warpgroups
+        take turns to issue their matmuls, so one's softmax runs under the other's."""
+        ROWS: gl.constexpr = BLOCK_M // 2
+        dtype: gl.constexpr = q_smem.dtype
+        S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+        O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+        P_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT,
+                                                     k_width=2)
+        ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
+        ROW_O: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
+        r0 = m0 + WG * ROWS
+        q_rows = q_smem.slice(WG * ROWS, ROWS)
+
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, ROW_S)
+        l_i = gl.zeros([ROWS], gl.float32, ROW_S)
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, O_LAYOUT)
+        s_init = gl.zeros([ROWS, BLOCK_N], gl.float32, S_LAYOUT)
+        mbarrier.wait(q_bar, 0)
+        if n_blocks > 0:
+            # block 0: QK^T and softmax, its P V waits for the next iteration
+            mbarrier.wait(k_ready.index(0), 0)
+            if PINGPONG:
+                mbarrier.wait(turn.index(WG), 0, pred=WG == 1)
+            s = warpgroup_mma(q_rows, k_smem.index(0).permute((1, 0)), s_init, use_acc=False,
+                              is_async=True)
+            if PINGPONG:
+                mbarrier.arrive(turn.index(1 - WG))
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+            mbarrier.arrive(k_empty.index(0))
+            if (lo < full_lo) | (lo + BLOCK_N > full_hi):
+                s = _masked(s, lo, r0, sk, offset, window_left, window_right, S_LAYOUT,
+                            ROWS, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
+            m_blk = gl.max(s, 1) * qk_scale
+            m_use = gl.where(m_blk == float("-inf"), 0.0, m_blk)
+            p = gl.exp2(s * qk_scale - m_use[:, None])
+            l_i = gl.sum(p, 1)
+            m_i = m_blk
+            p_op = gl.convert_layout(p.to(dtype), P_LAYOUT)
+            for j in range(1, n_blocks):
+                st = j % STAGES
+                ks = lo + j * BLOCK_N
+                pst = (j - 1) % STAGES
+                mbarrier.wait(k_ready.index(st), (j // STAGES) & 1)
+                mbarrier.wait(v_ready.index(pst), ((j - 1) // STAGES) & 1)
+                if PINGPONG:
+                    # turn j of WG 0 follows WG 1's turn j - 1; WG 1's follows WG 0's turn j
+                    mbarrier.wait(turn.index(WG), (j - 1 + WG) & 1)
+                s = warpgroup_mma(q_rows, k_smem.index(st).permute((1, 0)), s_init,
+                                  use_acc=False, is_async=True)
+                acc = warpgroup_mma(p_op, v_smem.index(pst), acc, is_async=True)
+                if PINGPONG:
+                    mbarrier.arrive(turn.index(1 - WG))
+                s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+                mbarrier.arrive(k_empty.index(st))
+                if (ks < full_lo) | (ks + BLOCK_N > full_hi):
+                    s = _masked(s, ks, r0, sk, offset, window_left, window_right, S_LAYOUT,
+                                ROWS, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
+                m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+                m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = gl.exp2(m_i - m_use)
+                p = gl.exp2(s * qk_scale - m_use[:, None])
+                l_i = l_i * alpha + gl.sum(p, 1)
+                m_i = m_new
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                mbarrier.arrive(v_empty.index(pst))
+                acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
+                p_op = gl.convert_layout(p.to(dtype), P_LAYOUT)
+            last = n_blocks - 1
+            lst = last % STAGES
+            mbarrier.wait(v_ready.index(lst), (last // STAGES) & 1)
+            tail = sk - (lo + last * BLOCK_N)
+            if tail < BLOCK_N:  # warpgroup 0 zeroes the rows past the end, 1 waits for it
+                if WG == 0:
+                    _zero_tail_rows(v_smem.index(lst), tail, BLOCK_N, HEAD_DIM, 4)
+                    mbarrier.arrive(v_zeroed)
+                else:
+                    mbarrier.wait(v_zeroed, 0)
+            acc = warpgroup_mma(p_op, v_smem.index(lst), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(v_empty.index(lst))
+
+        seen = l_i > 0.0
+        inv = gl.convert_layout(1.0 / gl.where(seen, l_i, 1.0), ROW_O)
+        out = (acc * inv[:, None]).to(dtype)
+        lse = gl.where(seen, (m_i + gl.log2(gl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        if DIRECT_STORE:  # 4-byte stores from the wgmma layout, no shared-memory staging
+            OUT_LAYOUT: gl.constexpr = O_LAYOUT
+        else:  # 16-byte stores after a layout change through shared memory
+            OUT_LAYOUT: gl.constexpr = gl.BlockedLayout(
+                [1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
+            out = gl.convert_layout(out, OUT_LAYOUT)
+        rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, OUT_LAYOUT))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, OUT_LAYOUT))
+        ptrs = Out + (q_start + rows).to(gl.int64)[:, None] * stride_ot + h * stride_oh \
+            + cols[None, :]
+        gl.store(ptrs, out, mask=(rows < sq)[:, None])
+        lse_rows = r0 + gl.arange(0, ROWS, layout=ROW_S)
+        gl.store(Lse + h.to(gl.int64) * total_q + q_start + lse_rows, lse, mask=lse_rows < sq)
+
+    @gluon.jit(do_not_specialize=["total_q"])
+    def _hopper_fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, CuQ, CuK, TileSeq, TileBlk,
+                           stride_ot, stride_oh, total_q, qk_scale, window_left, window_right,
+                           GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
+                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                           STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+                           DIRECT_STORE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                           PRODUCER_REGS: gl.constexpr,
+                           TOP_LEFT: gl.constexpr, WINDOW_LEFT: gl.constexpr,
+                           WINDOW_RIGHT: gl.constexpr):
+        pid = gl.program_id(0)
+        h = gl.program_id(1)
+        b = gl.load(TileSeq + pid)
+        m0 = gl.load(TileBlk + pid) * BLOCK_M
+        q_start = gl.load(CuQ + b)
+        sq = gl.load(CuQ + b + 1) - q_start
+        k_start = gl.load(CuK + b)
+        sk = gl.load(CuK + b + 1) - k_start
+        offset = 0 if TOP_LEFT else sk - sq
+
+        # key range [lo, hi) of rows [m0, m0 + BLOCK_M), and [full_lo, full_hi): the keys
+        # every row of the tile sees (blocks inside it need no mask)
+        lo = sk * 0  # tensors, not Python ints: the partitions take them as arguments
+        hi = sk
+        full_lo = sk * 0
+        full_hi = sk
+        if WINDOW_RIGHT:
+            hi = gl.minimum(sk, m0 + BLOCK_M + offset + window_right)
+            full_hi = gl.minimum(sk, gl.maximum(m0 + offset + window_right + 1, 0))
+        if WINDOW_LEFT:
+            lo = gl.maximum(0, m0 + offset - window_left) // BLOCK_N * BLOCK_N
+            full_lo = gl.maximum(m0 + BLOCK_M - 1 + offset - window_left, 0)
+        n_blocks = (gl.maximum(hi - lo, 0) + BLOCK_N - 1) // BLOCK_N
+
+        q_smem = gl.allocate_shared_memory(desc_q.dtype, [BLOCK_M, HEAD_DIM], desc_q.layout)
+        k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES, BLOCK_N, HEAD_DIM],
+                                           desc_k.layout)
+        v_smem = gl.allocate_shared_memory(desc_v.dtype, [STAGES, BLOCK_N, HEAD_DIM],
+                                           desc_v.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        v_zeroed = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
+            mbarrier.init(v_empty.index(i), count=2)
+        mbarrier.init(turn.index(0), count=1)
+        mbarrier.init(turn.index(1), count=1)
+        mbarrier.init(v_zeroed, count=1)
+        fence_async_shared()
+
+        gl.warp_specialize([
+            (_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
+                        v_zeroed, Out, Lse, q_start, sq, h, m0, sk, offset, lo, n_blocks,
+                        full_lo, full_hi, qk_scale, window_left, window_right, stride_ot,
+                        stride_oh, total_q, 0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG,
+                        DIRECT_STORE, WINDOW_LEFT, WINDOW_RIGHT)),
+            (_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
+                        v_zeroed, Out, Lse, q_start, sq, h, m0, sk, offset, lo, n_blocks,
+                        full_lo, full_hi, qk_scale, window_left, window_right, stride_ot,
+                        stride_oh, total_q, 1, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG,
+                        DIRECT_STORE, WINDOW_LEFT, WINDOW_RIGHT)),
+            (_produce, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                        k_empty, v_empty, q_start + m0, h * HEAD_DIM, k_start + lo,
+                        (h // GROUP) * HEAD_DIM, n_blocks, BLOCK_N, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def available() -> bool:
+    """Whether this Triton ships Gluon's Hopper language (the kernels can be built)."""
+    return gluon is not None
+
+
+@functools.cache
+def _is_sm90(index: int | None) -> bool:
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
+def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plain: bool) -> bool:
+    """Whether this kernel serves a call with a host-planned tile list: a plain forward on
+    an sm_90 GPU with fp16/bf16, head dim 64 or 128, Q/K/V as packed rows whose heads lie
+    contiguous (TMA boxes)."""
+    if gluon is None or not plain or q.device.type != "cuda":
+        return False
+    if problem.head_dim not in HEAD_DIMS or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if problem.total_k == 0 or problem.total_q == 0 or not _is_sm90(q.device.index):
+        return False
+    d = problem.head_dim
+    for t in (q, k, v):
+        if t.stride(2) != 1 or t.stride(1) != d or t.data_ptr() % 16 or (t.stride(0) * 2) % 16:
+            return False
+    return True
+
+
+def _descriptor(t: torch.Tensor, head_dim: int, rows: int):
+    flat = t.as_strided((t.shape[0], t.shape[1] * head_dim), (t.stride(0), 1))
+    gl_dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl_dtype)
+    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [rows, head_dim],
+                            layout)
+
+
+def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+            lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+            tile_seq: torch.Tensor, tile_blk: torch.Tensor, qk_scale: float) -> None:
+    """Writes ``out`` (total_q, nheads, d) and ``lse`` (nheads, total_q) float32 for the tile
+    list (tile_seq, tile_blk) planned with BLOCK_M query rows."""
+    d = problem.head_dim
+    left, right = problem.window
+    block_n = CONFIG["block_n"]
+    grid = (tile_seq.numel(), problem.nheads)
+    _hopper_fwd_kernel[grid](
+        _descriptor(q, d, BLOCK_M), _descriptor(k, d, block_n), _descriptor(v, d, block_n),
+        out, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_blk, out.stride(0), out.stride(1),
+        problem.total_q, qk_scale, left, right,
+        GROUP=problem.group_size, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+        STAGES=CONFIG["stages"], PINGPONG=CONFIG["pingpong"],
+        DIRECT_STORE=CONFIG["direct_store"],
+        CONSUMER_REGS=CONFIG["consumer_regs"], PRODUCER_REGS=CONFIG["producer_regs"],
+        TOP_LEFT=problem.mask_alignment == "top_left", WINDOW_LEFT=left >= 0,
+        WINDOW_RIGHT=right >= 0, num_warps=4)

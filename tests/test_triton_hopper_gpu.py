@@ -1,0 +1,120 @@
+"""The warp-specialised Gluon forward (backends/triton/hopper_forward.py) on an sm_90 GPU: it
+serves plain calls, agrees with the tl kernel and the float64 reference, keeps every
+sequence's reads inside the sequence, and compiles once for any lengths.
+
+Run on the device machine: python -m pytest -m gpu tests/test_triton_hopper_gpu.py
+"""
+
+import pytest
+import torch
+
+import attnhub
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available()
+                                 or torch.cuda.get_device_capability() != (9, 0),
+                                 reason="needs an sm_90 GPU (H100/H200)")]
+
+LENGTHS_Q = [1000, 1, 0, 333, 2048, 77, 129, 128]
+LENGTHS_K = [1000, 1, 0, 333, 2048, 77, 129, 128]
+LENGTHS_K_LONGER = [1200, 40, 5, 333, 2100, 300, 129, 256]
+
+
+@pytest.fixture
+def gluon_calls(monkeypatch):
+    """Counts the Gluon kernel's launches."""
+    from attnhub.backends.triton import hopper_forward
+
+    calls = []
+    real = hopper_forward.forward
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hopper_forward, "forward", counting)
+    return calls
+
+
+def _inputs(lq, lk, dtype, head_dim, nheads=8, nheads_k=2, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(sum(lq), nheads, head_dim, device="cuda", dtype=dtype, generator=g)
+    k, v = (torch.randn(sum(lk), nheads_k, head_dim, device="cuda", dtype=dtype, generator=g)
+            for _ in range(2))
+    return q, k, v
+
+
+CASES = [
+    ({}, LENGTHS_K),
+    ({"causal": True}, LENGTHS_K),
+    ({"causal": True}, LENGTHS_K_LONGER),
+    ({"causal": True, "mask_alignment": "top_left"}, LENGTHS_K_LONGER),
+    ({"window_size": (64, 0)}, LENGTHS_K),
+    ({"window_size": (40, 3)}, LENGTHS_K_LONGER),
+    ({"window_size": (-1, 200)}, LENGTHS_K),
+    ({"window_size": (300, -1)}, LENGTHS_K_LONGER),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_gluon_forward_matches_tl_kernel_and_reference(dtype, head_dim, case, gluon_calls,
+                                                       monkeypatch):
+    from attnhub.backends.triton import forward
+
+    kw, lk = CASES[case]
+    q, k, v = _inputs(LENGTHS_Q, lk, dtype, head_dim)
+    iq = attnhub.VarlenInfo.from_lengths(LENGTHS_Q, "cuda")
+    ik = attnhub.VarlenInfo.from_lengths(lk, "cuda")
+    out, lse = attnhub.attention_forward_varlen(q, k, v, iq, ik, return_lse=True,
+                                                backend="triton", **kw)
+    assert gluon_calls, "the plain sm_90 call did not reach the Gluon kernel"
+    monkeypatch.setattr(forward, "USE_GLUON", False)
+    tl_out, tl_lse = attnhub.attention_forward_varlen(q, k, v, iq, ik, return_lse=True,
+                                                      backend="triton", **kw)
+    assert len(gluon_calls) == 1
+    ref, ref_lse = attnhub.attention_forward_varlen(q.double(), k.double(), v.double(), iq, ik,
+                                                    return_lse=True, backend="reference", **kw)
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    assert (out.double() - ref).abs().max() < tol
+    # no less accurate than the tl kernel
+    err, tl_err = ((o.double() - ref).abs().max().item() for o in (out, tl_out))
+    assert err <= 1.5 * tl_err + 1e-3
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    assert (lse.double() - ref_lse)[finite].abs().max() < 1e-3
+    assert (lse - tl_lse)[finite].abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window_size": (40, 3)}])
+def test_gluon_forward_reads_no_other_sequence(kw, gluon_calls):
+    """inf keys and NaN values in one sequence change no other sequence's output, although
+    TMA boxes at a sequence's end cover the next sequence's rows."""
+    lengths = [300, 77, 130, 1000, 64]
+    q, k, v = _inputs(lengths, lengths, torch.bfloat16, 128, seed=1)
+    info = attnhub.VarlenInfo.from_lengths(lengths, "cuda")
+    clean = attnhub.attention_forward_varlen(q, k, v, info, info, backend="triton", **kw)
+    start, stop = 377, 507  # the third sequence
+    k[start:stop] = float("inf")
+    v[start:stop] = float("nan")
+    out = attnhub.attention_forward_varlen(q, k, v, info, info, backend="triton", **kw)
+    assert len(gluon_calls) == 2
+    others = torch.ones(sum(lengths), dtype=torch.bool, device="cuda")
+    others[start:stop] = False
+    assert torch.equal(out[others], clean[others])
+
+
+def test_gluon_forward_compiles_once_for_new_lengths(gluon_calls):
+    from attnhub.backends.triton import hopper_forward
+
+    kernel = hopper_forward._hopper_fwd_kernel
+    for lengths in ([512, 3, 700], [9, 1000, 64, 64, 2], [4096], [130] * 40):
+        q, k, v = _inputs(lengths, lengths, torch.bfloat16, 128)
+        info = attnhub.VarlenInfo.from_lengths(lengths, "cuda")
+        attnhub.attention_forward_varlen(q, k, v, info, info, causal=True, backend="triton")
+        if lengths == [512, 3, 700]:
+            before = sum(len(entry[0]) for entry in kernel.device_caches.values())
+    after = sum(len(entry[0]) for entry in kernel.device_caches.values())
+    assert len(gluon_calls) == 4
+    assert after == before
