@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs
+from . import configs, hopper_backward
 from .forward import (
     PER_BATCH_ARGS,
     custom_mask_visible,
@@ -24,8 +24,14 @@ from .forward import (
     score_scalars,
     score_tile,
     sequence_bounds,
+    tile_list,
 )
 from .tiles import program_tile
+
+# Plain causal (right-bounded) calls on an sm_90 GPU with host lengths compute dK/dV in the
+# warp-specialised Gluon kernel (hopper_backward.py, docs/performance.md v7); False keeps them
+# on the tl kernel.
+USE_GLUON = True
 
 
 @triton.jit
@@ -354,8 +360,20 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
     mask_args = ((inputs.custom_mask, inputs.custom_mask_offsets) if problem.custom_mask
                  else (dummy, dummy))
 
-    k_programs, k_seq, k_blk, k_device = launch_tiles(problem, inputs.cu_seqlens_k, key_tile,
-                                                      False)
+    # the Gluon dK/dV kernel is faster than the tl one on causal (right-bounded) calls only
+    # (H200, docs/performance.md v7)
+    plain = (not problem.custom_mask and problem.dropout_p == 0 and problem.softcap == 0
+             and alibi is None and problem.paged is None and right >= 0)
+    k_planned = None
+    if USE_GLUON and hopper_backward.supports(problem, q, k, v, dout, plain):
+        k_planned = tile_list(problem, inputs.cu_seqlens_k, hopper_backward.BLOCK_N, False)
+    if k_planned is not None:
+        hopper_backward.dkdv(problem, q, k, v, dout, lse, delta, dk, dv, inputs.cu_seqlens_q,
+                             inputs.cu_seqlens_k, *k_planned, score_scalars(problem)[0])
+        k_programs = 0
+    else:
+        k_programs, k_seq, k_blk, k_device = launch_tiles(problem, inputs.cu_seqlens_k,
+                                                          key_tile, False)
     if k_programs and problem.nheads_k:
         configs.launch("dkdv", _dkdv_kernel, (k_programs, problem.nheads_k),
             q, k, v, dout, lse, delta, dk, dv, inputs.cu_seqlens_q, inputs.cu_seqlens_k,

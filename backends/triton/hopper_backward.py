@@ -1,0 +1,266 @@
+"""Warp-specialised dK/dV kernel of the varlen backward for Hopper (sm_90), written in Gluon.
+
+Serves plain causal calls (no softcap, ALiBi, dropout or custom mask; head dim 64 or 128;
+fp16/bf16; the right side of the mask bounded: causal or a right window; backward.py picks
+it, as it is slower than the tl kernel without a causal mask on the H200). One program per
+(key tile of 128 rows, kv head), as the tl dK/dV kernel (backward.py): it loops over the
+query heads of its group and the query blocks that see its keys, so GQA gradients are
+reduced in registers and nothing is written twice (deterministic). Scheduled by hand:
+
+* a producer warp loads the program's K and V once, then streams Q and dO blocks through
+  TMA into a ring of STAGES buffers (ready / empty mbarriers);
+* two consumer warpgroups own 64 key rows each and issue S^T = K Q^T and dP^T = V dO^T as
+  asynchronous wgmma, then dV += P^T dO while dS^T is computed, then dK += dS^T Q.
+
+Query rows past the sequence's end that a Q/dO box reads are zeroed in shared memory before
+use (they are the reduction dimension of dV and dK, where 0 * NaN would leak). dQ stays with
+the tl kernel (backward.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .hopper_forward import HEAD_DIMS, _descriptor, _is_sm90, gluon
+
+if gluon is not None:
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+
+BLOCK_N = 128  # key rows per program (two warpgroups of 64)
+# (query block by head dim, stages, consumer registers, producer registers), from benchmarks
+# on an H200 (docs/performance.md v7); 64-row query blocks spill at head dim 128 (Triton 3.6)
+CONFIG = {"block_m": {64: 64, 128: 32}, "stages": 3, "consumer_regs": 240, "producer_regs": 24}
+
+if gluon is not None:
+
+    @gluon.jit
+    def _produce(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, kv_bar,
+                 ready, empty, k_row, kv_col, q_row, kvh, lo, n_blocks, GROUP: gl.constexpr,
+                 HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+        """Producer warp: K and V once, then Q and dO of every (head, query block)."""
+        mbarrier.expect(kv_bar, 2 * desc_k.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc_k, [k_row, kv_col], kv_bar, k_smem)
+        tma.async_copy_global_to_shared(desc_v, [k_row, kv_col], kv_bar, v_smem)
+        c = 0
+        for g in range(GROUP):
+            col = (kvh * GROUP + g) * HEAD_DIM
+            for i in range(n_blocks):
+                st = c % STAGES
+                use = c // STAGES
+                row = q_row + lo + i * BLOCK_M
+                mbarrier.wait(empty.index(st), (use & 1) ^ 1, pred=use > 0)
+                mbarrier.expect(ready.index(st), 2 * desc_q.block_type.nbytes)
+                tma.async_copy_global_to_shared(desc_q, [row, col], ready.index(st),
+                                                q_smem.index(st))
+                tma.async_copy_global_to_shared(desc_do, [row, col], ready.index(st),
+                                                do_smem.index(st))
+                c += 1
+
+    @gluon.jit
+    def _zero_rows_from(buf, valid, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """Rows ``valid``.. of a (ROWS, HEAD_DIM) shared buffer set to zero (one warpgroup)."""
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8],
+                                                [4, 1], [1, 0])
+        x = buf.load(layout)
+        rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
+        x = gl.where((rows < valid)[:, None], x, gl.zeros_like(x))
+        buf.store(x)
+
+    @gluon.jit
+    def _consume(k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, fixed, Lse, Delta, DK,
+                 DV, q_start, sq, k_start, sk, n0, offset, kvh, lo, n_blocks, full_lo,
+                 full_hi, qk_scale, sm_scale, window_left, window_right, total_q, stride_dkt,
+                 stride_dkh, stride_dvt, stride_dvh, WG: gl.constexpr, GROUP: gl.constexpr,
+                 HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                 WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
+        """Consumer warpgroup WG: dK and dV of key rows [n0 + 64 WG, + 64)."""
+        ROWS: gl.constexpr = 64
+        dtype: gl.constexpr = q_smem.dtype
+        S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
+        G_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+        A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=G_LAYOUT,
+                                                     k_width=2)
+        COL_S: gl.constexpr = gl.SliceLayout(0, S_LAYOUT)
+        r0 = n0 + WG * ROWS
+        k_rows = k_smem.slice(WG * ROWS, ROWS)
+        v_rows = v_smem.slice(WG * ROWS, ROWS)
+        kj = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, S_LAYOUT))
+        s_init = gl.zeros([ROWS, BLOCK_M], gl.float32, S_LAYOUT)
+        dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, G_LAYOUT)
+        dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, G_LAYOUT)
+        mbarrier.wait(kv_bar, 0)
+        # the last query block crosses the sequence's end: its rows past it are zeroed
+        tail = sq - (lo + (n_blocks - 1) * BLOCK_M)
+        c = 0
+        for g in range(GROUP):
+            h = kvh * GROUP + g
+            for i in range(n_blocks):
+                st = c % STAGES
+                qs = lo + i * BLOCK_M
+                mbarrier.wait(ready.index(st), (c // STAGES) & 1)
+                if (i == n_blocks - 1) & (tail < BLOCK_M):
+                    if WG == 0:
+                        _zero_rows_from(q_smem.index(st), tail, BLOCK_M, HEAD_DIM)
+                        _zero_rows_from(do_smem.index(st), tail, BLOCK_M, HEAD_DIM)
+                        fence_async_shared()
+                        gl.thread_barrier()
+                        mbarrier.arrive(fixed)
+                    else:
+                        mbarrier.wait(fixed, g & 1)
+                q_buf = q_smem.index(st)
+                do_buf = do_smem.index(st)
+                st_acc = warpgroup_mma(k_rows, q_buf.permute((1, 0)), s_init, use_acc=False,
+                                       is_async=True)
+                dpt = warpgroup_mma(v_rows, do_buf.permute((1, 0)), s_init, use_acc=False,
+                                    is_async=True)
+                qi = qs + gl.arange(0, BLOCK_M, layout=COL_S)
+                q_ok = qi < sq
+                lse = gl.load(Lse + h.to(gl.int64) * total_q + q_start + qi, mask=q_ok,
+                              other=0.0)
+                delta = gl.load(Delta + h.to(gl.int64) * total_q + q_start + qi, mask=q_ok,
+                                other=0.0)
+                lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+                s = warpgroup_mma_wait(num_outstanding=1, deps=(st_acc, ))
+                pt = gl.exp2(s * qk_scale - lse2[None, :])
+                if (qs < full_lo) | (qs + BLOCK_M > full_hi):
+                    rel = qi[None, :] + offset - kj[:, None]  # i + offset - j
+                    visible = q_ok[None, :]
+                    if WINDOW_LEFT:
+                        visible = visible & (rel <= window_left)
+                    if WINDOW_RIGHT:
+                        visible = visible & (rel >= -window_right)
+                    pt = gl.where(visible, pt, 0.0)
+                dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), A_LAYOUT), do_buf, dv,
+                                   is_async=True)
+                dp = warpgroup_mma_wait(num_outstanding=1, deps=(dpt, ))
+                dst = pt * (dp - delta[None, :])
+                dk = warpgroup_mma(gl.convert_layout(dst.to(dtype), A_LAYOUT), q_buf, dk,
+                                   is_async=True)
+                dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ))
+                dv = warpgroup_mma_wait(num_outstanding=0, deps=(dv, ))
+                mbarrier.arrive(empty.index(st))
+                c += 1
+
+        OUT_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8],
+                                                    [4, 1], [1, 0])
+        rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, OUT_LAYOUT))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, OUT_LAYOUT))
+        ok = (rows < sk)[:, None]
+        rows64 = (k_start + rows).to(gl.int64)[:, None]
+        dk_out = gl.convert_layout((dk * sm_scale).to(dtype), OUT_LAYOUT)
+        gl.store(DK + rows64 * stride_dkt + kvh * stride_dkh + cols[None, :], dk_out, mask=ok)
+        dv_out = gl.convert_layout(dv.to(dtype), OUT_LAYOUT)
+        gl.store(DV + rows64 * stride_dvt + kvh * stride_dvh + cols[None, :], dv_out, mask=ok)
+
+    @gluon.jit(do_not_specialize=["total_q"])
+    def _hopper_dkdv_kernel(desc_q, desc_k, desc_v, desc_do, Lse, Delta, DK, DV, CuQ, CuK,
+                            TileSeq, TileBlk, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                            total_q, qk_scale, sm_scale, window_left, window_right,
+                            GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
+                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                            STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                            PRODUCER_REGS: gl.constexpr, TOP_LEFT: gl.constexpr,
+                            WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
+        pid = gl.program_id(0)
+        kvh = gl.program_id(1)
+        b = gl.load(TileSeq + pid)
+        n0 = gl.load(TileBlk + pid) * BLOCK_N
+        q_start = gl.load(CuQ + b)
+        sq = gl.load(CuQ + b + 1) - q_start
+        k_start = gl.load(CuK + b)
+        sk = gl.load(CuK + b + 1) - k_start
+        offset = 0 if TOP_LEFT else sk - sq
+
+        # query rows [lo, hi) that see keys [n0, n0 + BLOCK_N); [full_lo, full_hi): the rows
+        # that see all of them (blocks inside need no mask)
+        lo = sq * 0  # tensors, not Python ints: the partitions take them as arguments
+        hi = sq
+        full_lo = sq * 0
+        full_hi = sq
+        if WINDOW_RIGHT:
+            lo = gl.maximum(0, n0 - offset - window_right) // BLOCK_M * BLOCK_M
+            full_lo = gl.maximum(n0 + BLOCK_N - 1 - offset - window_right, 0)
+        if WINDOW_LEFT:
+            hi = gl.minimum(sq, n0 + BLOCK_N - offset + window_left)
+            full_hi = gl.minimum(sq, gl.maximum(n0 - offset + window_left + 1, 0))
+        n_blocks = (gl.maximum(hi - lo, 0) + BLOCK_M - 1) // BLOCK_M
+
+        k_smem = gl.allocate_shared_memory(desc_k.dtype, [BLOCK_N, HEAD_DIM], desc_k.layout)
+        v_smem = gl.allocate_shared_memory(desc_v.dtype, [BLOCK_N, HEAD_DIM], desc_v.layout)
+        q_smem = gl.allocate_shared_memory(desc_q.dtype, [STAGES, BLOCK_M, HEAD_DIM],
+                                           desc_q.layout)
+        do_smem = gl.allocate_shared_memory(desc_do.dtype, [STAGES, BLOCK_M, HEAD_DIM],
+                                            desc_do.layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        fixed = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
+        mbarrier.init(fixed, count=1)
+        fence_async_shared()
+
+        gl.warp_specialize([
+            (_consume, (k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, fixed, Lse,
+                        Delta, DK, DV, q_start, sq, k_start, sk, n0, offset, kvh, lo, n_blocks,
+                        full_lo, full_hi, qk_scale, sm_scale, window_left, window_right,
+                        total_q, stride_dkt, stride_dkh, stride_dvt, stride_dvh, 0, GROUP,
+                        HEAD_DIM, BLOCK_M, STAGES, WINDOW_LEFT, WINDOW_RIGHT)),
+            (_consume, (k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, fixed, Lse,
+                        Delta, DK, DV, q_start, sq, k_start, sk, n0, offset, kvh, lo, n_blocks,
+                        full_lo, full_hi, qk_scale, sm_scale, window_left, window_right,
+                        total_q, stride_dkt, stride_dkh, stride_dvt, stride_dvh, 1, GROUP,
+                        HEAD_DIM, BLOCK_M, STAGES, WINDOW_LEFT, WINDOW_RIGHT)),
+            (_produce, (desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem,
+                        kv_bar, ready, empty, k_start + n0, kvh * HEAD_DIM, q_start, kvh, lo,
+                        n_blocks, GROUP, HEAD_DIM, BLOCK_M, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
+             plain: bool) -> bool:
+    """Whether this kernel computes dK/dV of a call with host lengths: the conditions of
+    hopper_forward.supports, and dO laid out like Q."""
+    if gluon is None or not plain or q.device.type != "cuda":
+        return False
+    if problem.head_dim not in HEAD_DIMS or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if problem.total_k == 0 or problem.total_q == 0 or not _is_sm90(q.device.index):
+        return False
+    d = problem.head_dim
+    for t in (q, k, v, dout):
+        if t.stride(2) != 1 or t.stride(1) != d or t.data_ptr() % 16 or (t.stride(0) * 2) % 16:
+            return False
+    return True
+
+
+def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
+         lse: torch.Tensor, delta: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+         cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, tile_seq: torch.Tensor,
+         tile_blk: torch.Tensor, qk_scale: float) -> None:
+    """Writes ``dk`` and ``dv`` (total_k, nheads_k, d) for the key tile list (tile_seq,
+    tile_blk) planned with BLOCK_N key rows; lse and delta: float32 (nheads, total_q)."""
+    d = problem.head_dim
+    left, right = problem.window
+    block_m = CONFIG["block_m"][d]
+    grid = (tile_seq.numel(), problem.nheads_k)
+    _hopper_dkdv_kernel[grid](
+        _descriptor(q, d, block_m), _descriptor(k, d, BLOCK_N), _descriptor(v, d, BLOCK_N),
+        _descriptor(dout, d, block_m), lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
+        tile_seq, tile_blk, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        problem.total_q, qk_scale, problem.scale, left, right,
+        GROUP=problem.group_size, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+        STAGES=CONFIG["stages"], CONSUMER_REGS=CONFIG["consumer_regs"],
+        PRODUCER_REGS=CONFIG["producer_regs"], TOP_LEFT=problem.mask_alignment == "top_left",
+        WINDOW_LEFT=left >= 0, WINDOW_RIGHT=right >= 0, num_warps=4)
