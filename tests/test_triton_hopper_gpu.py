@@ -20,20 +20,25 @@ LENGTHS_K = [1000, 1, 0, 333, 2048, 77, 129, 128]
 LENGTHS_K_LONGER = [1200, 40, 5, 333, 2100, 300, 129, 256]
 
 
-@pytest.fixture
-def gluon_calls(monkeypatch):
-    """Counts the Gluon kernel's launches."""
-    from attnhub.backends.triton import hopper_forward
-
+def _count_calls(monkeypatch, module, name: str) -> list:
+    """Replaces ``module.name`` with a wrapper that appends to the returned list per call."""
     calls = []
-    real = hopper_forward.forward
+    real = getattr(module, name)
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hopper_forward, "forward", counting)
+    monkeypatch.setattr(module, name, counting)
     return calls
+
+
+@pytest.fixture
+def gluon_calls(monkeypatch):
+    """Counts the Gluon forward kernel's launches."""
+    from attnhub.backends.triton import hopper_forward
+
+    return _count_calls(monkeypatch, hopper_forward, "forward")
 
 
 def _inputs(lq, lk, dtype, head_dim, nheads=8, nheads_k=2, seed=0):
@@ -125,15 +130,7 @@ def gluon_dkdv_calls(monkeypatch):
     """Counts the Gluon dK/dV kernel's launches."""
     from attnhub.backends.triton import hopper_backward
 
-    calls = []
-    real = hopper_backward.dkdv
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(hopper_backward, "dkdv", counting)
-    return calls
+    return _count_calls(monkeypatch, hopper_backward, "dkdv")
 
 
 BWD_CASES = [CASES[i] for i in (1, 2, 3, 5, 6)]  # causal or right window: backward.py

@@ -365,23 +365,22 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
     plain = (not problem.custom_mask and problem.dropout_p == 0 and problem.softcap == 0
              and alibi is None and problem.paged is None and right >= 0)
     k_planned = None
-    if USE_GLUON and hopper_backward.supports(problem, q, k, v, dout, plain):
+    if USE_GLUON and problem.nheads_k and hopper_backward.supports(problem, q, k, v, dout, plain):
         k_planned = tile_list(problem, inputs.cu_seqlens_k, hopper_backward.BLOCK_N, False)
     if k_planned is not None:
         hopper_backward.dkdv(problem, q, k, v, dout, lse, delta, dk, dv, inputs.cu_seqlens_q,
                              inputs.cu_seqlens_k, *k_planned, score_scalars(problem)[0])
-        k_programs = 0
     else:
         k_programs, k_seq, k_blk, k_device = launch_tiles(problem, inputs.cu_seqlens_k,
                                                           key_tile, False)
-    if k_programs and problem.nheads_k:
-        configs.launch("dkdv", _dkdv_kernel, (k_programs, problem.nheads_k),
-            q, k, v, dout, lse, delta, dk, dv, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
-            k_seq, k_blk, alibi_arg, seed_arg, *mask_args,
-            q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
-            dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0),
-            dv.stride(1), alibi_stride, *scalars, BLOCK_N=key_tile, DEVICE_TILES=k_device,
-            **common)
+        if k_programs and problem.nheads_k:
+            configs.launch("dkdv", _dkdv_kernel, (k_programs, problem.nheads_k),
+                q, k, v, dout, lse, delta, dk, dv, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
+                k_seq, k_blk, alibi_arg, seed_arg, *mask_args,
+                q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
+                dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0),
+                dv.stride(1), alibi_stride, *scalars, BLOCK_N=key_tile, DEVICE_TILES=k_device,
+                **common)
     q_programs, q_seq, q_blk, q_device = launch_tiles(problem, inputs.cu_seqlens_q, query_tile,
                                                       True)
     if q_programs and problem.nheads:

@@ -279,12 +279,7 @@ def tma_ready(head_dim: int, *tensors: torch.Tensor) -> bool:
     device = tensors[0].device
     if not configs.interpreting() and (device.type != "cuda" or _sm_major(device.index) < 9):
         return False
-    for t in tensors:
-        size = t.element_size()
-        if (t.stride(1) != head_dim or t.data_ptr() % 16 or (t.stride(0) * size) % 16
-                or head_dim * size < 16):
-            return False
-    return True
+    return all(hopper_forward.tma_rows(t, head_dim) for t in tensors)
 
 
 @functools.cache

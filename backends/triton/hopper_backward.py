@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from .hopper_forward import HEAD_DIMS, _descriptor, _is_sm90, gluon
+from . import hopper_forward
+from .hopper_forward import descriptor, gluon, tma_rows
 
 if gluon is not None:
     from triton.experimental.gluon import language as gl
@@ -32,6 +33,8 @@ if gluon is not None:
         warpgroup_mma,
         warpgroup_mma_wait,
     )
+
+    from .hopper_forward import in_window, sequence_bounds, zero_rows_from
 
 BLOCK_N = 128  # key rows per program (two warpgroups of 64)
 # (query block by head dim, stages, consumer registers, producer registers), from benchmarks
@@ -62,16 +65,6 @@ if gluon is not None:
                 tma.async_copy_global_to_shared(desc_do, [row, col], ready.index(st),
                                                 do_smem.index(st))
                 c += 1
-
-    @gluon.jit
-    def _zero_rows_from(buf, valid, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr):
-        """Rows ``valid``.. of a (ROWS, HEAD_DIM) shared buffer set to zero (one warpgroup)."""
-        layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8],
-                                                [4, 1], [1, 0])
-        x = buf.load(layout)
-        rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
-        x = gl.where((rows < valid)[:, None], x, gl.zeros_like(x))
-        buf.store(x)
 
     @gluon.jit
     def _consume(k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, fixed, Lse, Delta, DK,
@@ -109,8 +102,8 @@ if gluon is not None:
                 mbarrier.wait(ready.index(st), (c // STAGES) & 1)
                 if (i == n_blocks - 1) & (tail < BLOCK_M):
                     if WG == 0:
-                        _zero_rows_from(q_smem.index(st), tail, BLOCK_M, HEAD_DIM)
-                        _zero_rows_from(do_smem.index(st), tail, BLOCK_M, HEAD_DIM)
+                        zero_rows_from(q_smem.index(st), tail, BLOCK_M, HEAD_DIM)
+                        zero_rows_from(do_smem.index(st), tail, BLOCK_M, HEAD_DIM)
                         fence_async_shared()
                         gl.thread_barrier()
                         mbarrier.arrive(fixed)
@@ -132,12 +125,8 @@ if gluon is not None:
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(st_acc, ))
                 pt = gl.exp2(s * qk_scale - lse2[None, :])
                 if (qs < full_lo) | (qs + BLOCK_M > full_hi):
-                    rel = qi[None, :] + offset - kj[:, None]  # i + offset - j
-                    visible = q_ok[None, :]
-                    if WINDOW_LEFT:
-                        visible = visible & (rel <= window_left)
-                    if WINDOW_RIGHT:
-                        visible = visible & (rel >= -window_right)
+                    visible = in_window(q_ok[None, :], qi[None, :] + offset - kj[:, None],
+                                        window_left, window_right, WINDOW_LEFT, WINDOW_RIGHT)
                     pt = gl.where(visible, pt, 0.0)
                 dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), A_LAYOUT), do_buf, dv,
                                    is_async=True)
@@ -174,11 +163,7 @@ if gluon is not None:
         kvh = gl.program_id(1)
         b = gl.load(TileSeq + pid)
         n0 = gl.load(TileBlk + pid) * BLOCK_N
-        q_start = gl.load(CuQ + b)
-        sq = gl.load(CuQ + b + 1) - q_start
-        k_start = gl.load(CuK + b)
-        sk = gl.load(CuK + b + 1) - k_start
-        offset = 0 if TOP_LEFT else sk - sq
+        q_start, sq, k_start, sk, offset = sequence_bounds(CuQ, CuK, b, TOP_LEFT)
 
         # query rows [lo, hi) that see keys [n0, n0 + BLOCK_N); [full_lo, full_hi): the rows
         # that see all of them (blocks inside need no mask)
@@ -232,17 +217,8 @@ def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: t
              plain: bool) -> bool:
     """Whether this kernel computes dK/dV of a call with host lengths: the conditions of
     hopper_forward.supports, and dO laid out like Q."""
-    if gluon is None or not plain or q.device.type != "cuda":
-        return False
-    if problem.head_dim not in HEAD_DIMS or q.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    if problem.total_k == 0 or problem.total_q == 0 or not _is_sm90(q.device.index):
-        return False
-    d = problem.head_dim
-    for t in (q, k, v, dout):
-        if t.stride(2) != 1 or t.stride(1) != d or t.data_ptr() % 16 or (t.stride(0) * 2) % 16:
-            return False
-    return True
+    return (hopper_forward.supports(problem, q, k, v, plain)
+            and tma_rows(dout, problem.head_dim))
 
 
 def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
@@ -256,8 +232,8 @@ def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
     block_m = CONFIG["block_m"][d]
     grid = (tile_seq.numel(), problem.nheads_k)
     _hopper_dkdv_kernel[grid](
-        _descriptor(q, d, block_m), _descriptor(k, d, BLOCK_N), _descriptor(v, d, BLOCK_N),
-        _descriptor(dout, d, block_m), lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
+        descriptor(q, d, block_m), descriptor(k, d, BLOCK_N), descriptor(v, d, BLOCK_N),
+        descriptor(dout, d, block_m), lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
         tile_seq, tile_blk, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         problem.total_q, qk_scale, problem.scale, left, right,
         GROUP=problem.group_size, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=BLOCK_N,

@@ -68,6 +68,39 @@ if gluon is not None:
                                             v_smem.index(st))
 
     @gluon.jit
+    def sequence_bounds(CuQ, CuK, b, TOP_LEFT: gl.constexpr):
+        """(first query row, sq, first key row, sk, mask offset) of sequence b; the offset
+        aligns the mask bottom-right (sk - sq) or top-left (0)."""
+        q_start = gl.load(CuQ + b)
+        sq = gl.load(CuQ + b + 1) - q_start
+        k_start = gl.load(CuK + b)
+        sk = gl.load(CuK + b + 1) - k_start
+        offset = 0 if TOP_LEFT else sk - sq
+        return q_start, sq, k_start, sk, offset
+
+    @gluon.jit
+    def in_window(visible, rel, window_left, window_right, WINDOW_LEFT: gl.constexpr,
+                  WINDOW_RIGHT: gl.constexpr):
+        """``visible`` narrowed to the window: rel = i + offset - j within [-right, left]."""
+        if WINDOW_LEFT:
+            visible = visible & (rel <= window_left)
+        if WINDOW_RIGHT:
+            visible = visible & (rel >= -window_right)
+        return visible
+
+    @gluon.jit
+    def zero_rows_from(buf, valid, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """Rows ``valid``.. of a (ROWS, HEAD_DIM) shared buffer set to zero, by one warpgroup
+        (each thread rewrites what it read). They belong to the next sequence: the matmul
+        that reduces over them multiplies them by 0, but 0 * inf or NaN would not be 0. The
+        caller fences (fence_async_shared) and synchronises before wgmma reads them."""
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8],
+                                                [4, 1], [1, 0])
+        x = buf.load(layout)
+        rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
+        buf.store(gl.where((rows < valid)[:, None], x, gl.zeros_like(x)))
+
+    @gluon.jit
     def _masked(s, ks, m0, sk, offset, window_left, window_right, S_LAYOUT: gl.constexpr,
                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, WINDOW_LEFT: gl.constexpr,
                 WINDOW_RIGHT: gl.constexpr):
@@ -75,28 +108,9 @@ if gluon is not None:
         kj = ks + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_LAYOUT))
         qi = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, S_LAYOUT))
         kj2 = kj[None, :]
-        rel = qi[:, None] + offset - kj2  # i + offset - j
-        visible = kj2 < sk
-        if WINDOW_LEFT:
-            visible = visible & (rel <= window_left)
-        if WINDOW_RIGHT:
-            visible = visible & (rel >= -window_right)
+        visible = in_window(kj2 < sk, qi[:, None] + offset - kj2, window_left, window_right,
+                            WINDOW_LEFT, WINDOW_RIGHT)
         return gl.where(visible, s, float("-inf"))
-
-    @gluon.jit
-    def _zero_tail_rows(v_buf, valid, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                        NUM_WARPS: gl.constexpr):
-        """Rows ``valid``.. of the V block in shared memory set to zero (they belong to the
-        next sequence: P is 0 there, but 0 * inf or NaN would not be)."""
-        layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8],
-                                                [NUM_WARPS, 1], [1, 0])
-        v = v_buf.load(layout)
-        rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
-        v = gl.where((rows < valid)[:, None], v, gl.zeros_like(v))
-        gl.thread_barrier()
-        v_buf.store(v)
-        fence_async_shared()
-        gl.thread_barrier()
 
     @gluon.jit
     def _consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
@@ -183,7 +197,9 @@ if gluon is not None:
             tail = sk - (lo + last * BLOCK_N)
             if tail < BLOCK_N:  # warpgroup 0 zeroes the rows past the end, 1 waits for it
                 if WG == 0:
-                    _zero_tail_rows(v_smem.index(lst), tail, BLOCK_N, HEAD_DIM, 4)
+                    zero_rows_from(v_smem.index(lst), tail, BLOCK_N, HEAD_DIM)
+                    fence_async_shared()
+                    gl.thread_barrier()
                     mbarrier.arrive(v_zeroed)
                 else:
                     mbarrier.wait(v_zeroed, 0)
@@ -224,11 +240,7 @@ if gluon is not None:
         h = gl.program_id(1)
         b = gl.load(TileSeq + pid)
         m0 = gl.load(TileBlk + pid) * BLOCK_M
-        q_start = gl.load(CuQ + b)
-        sq = gl.load(CuQ + b + 1) - q_start
-        k_start = gl.load(CuK + b)
-        sk = gl.load(CuK + b + 1) - k_start
-        offset = 0 if TOP_LEFT else sk - sq
+        q_start, sq, k_start, sk, offset = sequence_bounds(CuQ, CuK, b, TOP_LEFT)
 
         # key range [lo, hi) of rows [m0, m0 + BLOCK_M), and [full_lo, full_hi): the keys
         # every row of the tile sees (blocks inside it need no mask)
@@ -290,8 +302,17 @@ def available() -> bool:
 
 
 @functools.cache
-def _is_sm90(index: int | None) -> bool:
+def is_sm90(index: int | None) -> bool:
     return torch.cuda.get_device_capability(index) == (9, 0)
+
+
+def tma_rows(t: torch.Tensor, head_dim: int) -> bool:
+    """Whether (rows, heads, head_dim) ``t`` can be read as (rows, heads * head_dim) TMA
+    boxes: heads contiguous in a row, 16-byte aligned base and row stride, boxes at least
+    16 bytes wide (the tl kernels' descriptors too: forward.tma_ready)."""
+    size = t.element_size()
+    return (t.stride(2) == 1 and t.stride(1) == head_dim and t.data_ptr() % 16 == 0
+            and (t.stride(0) * size) % 16 == 0 and head_dim * size >= 16)
 
 
 def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plain: bool) -> bool:
@@ -302,16 +323,14 @@ def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plain: 
         return False
     if problem.head_dim not in HEAD_DIMS or q.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if problem.total_k == 0 or problem.total_q == 0 or not _is_sm90(q.device.index):
+    if problem.total_k == 0 or problem.total_q == 0 or not is_sm90(q.device.index):
         return False
-    d = problem.head_dim
-    for t in (q, k, v):
-        if t.stride(2) != 1 or t.stride(1) != d or t.data_ptr() % 16 or (t.stride(0) * 2) % 16:
-            return False
-    return True
+    return all(tma_rows(t, problem.head_dim) for t in (q, k, v))
 
 
-def _descriptor(t: torch.Tensor, head_dim: int, rows: int):
+def descriptor(t: torch.Tensor, head_dim: int, rows: int):
+    """Gluon TMA descriptor of (rows, heads, head_dim) ``t`` as (rows, heads * head_dim),
+    loading (rows, head_dim) boxes into the default NVMMA shared layout."""
     flat = t.as_strided((t.shape[0], t.shape[1] * head_dim), (t.stride(0), 1))
     gl_dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
     layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl_dtype)
@@ -329,7 +348,7 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     block_n = CONFIG["block_n"]
     grid = (tile_seq.numel(), problem.nheads)
     _hopper_fwd_kernel[grid](
-        _descriptor(q, d, BLOCK_M), _descriptor(k, d, block_n), _descriptor(v, d, block_n),
+        descriptor(q, d, BLOCK_M), descriptor(k, d, block_n), descriptor(v, d, block_n),
         out, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_blk, out.stride(0), out.stride(1),
         problem.total_q, qk_scale, left, right,
         GROUP=problem.group_size, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
