@@ -13,6 +13,7 @@ from .custom_mask import PackedMask
 from .dispatch import Explanation, Verdict, select, use_backend
 from .errors import (
     AttnhubError,
+    BackendResultError,
     BackendUnavailableError,
     InvalidArgumentError,
     UnknownBackendError,
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttnhubError",
     "Backend",
+    "BackendResultError",
     "BackendUnavailableError",
     "BatchPlan",
     "Capabilities",

@@ -7,11 +7,14 @@ import torch
 from . import plans
 from .backend import Backend
 from .custom_mask import PackedMask
+from .deferred_errors import deferred
 from .dispatch import Explanation, explain_problem, forced_context, select
+from .errors import AttnhubError
 from .inputs import VarlenInputs
 from .normalize import CuSeqlens, WindowSize, normalize
 from .ops import run_forward
 from .problem import VarlenProblem
+from .results import check_out
 
 
 def attention_forward_varlen(
@@ -67,13 +70,18 @@ def attention_forward_varlen(
                 return plan.run_out(q, k, v, *plan.offsets(cu_seqlens_q, cu_seqlens_k))
             return _run(plan.problem, plan.inputs(q, k, v, cu_seqlens_q, cu_seqlens_k),
                         plan.backend, return_lse)
-    problem, inputs = normalize(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
-        softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
-        alibi_slopes=alibi_slopes, deterministic=deterministic,
-        return_attn_probs=return_attn_probs, block_table=block_table,
-        mask_alignment=mask_alignment, custom_mask=custom_mask)
-    chosen = select(problem, backend)
+    try:
+        problem, inputs = normalize(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
+            window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+            deterministic=deterministic, return_attn_probs=return_attn_probs,
+            block_table=block_table, mask_alignment=mask_alignment, custom_mask=custom_mask)
+        chosen = select(problem, backend)
+    except AttnhubError as exc:
+        if not torch.compiler.is_compiling():
+            raise
+        return _deferred(exc, q, return_lse, return_attn_probs)
     if key is not None:
         plans.store(key, problem, chosen, inputs, cu_seqlens_q, cu_seqlens_k)
     return _run(problem, inputs, chosen, return_lse)
@@ -83,13 +91,22 @@ def _run(problem: VarlenProblem, inputs: VarlenInputs, backend: Backend, return_
     """Run the call; out only (Backend.forward_out) when neither lse nor autograd is used."""
     if not (return_lse or problem.return_probs or problem.requires_grad
             or torch.compiler.is_compiling()):
-        return backend.forward_out(problem, inputs)
+        return check_out(backend.name, backend.forward_out(problem, inputs), inputs.q)
     result = run_forward(problem, inputs, backend)
     if problem.return_probs:
         return result.out, result.lse, result.probs
     if return_lse:
         return result.out, result.lse
     return result.out
+
+
+def _deferred(exc: AttnhubError, q: object, return_lse: bool, return_probs: object):
+    """Traced by torch.compile: the call's results, computed by an op that raises ``exc``."""
+    out = deferred(exc, q)
+    if not (return_lse or return_probs):
+        return out
+    lse = out.new_empty((0,), dtype=torch.float32)
+    return (out, lse, lse) if return_probs else (out, lse)
 
 
 def explain(

@@ -28,6 +28,7 @@ from .inputs import VarlenInputs
 from .normalize import CuSeqlens, WindowSize, normalize
 from .ops import run_forward
 from .problem import VarlenProblem
+from .results import check_out, checked_out_runner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +99,7 @@ class BatchPlan:
         # Out-only calls on plain inputs go straight to the backend's bound launch.
         plain = (i.alibi_slopes is None and i.block_table is None and i.rng_state is None
                  and i.custom_mask is None and i.schedule is None)
-        self._run_out = backend.out_only_runner(problem) if plain else None
+        self._run_out = checked_out_runner(backend, problem) if plain else None
         grad = dataclasses.replace(problem, requires_grad=True)  # decided now, not while
         try:  # torch.compile traces run()
             self._grad = (grad, select(grad, self._static.backend))
@@ -159,9 +160,10 @@ class BatchPlan:
         if not (return_lse or grad or torch.compiler.is_compiling()):
             if self._run_out is not None:
                 return self._run_out(q, k, v, i.cu_seqlens_q, i.cu_seqlens_k)
-            return self.backend.forward_out(self.problem, VarlenInputs(
-                q, k, v, i.cu_seqlens_q, i.cu_seqlens_k, i.alibi_slopes, i.block_table,
-                i.rng_state, i.custom_mask, i.custom_mask_offsets, i.schedule))
+            return check_out(self.backend.name, self.backend.forward_out(
+                self.problem, VarlenInputs(q, k, v, i.cu_seqlens_q, i.cu_seqlens_k,
+                                           i.alibi_slopes, i.block_table, i.rng_state,
+                                           i.custom_mask, i.custom_mask_offsets, i.schedule)), q)
         problem, backend = self._grad_variant() if grad else (self.problem, self.backend)
         inputs = VarlenInputs(q, k, v, i.cu_seqlens_q, i.cu_seqlens_k, i.alibi_slopes,
                               i.block_table, i.rng_state, i.custom_mask, i.custom_mask_offsets,

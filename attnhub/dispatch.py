@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import plans
+from . import host_copies, plans
 from .backend import Backend
-from .errors import BackendUnavailableError, InvalidArgumentError, UnknownBackendError
+from .errors import BackendUnavailableError, InvalidEnvironmentError, UnknownBackendError
 from .problem import VarlenProblem
 from .registry import get_registry
 
@@ -109,7 +109,8 @@ def forced_backend(argument: str | None = None) -> tuple[str | None, str]:
 def fallback_policy() -> str:
     policy = os.environ.get("ATTNHUB_FALLBACK", "warn") or "warn"
     if policy not in FALLBACK_POLICIES:
-        raise InvalidArgumentError("ATTNHUB_FALLBACK", "one of warn, error, allow", repr(policy))
+        raise InvalidEnvironmentError("ATTNHUB_FALLBACK", "one of warn, error, allow",
+                                      repr(policy))
     return policy
 
 
@@ -121,8 +122,11 @@ def select(problem: VarlenProblem, backend: str | None = None) -> Backend:
     is folded into the graph as a constant."""
     name, source = forced_backend(backend)
     key = (problem.signature(), name, source, fallback_policy())
+    host_copies.validation_mode()  # a bad ATTNHUB_VALIDATE fails every call, not only some
     if torch.compiler.is_compiling():
-        chosen = _select_constant(key)
+        chosen, error = _select_constant(key)
+        if error is not None:  # raised in traced code, where attnhub.api can defer it
+            raise _ERRORS[error[0]](*error[1:])
     else:
         chosen = _cache.get(key) or _select_uncached(key)
     return get_registry().backends[chosen]
@@ -139,8 +143,16 @@ def _select_uncached(key: tuple) -> str:
     return chosen
 
 
-def _select_constant(key: tuple) -> str:
-    return _cache.get(key) or _select_uncached(key)
+_ERRORS = {cls.__name__: cls for cls in (BackendUnavailableError, UnknownBackendError)}
+
+
+def _select_constant(key: tuple) -> tuple[str | None, tuple | None]:
+    """(backend name, None), or (None, (error class name, *its args)): an exception raised
+    here would reach the caller as dynamo's internal error, so it is returned as constants."""
+    try:
+        return _cache.get(key) or _select_uncached(key), None
+    except (BackendUnavailableError, UnknownBackendError) as exc:
+        return None, (type(exc).__name__, *exc.args)
 
 
 # What torch.compiler.assume_constant_result does, without importing torch._dynamo (about a

@@ -21,9 +21,9 @@ def validation_mode() -> str:
     to validate their values when max_seqlen was given."""
     mode = os.environ.get("ATTNHUB_VALIDATE", "auto")
     if mode not in ("auto", "full"):
-        from .errors import InvalidArgumentError
+        from .errors import InvalidEnvironmentError
 
-        raise InvalidArgumentError("ATTNHUB_VALIDATE", "'auto' or 'full'", repr(mode))
+        raise InvalidEnvironmentError("ATTNHUB_VALIDATE", "'auto' or 'full'", repr(mode))
     return mode
 
 
@@ -63,7 +63,7 @@ def host_copy(t: torch.Tensor) -> tuple:
 def _forget(key: int, ref: weakref.ref) -> None:
     entry = _cache.get(key)
     if entry is not None and entry[0] is ref:
-        del _cache[key]
+        _cache.pop(key, None)
 
 
 def _as_tuple(values: list) -> tuple:

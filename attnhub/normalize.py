@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Sequence
 from typing import Union
@@ -62,15 +61,21 @@ def normalize(
             raise InvalidArgumentError(name, f"the dtype of q ({q.dtype})", t.dtype)
         if t.device != q.device:
             raise InvalidArgumentError(name, f"the device of q ({q.device})", t.device)
-    if k.shape != v.shape:
-        raise InvalidArgumentError("v", f"the shape of k {tuple(k.shape)}", tuple(v.shape))
-    total_q, nheads, head_dim = q.shape
-    nheads_k = k.shape[-2]
+    total_q = q.shape[0]
+    # Heads and head dim select kernels: traced as dynamic, they are specialized here
+    # (operator.index does that; int() would not).
+    nheads, head_dim, nheads_k = (operator.index(x) for x in (q.shape[1], q.shape[2],
+                                                               k.shape[-2]))
     if head_dim == 0:
         raise InvalidArgumentError("q", "head_dim >= 1", tuple(q.shape))
+    if nheads == 0:
+        raise InvalidArgumentError("q", "at least one head: shape (total_q, nheads >= 1, "
+                                   "head_dim)", f"shape {tuple(q.shape)}")
     if k.shape[-1] != head_dim:
         raise InvalidArgumentError("k", f"head_dim {head_dim} (the last dimension of q)",
                                    k.shape[-1])
+    if k.shape != v.shape:
+        raise InvalidArgumentError("v", f"the shape of k {tuple(k.shape)}", tuple(v.shape))
     if nheads_k == 0 or nheads % nheads_k != 0:
         raise InvalidArgumentError(
             "k", f"nheads_k dividing nheads = {nheads} (query head j reads kv head "
@@ -94,8 +99,12 @@ def normalize(
     else:
         total_k = k.shape[0]
 
+    # A float traced as dynamic (torch.compile) is specialized here: it is a constant of the
+    # op and of the selection key. (float.__float__: float() keeps it symbolic.)
+    softmax_scale, softcap, dropout_p = (x.__float__() if isinstance(x, float) else x
+                                         for x in (softmax_scale, softcap, dropout_p))
     scale = _scale(softmax_scale, head_dim)
-    window = _window(window_size, causal)
+    window = tuple(operator.index(w) for w in _window(window_size, causal))
     cap = _softcap(softcap)
     alibi = _alibi(alibi_slopes, batch, nheads, device)
     dropout = _dropout(dropout_p)
@@ -170,6 +179,14 @@ def _cu_seqlens(name: str, cu: CuSeqlens, total: int | None, device: torch.devic
     host: tuple[int, ...] | None
     if isinstance(cu, VarlenInfo):  # validated at construction: O(1) checks only
         info = cu if cu.cu_seqlens.device == device else cu.to(device)
+        if torch.compiler.is_compiling():
+            # Every host fact read here would be guarded: the lengths (one graph per batch
+            # size), the total (specializing q's rows), the max (one graph per value). Traced,
+            # a VarlenInfo is trusted like device offsets: its tensor, and max_seqlen or the
+            # info's power-of-two bound of it.
+            if max_seqlen is None:
+                return info.cu_seqlens, None, info.max_seqlen_bound
+            return info.cu_seqlens, None, _check_int(max_name, max_seqlen, 0)
         if total is not None and info.total != total:
             raise InvalidArgumentError(name, f"a last offset equal to the number of rows "
                                        f"({total})", info.total)
@@ -187,6 +204,9 @@ def _cu_seqlens(name: str, cu: CuSeqlens, total: int | None, device: torch.devic
         if cu.shape[0] == 0:
             raise InvalidArgumentError(name, "at least one element (batch + 1 offsets)",
                                        "an empty tensor")
+        if cu.device.type not in ("cpu", device.type):
+            raise InvalidArgumentError(name, f"a tensor on the CPU or on q's device ({device})",
+                                       f"a tensor on {cu.device}")
         host = None
         if host_copies.can_read_back():
             if cu.device.type == "cpu" or max_seqlen is None \
@@ -197,10 +217,16 @@ def _cu_seqlens(name: str, cu: CuSeqlens, total: int | None, device: torch.devic
                 host = host_copies.cached(cu)
         tensor = device_offsets(cu, device)
     elif isinstance(cu, (list, tuple)):
-        try:
-            host = tuple(operator.index(x) for x in cu)  # int(2.5) would truncate silently
-        except (TypeError, ValueError):
-            raise InvalidArgumentError(name, "a sequence of ints", repr(cu)[:80]) from None
+        if torch.compiler.is_compiling():  # operator.index would specialize traced ints
+            if not all(isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool)
+                       for x in cu):
+                raise InvalidArgumentError(name, "a sequence of ints", repr(cu)[:80])
+            host = tuple(cu)
+        else:
+            try:
+                host = tuple(operator.index(x) for x in cu)  # int(2.5) would truncate silently
+            except (TypeError, ValueError):
+                raise InvalidArgumentError(name, "a sequence of ints", repr(cu)[:80]) from None
         check_cu_seqlens_values(name, host)
         tensor = torch.tensor(host, dtype=torch.int32, device=device)
     else:
@@ -212,6 +238,8 @@ def _cu_seqlens(name: str, cu: CuSeqlens, total: int | None, device: torch.devic
     lengths = None if host is None else tuple(host[b + 1] - host[b] for b in range(len(host) - 1))
     # (not max(..., default=0): torch.compile cannot trace max's default keyword)
     known_max = None if lengths is None else max((0, *lengths))
+    if torch.compiler.is_compiling():
+        lengths = None  # traced host lengths would be guarded by value
     if max_seqlen is None:
         if known_max is None:
             raise InvalidArgumentError(max_name, "an int: the offsets are on the device and cannot "
@@ -245,7 +273,10 @@ def _paged_layout(block_table: torch.Tensor, k: torch.Tensor, batch: int, device
                                    f"shape {tuple(block_table.shape)}")
     if block_table.dtype not in (torch.int32, torch.int64):
         raise InvalidArgumentError("block_table", "dtype int32", block_table.dtype)
-    num_pages, page_size = k.shape[0], k.shape[1]
+    if block_table.device.type not in ("cpu", device.type):
+        raise InvalidArgumentError("block_table", f"a tensor on the CPU or on q's device "
+                                   f"({device})", f"a tensor on {block_table.device}")
+    num_pages, page_size = k.shape[0], operator.index(k.shape[1])
     if page_size == 0:
         raise InvalidArgumentError("k", "page_size (dimension 1 of the page pool) >= 1", 0)
     max_pages = block_table.shape[1]
@@ -280,10 +311,15 @@ def _scale(softmax_scale: float | None, head_dim: int) -> float:
     if softmax_scale is None:
         return head_dim ** -0.5
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) \
-            or not math.isfinite(softmax_scale):
+            or not _finite(softmax_scale):
         raise InvalidArgumentError("softmax_scale", "a finite float, or None for head_dim ** -0.5",
                                    repr(softmax_scale))
     return float(softmax_scale)
+
+
+def _finite(x: float) -> bool:
+    # (not math.isfinite: torch.compile cannot trace it on a dynamic float)
+    return x - x == 0
 
 
 def _window(window_size: WindowSize, causal: bool) -> tuple[int, int]:
@@ -311,7 +347,7 @@ def _softcap(softcap: float | None) -> float:
     if softcap is None:
         return 0.0
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) \
-            or not math.isfinite(softcap) or softcap < 0:
+            or not _finite(softcap) or softcap < 0:
         raise InvalidArgumentError("softcap", "a finite float >= 0 (0 or None = off)",
                                    repr(softcap))
     return float(softcap)

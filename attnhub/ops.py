@@ -14,6 +14,7 @@ from .backend import Backend, ForwardResult
 from .inputs import VarlenInputs
 from .problem import PagedLayout, VarlenProblem
 from .registry import get_registry
+from .results import check_forward, check_gradients
 
 Tensor = torch.Tensor
 
@@ -21,7 +22,7 @@ Tensor = torch.Tensor
 def run_forward(problem: VarlenProblem, inputs: VarlenInputs, backend: Backend) -> ForwardResult:
     """Run ``backend`` on the call, through the custom op when autograd or tracing needs it."""
     if not (problem.requires_grad or torch.compiler.is_compiling()):
-        return backend.forward(problem, inputs)
+        return check_forward(backend.name, problem, inputs.q, backend.forward(problem, inputs))
     compiling = torch.compiler.is_compiling()
     out, lse, probs, rng = varlen_fwd(
         inputs.q, inputs.k, inputs.v, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
@@ -88,7 +89,8 @@ def varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens
                                    requires_grad, seqlens_q, seqlens_k, custom_mask is not None)
     inputs = VarlenInputs(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, block_table,
                           rng_seed, custom_mask, custom_mask_offsets)
-    res = get_registry().backends[backend].forward(problem, inputs)
+    res = check_forward(backend, problem, q,
+                        get_registry().backends[backend].forward(problem, inputs))
     probs = res.probs if res.probs is not None else q.new_empty((0,), dtype=torch.float32)
     rng = res.rng_state if res.rng_state is not None else q.new_empty((0,), dtype=torch.int64)
     if rng is rng_seed:  # a custom op's output may not be (or alias) one of its inputs
@@ -129,7 +131,8 @@ def varlen_bwd(dout: Tensor | None, dlse: Tensor | None, q: Tensor, k: Tensor, v
                           custom_mask, custom_mask_offsets)
     if dout is None:
         dout = torch.zeros_like(out)
-    grads = get_registry().backends[backend].backward(problem, inputs, out, lse, dout, dlse)
+    grads = check_gradients(backend, get_registry().backends[backend].backward(
+        problem, inputs, out, lse, dout, dlse), q, k, v)
     return grads.dq, grads.dk, grads.dv
 
 

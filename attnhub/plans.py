@@ -20,6 +20,8 @@ Everything else takes the full path (normalize + select) on every call.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from . import environment, host_copies
@@ -27,10 +29,12 @@ from .backend import Backend
 from .inputs import VarlenInputs
 from .normalize import device_offsets
 from .problem import VarlenProblem
+from .results import checked_out_runner
 from .varlen_info import VarlenInfo
 
 MAX_PLANS = 256
 _plans: dict[tuple, Plan] = {}
+_lock = threading.Lock()  # writers: store() and clear()
 _Tensor = torch.Tensor
 _NUMBER = (float, int)
 _AUTO = ("auto", b"auto")
@@ -65,7 +69,7 @@ class Plan:
         self.pinned = pinned  # the VarlenInfo objects whose ids are in the key
         # Neither lse nor autograd: Backend.forward_out (torch.compile never gets here).
         self.out_only = not (problem.return_probs or problem.requires_grad)
-        self.run_out = backend.out_only_runner(problem) if self.out_only else None
+        self.run_out = checked_out_runner(backend, problem) if self.out_only else None
 
     def offsets(self, cu_q, cu_k) -> tuple[torch.Tensor, torch.Tensor]:
         """int32 offsets on q's device for a call with this plan's key."""
@@ -85,7 +89,8 @@ class Plan:
 
 def clear() -> None:
     """Forget every plan (registry, override or cache resets)."""
-    _plans.clear()
+    with _lock:
+        _plans.clear()
 
 
 def call_key(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size,
@@ -144,14 +149,15 @@ def store(key: tuple, problem: VarlenProblem, backend: Backend, inputs: VarlenIn
           cu_q: object, cu_k: object) -> None:
     """Remember the outcome of a full-path call with ``key`` (oldest plan out beyond
     MAX_PLANS: a training loop builds a new VarlenInfo per step)."""
-    if len(_plans) >= MAX_PLANS:
-        del _plans[next(iter(_plans))]
     info_q, info_k = type(cu_q) is VarlenInfo, type(cu_k) is VarlenInfo
     # Offsets given as int32 tensors on q's device reach the backend as they are (the key
     # holds their dtype and device): no per-call conversion check.
     as_given = not info_q and not info_k and inputs.cu_seqlens_q is cu_q \
         and inputs.cu_seqlens_k is cu_k
-    _plans[key] = Plan(problem, backend, inputs.q.device,
-                       inputs.cu_seqlens_q if info_q else None,
-                       inputs.cu_seqlens_k if info_k else None, as_given,
-                       tuple(c for c, pinned in ((cu_q, info_q), (cu_k, info_k)) if pinned))
+    plan = Plan(problem, backend, inputs.q.device, inputs.cu_seqlens_q if info_q else None,
+                inputs.cu_seqlens_k if info_k else None, as_given,
+                tuple(c for c, pinned in ((cu_q, info_q), (cu_k, info_k)) if pinned))
+    with _lock:  # readers (get) take no lock: a dict lookup is atomic
+        while len(_plans) >= MAX_PLANS:
+            del _plans[next(iter(_plans))]
+        _plans[key] = plan

@@ -41,8 +41,8 @@ class VarlenInfo:
     tensor reads it back once (one synchronisation, at construction only).
     """
 
-    __slots__ = ("_by_device", "batch", "cu_seqlens", "cu_seqlens_host", "max_seqlen", "seqlens",
-                 "total")
+    __slots__ = ("_by_device", "batch", "cu_seqlens", "cu_seqlens_host", "max_seqlen",
+                 "max_seqlen_bound", "seqlens", "total")
 
     def __init__(self, cu_seqlens_host: Sequence[int], device: torch.device | str | None = None,
                  *, _name: str = "cu_seqlens") -> None:
@@ -55,6 +55,9 @@ class VarlenInfo:
         self.cu_seqlens_host: tuple[int, ...] = cu
         self.seqlens: tuple[int, ...] = tuple(cu[b + 1] - cu[b] for b in range(len(cu) - 1))
         self.max_seqlen: int = max(self.seqlens, default=0)
+        # What torch.compile sees instead of max_seqlen (an upper bound that changes rarely,
+        # so a graph serves every batch whose longest sequence falls in the same bucket).
+        self.max_seqlen_bound: int = max(16, 1 << (self.max_seqlen - 1).bit_length())
         self.total: int = cu[-1]
         self.batch: int = len(cu) - 1
         dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -109,7 +112,8 @@ class VarlenInfo:
         info = self._by_device.get(dev)
         if info is None:
             info = VarlenInfo.__new__(VarlenInfo)
-            for slot in ("cu_seqlens_host", "seqlens", "max_seqlen", "total", "batch"):
+            for slot in ("cu_seqlens_host", "seqlens", "max_seqlen", "max_seqlen_bound", "total",
+                         "batch"):
                 setattr(info, slot, getattr(self, slot))
             info.cu_seqlens = self.cu_seqlens.to(dev)
             info._by_device = self._by_device

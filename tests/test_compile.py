@@ -106,6 +106,62 @@ def test_compiled_block_with_varlen_info_matches_eager():
     assert any("attnhub.varlen_fwd" in t for t in _graph_ops(counter))
 
 
+def _batches(sizes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for batch in sizes:
+        lengths = torch.randint(1, 10, (batch,), generator=gen).tolist()
+        yield lengths, torch.randn(sum(lengths), WIDTH, generator=gen)
+
+
+@pytest.mark.parametrize("max_given", [False, True], ids=["max-from-info", "max-given"])
+def test_varlen_info_compiles_at_most_twice_over_twelve_batch_sizes(max_given):
+    """A VarlenInfo costs what tensor offsets cost: one graph, and one more once the token
+    count turns dynamic, whatever the batch size (the host lengths are not traced; without
+    max_seqlen the info's power-of-two bound of it is)."""
+    torch.manual_seed(4)
+    model = Block()
+    counter = CountingBackend()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    for lengths, x in _batches(range(1, 13)):
+        info = VarlenInfo.from_lengths(lengths)
+        bounds = (16, 16) if max_given else ()
+        _assert_same(_run(model, compiled, x, info, info, *bounds),
+                     _run(model, model, x, info, info, *bounds))
+    assert counter.compiles <= 2
+
+
+def test_list_offsets_compile_once_per_batch_size():
+    """A Python list's length is a guard of dynamo's: one graph per batch size, not per step
+    (the offsets themselves are not specialized)."""
+    torch.manual_seed(5)
+    model = Block()
+    counter = CountingBackend()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    steps = 0
+    for lengths, x in _batches([3, 3, 3, 3, 5, 5, 5, 5]):
+        cu = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+        _assert_same(_run(model, compiled, x, cu, cu, 16, 16), _run(model, model, x, cu, cu,
+                                                                    16, 16))
+        steps += 1
+    assert counter.compiles <= 4 < steps
+
+
+def test_changing_float_arguments_do_not_break_tracing():
+    """softcap / softmax_scale / dropout_p passed as changing floats (dynamo makes them
+    dynamic) are specialized in normalize: each value is a constant of its graph."""
+    def fn(q, k, v, cu, cap, scale):
+        return attnhub.attention_forward_varlen(q, k, v, cu, cu, 4, 4, softcap=cap,
+                                                softmax_scale=scale)
+
+    q, k, v = torch.randn(6, NHEADS, D), torch.randn(6, NHEADS_K, D), torch.randn(6, NHEADS_K, D)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    for dynamic in (None, True):
+        compiled = torch.compile(fn, backend="eager", fullgraph=True, dynamic=dynamic)
+        for cap, scale in ((2.0, 0.3), (3.0, 0.5), (4.5, 0.25)):
+            torch.testing.assert_close(compiled(q, k, v, cu, cap, scale),
+                                       fn(q, k, v, cu, cap, scale))
+
+
 def test_no_graph_break_counters():
     from torch._dynamo.utils import counters
 
@@ -156,9 +212,8 @@ def test_selection_under_compile_follows_use_backend(install):
 
 
 def test_forced_backend_that_cannot_run_fails_under_compile(install):
-    """Selection runs at trace time; a forced backend that cannot run fails the compile with
-    its reasons and nothing falls back. (torch wraps the error raised while tracing: today a
-    TorchDynamoException carrying attnhub's message.)"""
+    """Selection runs at trace time; a forced backend that cannot run fails the call with
+    its reasons (attnhub's own error, not dynamo's) and nothing falls back."""
     fp16, other = make_backend("fp16", 20, dtypes=(torch.float16,)), make_backend("other", 5)
     install(fp16, other)
 
@@ -167,8 +222,7 @@ def test_forced_backend_that_cannot_run_fails_under_compile(install):
 
     q = torch.randn(6, NHEADS, D)
     cu = torch.tensor([0, 2, 6], dtype=torch.int32)
-    with pytest.raises((attnhub.BackendUnavailableError,
-                        torch._dynamo.exc.TorchDynamoException)) as exc_info:
+    with pytest.raises(attnhub.BackendUnavailableError) as exc_info:
         torch.compile(fn, backend="eager", fullgraph=True)(q, cu)
     message = str(exc_info.value)
     assert "backend 'fp16' (forced by the backend= argument) cannot run this call" in message

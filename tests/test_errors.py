@@ -60,6 +60,12 @@ CASES = [
      "nheads_k dividing nheads = 4"),
     ("head-dim-mismatch", {"k": _t(8, NHEADS_K, 8), "v": _t(8, NHEADS_K, 8)}, "k",
      "head_dim 16"),
+    ("head-dim-mismatch-k-only", {"k": _t(8, NHEADS_K, 8)}, "k", "head_dim 16"),
+    ("zero-heads", {"q": _t(8, 0, D), "k": _t(8, 0, D), "v": _t(8, 0, D)}, "q",
+     "at least one head"),
+    ("zero-heads-q-only", {"q": _t(8, 0, D)}, "q", "at least one head"),
+    ("cu-on-meta", {"cu_seqlens_q": _cu(CU).to("meta")}, "cu_seqlens_q",
+     "a tensor on the CPU or on q's device (cpu)"),
     ("int-dtype", {"q": torch.ones(8, NHEADS, D, dtype=torch.int32),
                    "k": torch.ones(8, NHEADS_K, D, dtype=torch.int32),
                    "v": torch.ones(8, NHEADS_K, D, dtype=torch.int32)}, "q", "a floating-point"),
@@ -176,6 +182,8 @@ PAGED_CASES = [
     ("bt-float", {"block_table": torch.tensor([[5, 0], [1, 2], [3, 4]], dtype=torch.float32)},
      "block_table", "dtype int32"),
     ("bt-list", {"block_table": [[5, 0], [1, 2], [3, 4]]}, "block_table", "an int32 tensor"),
+    ("bt-on-meta", {"block_table": _paged_table([[5, 0], [1, 2], [3, 4]]).to("meta")},
+     "block_table", "a tensor on the CPU or on q's device (cpu)"),
     ("bt-negative", {"block_table": _paged_table([[5, -1], [1, 2], [3, 4]])}, "block_table",
      "page indices in [0, 6) (the page pool size)"),
     ("bt-too-large", {"block_table": _paged_table([[5, 0], [1, 2], [6, 4]])}, "block_table",
@@ -198,7 +206,7 @@ def _check(exc_info, argument, text):
     assert isinstance(exc, ValueError) and isinstance(exc, attnhub.AttnhubError)
     assert exc.argument == argument
     message = str(exc)
-    assert message.startswith(f"argument '{argument}': expected ")
+    assert message.startswith(f"{exc.kind} '{argument}': expected ")
     assert text in message, message
     assert text in exc.expected or text in str(exc.got), (exc.expected, exc.got)
 
@@ -303,6 +311,22 @@ def test_bad_validate_env_when_it_matters(monkeypatch, value):
     _check(exc_info, "ATTNHUB_VALIDATE", "'auto' or 'full'")
     monkeypatch.setenv("ATTNHUB_VALIDATE", "auto")
     assert len(attnhub.explain(**_meta_args(cu))) >= 1
+
+
+@pytest.mark.parametrize(("variable", "value", "text"), [
+    ("ATTNHUB_VALIDATE", "bogus", "'auto' or 'full'"),
+    ("ATTNHUB_REFERENCE_CHUNK_MB", "abc", "a positive number of MiB"),
+    ("ATTNHUB_REFERENCE_CHUNK_MB", "0", "a positive number of MiB"),
+    ("ATTNHUB_REFERENCE_CHUNK_MB", "nan", "a positive number of MiB"),
+])
+def test_bad_environment_fails_every_call(monkeypatch, variable, value, text):
+    """A value attnhub does not understand fails the call naming the variable, on the CPU too
+    (where ATTNHUB_VALIDATE changes nothing), never silently ignored or a bare ValueError."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(attnhub.errors.InvalidEnvironmentError) as exc_info:
+        attnhub.attention_forward_varlen(**base_args())
+    _check(exc_info, variable, text)
+    assert str(exc_info.value).startswith(f"environment variable '{variable}'")
 
 
 def test_bad_fallback_env_is_invalid_argument(monkeypatch):

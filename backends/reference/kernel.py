@@ -6,6 +6,7 @@ total x total matrix. ATTNHUB_REFERENCE_CHUNK_MB (default 256) caps one chunk's 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import torch
 
 from attnhub import custom_mask, host_copies
 from attnhub.backend import ForwardResult, Gradients
-from attnhub.errors import InvalidArgumentError
+from attnhub.errors import InvalidArgumentError, InvalidEnvironmentError
 from attnhub.inputs import VarlenInputs
 from attnhub.problem import VarlenProblem
 from attnhub.varlen_info import check_cu_seqlens_values
@@ -237,10 +238,23 @@ def _mask_offsets(problem: VarlenProblem, inputs: VarlenInputs, cu_q: tuple[int,
     return offsets
 
 
+def chunk_budget() -> int:
+    """ATTNHUB_REFERENCE_CHUNK_MB (MiB, default 256) in bytes."""
+    raw = os.environ.get("ATTNHUB_REFERENCE_CHUNK_MB") or "256"
+    try:
+        mib = float(raw)
+    except ValueError:
+        mib = math.nan
+    if not (math.isfinite(mib) and mib > 0):
+        raise InvalidEnvironmentError("ATTNHUB_REFERENCE_CHUNK_MB",
+                                   "a positive number of MiB (default 256)", repr(raw))
+    return int(mib * 2**20)
+
+
 def _blocks(seq: _Seq, problem: VarlenProblem, ctype: torch.dtype) -> Iterator[_Block]:
     """Query chunks sized to the memory budget, each with the band of keys its rows can see
     under the mask; chunks that see no key are skipped (their rows keep out 0, lse -inf)."""
-    budget = int(float(os.environ.get("ATTNHUB_REFERENCE_CHUNK_MB", "256")) * 2**20)
+    budget = chunk_budget()
     per_row = problem.nheads * max(seq.sk, 1) * torch.finfo(ctype).bits // 8 * _TEMPS_PER_SCORE
     step = max(1, budget // per_row)
     sq, sk = seq.q1 - seq.q0, seq.sk

@@ -73,20 +73,22 @@ class TritonBackend(Backend):
         from . import decode
         from .forward import forward
 
-        if decode.eligible(problem):
-            out, lse = decode.forward(problem, inputs)
-            return ForwardResult(out, lse, None, None)
-        seed = None
-        if problem.dropout_p > 0:
-            seed = inputs.rng_state if inputs.rng_state is not None else torch.randint(
-                0, 2**31 - 1, (2,), dtype=torch.int64, device=inputs.q.device)
-        out, lse = forward(problem, inputs, seed)
-        return ForwardResult(out, lse, None, seed)
+        with configs.launch_guard():
+            if decode.eligible(problem):
+                out, lse = decode.forward(problem, inputs)
+                return ForwardResult(out, lse, None, None)
+            seed = None
+            if problem.dropout_p > 0:
+                seed = inputs.rng_state if inputs.rng_state is not None else torch.randint(
+                    0, 2**31 - 1, (2,), dtype=torch.int64, device=inputs.q.device)
+            out, lse = forward(problem, inputs, seed)
+            return ForwardResult(out, lse, None, seed)
 
     def backward(self, problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
                  lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None = None
                  ) -> Gradients:
         from .backward import backward
 
-        dq, dk, dv = backward(problem, inputs, out, lse, dout, dlse, inputs.rng_state)
+        with configs.launch_guard():
+            dq, dk, dv = backward(problem, inputs, out, lse, dout, dlse, inputs.rng_state)
         return Gradients(dq, dk, dv)

@@ -7,8 +7,10 @@ Under TRITON_INTERPRET=1 (CPU tests) small blocks keep the interpreter fast.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 from dataclasses import dataclass
 
 # (inner block, num_warps, num_stages[, maxnreg]) per kernel, head-dim bucket and outer tile
@@ -98,6 +100,16 @@ class LaunchConfig:
     block_n: int
     num_warps: int
     num_stages: int
+
+
+_interpreter_lock = threading.Lock()
+
+
+def launch_guard() -> contextlib.AbstractContextManager:
+    """Held around a call's launches: Triton's interpreter is not thread-safe (two threads
+    in it corrupt the heap), so under TRITON_INTERPRET=1 calls run one at a time; on a GPU
+    this is a no-op."""
+    return _interpreter_lock if interpreting() else contextlib.nullcontext()
 
 
 def dot_precision(dtype) -> str:

@@ -37,8 +37,14 @@ USE_GLUON = True
 
 @triton.jit
 def _tanh(x):
-    # tanh without libdevice (not available in the interpreter): 1 - 2 / (exp(2x) + 1)
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    """tanh without libdevice (absent in the interpreter), relative error < 2e-7 in fp32.
+    |x| > 0.625: 1 - 2 / (exp(2x) + 1); below, where that form cancels (its error is
+    absolute, ~1e-7, and softcap multiplies t by the cap), Cephes tanhf's odd polynomial."""
+    z = x * x
+    small = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z
+              + 1.33314422036e-1) * z - 3.33332819422e-1) * z * x + x
+    large = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    return tl.where(tl.abs(x) > 0.625, large, small)
 
 
 @triton.jit
