@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import warnings
 from collections.abc import Iterator
@@ -11,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import host_copies, plans
+from . import environment, host_copies, plans
 from .backend import Backend
 from .errors import BackendUnavailableError, InvalidEnvironmentError, UnknownBackendError
 from .problem import VarlenProblem
@@ -102,12 +101,12 @@ def forced_backend(argument: str | None = None) -> tuple[str | None, str]:
     ctx = stack[-1] if stack else None
     if ctx is not None:
         return ctx, "attnhub.use_backend()"
-    env = os.environ.get("ATTNHUB_BACKEND") or None
+    env = environment.get("ATTNHUB_BACKEND") or None
     return env, "ATTNHUB_BACKEND"
 
 
 def fallback_policy() -> str:
-    policy = os.environ.get("ATTNHUB_FALLBACK", "warn") or "warn"
+    policy = environment.get("ATTNHUB_FALLBACK") or "warn"
     if policy not in FALLBACK_POLICIES:
         raise InvalidEnvironmentError("ATTNHUB_FALLBACK", "one of warn, error, allow",
                                       repr(policy))

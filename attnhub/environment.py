@@ -38,3 +38,13 @@ def raw_keys() -> tuple:
 def validate_is_auto(value: object) -> bool:
     """Whether a raw ATTNHUB_VALIDATE value from ``snapshot`` means 'auto' (or unset)."""
     return value is None or value in ("auto", b"auto")
+
+
+def get(name: str) -> str | None:
+    """``os.environ.get(name)`` through the raw mapping where there is one: torch.compile
+    guards a read of that dict (not one of os.environ), so a variable set after compiling
+    recompiles instead of being ignored."""
+    if _raw is None or _encode is None:
+        return os.environ.get(name)
+    value = _raw.get(_encode(name))
+    return None if value is None else os.environ.decodevalue(value)  # type: ignore[attr-defined]

@@ -7,10 +7,11 @@ host copy. Nothing is read while torch.compile traces or a CUDA graph is being c
 
 from __future__ import annotations
 
-import os
 import weakref
 
 import torch
+
+from . import environment
 
 _cache: dict[int, tuple[weakref.ref, int, tuple]] = {}
 
@@ -19,7 +20,7 @@ def validation_mode() -> str:
     """ATTNHUB_VALIDATE: 'auto' (default) reads device index tensors back only when the host
     needs them anyway (max_seqlen not given); 'full' also reads them back, once per tensor,
     to validate their values when max_seqlen was given."""
-    mode = os.environ.get("ATTNHUB_VALIDATE", "auto")
+    mode = environment.get("ATTNHUB_VALIDATE") or "auto"
     if mode not in ("auto", "full"):
         from .errors import InvalidEnvironmentError
 

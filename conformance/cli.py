@@ -42,7 +42,9 @@ def run_conformance(backends: list[str] | None, device: str | None, tier: str,
                     report_path: str, json_path: str,
                     keyword: str | list[str] | None = None,
                     features: list[str] | None = None, surface: str | None = None) -> int:
-    """Returns the exit status: 0 when nothing failed, 1 otherwise, 2 on bad arguments."""
+    """Returns the exit status: 0 when every backend checked some case and none failed; 1
+    when a case failed or a backend checked nothing (every case unsupported); 2 on bad
+    arguments, or when no case matches the selection."""
     dev = device or str(best_device())
     registry = get_registry()
     names = backends or default_backends(dev.split(":")[0])
@@ -61,9 +63,14 @@ def run_conformance(backends: list[str] | None, device: str | None, tier: str,
     cases = [c for c in tier_cases(tier)
              if (not keywords or any(k in c.id for k in keywords))
              and (not features or c.feature in features)]
+    if not cases:
+        print(f"attnhub conformance: no case of the {tier} tier matches "
+              + " and ".join(filter(None, (keywords and f"-k {' / '.join(keywords)}",
+                                           features and f"--feature {', '.join(features)}")))
+              + f"; nothing was checked (features here: {', '.join(known)})", file=sys.stderr)
+        return 2
     with dispatch.use_backend(None):
-        results = run_suite(cases, names, dev, progress=_progress if cases else None,
-                            surface=surface)
+        results = run_suite(cases, names, dev, progress=_progress, surface=surface)
     pathlib.Path(report_path).write_text(report.markdown(results, tier, dev))
     pathlib.Path(json_path).write_text(report.as_json(results, tier, dev))
     failed = [r for r in results if r.failed]
@@ -75,4 +82,12 @@ def run_conformance(backends: list[str] | None, device: str | None, tier: str,
     print(f"attnhub conformance ({tier}, {dev}, {', '.join(names)}{via}): {counts['pass']} passed, "
           f"{counts['fail'] + counts['error']} failed, {counts['unsupported']} unsupported; "
           f"reports: {report_path}, {json_path}")
-    return 1 if failed else 0
+    idle = [n for n in names if not any(r.backend == n and r.status != "unsupported"
+                                        for r in results)]
+    for name in idle:
+        reasons = sorted({reason for r in results if r.backend == name for reason in r.reasons})
+        reasons += registry.unavailable_reasons(registry.backends[name])  # (hints, e.g. triton)
+        print(f"attnhub conformance: backend {name!r} checked nothing on {dev}: every selected "
+              f"case is unsupported there. Its reasons:\n  - " + "\n  - ".join(reasons[:6]),
+              file=sys.stderr)
+    return 1 if failed or idle else 0

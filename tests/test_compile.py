@@ -302,3 +302,23 @@ def test_opcheck_varlen_fwd(case):
         torch.testing.assert_close(probs, want[2])
     torch.testing.assert_close(out, want[0])
     torch.testing.assert_close(lse, want[1])
+
+
+def test_attnhub_backend_set_after_compiling_is_honoured(install, monkeypatch):
+    """The compiled function guards the environment variables that selection reads: setting
+    ATTNHUB_BACKEND after compiling recompiles with the forced backend."""
+    fast, forced = make_backend("fast", 20), make_backend("forced", 10)
+    install(fast, forced)
+    q = torch.randn(6, NHEADS, D)
+    k = torch.randn(6, NHEADS_K, D)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    compiled = torch.compile(lambda q, k: attnhub.attention_forward_varlen(q, k, k, cu, cu, 4, 4),
+                             backend="eager", fullgraph=True)
+    compiled(q, k)
+    assert fast.calls == ["forward"] and forced.calls == []
+    monkeypatch.setenv("ATTNHUB_BACKEND", "forced")
+    compiled(q, k)
+    assert forced.calls == ["forward"]
+    monkeypatch.setenv("ATTNHUB_BACKEND", "no-such-backend")
+    with pytest.raises(attnhub.UnknownBackendError):
+        compiled(q, k)

@@ -126,3 +126,23 @@ def test_unknown_feature_is_an_error_listing_the_valid_ones(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown --feature windows" in err and "window" in err and "paged" in err
     assert not (tmp_path / "report.md").exists()
+
+
+def test_a_selection_matching_no_case_exits_2_without_reports(tmp_path, capsys):
+    assert main(_args(tmp_path, "--backend", "reference", "-k", "no-such-case")) == 2
+    err = capsys.readouterr().err
+    assert "no case of the quick tier matches -k no-such-case" in err
+    assert "nothing was checked" in err
+    assert not (tmp_path / "report.md").exists() and not (tmp_path / "report.json").exists()
+
+
+def test_a_backend_that_checked_nothing_fails_and_says_why(tmp_path, capsys,
+                                                           with_broken_backend):
+    # The double declines bfloat16: on bf16 cases alone it checks nothing.
+    assert main(_args(tmp_path, "--backend", "reference", "--backend", "scale-too-large",
+                      "-k", "gqa-6-1-bf16")) == 1
+    err = capsys.readouterr().err
+    assert "backend 'scale-too-large' checked nothing on cpu" in err
+    assert "dtype bfloat16 is not supported" in err
+    md = (tmp_path / "report.md").read_text()
+    assert "| backend | gqa | total |" in md  # a well-formed table, with the reasons

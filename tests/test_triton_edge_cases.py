@@ -1,0 +1,47 @@
+"""Triton kernels on edge inputs, on the CPU (TRITON_INTERPRET=1), against the float64 oracle:
+softcap precision over the whole range of caps, and batches where no sequence has a key."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from attnhub.backends.triton import configs
+from naive import naive_attention
+
+import attnhub
+
+pytestmark = pytest.mark.skipif(not configs.interpreting(),
+                                reason="CPU tensors reach the Triton kernels only in the "
+                                       "interpreter (TRITON_INTERPRET=1)")
+
+
+@pytest.mark.parametrize("cap", [30.0, 1e4, 1e6])
+def test_softcap_fp32_accuracy_does_not_degrade_with_the_cap(cap):
+    """s / cap is small for large caps, where 1 - 2 / (exp(2x) + 1) cancels: its absolute
+    error, times the cap, reached 5.7e-2 at cap 1e6. fp32 must stay near the reference's."""
+    gen = torch.Generator().manual_seed(0)
+    cu = [0, 20, 29]
+    q, k, v = (torch.randn(29, 2, 16, generator=gen, requires_grad=True) for _ in range(3))
+    out = attnhub.attention_forward_varlen(q, k, v, cu, cu, softcap=cap, backend="triton")
+    want = naive_attention(q, k, v, cu, cu, softcap=cap)
+    assert (out.double() - want.out).abs().max().item() < 2e-6
+    grad = torch.randn(out.shape, generator=gen)
+    got = torch.autograd.grad(out, (q, k), grad)
+    ref = torch.autograd.grad(want.out, (q, k), grad.double())
+    for g, r in zip(got, ref, strict=True):
+        assert (g.double() - r).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("total_q", [5, 40])
+def test_every_key_sequence_empty(total_q):
+    """total_k = 0 with more than a block of queries: out 0 and lse -inf (the TMA descriptor
+    of an empty K used to fail with 'shape must be positive')."""
+    q = torch.randn(total_q, 2, 16)
+    k = v = torch.randn(0, 1, 16)
+    cu_q = [0, total_q // 2, total_q]
+    out, lse = attnhub.attention_forward_varlen(q, k, v, cu_q, [0, 0, 0], return_lse=True,
+                                                backend="triton")
+    assert torch.equal(out, torch.zeros_like(q))
+    assert lse.shape == (2, total_q) and bool((lse == -math.inf).all())
