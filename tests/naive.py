@@ -142,7 +142,8 @@ def naive_attention(
             slope = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b]
             i = torch.arange(sq, dtype=F64).view(sq, 1)
             j = torch.arange(sk, dtype=F64).view(1, sk)
-            dist = (i + sk - sq - j).abs()
+            off = 0 if top_left else sk - sq  # docs/api.md: the alignment moves ALiBi too
+            dist = (i + off - j).abs()
             s = s - slope.to(F64).view(nheads, 1, 1) * dist
         vis = visible_mask(sq, sk, left, right, top_left)  # (sq, sk)
         if custom_mask is not None:
