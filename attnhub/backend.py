@@ -63,9 +63,11 @@ class Backend:
 
     def prepare(self, problem: VarlenProblem, inputs: VarlenInputs) -> object | None:
         """Launch metadata for a planned layout (``attnhub.plan``), computed once and handed
-        back as ``inputs.schedule`` on every ``run`` of the plan (host work is fine here).
-        None (the default): nothing to precompute. A backend must also run correctly with
-        ``inputs.schedule`` None (calls outside a plan, and through the custom op)."""
+        back as ``inputs.schedule`` on every ``run`` of the plan (host work is fine here): a
+        tuple of at most two device tensors (they travel through the custom op, so a planned
+        call runs the same kernel with autograd or torch.compile as without). None (the
+        default): nothing to precompute. A backend must also run correctly with
+        ``inputs.schedule`` None (calls outside a plan)."""
         return None
 
     def forward(self, problem: VarlenProblem, inputs: VarlenInputs) -> ForwardResult:

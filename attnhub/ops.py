@@ -34,10 +34,20 @@ def run_forward(problem: VarlenProblem, inputs: VarlenInputs, backend: Backend) 
         # Host lengths would be guarded constants under torch.compile: leave them out there.
         None if compiling or problem.seqlens_q is None else list(problem.seqlens_q),
         None if compiling or problem.seqlens_k is None else list(problem.seqlens_k),
-        inputs.custom_mask, inputs.custom_mask_offsets,
+        inputs.custom_mask, inputs.custom_mask_offsets, *_schedule_args(inputs.schedule),
     )
     return ForwardResult(out, lse, probs if problem.return_probs else None,
                          rng if problem.dropout_p > 0 else None)
+
+
+def _schedule_args(schedule: tuple | None) -> tuple:
+    """A plan's schedule (Backend.prepare: None or up to two tensors) as the op's two
+    optional tensor arguments."""
+    if schedule is None:
+        return None, None
+    if len(schedule) > 2 or not all(isinstance(t, Tensor) for t in schedule):
+        raise TypeError("Backend.prepare must return None or a tuple of at most two tensors")
+    return (*schedule, None, None)[:2]
 
 
 def problem_from_op_args(q: Tensor, k: Tensor, cu_seqlens_q: Tensor,
@@ -78,17 +88,20 @@ def varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens
                window_right: int, softcap: float, dropout_p: float, top_left: bool,
                deterministic: bool, return_probs: bool, requires_grad: bool, backend: str,
                seqlens_q: list[int] | None, seqlens_k: list[int] | None,
-               custom_mask: Tensor | None = None, custom_mask_offsets: Tensor | None = None
+               custom_mask: Tensor | None = None, custom_mask_offsets: Tensor | None = None,
+               schedule_0: Tensor | None = None, schedule_1: Tensor | None = None
                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> out (q's shape), lse float32 (nheads, total_q), probs (batch, nheads, max_q, max_k)
     or empty, rng_state int64 (2,) or empty. custom_mask / custom_mask_offsets: the packed
-    per-request mask (attnhub.custom_mask) or None."""
+    per-request mask (attnhub.custom_mask) or None. schedule_*: a plan's schedule
+    (Backend.prepare), so a planned call runs the same kernel with or without the op."""
     problem = problem_from_op_args(q, k, cu_seqlens_q, alibi_slopes, block_table, max_seqlen_q,
                                    max_seqlen_k, scale, window_left, window_right, softcap,
                                    dropout_p, top_left, deterministic, return_probs,
                                    requires_grad, seqlens_q, seqlens_k, custom_mask is not None)
+    schedule = tuple(t for t in (schedule_0, schedule_1) if t is not None) or None
     inputs = VarlenInputs(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, block_table,
-                          rng_seed, custom_mask, custom_mask_offsets)
+                          rng_seed, custom_mask, custom_mask_offsets, schedule)
     res = check_forward(backend, problem, q,
                         get_registry().backends[backend].forward(problem, inputs))
     probs = res.probs if res.probs is not None else q.new_empty((0,), dtype=torch.float32)
@@ -102,7 +115,8 @@ def varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens
 def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, block_table, rng_seed,
                      max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap,
                      dropout_p, top_left, deterministic, return_probs, requires_grad, backend,
-                     seqlens_q, seqlens_k, custom_mask=None, custom_mask_offsets=None):
+                     seqlens_q, seqlens_k, custom_mask=None, custom_mask_offsets=None,
+                     schedule_0=None, schedule_1=None):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
     probs_shape = ((cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k)
@@ -146,7 +160,7 @@ def _varlen_bwd_fake(dout, dlse, q, k, v, *rest):
 def _setup_context(ctx, inputs, output) -> None:
     (q, k, v, cu_q, cu_k, alibi, block_table, _seed, max_q, max_k, scale, wl, wr, softcap,
      dropout_p, top_left, deterministic, _return_probs, _requires_grad, backend, seqlens_q,
-     seqlens_k, mask, mask_offsets) = inputs
+     seqlens_k, mask, mask_offsets, _schedule_0, _schedule_1) = inputs
     out, lse, probs, rng = output
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(probs, rng)
@@ -160,10 +174,10 @@ def _backward(ctx, dout, dlse, _dprobs, _drng):
     q, k, v, out, lse, cu_q, cu_k, alibi, block_table, rng, mask, mask_offsets = \
         ctx.saved_tensors
     if dout is None and dlse is None:
-        return (None,) * 24
+        return (None,) * 26
     dq, dk, dv = varlen_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, alibi, block_table, rng,
                             *ctx.scalars, mask, mask_offsets)
-    return (dq, dk, dv) + (None,) * 21
+    return (dq, dk, dv) + (None,) * 23
 
 
 varlen_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -115,3 +115,36 @@ def test_plan_run_under_compile_on_gpu():
                          dtype=torch.bfloat16, device="cuda", max_seqlen_q=512,
                          max_seqlen_k=512, causal=True)
         torch.testing.assert_close(compiled(p, q, k, v), p.run(q, k, v) * 2)
+
+
+def test_plan_run_with_grad_runs_the_planned_kernel():
+    """A plan's schedule travels through the custom op: out with autograd on equals out
+    without it bit for bit (the same kernel, not the device-tile fallback)."""
+    lens = [100, 412]
+    q = torch.randn(512, H, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(512, HK, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    p = attnhub.plan(_cu(lens), _cu(lens), nheads=H, nheads_k=HK, head_dim=D,
+                     dtype=torch.bfloat16, device="cuda", causal=True)
+    want = p.run(q, k, v)
+    got = p.run(q.requires_grad_(), k, v)
+    assert torch.equal(got.detach(), want)
+
+
+def test_flashinfer_single_prefill_under_reduce_overhead_compile():
+    """FlashInfer's own compile test shape: single_prefill_with_kv_cache compiled with
+    mode="reduce-overhead" (CUDA graph trees) replays and matches eager."""
+    from attnhub.compat import flashinfer
+
+    def fn(q, k, v):
+        return flashinfer.single_prefill_with_kv_cache(q, k, v, causal=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
+    for qo_len, kv_len in ((127, 127), (127, 300), (127, 300)):
+        q = torch.randn(qo_len, 8, 128, device="cuda", dtype=torch.float16)
+        k = torch.randn(kv_len, 2, 128, device="cuda", dtype=torch.float16)
+        v = torch.randn_like(k)
+        for _ in range(3):
+            got = compiled(q, k, v).clone()
+        torch.testing.assert_close(got, fn(q, k, v), rtol=2e-3, atol=2e-3)

@@ -61,13 +61,13 @@ class TritonBackend(Backend):
     def prepare(self, problem: VarlenProblem, inputs: VarlenInputs) -> object | None:
         """A plan's forward tile list, when the host lengths are known and the call takes the
         tiled (not the split-KV decode) path."""
-        from . import decode, tiles
+        from . import decode
         from .forward import tile_list
 
         if not problem.lengths_known or decode.eligible(problem):
             return None
         block_m = configs.forward_config(problem.head_dim).block_m
-        return tiles.Schedule(tile_list(problem, inputs.cu_seqlens_q, block_m, True))
+        return tile_list(problem, inputs.cu_seqlens_q, block_m, True)
 
     def forward(self, problem: VarlenProblem, inputs: VarlenInputs) -> ForwardResult:
         from . import decode

@@ -460,8 +460,7 @@ def forward(problem, inputs, seed: torch.Tensor | None) -> tuple[torch.Tensor, t
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((problem.nheads, problem.total_q), dtype=torch.float32, device=q.device)
     cfg = configs.forward_config(problem.head_dim)
-    schedule = inputs.schedule
-    planned = schedule.fwd if isinstance(schedule, tiles.Schedule) else None  # attnhub.plan
+    planned = inputs.schedule  # attnhub.plan: the forward's (tile_seq, tile_block), or None
     programs, tile_seq, tile_blk, device_tiles = launch_tiles(
         problem, inputs.cu_seqlens_q, cfg.block_m, True, planned)
     if programs == 0 or problem.nheads == 0:

@@ -11,7 +11,6 @@ exit at once.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -19,13 +18,6 @@ import triton.language as tl
 
 # Sequences whose offsets find_tile reads per step: fixed, so no batch size recompiles.
 FIND_CHUNK = tl.constexpr(256)
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """A plan's precomputed forward tile list: (tile_seq, tile_block) int32 on the device."""
-
-    fwd: tuple[torch.Tensor, torch.Tensor]
 
 
 _CACHE: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
