@@ -101,7 +101,10 @@ def test_flashinfer_documentation_examples_full_size(example):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "flashinfer"))
     import docs_examples
 
-    assert getattr(docs_examples, example)("cuda:0", num_layers=32) <= 1e-3
+    # The example asserts the documented rule (allclose, rtol = atol = 1e-3). Causal and
+    # custom-mask calls run different kernels here (the Gluon forward takes the causal one),
+    # so they may differ by an fp16 ulp of outputs above 1 (~2e-3): bounded, not equal.
+    assert getattr(docs_examples, example)("cuda:0", num_layers=32) <= 4e-3
 
 
 def test_plan_run_under_compile_on_gpu():
