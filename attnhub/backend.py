@@ -37,7 +37,11 @@ class Backend:
 
     ``priority``: higher is tried first among the backends of a device type. ``fallback``:
     True for a backend of last resort (the reference); choosing it while accelerated backends
-    exist for the device follows the ATTNHUB_FALLBACK policy.
+    exist for the device follows the ATTNHUB_FALLBACK policy. ``backward_recomputes_softmax``:
+    True when ``backward`` rebuilds the softmax from q and k instead of using the ``out`` and
+    ``lse`` it is handed (False: flash-style, probabilities exp(s - lse) and
+    delta = rowsum(dout * out) - dlse); context parallelism (attnhub.distributed) hands
+    flash-style backends the merged out and lse of several calls.
 
     ``why_not`` must depend only on the problem's static part (``problem.signature()``):
     selections are cached by it.
@@ -47,6 +51,7 @@ class Backend:
     device_types: ClassVar[frozenset[str]]
     priority: ClassVar[int] = 0
     fallback: ClassVar[bool] = False
+    backward_recomputes_softmax: ClassVar[bool] = False
     description: ClassVar[str] = ""
     capabilities: ClassVar[Capabilities]
 
