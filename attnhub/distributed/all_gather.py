@@ -34,6 +34,7 @@ class AllGatherAttention(torch.autograd.Function):
         acc = PartialSum(q)
         block_forward(q, k_all, v_all, gathered_calls(shard, *window), opts, acc)
         out, lse = acc.result(q.dtype)
+        ctx.set_materialize_grads(False)  # dlse stays None when lse is not used
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.setup = (shard, group, window, opts)
         return out, lse
