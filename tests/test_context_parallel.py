@@ -128,3 +128,11 @@ def test_errors_name_the_argument():
         zigzag_shard((8,), world_size=2, rank=2)
     with pytest.raises(attnhub.InvalidArgumentError, match="'q'"):
         context_parallel_attention(q, q, q, zigzag_shard((8, 4), world_size=1, rank=0))
+
+
+def test_backward_conventions_of_the_builtin_backends():
+    """Flash-style backends are handed the merged out / lse in a ring backward; the
+    reference, which recomputes the softmax, is not (its path is the recompute one)."""
+    flags = {n: b.backward_uses_forward_stats for n, b in attnhub.get_registry().backends.items()}
+    assert flags.pop("reference") is False
+    assert all(flags.values()), flags

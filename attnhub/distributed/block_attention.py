@@ -4,13 +4,13 @@ Every call of a step (attnhub.distributed.step_plan) is normalized and routed by
 attnhub.normalize / attnhub.select like any other call, so any backend that returns lse
 computes the steps. Backward of a block gives this block's share of dq, dk and dv:
 
-* backends that take out and lse from their forward (every flash-style kernel: the softmax is
-  rebuilt as exp(s - lse) and delta = rowsum(dout * out) - dlse) are handed the merged out
-  and lse: their result is exactly the block's share of the global gradient;
-* backends that recompute the softmax themselves (``Backend.backward_recomputes_softmax``,
-  the reference) get the block's own (out_i, lse_i), recomputed, and the gradients the merge
-  passes to them (attnhub.distributed.merge.partial_grads), which needs a backward that
-  takes dlse.
+* backends that take out and lse from their forward (``Backend.backward_uses_forward_stats``,
+  every flash-style kernel: the softmax is rebuilt as exp(s - lse) and
+  delta = rowsum(dout * out) - dlse) are handed the merged out and lse: their result is
+  exactly the block's share of the global gradient;
+* the others (the reference recomputes the softmax) get the block's own (out_i, lse_i),
+  recomputed, and the gradients the merge passes to them
+  (attnhub.distributed.merge.partial_grads), which needs a backward that takes dlse.
 """
 
 from __future__ import annotations
@@ -75,13 +75,13 @@ def block_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     dv = torch.zeros(v.shape, dtype=accumulation_dtype(v.dtype), device=v.device)
     for call in calls:
         problem, inputs, backend = _prepare(q, k, v, call, opts)
-        if backend.backward_recomputes_softmax:
+        if backend.backward_uses_forward_stats:
+            grads = backend.backward(problem, inputs, out, lse, dout, dlse)
+        else:
             part = backend.forward(dataclasses.replace(problem, requires_grad=False), inputs)
             d_out, d_lse = partial_grads(dout, dlse, out, lse, part.out, part.lse)
             grads = backend.backward(problem, inputs, part.out, part.lse,
                                      d_out.to(out.dtype), d_lse)
-        else:
-            grads = backend.backward(problem, inputs, out, lse, dout, dlse)
         dq_acc.add_(grads.dq)
         dk.add_(grads.dk)
         dv.add_(grads.dv)

@@ -22,7 +22,6 @@ class ReferenceBackend(Backend):
     device_types: ClassVar[frozenset[str]] = frozenset({"*"})  # every device torch runs on
     priority: ClassVar[int] = -1000
     fallback: ClassVar[bool] = True
-    backward_recomputes_softmax: ClassVar[bool] = True
     description: ClassVar[str] = "pure PyTorch, fp32 math, every feature; the oracle"
     capabilities: ClassVar[Capabilities] = Capabilities(
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
