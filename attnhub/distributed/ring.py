@@ -5,9 +5,10 @@ Step i: rank r holds the K/V block of rank (r - i) mod world (only the KV heads,
 stacked into one tensor), starts sending it to r + 1 and receiving the next one from r - 1,
 computes the step's calls, and waits. Steps that the mask leaves empty compute nothing; when
 a window leaves every step after some step n empty on every rank, the ring stops after n
-steps. Backward walks the same ring: each block's float32 dK/dV accumulator is received from
-r - 1, gets this rank's share, and goes on to r + 1; after the last step it is sent straight to
-the block's owner. Every sum runs in a fixed order: the result is reproducible run to run.
+steps. Backward walks the same ring: each block's float32 dK/dV accumulator (float64 for
+float64 inputs) is received from r - 1, gets this rank's share, and goes on to r + 1; after
+the last step it is sent straight to the block's owner. Every sum runs in a fixed order: the
+result is reproducible run to run.
 """
 
 from __future__ import annotations
@@ -73,9 +74,10 @@ class RingAttention(torch.autograd.Function):
             dout = torch.zeros_like(out)
         dq = torch.zeros(q.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
         kv = torch.stack([k, v])
-        dkv: torch.Tensor | None = None  # the float32 accumulator of the block held last step
+        dkv: torch.Tensor | None = None  # the dK/dV accumulator of the block held last step
         for i in range(steps):
             src = (rank - i) % w
+            block = kv
             ex = Exchange(group)
             if i + 1 < steps:
                 ex.send(kv, (rank + 1) % w)
@@ -87,8 +89,8 @@ class RingAttention(torch.autograd.Function):
                 ex.recv(dkv, (2, shard.local_info(src).total, *kv.shape[2:]), (rank - 1) % w,
                         tag=1)
             ex.start()
-            share = block_backward(q, kv[0], kv[1], ring_step_calls(shard, src, *window), opts,
-                                   out, lse, dout, dlse, dq)
+            share = block_backward(q, block[0], block[1], ring_step_calls(shard, src, *window),
+                                   opts, out, lse, dout, dlse, dq)
             received = ex.wait()
             if i + 1 < steps:
                 kv = received.pop(0)
@@ -99,7 +101,7 @@ class RingAttention(torch.autograd.Function):
                     dkv[1].add_(share[1])
             else:
                 dkv = torch.stack(share) if share is not None else torch.zeros(
-                    kv.shape, dtype=accumulation_dtype(kv.dtype), device=kv.device)
+                    block.shape, dtype=accumulation_dtype(block.dtype), device=block.device)
         assert dkv is not None
         if steps > 1:  # the accumulator held last belongs to rank - (steps - 1)
             ex = Exchange(group)

@@ -56,6 +56,8 @@ def _global(group: object | None, rank: int) -> int:
 def all_gather_rows(x: torch.Tensor, rows: list[int], group: object | None
                     ) -> list[torch.Tensor]:
     """Every rank's ``x`` (``rows[r]`` leading rows on rank r), as a list indexed by rank."""
+    if len(rows) == 1:
+        return [x]
     width = max(rows)
     padded = x if x.shape[0] == width else torch.cat(
         [x, x.new_zeros((width - x.shape[0], *x.shape[1:]))])
@@ -69,6 +71,8 @@ def reduce_rows(parts: list[torch.Tensor], rows: list[int], rank: int, group: ob
     """Sum over ranks of ``parts[rank]`` as seen by every rank: ``parts[r]`` (rows[r]
     leading rows) is this rank's contribution to rank r's rows; returns this rank's total.
     Deterministic mode gathers every contribution and adds them in rank order."""
+    if len(parts) == 1:
+        return parts[0]
     width = max(rows)
     stacked = torch.stack([p if p.shape[0] == width else torch.cat(
         [p, p.new_zeros((width - p.shape[0], *p.shape[1:]))]) for p in parts])
