@@ -5,6 +5,11 @@ ones the ring makes) with no transfer. Per step: forward time of the step's call
 the lse merge that folds it into the running result, and backward time; TFLOP/s from the
 exact visible-pair count. Also the load balance over ranks (host-only, from the step plans).
 
+First (unless --no-check), every rank of a small job is simulated on the GPU and out, lse,
+dq, dk, dv are compared with the float64 reference under the conformance rule, for the ring
+and the all-gather plans: the GPU backends' step arithmetic (merged-statistics backward
+included), without the transport.
+
 Run on one H200 (< 2 min with the defaults):
     python benchmarks/bench_context_parallel.py --out docs/benchmarks/cp-steps.md
 Host-only load-balance table (no GPU): python benchmarks/bench_context_parallel.py --plan-only
@@ -20,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cp_simulate import simulate
 from cp_workload import rank_work, visible_pairs
 
 from attnhub.distributed import ContextShard
@@ -108,6 +114,53 @@ def bench_rank(seqlens, world, rank, heads, kv_heads, dim, dtype, backend, windo
     return result
 
 
+def check_steps(backend: str | None, heads: int, kv_heads: int, dim: int,
+                device: str = "cuda", lengths: tuple[int, ...] = (4096, 1000, 0, 3001, 17),
+                world: int = 4) -> list[str]:
+    """Conformance of a simulated ``world``-rank job against the float64 reference (lines of
+    a markdown table)."""
+    import dataclasses
+
+    from attnhub.conformance.tolerance import check
+
+    import attnhub
+
+    info = attnhub.VarlenInfo.from_lengths(lengths, device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    total = sum(lengths)
+    full = [torch.randn(total, h, dim, device=device, generator=gen, dtype=torch.float64)
+            for h in (heads, kv_heads, kv_heads, heads)]
+    lines = ["| mask | strategy | backend (global call) | out | lse | dq | dk | dv |",
+             "|---|---|---|---|---|---|---|---|"]
+    for causal, window in ((True, None), (True, (512, 0)), (False, (300, 200))):
+        left, right = (-1, 0) if window is None else window
+
+        def single(dtype, be, causal=causal, window=window):
+            q, k, v = (t.detach().to(dtype, copy=True).requires_grad_() for t in full[:3])
+            out, lse = attnhub.attention_forward_varlen(
+                q, k, v, info, info, causal=causal, window_size=window, return_lse=True,
+                backend=be)
+            (out.double() * full[3]).sum().backward()
+            return [out.detach(), lse.detach(), q.grad, k.grad, v.grad]
+
+        oracle, ref = single(torch.float64, "reference"), single(torch.bfloat16, backend)
+        q, k, v, dout = (t.to(torch.bfloat16) for t in full)
+        opts = AttentionOptions(scale=dim ** -0.5, softcap=0.0, deterministic=False,
+                                requires_grad=True, backend=backend)
+        problem, _ = attnhub.normalize(q, k, v, info, info, causal=causal, window_size=window)
+        chosen = attnhub.select(dataclasses.replace(problem, requires_grad=True), backend)
+        for strategy in ("ring", "all_gather"):
+            got = simulate(lengths, world, q, k, v, dout, (left, right), opts, strategy)
+            cells = []
+            for name, g, o, r in zip(("out", "lse", "dq", "dk", "dv"), got, oracle, ref,
+                                     strict=True):
+                res = check(name, g, o, r, torch.bfloat16)
+                cells.append(f"{res.error:.1e} {'ok' if res.ok else 'FAIL'}")
+            lines.append(f"| causal={causal} window={window} | {strategy} | {chosen.name} | "
+                         + " | ".join(cells) + " |")
+    return lines
+
+
 def balance_table(configs, window) -> list[str]:
     lines = ["| workload | world | visible pairs per rank: max / mean "
              "| tokens per rank: max / min |",
@@ -131,6 +184,7 @@ def main() -> None:
                         help="global (left, right); default causal (-1 0)")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--plan-only", action="store_true", help="load balance only, no GPU")
+    parser.add_argument("--no-check", action="store_true", help="skip the conformance check")
     parser.add_argument("--out", default=None, help="also write the markdown here")
     args = parser.parse_args()
     window = tuple(args.window)
@@ -143,6 +197,11 @@ def main() -> None:
         import attnhub
         lines.insert(3, f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
                         f"attnhub {attnhub.__version__}.")
+        if not args.no_check:
+            table = check_steps(args.backend, args.heads, args.kv_heads, args.dim)
+            lines += ["## Simulated 4-rank job against the float64 reference "
+                      "(max abs error, conformance rule)", "", *table, ""]
+            print("\n".join(table), flush=True)
         for label, seqlens, world in CONFIGS:
             res = bench_rank(seqlens, world, args.rank, args.heads, args.kv_heads, args.dim,
                              torch.bfloat16, args.backend, window, args.reps)

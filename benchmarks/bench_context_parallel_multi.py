@@ -66,7 +66,7 @@ def run_check(group, backend, heads, kv_heads, dim) -> list[str]:
     lines = []
     for causal, window in ((True, None), (True, (512, 0)), (False, (300, 200))):
         def single(dtype, be, causal=causal, window=window):
-            q, k, v = (t.to(dtype).requires_grad_() for t in full)
+            q, k, v = (t.detach().to(dtype, copy=True).requires_grad_() for t in full)
             out, lse = attnhub.attention_forward_varlen(
                 q, k, v, info, info, causal=causal, window_size=window, return_lse=True,
                 backend=be)
@@ -76,7 +76,7 @@ def run_check(group, backend, heads, kv_heads, dim) -> list[str]:
         oracle = single(torch.float64, "reference")
         ref = single(torch.bfloat16, backend)
         for strategy in ("ring", "all_gather"):
-            q, k, v = (shard.shard(t).to(torch.bfloat16).requires_grad_() for t in full)
+            q, k, v = (shard.shard(t.detach()).to(torch.bfloat16).requires_grad_() for t in full)
             out, lse = context_parallel_attention(
                 q, k, v, shard, group, causal=causal, window_size=window, return_lse=True,
                 backend=backend, strategy=strategy)
