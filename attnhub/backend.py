@@ -37,7 +37,13 @@ class Backend:
 
     ``priority``: higher is tried first among the backends of a device type. ``fallback``:
     True for a backend of last resort (the reference); choosing it while accelerated backends
-    exist for the device follows the ATTNHUB_FALLBACK policy.
+    exist for the device follows the ATTNHUB_FALLBACK policy. ``backward_uses_forward_stats``:
+    True when ``backward`` builds the probabilities as exp(s - lse) from the ``lse`` it is
+    handed and delta = rowsum(dout * out) - dlse from the ``out`` it is handed, as flash
+    kernels do; context parallelism (attnhub.distributed) then hands it the merged out and
+    lse of several calls. False (the safe default, and the reference): backward recomputes
+    the softmax itself, and context parallelism recomputes each call's out and lse and
+    passes the merge's gradients, which needs a backward that takes dlse.
 
     ``why_not`` must depend only on the problem's static part (``problem.signature()``):
     selections are cached by it.
@@ -47,6 +53,7 @@ class Backend:
     device_types: ClassVar[frozenset[str]]
     priority: ClassVar[int] = 0
     fallback: ClassVar[bool] = False
+    backward_uses_forward_stats: ClassVar[bool] = False
     description: ClassVar[str] = ""
     capabilities: ClassVar[Capabilities]
 

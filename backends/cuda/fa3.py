@@ -40,6 +40,7 @@ class FA3Backend(Backend):
     name: ClassVar[str] = "fa3"
     device_types: ClassVar[frozenset[str]] = frozenset({"cuda"})
     priority: ClassVar[int] = 200
+    backward_uses_forward_stats: ClassVar[bool] = True
     description: ClassVar[str] = "FlashAttention-3 (flash_attn_interface), Hopper"
     capabilities: ClassVar[Capabilities] = Capabilities(
         dtypes=frozenset({torch.float16, torch.bfloat16}),

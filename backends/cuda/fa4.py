@@ -39,6 +39,7 @@ class FA4Backend(Backend):
     name: ClassVar[str] = "fa4"
     device_types: ClassVar[frozenset[str]] = frozenset({"cuda"})
     priority: ClassVar[int] = 300
+    backward_uses_forward_stats: ClassVar[bool] = True
     description: ClassVar[str] = "FlashAttention-4 (flash_attn.cute), Hopper and Blackwell"
     capabilities: ClassVar[Capabilities] = Capabilities(
         dtypes=frozenset({torch.float16, torch.bfloat16}),

@@ -42,6 +42,7 @@ class FlashAttn2Backend(Backend):
     name: ClassVar[str] = "flash-attn"
     device_types: ClassVar[frozenset[str]] = frozenset({"cuda"})
     priority: ClassVar[int] = 40
+    backward_uses_forward_stats: ClassVar[bool] = True
     description: ClassVar[str] = "flash_attn 2.x (FlashAttention-2): softcap, ALiBi, paged%256"
     capabilities: ClassVar[Capabilities] = Capabilities(
         dtypes=frozenset({torch.float16, torch.bfloat16}),

@@ -47,6 +47,7 @@ class TorchFlashBackend(Backend):
     name: ClassVar[str] = "torch-flash"
     device_types: ClassVar[frozenset[str]] = frozenset({"cuda"})
     priority: ClassVar[int] = 50
+    backward_uses_forward_stats: ClassVar[bool] = True
     description: ClassVar[str] = "PyTorch's bundled FlashAttention-2 (aten._flash_attention_*)"
     capabilities: ClassVar[Capabilities] = Capabilities(
         dtypes=frozenset({torch.float16, torch.bfloat16}),

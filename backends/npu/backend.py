@@ -36,6 +36,7 @@ class NpuBackend(Backend):
     name: ClassVar[str] = "npu"
     device_types: ClassVar[frozenset[str]] = frozenset({"npu"})
     priority: ClassVar[int] = 100
+    backward_uses_forward_stats: ClassVar[bool] = True
     description: ClassVar[str] = "torch_npu.npu_fusion_attention, layout TND (Ascend)"
     capabilities: ClassVar[Capabilities] = Capabilities(
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),

@@ -22,6 +22,7 @@ class TritonBackend(Backend):
     name: ClassVar[str] = "triton"
     device_types: ClassVar[frozenset[str]] = frozenset({"cuda", "xpu"})
     priority: ClassVar[int] = 100
+    backward_uses_forward_stats: ClassVar[bool] = True
     description: ClassVar[str] = "attnhub's Triton kernels: fwd + bwd, flat tile scheduling"
     capabilities: ClassVar[Capabilities] = Capabilities(
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
