@@ -192,3 +192,24 @@ def test_decode_step_is_bottom_right_aligned():
     expected = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)).transpose(1, 2)
     torch.testing.assert_close(out, expected)
+
+
+def test_left_padded_generation_with_a_kv_cache_matches_sdpa():
+    """Prefill of a left-padded batch, then decode steps against the KV cache (q_len 1, the
+    mask's last column for the queries, bottom-right causal): the step logits match sdpa."""
+    config = MistralConfig(**TINY, sliding_window=7)
+    torch.manual_seed(0)
+    state = MistralForCausalLM(config).state_dict()
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, TINY["vocab_size"], (2, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    steps = {}
+    for impl in ("sdpa", "attnhub"):
+        model = _build(MistralForCausalLM, config, impl, state, torch.float32).eval()
+        result = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5,
+                                do_sample=False, output_logits=True,
+                                return_dict_in_generate=True, pad_token_id=0)
+        steps[impl] = (result.sequences, torch.stack(result.logits))
+    assert torch.equal(steps["sdpa"][0], steps["attnhub"][0])
+    torch.testing.assert_close(steps["attnhub"][1], steps["sdpa"][1], atol=1e-4, rtol=1e-4)
