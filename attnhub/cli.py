@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import info as info_mod
@@ -28,6 +29,16 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
     return value
+
+
+def _output_file(text: str) -> str:
+    """A file path whose folder exists (checked before the suite runs, not after)."""
+    folder = os.path.dirname(text) or "."
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"folder {folder!r} does not exist")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, expected a file name")
+    return text
 
 
 def _device(text: str) -> str:
@@ -86,9 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_conf.add_argument("--device", type=_device, default=None,
                         help="default: the best device here")
     p_conf.add_argument("--tier", choices=("quick", "full"), default="quick")
-    p_conf.add_argument("--report", default="conformance-report.md", metavar="FILE.md",
+    p_conf.add_argument("--report", type=_output_file, default="conformance-report.md",
+                        metavar="FILE.md",
                         help="markdown report (default %(default)s)")
-    p_conf.add_argument("--json", default="conformance-report.json", metavar="FILE.json",
+    p_conf.add_argument("--json", type=_output_file, default="conformance-report.json",
+                        metavar="FILE.json",
                         help="JSON report (default %(default)s)")
     p_conf.add_argument("-k", dest="keyword", action="append", default=None,
                         help="only cases whose id contains this text (repeatable: any of them)")

@@ -27,6 +27,8 @@ def test_version(capsys):
     (["run", "--lengths", "a,b"], "--lengths: expected comma-separated ints"),
     (["run", "--window", "1,2,3"], "--window: expected LEFT,RIGHT"),
     (["conformance", "--device", "foo"], "'foo' is not a device"),
+    (["conformance", "--report", "/nonexistent/x.md"], "folder '/nonexistent' does not exist"),
+    (["conformance", "--json", "."], "'.' is a folder"),
 ])
 def test_bad_arguments_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
