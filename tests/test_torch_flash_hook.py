@@ -5,6 +5,8 @@ called directly."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -32,6 +34,15 @@ def _qkv(total, heads=4, heads_k=2, dim=16, device="cpu", dtype=torch.float32):
     gen = torch.Generator(device).manual_seed(0)
     return [torch.randn(total, h, dim, generator=gen, device=device, dtype=dtype,
                         requires_grad=True) for h in (heads, heads_k, heads_k)]
+
+
+def _causal_gqa_kwargs() -> dict:
+    """varlen_attn's causal + GQA arguments in this torch's spelling (releases differ)."""
+    params = inspect.signature(varlen_attn).parameters
+    kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+    return kwargs
 
 
 def _grads(out, tensors):
@@ -84,16 +95,18 @@ def test_cuda_varlen_and_sdpa_run_attnhub(active):
     """On CUDA both of PyTorch's flash entry points run attnhub; attnhub's own torch-flash
     backend, reached from inside, still gets PyTorch's original kernel."""
     info = attnhub.VarlenInfo.from_lengths([300, 1, 77, 0, 256], "cuda")
-    q, k, v = _qkv(info.total, 8, 2, 128, "cuda", torch.bfloat16)
+    kwargs = _causal_gqa_kwargs()
+    q, k, v = _qkv(info.total, 8, 2 if "enable_gqa" in kwargs else 8, 128, "cuda",
+                   torch.bfloat16)
     out = varlen_attn(q, k, v, info.cu_seqlens, info.cu_seqlens, info.max_seqlen,
-                      info.max_seqlen, window_size=(-1, 0), enable_gqa=True)
+                      info.max_seqlen, **kwargs)
     expected = attnhub.attention_forward_varlen(q, k, v, info, info, causal=True)
     torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
     for got, want in zip(_grads(out, (q, k, v)), _grads(expected, (q, k, v)), strict=True):
         torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
     with attnhub.use_backend("torch-flash"):
         again = varlen_attn(q, k, v, info.cu_seqlens, info.cu_seqlens, info.max_seqlen,
-                            info.max_seqlen, window_size=(-1, 0), enable_gqa=True)
+                            info.max_seqlen, **kwargs)
     torch.testing.assert_close(again, expected, atol=2e-2, rtol=2e-2)
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
