@@ -18,6 +18,7 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    masking_utils,
 )
 
 import attnhub
@@ -178,10 +179,27 @@ def test_what_attnhub_cannot_do_raises_with_the_reason(kwargs, argument):
         integration.attention_forward(_Module(), *_qkv(), **kwargs)
 
 
-def test_extra_mask_patterns_raise():
-    """A model overlaying an or/and mask function (vmap masks) cannot be honoured."""
-    with pytest.raises(attnhub.InvalidArgumentError, match="sdpa"):
-        integration.padding_mask(1, 4, 4, use_vmap=True)
+@pytest.mark.parametrize(("mask_function", "piece"), [
+    (masking_utils.or_masks(masking_utils.causal_mask_function,
+                            masking_utils.blockwise_overlay(torch.zeros(1, 4, dtype=torch.long))),
+     "or_masks"),
+    (masking_utils.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long)),
+     "chunked_overlay"),
+    (lambda b, h, q, kv: q >= kv, "<lambda>"),
+])
+def test_mask_patterns_attnhub_cannot_express_raise(mask_function, piece):
+    """Image-token blocks (or_masks), chunked attention, custom functions: raised, never
+    dropped; the patterns attnhub recomputes pass."""
+    with pytest.raises(attnhub.InvalidArgumentError, match=piece):
+        integration.padding_mask(1, 4, 4, mask_function=mask_function)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    for known in (masking_utils.causal_mask_function,
+                  masking_utils.sliding_window_causal_mask_function(3),
+                  masking_utils.and_masks(
+                      masking_utils.remap_positions_for_packed_sequence(
+                          masking_utils.causal_mask_function, ids),
+                      masking_utils.packed_sequence_mask_function(ids))):
+        assert integration.padding_mask(1, 4, 4, mask_function=known) is None
 
 
 def test_decode_step_is_bottom_right_aligned():

@@ -56,19 +56,51 @@ def register(name: str = NAME) -> str:
     return name
 
 
+# The pieces of transformers' mask functions (masking_utils) that attnhub recomputes itself:
+# causal or bidirectional, the sliding window (from the layer's sliding_window argument),
+# packed sequences (from position_ids / cu_seq_lens), joined by and_masks.
+_KNOWN_MASK_PIECES = (
+    "and_masks.", "causal_mask_function", "bidirectional_mask_function",
+    "sliding_window_overlay.", "sliding_window_bidirectional_overlay.",
+    "sliding_window_causal_mask_function", "sliding_window_bidirectional_mask_function",
+    "packed_sequence_mask_function.", "remap_positions_for_packed_sequence.",
+)
+
+
+def _unknown_mask_pieces(fn: Callable, seen: set[int] | None = None) -> list[str]:
+    """Names of the pieces of a transformers mask function that attnhub does not compute
+    (or_masks overlays, chunked attention, custom functions), found through its closures."""
+    seen = set() if seen is None else seen
+    if id(fn) in seen:
+        return []
+    seen.add(id(fn))
+    name = getattr(fn, "__qualname__", type(fn).__name__)
+    if not name.startswith(_KNOWN_MASK_PIECES):
+        return [name]
+    unknown = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        value = cell.cell_contents
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if callable(item) and not isinstance(item, torch.Tensor):
+                unknown += _unknown_mask_pieces(item, seen)
+    return unknown
+
+
 def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
                  kv_offset: int = 0, mask_function: Callable | None = None,
-                 attention_mask: torch.Tensor | None = None, use_vmap: bool = False,
-                 **kwargs: Any) -> torch.Tensor | None:
+                 attention_mask: torch.Tensor | None = None, **kwargs: Any
+                 ) -> torch.Tensor | None:
     """transformers' mask hook: the 2-D (batch, kv_length) bool padding mask, or None when
     nothing is padded. Causal, sliding-window and packed-sequence masking are recomputed by
-    attnhub from the call's arguments; a model that overlays another pattern (an or/and mask
-    function, e.g. bidirectional image-token blocks) raises, since that mask would be lost."""
-    if use_vmap:
+    attnhub from the call's arguments; a model whose mask function holds anything else (an
+    or_masks overlay such as bidirectional image-token blocks, chunked attention, a custom
+    function) raises, since that pattern would be lost."""
+    unknown = _unknown_mask_pieces(mask_function) if mask_function is not None else []
+    if unknown:
         raise InvalidArgumentError(
             "attn_implementation", "a model whose attention masks are padding, packing, causal "
-            "and sliding-window masks only (attnhub has no way to express the extra or/and mask "
-            "function this model overlays); use attn_implementation='sdpa' for it",
+            "and sliding-window masks only (attnhub cannot express the mask pattern "
+            f"{', '.join(unknown)} of this model); use attn_implementation='sdpa' for it",
             "attnhub")
     if attention_mask is None:
         return None
