@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import info as info_mod
@@ -15,9 +16,51 @@ def _lengths(text: str) -> tuple[int, ...]:
         values = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
-    if not values or any(n < 0 for n in values):
-        raise argparse.ArgumentTypeError("expected one or more lengths >= 0")
+    if not values or any(n < 0 for n in values) or not any(values):
+        raise argparse.ArgumentTypeError("expected one or more lengths >= 0, not all 0")
     return values
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _output_file(text: str) -> str:
+    """A file path whose folder exists (checked before the suite runs, not after)."""
+    folder = os.path.dirname(text) or "."
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"folder {folder!r} does not exist")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, expected a file name")
+    return text
+
+
+def _device(text: str) -> str:
+    """A device string torch can parse whose device type is available on this machine."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a device (expected e.g. cpu, cuda, cuda:1, npu)") from None
+    if device.type not in ("cpu", "meta"):
+        module = getattr(torch, device.type, None)
+        available = getattr(module, "is_available", None)
+        if available is None or not available():
+            raise argparse.ArgumentTypeError(
+                f"device {text!r} is not available here (torch {torch.__version__}); "
+                "`attnhub info` lists the devices")
+        if device.index is not None and device.index >= module.device_count():
+            raise argparse.ArgumentTypeError(
+                f"device {text!r}: only {module.device_count()} {device.type} device(s) here")
+    return text
 
 
 def _window(text: str) -> tuple[int, int]:
@@ -34,8 +77,11 @@ def _window(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="attnhub", description="Variable-length attention for every accelerator.")
+    parser.add_argument("--version", action="version", version=f"attnhub {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_info = sub.add_parser("info", help="versions, devices, backends and why each can or "
@@ -48,11 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_conf.add_argument("--backend", action="append", default=None, metavar="NAME",
                         help="backend to check (repeatable; default: every backend available "
                              "for the device)")
-    p_conf.add_argument("--device", default=None, help="default: the best device here")
+    p_conf.add_argument("--device", type=_device, default=None,
+                        help="default: the best device here")
     p_conf.add_argument("--tier", choices=("quick", "full"), default="quick")
-    p_conf.add_argument("--report", default="conformance-report.md", metavar="FILE.md",
+    p_conf.add_argument("--report", type=_output_file, default="conformance-report.md",
+                        metavar="FILE.md",
                         help="markdown report (default %(default)s)")
-    p_conf.add_argument("--json", default="conformance-report.json", metavar="FILE.json",
+    p_conf.add_argument("--json", type=_output_file, default="conformance-report.json",
+                        metavar="FILE.json",
                         help="JSON report (default %(default)s)")
     p_conf.add_argument("-k", dest="keyword", action="append", default=None,
                         help="only cases whose id contains this text (repeatable: any of them)")
@@ -70,19 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
     default_lengths = ",".join(map(str, d.lengths))
     p_run.add_argument("--lengths", type=_lengths, default=d.lengths,
                        help=f"comma-separated sequence lengths (default {default_lengths})")
-    p_run.add_argument("--heads", type=int, default=d.nheads, help="query heads")
-    p_run.add_argument("--kv-heads", type=int, default=d.nheads_k, help="key/value heads")
-    p_run.add_argument("--head-dim", type=int, default=d.head_dim)
+    p_run.add_argument("--heads", type=_positive, default=d.nheads, help="query heads")
+    p_run.add_argument("--kv-heads", type=_positive, default=d.nheads_k, help="key/value heads")
+    p_run.add_argument("--head-dim", type=_positive, default=d.head_dim)
     p_run.add_argument("--causal", action=argparse.BooleanOptionalAction, default=d.causal)
     p_run.add_argument("--window", type=_window, default=None, help="LEFT,RIGHT or W")
     p_run.add_argument("--softcap", type=float, default=d.softcap)
     p_run.add_argument("--dtype", choices=("float16", "bfloat16", "float32", "float64"),
                        default=None, help="default: bfloat16 on an accelerator, float32 on CPU")
-    p_run.add_argument("--device", default=None, help="default: the best device here")
+    p_run.add_argument("--device", type=_device, default=None,
+                       help="default: the best device here")
     p_run.add_argument("--backend", default=None, help="force a backend by name")
     p_run.add_argument("--grad", action=argparse.BooleanOptionalAction, default=d.grad,
                        help="also check and time the backward pass")
-    p_run.add_argument("--repeats", type=int, default=d.repeats)
+    p_run.add_argument("--repeats", type=_positive, default=d.repeats)
     p_run.add_argument("--seed", type=int, default=d.seed)
     return parser
 

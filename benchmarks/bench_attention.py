@@ -1,6 +1,7 @@
-"""Benchmark DESIGN.md's workloads W1-W4 side by side in one run: attnhub's triton backend,
-torch's bundled FlashAttention-2 (the aten op, called directly) and, when importable, FA4
-(flash_attn.cute). Prints TFLOP/s and ratios, writes a markdown table.
+"""Benchmark the workloads W1-W4 (benchmarks/workloads.py, docs/performance.md) side by
+side in one run: attnhub's triton backend, torch's bundled FlashAttention-2 (the aten op,
+called directly) and, when importable, FA4 (flash_attn.cute). Prints TFLOP/s and ratios,
+writes a markdown table.
 
     python benchmarks/bench_attention.py --out docs/benchmarks/latest.md
 

@@ -7,8 +7,8 @@ attnhub, side by side in one run, markdown out.
 GPU part 1, host overhead: a host loop of tiny calls (8 sequences x 64 tokens, bf16, 32/8
 heads, head_dim 128, device cu_seqlens, max_seqlen given), microseconds per call: the aten op
 called directly, attnhub -> torch-flash, torch's own varlen_attn when present, FA4 directly
-and through attnhub when flash_attn.cute imports. GPU part 2: DESIGN.md's W1-W3, fwd and
-fwd+bwd, each adapter directly vs through attnhub (triton.testing.do_bench, median, random
+and through attnhub when flash_attn.cute imports. GPU part 2: W1-W3 (benchmarks/workloads.py), fwd
+and fwd+bwd, each adapter directly vs through attnhub (triton.testing.do_bench, median, random
 inputs). CPU mode: the same host loop on CPU tensors with a trivial backend (returns a
 preallocated tensor), isolating normalize + select against the plan cache.
 """

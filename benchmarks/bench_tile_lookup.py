@@ -1,6 +1,7 @@
 """Kernel time of the Triton backend with host-planned tile lists (a VarlenInfo: longest work
 first) against the in-kernel tile lookup (device cu_seqlens and max_seqlen only), on
-DESIGN.md's workloads, forward and forward + backward, side by side in one run.
+the W1-W4 workloads (benchmarks/workloads.py), forward and forward + backward, side by side
+in one run.
 
     python benchmarks/bench_tile_lookup.py --workloads W1,W2 --out lookup.md
 """

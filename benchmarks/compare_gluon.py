@@ -1,5 +1,5 @@
 """Time the Triton backend's tl kernels against its Gluon kernels for sm_90 (hopper_forward.py,
-hopper_backward.py) on DESIGN.md's workloads, forward and forward + backward, beside torch's
+hopper_backward.py) on the W1-W4 workloads, forward and forward + backward, beside torch's
 FA2 in the same run; each variant's output and gradients are checked against the tl build.
 
     python benchmarks/compare_gluon.py --workloads W1,W3 --variants tl,gluon,bwd-m64

@@ -1,4 +1,4 @@
-"""Sweep the Triton forward's query tile (BLOCK_M) on DESIGN.md's workloads, letting the
+"""Sweep the Triton forward's query tile (BLOCK_M) on the W1-W4 workloads, letting the
 autotuner pick the key block, warps and stages for each; prints time, TFLOP/s against torch's
 FA2 in the same run, and the picks (how configs.forward_config / DEFAULTS were chosen).
 

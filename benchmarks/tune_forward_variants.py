@@ -1,5 +1,5 @@
 """Compare the Triton forward's loads of fully visible key blocks (TMA descriptors or
-pointers) and its launch configs (key block, stages, warps, register cap) on DESIGN.md's
+pointers) and its launch configs (key block, stages, warps, register cap) on the W1-W4
 workloads, optionally with one feature on, against torch's FA2 in the same run; each output
 is checked against the pointer-load, uncapped baseline. How forward.USE_TMA and
 DEFAULTS["fwd"] were chosen (docs/performance.md v5).

@@ -1,4 +1,5 @@
-"""DESIGN.md's benchmark workloads (bf16, nheads 32, nheads_k 8, head_dim 128, seed fixed)."""
+"""The benchmark workloads W1-W4, described in docs/performance.md (bf16, nheads 32,
+nheads_k 8, head_dim 128, seed fixed)."""
 
 from __future__ import annotations
 

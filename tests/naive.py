@@ -1,6 +1,6 @@
 """An independent, naive varlen attention oracle for the tests, plus input builders.
 
-Everything here is written straight from DESIGN.md ("Semantics"), one sequence at a time, in
+Everything here is written straight from docs/semantics.md, one sequence at a time, in
 float64, with a dense (sq, sk) mask and ``repeat_interleave`` for GQA. It deliberately imports
 nothing from attnhub's backends, so it can judge the library rather than echo it. It is
 differentiable (plain torch ops), so torch.autograd on it gives reference gradients.
@@ -40,7 +40,7 @@ def as_offsets(cu: object) -> list[int]:
 
 
 def parse_window(window_size: object, causal: bool) -> tuple[int, int]:
-    """DESIGN.md: a pair (left, right), an int w meaning (w, w), -1 or None = unbounded;
+    """docs/semantics.md: a pair (left, right), an int w meaning (w, w), -1 or None = unbounded;
     causal sets right = 0."""
     if window_size is None:
         left, right = -1, -1

@@ -1,7 +1,7 @@
 """torch-flash: PyTorch's bundled FlashAttention-2 kernels, present in every CUDA build.
 
 Calls ``torch.ops.aten._flash_attention_forward`` / ``_flash_attention_backward`` with
-cum_seq_q / cum_seq_k (varlen). Facts (PyTorch's flash_attn/flash_api.cpp, and DESIGN.md's
+cum_seq_q / cum_seq_k (varlen). Facts (PyTorch's flash_attn/flash_api.cpp, and the project's
 measurements on an H200 with torch 2.11): fp16 / bf16 only, head_dim a multiple of 8 up to
 256, sm80 or newer, int32 offsets, GQA read natively, causal and windows aligned bottom-right
 (-1 = unbounded), lse float32 (nheads, total_q) with +inf on rows that see no key, out 0

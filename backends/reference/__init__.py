@@ -1,4 +1,4 @@
-"""The reference backend: pure PyTorch, every feature of DESIGN.md's semantics.
+"""The reference backend: pure PyTorch, every feature of docs/semantics.md.
 
 ``kernel.forward`` / ``kernel.backward`` take a ``compute_dtype`` (torch.float64 for the
 conformance oracle).

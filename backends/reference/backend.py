@@ -15,7 +15,7 @@ from . import kernel
 
 
 class ReferenceBackend(Backend):
-    """Computes DESIGN.md's semantics directly, one sequence and one query chunk at a time,
+    """Computes docs/semantics.md directly, one sequence and one query chunk at a time,
     accumulating in fp32 (fp64 for fp64 inputs). Slow, exact, memory bounded."""
 
     name: ClassVar[str] = "reference"

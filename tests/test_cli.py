@@ -1,0 +1,58 @@
+"""The attnhub command: --version, and every bad input gives a one-line message and exit
+code 2, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnhub
+from attnhub.cli import main
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"attnhub {attnhub.__version__}"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["run", "--device", "foo"], "'foo' is not a device"),
+    (["run", "--heads", "0"], "--heads: expected an integer >= 1"),
+    (["run", "--kv-heads", "x"], "--kv-heads: expected an integer"),
+    (["run", "--head-dim", "-4"], "--head-dim: expected an integer >= 1"),
+    (["run", "--repeats", "0"], "--repeats: expected an integer >= 1"),
+    (["run", "--lengths", "0,0"], "--lengths: expected one or more lengths"),
+    (["run", "--lengths", "a,b"], "--lengths: expected comma-separated ints"),
+    (["run", "--window", "1,2,3"], "--window: expected LEFT,RIGHT"),
+    (["conformance", "--device", "foo"], "'foo' is not a device"),
+    (["conformance", "--report", "/nonexistent/x.md"], "folder '/nonexistent' does not exist"),
+    (["conformance", "--json", "."], "'.' is a folder"),
+])
+def test_bad_arguments_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["run", "conformance"])
+def test_missing_device_is_a_usage_error(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--device", "cuda"])
+    assert exc.value.code == 2
+    assert "device 'cuda' is not available here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["run", "--backend", "nosuch", "--lengths", "3"], "unknown attnhub backend 'nosuch'"),
+    (["run", "--kv-heads", "3", "--lengths", "3"], "argument 'k': expected nheads_k dividing"),
+    (["run", "--softcap", "-1", "--lengths", "3"], "argument 'softcap'"),
+])
+def test_rejected_calls_print_the_reason(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attnhub run: ") and message in err
