@@ -14,6 +14,7 @@ from .dispatch import Explanation, Verdict, select, use_backend
 from .errors import (
     AttnhubError,
     BackendUnavailableError,
+    CapacityError,
     InvalidArgumentError,
     UnknownBackendError,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "BackendUnavailableError",
     "BatchPlan",
     "Capabilities",
+    "CapacityError",
     "Explanation",
     "ForwardResult",
     "Gradients",

@@ -26,7 +26,7 @@ class TritonBackend(Backend):
     capabilities: ClassVar[Capabilities] = Capabilities(
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         head_dims=(16, 256),
-        page_size_multiple=16,
+        page_size_multiple=1,  # per-key page lookups: any page size (FlashInfer uses 1)
         return_probs=False,
         custom_mask=True,  # bits read from the packed mask in the kernels (fwd and bwd)
     )
