@@ -29,6 +29,7 @@ def eligible(problem) -> bool:
     q_pad = triton.next_power_of_2(max(problem.max_seqlen_q, 1))
     long_keys = problem.max_seqlen_k >= 512 or configs.interpreting()  # (tests cover it)
     return (problem.max_seqlen_q <= 16 and q_pad * problem.group_size <= MAX_ROWS
+            and problem.head_dim <= 256
             and problem.dropout_p == 0 and long_keys and not problem.custom_mask)
 
 
