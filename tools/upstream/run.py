@@ -137,12 +137,49 @@ def run(args: argparse.Namespace) -> int:
                "--tb=line", *args.pytest_args]
         if args.collect_only:
             cmd.append("--collect-only")
-        print(f"== {suite}: {' '.join(cmd)} (in {run_dir})", flush=True)
-        rc = subprocess.run(cmd, cwd=run_dir, env=env).returncode
-        status = status or (rc if rc not in (0, 5) else 0)
-        if report.exists() and not args.collect_only:
-            print(table(json.loads(report.read_text())))
+        jobs = 1 if args.collect_only else max(1, args.jobs)
+        print(f"== {suite}: {' '.join(cmd)} (in {run_dir}, {jobs} processes)", flush=True)
+        procs = []
+        for i in range(jobs):
+            shard_env = dict(env, ATTNHUB_UPSTREAM_SHARD=f"{i}/{jobs}",
+                             ATTNHUB_UPSTREAM_REPORT=str(report.with_suffix(f".{i}.json")))
+            log = open(out_dir / f"{suite}.{i}.log", "w") if jobs > 1 else None  # noqa: SIM115
+            procs.append((subprocess.Popen(cmd, cwd=run_dir, env=shard_env, stdout=log,
+                                           stderr=subprocess.STDOUT if log else None), log))
+        for proc, log in procs:
+            rc = proc.wait()
+            if log is not None:
+                log.close()
+            status = status or (rc if rc not in (0, 5) else 0)
+        if args.collect_only:
+            continue
+        merged = merge([report.with_suffix(f".{i}.json") for i in range(jobs)])
+        report.write_text(json.dumps(merged, indent=1))
+        failed = [n for n, c in merged["cases"].items() if c.get("outcome") == "failed"]
+        for nodeid in failed:
+            print(f"FAILED {nodeid}: {merged['cases'][nodeid].get('reason', '')[-300:]}")
+        print(table(merged))
+        print(f"report: {report}" + (f", logs: {out_dir}/{suite}.*.log" if jobs > 1 else ""))
     return status
+
+
+def merge(paths: list[Path]) -> dict:
+    """One report from the shards' reports: counts summed, cases united."""
+    merged: dict = {"summary": {}, "exclusion_reasons": {}, "cases": {}}
+    for path in paths:
+        if not path.exists():
+            continue
+        part = json.loads(path.read_text())
+        merged["sample"], merged["seed"] = part["sample"], part["seed"]
+        merged["cases"].update(part["cases"])
+        for reason, n in part["exclusion_reasons"].items():
+            merged["exclusion_reasons"][reason] = merged["exclusion_reasons"].get(reason, 0) + n
+        for func, counts in part["summary"].items():
+            into = merged["summary"].setdefault(func, {})
+            for key, n in counts.items():
+                into[key] = into.get(key, 0) + n
+    merged["summary"] = dict(sorted(merged["summary"].items()))
+    return merged
 
 
 COLUMNS = ["passed", "passed_on_kernel", "passed_on_reference", "failed", "skipped",
@@ -177,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--sample", type=int, default=6,
                        help="cases per test function (0 = every case); default 6")
     p_run.add_argument("--seed", default="0", help="sampling seed (default 0)")
+    p_run.add_argument("--jobs", type=int, default=1,
+                       help="pytest processes side by side on the one GPU (Triton compiles "
+                       "dominate a first run; default 1)")
     p_run.add_argument("--scratch", default=str(ROOT / ".upstream"))
     p_run.add_argument("--out", default=str(ROOT / "reports" / "upstream"))
     p_run.add_argument("--collect-only", action="store_true",

@@ -8,6 +8,9 @@ It does three things, configured through environment variables the driver sets:
 * sampling: ``ATTNHUB_UPSTREAM_SAMPLE`` = N keeps N cases per test function, chosen by a
   hash of (``ATTNHUB_UPSTREAM_SEED``, node id): deterministic, independent of collection
   order, and the same cases on every machine (0 = every case);
+* sharding: ``ATTNHUB_UPSTREAM_SHARD`` = "i/K" keeps every K-th sampled case from the i-th
+  (run.py --jobs K runs K pytest processes side by side; shard 0 reports the exclusion and
+  sampling counts, so that merged counts are not repeated);
 * bookkeeping: every attnhub backend call is recorded (backend name, device type), so the
   report tells a case that passed on a GPU kernel from one that fell back to the reference;
   the JSON report goes to ``ATTNHUB_UPSTREAM_REPORT``.
@@ -74,6 +77,7 @@ def _function_key(item) -> str:
     return f"{item.nodeid.split('::')[0]}::{getattr(item, 'originalname', item.name)}"
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: counts only the cases in play
 def pytest_collection_modifyitems(config, items):
     sample = int(os.environ.get("ATTNHUB_UPSTREAM_SAMPLE", "0"))
     seed = os.environ.get("ATTNHUB_UPSTREAM_SEED", "0")
@@ -97,6 +101,13 @@ def pytest_collection_modifyitems(config, items):
         keep.extend(group)
     order = {id(it): i for i, it in enumerate(items)}
     keep.sort(key=lambda it: order[id(it)])  # upstream order among the kept cases
+    shard, shards = (int(x) for x in os.environ.get("ATTNHUB_UPSTREAM_SHARD", "0/1").split("/"))
+    if shards > 1:
+        drop.extend(it for j, it in enumerate(keep) if j % shards != shard)
+        keep = [it for j, it in enumerate(keep) if j % shards == shard]
+        if shard != 0:
+            _excluded.clear()
+            _sampled_out.clear()
     if drop:
         config.hook.pytest_deselected(items=drop)
     items[:] = keep
