@@ -153,10 +153,6 @@ def _check_tensor(name: str, t: object, ndim: int, shape: str) -> None:
                                    f"shape {tuple(t.shape)}")
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    return as_int(name, value, minimum)
-
-
 def _cu_seqlens(name: str, cu: CuSeqlens, total: int | None, device: torch.device,
                 max_seqlen: int | None, max_name: str
                 ) -> tuple[torch.Tensor, tuple[int, ...] | None, int]:
@@ -169,7 +165,7 @@ def _cu_seqlens(name: str, cu: CuSeqlens, total: int | None, device: torch.devic
                                        f"({total})", info.total)
         if max_seqlen is None:
             return info.cu_seqlens, info.seqlens, info.max_seqlen
-        max_seqlen = _check_int(max_name, max_seqlen, 0)
+        max_seqlen = as_int(max_name, max_seqlen, 0)
         if max_seqlen < info.max_seqlen:
             raise InvalidArgumentError(max_name, f"at least the longest sequence "
                                        f"({info.max_seqlen} tokens)", max_seqlen)
@@ -192,7 +188,8 @@ def _cu_seqlens(name: str, cu: CuSeqlens, total: int | None, device: torch.devic
         tensor = device_offsets(cu, device)
     elif isinstance(cu, (list, tuple)):
         try:  # not int(): int(2.5) would truncate silently, and True is not an offset
-            host = tuple(as_int(name, x) for x in cu)
+            host = (tuple(cu) if all(type(x) is int for x in cu)
+                    else tuple(as_int(name, x) for x in cu))
         except InvalidArgumentError:
             raise InvalidArgumentError(name, "a sequence of ints", repr(cu)[:80]) from None
         check_cu_seqlens_values(name, host)
@@ -212,7 +209,7 @@ def _cu_seqlens(name: str, cu: CuSeqlens, total: int | None, device: torch.devic
                                        "be read back here (torch.compile tracing or CUDA graph "
                                        "capture); pass max_seqlen or a VarlenInfo")
         return tensor, lengths, known_max
-    max_seqlen = _check_int(max_name, max_seqlen, 0)
+    max_seqlen = as_int(max_name, max_seqlen, 0)
     if known_max is not None and max_seqlen < known_max:
         raise InvalidArgumentError(max_name, f"at least the longest sequence ({known_max} tokens)",
                                    max_seqlen)
