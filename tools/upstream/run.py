@@ -127,9 +127,10 @@ def run(args: argparse.Namespace) -> int:
         run_dir = _layout(scratch, suite, args.cpu)
         report = (out_dir / f"{suite}.json").resolve()
         env = dict(os.environ)
+        # attnhub itself comes from the environment (pip install -e .: the built-in backends
+        # are installed as attnhub.backends), the shim first
         env["PYTHONPATH"] = os.pathsep.join(
-            [str(HERE / "shim"), str(HERE), str(run_dir.resolve()), str(ROOT),
-             env.get("PYTHONPATH", "")])
+            [str(HERE / "shim"), str(HERE), str(run_dir.resolve()), env.get("PYTHONPATH", "")])
         env.update(ATTNHUB_UPSTREAM_SAMPLE=str(args.sample), ATTNHUB_UPSTREAM_SEED=args.seed,
                    ATTNHUB_UPSTREAM_REPORT=str(report),
                    ATTNHUB_UPSTREAM_CPU="1" if args.cpu else "0")
