@@ -15,6 +15,7 @@ from .errors import (
     AttnhubError,
     BackendResultError,
     BackendUnavailableError,
+    CapacityError,
     InvalidArgumentError,
     UnknownBackendError,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "BackendUnavailableError",
     "BatchPlan",
     "Capabilities",
+    "CapacityError",
     "Explanation",
     "ForwardResult",
     "Gradients",

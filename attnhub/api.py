@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import plans
+from .arguments import as_bool
 from .backend import Backend
 from .custom_mask import PackedMask
 from .deferred_errors import deferred
@@ -55,6 +56,8 @@ def attention_forward_varlen(
     1-D bool tensor, each request's row-major (sq, sk) block (True = visible) concatenated,
     or a PackedMask; applied on top of causal / window.
     """
+    if type(return_lse) is not bool:
+        return_lse = as_bool("return_lse", return_lse)
     key = None
     if alibi_slopes is None and block_table is None and not return_attn_probs \
             and custom_mask is None:

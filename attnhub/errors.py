@@ -50,6 +50,13 @@ class InvalidEnvironmentError(InvalidArgumentError):
     kind = "environment variable"
 
 
+class CapacityError(InvalidArgumentError, RuntimeError):
+    """KV lengths (cu_seqlens_k, cache_seqlens plus appended tokens, max_seqlen_k) beyond what a
+    block table or a KV cache can hold. An InvalidArgumentError (so a ValueError) like every
+    argument error, and a RuntimeError: flash_attn 2.8 raises RuntimeError naming block_table
+    for it (mha_fwd_kvcache's check), and code written against flash_attn catches that."""
+
+
 class UnknownBackendError(AttnhubError, ValueError):
     """A backend name (argument, context manager or environment variable) is not registered.
 

@@ -10,7 +10,8 @@ import torch
 
 from . import custom_mask as masks
 from . import host_copies
-from .errors import InvalidArgumentError
+from .arguments import as_bool, as_float, as_int, as_optional_bool, as_window, bound_window
+from .errors import CapacityError, InvalidArgumentError
 from .inputs import VarlenInputs
 from .problem import PagedLayout, VarlenProblem
 from .varlen_info import VarlenInfo, check_cu_seqlens_values
@@ -104,15 +105,18 @@ def normalize(
     softmax_scale, softcap, dropout_p = (x.__float__() if isinstance(x, float) else x
                                          for x in (softmax_scale, softcap, dropout_p))
     scale = _scale(softmax_scale, head_dim)
-    window = tuple(operator.index(w) for w in _window(window_size, causal))
+    window = bound_window(tuple(operator.index(w) for w in _window(window_size, causal)),
+                          max_q, max_k)
     cap = _softcap(softcap)
     alibi = _alibi(alibi_slopes, batch, nheads, device)
     dropout = _dropout(dropout_p)
     if mask_alignment not in _ALIGNMENTS:
         raise InvalidArgumentError("mask_alignment", "'bottom_right' or 'top_left'",
                                    repr(mask_alignment))
+    deterministic = as_optional_bool("deterministic", deterministic)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
+    return_attn_probs = as_optional_bool("return_attn_probs", return_attn_probs)
     requires_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                                  or v.requires_grad)
     packed = None
@@ -161,17 +165,6 @@ def _check_tensor(name: str, t: object, ndim: int, shape: str) -> None:
                                    f"shape {tuple(t.shape)}")
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
-        if not (isinstance(value, torch.Tensor) and value.numel() == 1
-                and not value.dtype.is_floating_point):
-            raise InvalidArgumentError(name, f"an int >= {minimum}", repr(value))
-        value = int(value.item())
-    if value < minimum:
-        raise InvalidArgumentError(name, f"an int >= {minimum}", value)
-    return value  # type: ignore[return-value]
-
-
 def _cu_seqlens(name: str, cu: CuSeqlens, total: int | None, device: torch.device,
                 max_seqlen: int | None, max_name: str
                 ) -> tuple[torch.Tensor, tuple[int, ...] | None, int]:
@@ -186,13 +179,13 @@ def _cu_seqlens(name: str, cu: CuSeqlens, total: int | None, device: torch.devic
             # info's power-of-two bound of it.
             if max_seqlen is None:
                 return info.cu_seqlens, None, info.max_seqlen_bound
-            return info.cu_seqlens, None, _check_int(max_name, max_seqlen, 0)
+            return info.cu_seqlens, None, as_int(max_name, max_seqlen, 0)
         if total is not None and info.total != total:
             raise InvalidArgumentError(name, f"a last offset equal to the number of rows "
                                        f"({total})", info.total)
         if max_seqlen is None:
             return info.cu_seqlens, info.seqlens, info.max_seqlen
-        max_seqlen = _check_int(max_name, max_seqlen, 0)
+        max_seqlen = as_int(max_name, max_seqlen, 0)
         if max_seqlen < info.max_seqlen:
             raise InvalidArgumentError(max_name, f"at least the longest sequence "
                                        f"({info.max_seqlen} tokens)", max_seqlen)
@@ -217,15 +210,16 @@ def _cu_seqlens(name: str, cu: CuSeqlens, total: int | None, device: torch.devic
                 host = host_copies.cached(cu)
         tensor = device_offsets(cu, device)
     elif isinstance(cu, (list, tuple)):
-        if torch.compiler.is_compiling():  # operator.index would specialize traced ints
+        if torch.compiler.is_compiling():  # as_int / operator.index specialize traced ints
             if not all(isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool)
                        for x in cu):
                 raise InvalidArgumentError(name, "a sequence of ints", repr(cu)[:80])
             host = tuple(cu)
         else:
-            try:
-                host = tuple(operator.index(x) for x in cu)  # int(2.5) would truncate silently
-            except (TypeError, ValueError):
+            try:  # not int(): int(2.5) would truncate silently, and True is not an offset
+                host = (tuple(cu) if all(type(x) is int for x in cu)
+                        else tuple(as_int(name, x) for x in cu))
+            except InvalidArgumentError:
                 raise InvalidArgumentError(name, "a sequence of ints", repr(cu)[:80]) from None
         check_cu_seqlens_values(name, host)
         tensor = torch.tensor(host, dtype=torch.int32, device=device)
@@ -246,7 +240,7 @@ def _cu_seqlens(name: str, cu: CuSeqlens, total: int | None, device: torch.devic
                                        "be read back here (torch.compile tracing or CUDA graph "
                                        "capture); pass max_seqlen or a VarlenInfo")
         return tensor, lengths, known_max
-    max_seqlen = _check_int(max_name, max_seqlen, 0)
+    max_seqlen = as_int(max_name, max_seqlen, 0)
     if known_max is not None and max_seqlen < known_max:
         raise InvalidArgumentError(max_name, f"at least the longest sequence ({known_max} tokens)",
                                    max_seqlen)
@@ -284,12 +278,12 @@ def _paged_layout(block_table: torch.Tensor, k: torch.Tensor, batch: int, device
     if seqlens_k is not None:
         for b, n in enumerate(seqlens_k):
             if n > capacity:
-                raise InvalidArgumentError(
+                raise CapacityError(
                     "cu_seqlens_k", f"kv lengths of at most max_pages * page_size = {capacity} "
-                    "(the block table's capacity)", f"sequence {b} of length {n}")
+                    "(the capacity of block_table)", f"sequence {b} of length {n}")
     elif max_k > capacity:
-        raise InvalidArgumentError("max_seqlen_k", f"at most max_pages * page_size = {capacity}",
-                                   max_k)
+        raise CapacityError("max_seqlen_k", f"at most max_pages * page_size = {capacity} (the "
+                            "capacity of block_table)", max_k)
     if host_copies.can_read_back() and (block_table.device.type == "cpu"
                                         or host_copies.validation_mode() == "full"):
         rows = host_copies.host_copy(block_table)
@@ -310,54 +304,32 @@ def _paged_layout(block_table: torch.Tensor, k: torch.Tensor, batch: int, device
 def _scale(softmax_scale: float | None, head_dim: int) -> float:
     if softmax_scale is None:
         return head_dim ** -0.5
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) \
-            or not _finite(softmax_scale):
-        raise InvalidArgumentError("softmax_scale", "a finite float, or None for head_dim ** -0.5",
-                                   repr(softmax_scale))
-    return float(softmax_scale)
-
-
-def _finite(x: float) -> bool:
-    # (not math.isfinite: torch.compile cannot trace it on a dynamic float)
-    return x - x == 0
+    return as_float("softmax_scale", softmax_scale,
+                    "a finite float, or None for head_dim ** -0.5")
 
 
 def _window(window_size: WindowSize, causal: bool) -> tuple[int, int]:
-    if window_size is None:
-        left, right = -1, -1
-    elif isinstance(window_size, (int, torch.SymInt)) and not isinstance(window_size, bool):
-        left = right = window_size
-    elif isinstance(window_size, (list, tuple)) and len(window_size) == 2 and all(
-            isinstance(w, int) and not isinstance(w, bool) for w in window_size):
-        left, right = window_size
-    else:
-        raise InvalidArgumentError("window_size", "None, an int w (meaning (w, w)) or a pair of "
-                                   "ints (left, right), -1 meaning unbounded", repr(window_size))
-    for side, w in (("left", left), ("right", right)):
-        if w < -1:
-            raise InvalidArgumentError("window_size", f"a {side} value >= -1 (-1 = unbounded)", w)
-    if not isinstance(causal, bool):
-        raise InvalidArgumentError("causal", "a bool", repr(causal))
-    if causal:
+    left, right = as_window(window_size)
+    if as_bool("causal", causal):
         right = 0
-    return int(left), int(right)
+    return left, right
 
 
 def _softcap(softcap: float | None) -> float:
     if softcap is None:
         return 0.0
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) \
-            or not _finite(softcap) or softcap < 0:
-        raise InvalidArgumentError("softcap", "a finite float >= 0 (0 or None = off)",
-                                   repr(softcap))
-    return float(softcap)
+    expected = "a finite float >= 0 (0 or None = off)"
+    cap = as_float("softcap", softcap, expected)
+    if cap < 0:
+        raise InvalidArgumentError("softcap", expected, repr(softcap))
+    return cap
 
 
 def _dropout(dropout_p: float) -> float:
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) \
-            or not 0.0 <= dropout_p < 1.0:
+    p = as_float("dropout_p", dropout_p, "a float in [0, 1)")
+    if not 0.0 <= p < 1.0:
         raise InvalidArgumentError("dropout_p", "a float in [0, 1)", repr(dropout_p))
-    return float(dropout_p)
+    return p
 
 
 def _alibi(slopes: torch.Tensor | None, batch: int, nheads: int, device: torch.device

@@ -104,7 +104,7 @@ def test_dropout_training_and_fixed_seed_offset():
     ({"qkv": torch.zeros(15, 3, 2, 8)}, "qkv"),
     ({"cu_seqlens_q": torch.tensor([0, 9, 10], dtype=torch.int32)}, "cu_seqlens_q"),
     ({"cu_seqlens_k": torch.tensor([0, 8], dtype=torch.int32)}, "cu_seqlens_k"),
-    ({"training": 1}, "training"),
+    ({"training": "yes"}, "training"),  # 0 / 1 are bool-like (attnhub.arguments)
 ])
 def test_bad_input(kwargs, arg):
     call = {"qkv": torch.zeros(16, 3, 2, 8), "cu_seqlens_q": torch.tensor([0, 8, 10]),

@@ -138,7 +138,7 @@ CASES = [
     ("window-bool", {"window_size": True}, "window_size", "a pair of ints"),
     ("window-float-pair", {"window_size": (1.0, 2)}, "window_size", "a pair of ints"),
     ("window-str", {"window_size": "4"}, "window_size", "a pair of ints"),
-    ("causal-int", {"causal": 1}, "causal", "a bool"),
+    ("causal-int", {"causal": 2}, "causal", "a bool"),  # 0 / 1 are bool-like
     # dropout, softcap, scale
     ("dropout-negative", {"dropout_p": -0.1}, "dropout_p", "a float in [0, 1)"),
     ("dropout-one", {"dropout_p": 1.0}, "dropout_p", "a float in [0, 1)"),

@@ -72,13 +72,12 @@ def test_flash_attn_func_return_attn_probs_and_features():
     q, k, v = (randn((3, 6, 4, 8), F64, gen) for _ in range(3))
     slopes = alibi_slopes(4, 3)
     out, lse, s = fa.flash_attn_func(q, k, v, 0.0, 0.3, True, (2, 0), 1.5, slopes, False, True)
-    want, want_lse, probs = _naive_batched(q, k, v, softmax_scale=0.3, causal=True,
+    want, want_lse, _ = _naive_batched(q, k, v, softmax_scale=0.3, causal=True,
                                            window_size=(2, 0), softcap=1.5, alibi_slopes=slopes)
     assert_out(out, want)
     assert lse.shape == (3, 4, 6) and lse.dtype == torch.float32
     assert_lse(lse.transpose(0, 1).reshape(4, 18), want_lse.transpose(0, 1).reshape(4, 18))
-    assert s.shape == (3, 4, 6, 6)
-    torch.testing.assert_close(s.to(F64), probs, rtol=1e-6, atol=1e-7)
+    assert s.shape == (0,) and s.dtype == q.dtype  # no dropout: flash_attn's empty S_dmask
 
 
 def test_packed_variants_match_unpacked_and_grads_flow():

@@ -81,8 +81,8 @@ def test_all_positional(causal, window):
     assert_out(out, want.out)
     assert_lse(lse, want.lse)
     assert lse.shape == (h, sum(LQ))
-    assert s_dmask.shape == (len(LQ), h, mq, mk)
-    torch.testing.assert_close(s_dmask.to(F64), want.probs, rtol=1e-6, atol=1e-7)
+    # flash_attn 2.8: without dropout, S_dmask is an empty tensor of q's dtype
+    assert s_dmask.shape == (0,) and s_dmask.dtype == q.dtype
 
 
 @pytest.mark.parametrize("page_size", [1, 3, 16])
@@ -111,8 +111,8 @@ def test_matches_attention_forward_varlen():
     q, k, v, cq, ck = make_qkv(LQ, LK, 6, 3, 8, seed=5)
     kw = {"causal": True, "window_size": (3, 0), "softmax_scale": 0.3}
     a = flash_attn_varlen_func(q, k, v, cq, ck, 9, 9, return_attn_probs=True, **kw)
-    b = attnhub.attention_forward_varlen(q, k, v, cq, ck, 9, 9, return_attn_probs=True, **kw)
-    for x, y in zip(a, b, strict=True):
+    b = attnhub.attention_forward_varlen(q, k, v, cq, ck, 9, 9, return_lse=True, **kw)
+    for x, y in zip(a[:2], b, strict=True):
         assert torch.equal(x, y)
 
 
@@ -124,10 +124,18 @@ def test_dropout_returns_negated_s_dmask():
     torch.manual_seed(0)
     out2 = flash_attn_varlen_func(q, k, v, cq, ck, None, None, 0.5)
     assert torch.equal(out, out2)
+    # flash_attn 2.8's layout: (batch, nheads, round128(max_q), round128(max_k)), q's dtype
+    assert s.shape == (len(LQ), 4, 128, 128) and s.dtype == q.dtype
+    mq, mk = max(LQ), max(LK)
+    assert not s[:, :, mq:].any() and not s[:, :, :, mk:].any()
+    s = s[:, :, :mq, :mk]
     assert (s < 0).any()
     want = naive_attention(q, k, v, cq, ck, keep=~(s < 0), dropout_p=0.5)
     assert_out(out, want.out)
     assert_lse(lse, want.lse)
+    row_max = want.probs.amax(-1, keepdim=True)  # flash_attn: exp(s - row max), one block
+    torch.testing.assert_close(s.abs().to(F64), want.probs / row_max.clamp_min(1e-300),
+                               rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("nheads,nheads_k", [(4, 4), (4, 2), (4, 1)])
@@ -143,7 +151,7 @@ def test_kvpacked(nheads, nheads_k, causal):
     want = naive_attention(q, kv[:, 0], kv[:, 1], cq, ck, causal=causal)
     assert_out(out, want.out)
     assert_lse(lse, want.lse)
-    torch.testing.assert_close(probs.to(F64), want.probs, rtol=1e-6, atol=1e-7)
+    assert probs.shape == (0,)
     w = randn(out.shape, F64, gen)
     dq, dkv = torch.autograd.grad((out * w).sum(), (q, kv))
     rdq, rdkv = torch.autograd.grad((want.out * w).sum(), (q, kv))
@@ -188,7 +196,7 @@ def test_qkvpacked_return_attn_probs_and_alibi():
                            causal=True, softcap=2.0, alibi_slopes=slopes)
     assert_out(res[0], want.out)
     assert_lse(res[1], want.lse)
-    torch.testing.assert_close(res[2].to(F64), want.probs, rtol=1e-6, atol=1e-7)
+    assert res[2].shape == (0,) and res[2].dtype == qkv.dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

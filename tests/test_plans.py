@@ -54,7 +54,7 @@ def test_plan_results_equal_the_full_path():
 
 
 @pytest.mark.parametrize("bad", [
-    dict(dropout_p=True), dict(causal=1), dict(window_size=(True, 0)), dict(softmax_scale=True),
+    dict(dropout_p=True), dict(causal=2), dict(window_size=(True, 0)), dict(softmax_scale=True),
     dict(max_seqlen_q=6), dict(max_seqlen_q=True), dict(softcap=-1.0),
     dict(mask_alignment="top-left"), dict(backend="nope")])
 def test_errors_after_a_plan_are_the_full_paths(bad):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..arguments import as_window
 from ..errors import InvalidArgumentError
 from ..flash_attn import bert_padding
 from ..flash_attn.batched import flash_attn_func
@@ -36,7 +37,7 @@ class FlashAttention(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
         self.dropout, self.causal = dropout, causal
-        self.window_size, self.softmax_scale = tuple(window_size), softmax_scale
+        self.window_size, self.softmax_scale = as_window(window_size), softmax_scale
         self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..api import attention_forward_varlen
+from ..arguments import as_bool, as_int
 from ..errors import InvalidArgumentError
 from .seeding import seeded
 
@@ -54,10 +55,10 @@ def flash_attn_varlen_qkvpacked(
         raise InvalidArgumentError("rng_name", "'' (attnhub draws dropout from torch's default "
                                    "generator of the device; pass fixed_seed_offset for a fixed "
                                    "mask)", repr(rng_name))
-    for arg, value in (("training", training), ("causal", causal),
-                       ("return_softmax", return_softmax), ("varlen_padded", varlen_padded)):
-        if not isinstance(value, bool):
-            raise InvalidArgumentError(arg, "a bool", repr(value))
+    training, causal, return_softmax, varlen_padded = (
+        as_bool(arg, value) for arg, value in (
+            ("training", training), ("causal", causal), ("return_softmax", return_softmax),
+            ("varlen_padded", varlen_padded)))
     total, groups = qkv.shape[0], qkv.shape[1] - 2
     q = qkv[:, :groups].reshape(total, groups * qkv.shape[2], qkv.shape[3])
     k, v = qkv[:, groups], qkv[:, groups + 1]
@@ -83,10 +84,11 @@ def _padded(q, k, v, cu_q, cu_k, max_q, max_k, kwargs):
     """Sequence b at rows [b * max, b * max + len_b): a packed batch of 2 * batch sequences,
     each real one followed by its padding rows, which see no key (out 0). k / v are read as
     one page of max_k rows per sequence, so the padding keys are never visible."""
-    for arg, value in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidArgumentError(arg, "the padding length, an int >= 1, with "
-                                       "varlen_padded=True", repr(value))
+    try:
+        max_q, max_k = as_int("max_seqlen_q", max_q, 1), as_int("max_seqlen_k", max_k, 1)
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(exc.argument, "the padding length, an int >= 1, with "
+                                   "varlen_padded=True", exc.got) from None
     total = q.shape[0]
     if max_q != max_k or total % max_q:
         raise InvalidArgumentError("qkv", f"batch * max_seqlen rows with varlen_padded=True and "

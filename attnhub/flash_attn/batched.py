@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from ..api import attention_forward_varlen
+from ..arguments import as_bool
 from ..errors import InvalidArgumentError
 from ..normalize import WindowSize
 from .layouts import check_batched, check_packed, pack, uniform_layout, unpack_lse
+from .returns import forward
 
 
 def flash_attn_func(
@@ -29,7 +30,8 @@ def flash_attn_func(
 ):
     """q (batch, seqlen_q, nheads, d), k/v (batch, seqlen_k, nheads_k, d) -> out
     (batch, seqlen_q, nheads, d), or (out, softmax_lse (batch, nheads, seqlen_q) float32,
-    S_dmask (batch, nheads, seqlen_q, seqlen_k)) with return_attn_probs."""
+    S_dmask) with return_attn_probs: S_dmask an empty tensor when dropout_p == 0, else (batch,
+    nheads, round128(seqlen_q), round128(seqlen_k)) in q's dtype (attnhub.flash_attn.returns)."""
     check_batched("q", q, "(batch, seqlen_q, nheads, head_dim)")
     check_batched("k", k, "(batch, seqlen_k, nheads_k, head_dim)")
     check_batched("v", v, "(batch, seqlen_k, nheads_k, head_dim)")
@@ -80,11 +82,11 @@ def _batched(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, al
     if k.shape[0] != batch:
         raise InvalidArgumentError("k", f"batch size {batch} (dimension 0 of q)", k.shape[0])
     seqlen_k = k.shape[1]
-    res = attention_forward_varlen(
+    res = forward(
         pack(q), pack(k), pack(v), uniform_layout(batch, seqlen_q, q.device),
         uniform_layout(batch, seqlen_k, q.device), None, None, dropout_p, softmax_scale,
         causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
-    if not return_attn_probs:
+    if not as_bool("return_attn_probs", return_attn_probs):
         return res.reshape(q.shape)
     out, lse, probs = res
     return out.reshape(q.shape), unpack_lse(lse, batch, seqlen_q), probs

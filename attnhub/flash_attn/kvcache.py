@@ -4,15 +4,28 @@ The in-place append of the new k/v into the cache and the rotary embedding are t
 here, before the core call; the attention itself is one attention_forward_varlen call on the
 paged path. A paged cache is passed as it is (pools and block_table); a contiguous cache
 (batch_cache, seqlen_cache, nheads_k, d) is the same thing with one page of seqlen_cache rows
-per sequence, so neither layout is copied and no lengths are read back from the device.
+per sequence, so neither layout is copied.
+
+Capacity (cache_seqlens + seqlen_new beyond the cache): host lengths (an int, a CPU tensor)
+are checked on the host. Device lengths with a paged cache are read back once per call
+(``.max()`` in flash_attn 2.8's mha_fwd_kvcache, the whole (batch,) vector here, reused for the
+call), so both raise CapacityError, a RuntimeError naming block_table as flash_attn's does.
+Device lengths with a contiguous cache are not read back (flash_attn does not check them
+either) unless ATTNHUB_VALIDATE=full; nor is anything read while a CUDA graph is captured or
+torch.compile traces. There, no input can read or write outside the cache: the append
+clamps its positions to the cache and the kernels bound every block-table read by
+max_seqlen_k (= the capacity); an over-long sequence gets a wrong answer, never a device
+assert or an out-of-bounds access.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .. import host_copies
 from ..api import attention_forward_varlen
-from ..errors import InvalidArgumentError
+from ..arguments import as_bool, as_int, as_window
+from ..errors import CapacityError, InvalidArgumentError
 from ..normalize import WindowSize
 from .layouts import check_batched, pack, uniform_layout, unpack_lse
 from .rotary import apply_rotary
@@ -62,8 +75,7 @@ def flash_attn_with_kvcache(
     if v_cache.shape != k_cache.shape:
         raise InvalidArgumentError("v_cache", f"the shape of k_cache {tuple(k_cache.shape)}",
                                    tuple(v_cache.shape))
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
-        raise InvalidArgumentError("num_splits", "an int >= 0 (a hint; ignored)", num_splits)
+    as_int("num_splits", num_splits, 0)  # a hint of flash_attn's kernel: validated, ignored
     batch, seqlen_q = q.shape[0], q.shape[1]
     device = q.device
     if paged:
@@ -79,21 +91,28 @@ def flash_attn_with_kvcache(
         capacity = k_cache.shape[1]
     seqlen_new = _new_kv(k, v, batch, k_cache)
     seqlens, seqlens_host = _cache_seqlens(cache_seqlens, batch, capacity, device, k is not None)
+    if seqlens_host is None and host_copies.can_read_back() and (
+            paged or host_copies.validation_mode() == "full"):
+        seqlens_host = host_copies.host_copy(cache_seqlens)  # one sync, as flash_attn's .max()
     leftpad, leftpad_host = _optional_lengths("cache_leftpad", cache_leftpad, batch, device)
     rows = _cache_rows(cache_batch_idx, batch, k_cache, paged, device)
     if seqlens_host is not None:
         for b, n in enumerate(seqlens_host):
             if n + seqlen_new > capacity:
-                raise InvalidArgumentError(
-                    "cache_seqlens", f"cache_seqlens + seqlen_new <= the cache capacity "
-                    f"({capacity} rows)", f"sequence {b}: {n} + {seqlen_new}")
+                where = (f"the capacity of block_table (max_blocks * page_block_size = "
+                         f"{capacity} rows): allocate more columns in block_table" if paged
+                         else f"the KV cache's seqlen_cache ({capacity} rows)")
+                raise CapacityError("cache_seqlens", f"cache_seqlens + seqlen_new <= {where}",
+                                    f"sequence {b}: {n} + {seqlen_new}")
             if leftpad_host is not None and not 0 <= leftpad_host[b] <= n:
                 raise InvalidArgumentError("cache_leftpad", "0 <= cache_leftpad <= cache_seqlens",
                                            f"sequence {b}: {leftpad_host[b]} (length {n})")
 
     new_pos = seqlens.long()[:, None] + torch.arange(seqlen_new, device=device)
+    if seqlens_host is None:  # unchecked device lengths: keep the append inside the cache
+        new_pos = new_pos.clamp_max(capacity - 1)
     if rotary_cos is not None or rotary_sin is not None:
-        local = causal or _windowed(window_size)
+        local = as_bool("causal", causal) or as_window(window_size) != (-1, -1)
         q, k = _rotate(q, k, rotary_cos, rotary_sin, seqlens, seqlens_host, new_pos,
                        rotary_interleaved, local, seqlen_new)
     if k is not None and v is not None:
@@ -125,14 +144,6 @@ def flash_attn_with_kvcache(
         return res.reshape(q.shape)
     out, lse = res
     return out.reshape(q.shape), unpack_lse(lse, batch, seqlen_q)
-
-
-def _windowed(window_size: WindowSize) -> bool:
-    if window_size is None:
-        return False
-    if isinstance(window_size, int):
-        return window_size != -1
-    return any(w != -1 for w in window_size)
 
 
 def _describe(t: object) -> str:
@@ -182,10 +193,8 @@ def _cache_seqlens(cache_seqlens: int | torch.Tensor | None, batch: int, capacit
             raise InvalidArgumentError("cache_seqlens", "the cached lengths when k and v are "
                                        "appended", None)
         host = (capacity,) * batch
-    elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
-        if cache_seqlens < 0:
-            raise InvalidArgumentError("cache_seqlens", "an int >= 0", cache_seqlens)
-        host = (cache_seqlens,) * batch
+    elif not isinstance(cache_seqlens, torch.Tensor):  # an int for every sequence
+        host = (as_int("cache_seqlens", cache_seqlens, 0),) * batch
     else:
         tensor, host_t = _optional_lengths("cache_seqlens", cache_seqlens, batch, device)
         assert tensor is not None

@@ -26,8 +26,8 @@ class TritonBackend(Backend):
     description: ClassVar[str] = "attnhub's Triton kernels: fwd + bwd, flat tile scheduling"
     capabilities: ClassVar[Capabilities] = Capabilities(
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-        head_dims=(16, 256),
-        page_size_multiple=16,
+        head_dims=(16, 512),  # > 256: forward only (why_not)
+        page_size_multiple=1,  # per-key page lookups: any page size (FlashInfer uses 1)
         return_probs=False,
         custom_mask=True,  # bits read from the packed mask in the kernels (fwd and bwd)
     )
@@ -52,6 +52,9 @@ class TritonBackend(Backend):
 
     def why_not(self, problem: VarlenProblem) -> list[str]:
         reasons = super().why_not(problem)
+        if problem.head_dim > 256 and problem.requires_grad:
+            reasons.append(f"backward for head_dim {problem.head_dim} > 256 is not implemented "
+                           "(forward only)")
         if problem.paged is not None and problem.requires_grad:
             reasons.append("backward through paged KV (block_table) is not implemented")
         if configs.interpreting() and problem.dtype == torch.bfloat16:

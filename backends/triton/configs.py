@@ -19,7 +19,8 @@ from dataclasses import dataclass
 # benchmarks on an H200 (docs/performance.md). maxnreg 128 on the head-dim-128 forward lets two
 # 8-warp programs share an SM, so one's softmax overlaps the other's matmuls (v5).
 DEFAULTS: dict[str, dict[tuple[int, int], tuple[int, ...]]] = {
-    "fwd": {(64, 128): (64, 4, 3), (128, 128): (64, 8, 2, 128), (256, 64): (32, 4, 2)},
+    "fwd": {(64, 128): (64, 4, 3), (128, 128): (64, 8, 2, 128), (256, 64): (32, 4, 2),
+            (512, 32): (32, 4, 1)},
     "dkdv": {(64, 64): (64, 4, 2), (128, 64): (64, 4, 1), (128, 128): (64, 8, 1),
              (256, 64): (16, 4, 1)},
     "dq": {(64, 64): (64, 4, 2), (128, 64): (64, 4, 2), (256, 64): (16, 4, 1)},
@@ -68,7 +69,8 @@ def launch(kernel: str, jit_kernel, grid: tuple, *args, **kwargs) -> None:
 def default(kernel: str, block_d_: int, outer: int) -> tuple[int, int, int, int]:
     """(inner block, warps, stages, maxnreg or 0) for a launch; an outer tile without an entry
     of its own (benchmarks/tune_backward.py tries any) takes its head-dim bucket's first."""
-    bucket = 64 if block_d_ <= 64 else 128 if block_d_ <= 128 else 256
+    bucket = 64 if block_d_ <= 64 else 128 if block_d_ <= 128 else 256 if block_d_ <= 256 \
+        else 512
     table = DEFAULTS[kernel]
     entry = table.get((bucket, outer)) or next(v for (b, _), v in table.items() if b == bucket)
     return (*entry, 0)[:4]
@@ -130,7 +132,8 @@ def forward_config(head_dim: int) -> LaunchConfig:
     if interpreting():  # BLOCK_M != BLOCK_N: the tests exercise both tile shapes
         return LaunchConfig(32, 16, 1, 1)
     d = block_d(head_dim)
-    return LaunchConfig(128 if d <= 128 else 64, 64, 8, 3)
+    # head dims 257-512 (forward only): 32-row tiles keep the fp32 accumulator in registers
+    return LaunchConfig(128 if d <= 128 else 64 if d <= 256 else 32, 64, 8, 3)
 
 
 def backward_tiles(head_dim: int, causal: bool) -> tuple[int, int]:

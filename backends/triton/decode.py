@@ -12,7 +12,14 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .forward import PER_BATCH_ARGS, kv_layout, kv_rows, score_scalars, score_tile
+from .forward import (
+    PER_BATCH_ARGS,
+    key_bound,
+    kv_layout,
+    kv_rows,
+    score_scalars,
+    score_tile,
+)
 
 MAX_ROWS = 64  # query heads per kv head x query tokens that one tile holds
 
@@ -22,6 +29,7 @@ def eligible(problem) -> bool:
     q_pad = triton.next_power_of_2(max(problem.max_seqlen_q, 1))
     long_keys = problem.max_seqlen_k >= 512 or configs.interpreting()  # (tests cover it)
     return (problem.max_seqlen_q <= 16 and q_pad * problem.group_size <= MAX_ROWS
+            and problem.head_dim <= 256
             and problem.dropout_p == 0 and long_keys and not problem.custom_mask)
 
 
@@ -69,8 +77,8 @@ def _decode_split_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
-        rows = kv_rows(BlockTable, b, stride_bt_b, tl.where(n_ok, offs_n, 0), k_start, PAGED,
-                       PAGE_SIZE)
+        rows = kv_rows(BlockTable, b, stride_bt_b, tl.where(n_ok, offs_n, 0), k_start,
+                       max_seqlen_k, PAGED, PAGE_SIZE)
         k = tl.load(K + rows[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None],
                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         v = tl.load(V + rows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
@@ -170,7 +178,7 @@ def forward(problem, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
         block_table.stride(0) if block_table is not None else 0,
         alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0,
-        problem.total_q, problem.batch, max(problem.max_seqlen_k, 1), splits,
+        problem.total_q, problem.batch, key_bound(problem), splits,
         *score_scalars(problem), left, right, **common, BLOCK_N=block_n,
         TOP_LEFT=problem.mask_alignment == "top_left", WINDOW_LEFT=left >= 0,
         WINDOW_RIGHT=right >= 0, HAS_SOFTCAP=problem.softcap > 0, HAS_ALIBI=alibi is not None,

@@ -48,13 +48,18 @@ def _tanh(x):
 
 
 @triton.jit
-def kv_rows(BlockTable, b, stride_bt_b, offs_n, k_start, PAGED: tl.constexpr,
+def kv_rows(BlockTable, b, stride_bt_b, offs_n, k_start, max_seqlen_k, PAGED: tl.constexpr,
             PAGE_SIZE: tl.constexpr):
     """Row indices of key positions ``offs_n`` (local to sequence b) in K/V: packed rows, or
-    page * PAGE_SIZE + slot in the flattened page pools."""
+    page * PAGE_SIZE + slot in the flattened page pools. Paged positions are clamped to
+    max_seqlen_k - 1 (key_bound: <= the block table's capacity) before the table is read: the
+    tail of the last block, or a device length beyond the capacity, never reads past the
+    block table's row (no out-of-bounds read; such keys are masked, or the call broke the
+    capacity contract and gets a wrong answer, never a fault)."""
     if PAGED:
-        page = tl.load(BlockTable + b * stride_bt_b + offs_n // PAGE_SIZE)
-        return page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
+        pos = tl.minimum(offs_n, max_seqlen_k - 1)
+        page = tl.load(BlockTable + b * stride_bt_b + pos // PAGE_SIZE)
+        return page.to(tl.int64) * PAGE_SIZE + pos % PAGE_SIZE
     else:
         return (k_start + offs_n).to(tl.int64)
 
@@ -175,7 +180,8 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, desc_k, desc_v, BlockTable, b, h, kvh, k
     for i in range(0, count):  # blocks first, first + BLOCK_N, ... then second, ...
         start_n = tl.where(i < split, first + i * BLOCK_N, second + (i - split) * BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        rows = kv_rows(BlockTable, b, stride_bt_b, offs_n, k_start, PAGED, PAGE_SIZE)
+        rows = kv_rows(BlockTable, b, stride_bt_b, offs_n, k_start, max_seqlen_k, PAGED,
+                       PAGE_SIZE)
         k_ptrs = K + rows[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None]
         v_ptrs = V + rows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :]
         if MASK:  # pointer loads here: TMA boxes were slower on the masked edge blocks (v5)
@@ -494,7 +500,7 @@ def forward(problem, inputs, seed: torch.Tensor | None) -> tuple[torch.Tensor, t
         out.stride(0), out.stride(1),
         block_table.stride(0) if block_table is not None else 0,
         alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0,
-        problem.total_q, problem.batch, problem.nheads, max(problem.max_seqlen_k, 1),
+        problem.total_q, problem.batch, problem.nheads, key_bound(problem),
         *score_scalars(problem), problem.dropout_p, left, right,
         GROUP=problem.group_size, HEAD_DIM=problem.head_dim,
         BLOCK_D=configs.block_d(problem.head_dim), BLOCK_M=cfg.block_m,
@@ -507,6 +513,17 @@ def forward(problem, inputs, seed: torch.Tensor | None) -> tuple[torch.Tensor, t
         PLAIN=plain, USE_TMA=use_tma, DEVICE_TILES=device_tiles,
     )
     return out, lse
+
+
+def key_bound(problem) -> int:
+    """The kernels' max_seqlen_k: the call's, and for paged K/V at most the block table's
+    capacity (max_pages * page_size), so that kv_rows' clamp keeps every block-table read in
+    its row whatever the device lengths hold. (With paged K/V it only seeds the forward's
+    dropout positions: there is no paged backward to match.)"""
+    bound = max(problem.max_seqlen_k, 1)
+    if problem.paged is not None:
+        bound = min(bound, max(problem.paged.max_pages * problem.paged.page_size, 1))
+    return bound
 
 
 def score_scalars(problem) -> tuple[float, float, float]:

@@ -309,10 +309,10 @@ def is_sm90(index: int | None) -> bool:
 def tma_rows(t: torch.Tensor, head_dim: int) -> bool:
     """Whether (rows, heads, head_dim) ``t`` can be read as (rows, heads * head_dim) TMA
     boxes: heads contiguous in a row, 16-byte aligned base and row stride, boxes at least
-    16 bytes wide (the tl kernels' descriptors too: forward.tma_ready). An empty ``t`` (no
-    key rows at all) has no descriptor."""
+    16 bytes wide and at most 256 elements, TMA's box limit (the tl kernels' descriptors too:
+    forward.tma_ready). An empty ``t`` (no key rows at all) has no descriptor."""
     size = t.element_size()
-    return (t.shape[0] > 0 and t.stride(2) == 1 and t.stride(1) == head_dim
+    return (t.shape[0] > 0 and head_dim <= 256 and t.stride(2) == 1 and t.stride(1) == head_dim
             and t.data_ptr() % 16 == 0 and (t.stride(0) * size) % 16 == 0
             and head_dim * size >= 16)
 

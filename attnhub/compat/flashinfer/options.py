@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attnhub.arguments import as_bool, as_float, as_int
 from attnhub.custom_mask import PackedMask, from_segments
 from attnhub.errors import InvalidArgumentError
 
@@ -48,10 +49,44 @@ def as_dtype(name: str, value: str | torch.dtype | None, default: torch.dtype) -
 def host_ints(name: str, t: torch.Tensor | list[int]) -> list[int]:
     """Index tensors read on the host at plan time (FlashInfer's plan does the same)."""
     if isinstance(t, torch.Tensor):
-        if t.dim() != 1 or t.dtype.is_floating_point:
+        if t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
             raise InvalidArgumentError(name, "a 1-D int tensor", f"{t.dim()}-D {t.dtype}")
         return [int(x) for x in t.tolist()]
-    return [int(x) for x in t]
+    return [as_int(name, x) for x in t]
+
+
+# plan() keywords of FlashInfer (flashinfer/prefill.py) that only tune its kernels or repeat
+# what the indptr arrays say: accepted and ignored
+PLAN_HINTS = frozenset({"non_blocking", "fixed_split_size", "disable_split_kv", "seq_lens",
+                        "seq_lens_q", "block_tables", "max_token_per_sequence",
+                        "max_sequence_kv"})
+# plan() keywords that change the result: refused unless at their "off" value
+PLAN_UNSUPPORTED = {
+    "prefix_len_ptr": "multi-item scoring", "token_pos_in_items_ptr": "multi-item scoring",
+    "token_pos_in_items_len": "multi-item scoring", "max_item_len_ptr": "multi-item scoring",
+    "v_indptr": "a separate indptr for v", "o_indptr": "a separate indptr for the output",
+}
+
+
+def check_extra_plan_args(extra: dict, q_dtype: torch.dtype) -> None:
+    """FlashInfer's plan() keywords beyond attnhub's translation: hints pass, output dtypes
+    other than q's and semantic features attnhub lacks raise, unknown names raise TypeError
+    as Python would."""
+    for name, value in extra.items():
+        if name in PLAN_HINTS:
+            continue
+        if name == "o_data_type":
+            if value is not None and as_dtype(name, value, q_dtype) != q_dtype:
+                raise InvalidArgumentError(name, f"None or q's dtype ({q_dtype}): attnhub "
+                                           "returns out in q's dtype", repr(value))
+            continue
+        if name in PLAN_UNSUPPORTED:
+            if value is not None and not (isinstance(value, int) and value == 0):
+                raise InvalidArgumentError(name, f"None: {PLAN_UNSUPPORTED[name]} is not "
+                                           "supported by attnhub.compat.flashinfer",
+                                           type(value).__name__)
+            continue
+        raise TypeError(f"plan() got an unexpected keyword argument {name!r}")
 
 
 @dataclass(frozen=True)
@@ -91,9 +126,13 @@ def plan_options(*, head_dim_qk: int, head_dim_vo: int | None, causal: bool,
     if pos_encoding_mode == "ROPE_LLAMA":
         rope = (1.0 if rope_scale is None else float(rope_scale),
                 1e4 if rope_theta is None else float(rope_theta))
-    window = (int(window_left), -1) if window_left is not None and window_left >= 0 else None
-    cap = float(logits_soft_cap) if logits_soft_cap else None
-    return PlanOptions(dtype, bool(causal) and not has_mask, window, cap, sm_scale, rope)
+    left = -1 if window_left is None else as_int("window_left", window_left, -1)
+    window = (left, -1) if left >= 0 else None
+    cap = None
+    if logits_soft_cap is not None:
+        cap = as_float("logits_soft_cap", logits_soft_cap, "a finite float >= 0") or None
+    return PlanOptions(dtype, as_bool("causal", causal) and not has_mask, window, cap,
+                       sm_scale, rope)
 
 
 def custom_mask_arg(custom_mask: torch.Tensor | None, packed_custom_mask: torch.Tensor | None,

@@ -15,6 +15,10 @@ def single_prefill_with_kv_cache(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    scale_q: torch.Tensor | None = None,
+    scale_k: torch.Tensor | None = None,
+    scale_v: torch.Tensor | None = None,
+    o_dtype: torch.dtype | None = None,
     custom_mask: torch.Tensor | None = None,
     packed_custom_mask: torch.Tensor | None = None,
     causal: bool = False,
@@ -26,12 +30,27 @@ def single_prefill_with_kv_cache(
     logits_soft_cap: float | None = None,
     rope_scale: float | None = None,
     rope_theta: float | None = None,
+    backend: str = "auto",
     return_lse: bool = False,
-    **unused_kernel_options,
+    kv_cache_sf: tuple[torch.Tensor, torch.Tensor] | None = None,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
 ):
     """q (qo_len, num_qo_heads, d); k, v (kv_len, num_kv_heads, d) 'NHD' or (num_kv_heads,
     kv_len, d) 'HND'; custom_mask (qo_len, kv_len) bool or packed_custom_mask uint8 (little
-    bit order). Returns out, or (out, lse) with lse float32 (qo_len, num_qo_heads) in base 2."""
+    bit order). Returns out, or (out, lse) with lse float32 (qo_len, num_qo_heads) in base 2.
+    FlashInfer's signature (flashinfer/prefill.py); the fp8 / NVFP4 scales (scale_q, scale_k,
+    scale_v, kv_cache_sf, k_scale, v_scale) must be None and o_dtype None or q's dtype
+    (attnhub takes one dtype for q, k and v); backend is FlashInfer's kernel choice, ignored
+    (attnhub's dispatch decides)."""
+    for name, value in (("scale_q", scale_q), ("scale_k", scale_k), ("scale_v", scale_v),
+                        ("kv_cache_sf", kv_cache_sf), ("k_scale", k_scale),
+                        ("v_scale", v_scale)):
+        if value is not None:
+            raise InvalidArgumentError(name, "None: attnhub has no fp8 / NVFP4 inputs",
+                                       type(value).__name__)
+    if o_dtype is not None and o_dtype != q.dtype:
+        raise InvalidArgumentError("o_dtype", f"None or q's dtype ({q.dtype})", o_dtype)
     if q.dim() != 3 or k.dim() != 3:
         raise InvalidArgumentError("q, k", "3-D tensors", f"{q.dim()}-D, {k.dim()}-D")
     if check_kv_layout(kv_layout) == "HND":

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import torch
 
+from attnhub.arguments import as_int
 from attnhub.batch_plan import BatchPlan, plan
 from attnhub.errors import InvalidArgumentError
 
 from . import rope as rope_
 from .options import (
+    check_extra_plan_args,
     check_kv_layout,
     custom_mask_arg,
     host_ints,
@@ -136,17 +138,18 @@ class BatchPrefillWithRaggedKVCacheWrapper(_PrefillWrapper):
              window_left: int = -1, logits_soft_cap: float | None = None,
              sm_scale: float | None = None, rope_scale: float | None = None,
              rope_theta: float | None = None, q_data_type="float16", kv_data_type=None,
-             non_blocking: bool = True, **unused_fast_paths) -> None:
+             non_blocking: bool = True, **extra) -> None:
         """Plan the batch (host work). qo_indptr / kv_indptr: (batch + 1,) offsets.
         use_fp16_qk_reduction is accepted and has no effect (attnhub accumulates in fp32)."""
         qo, kv = host_ints("qo_indptr", qo_indptr), host_ints("kv_indptr", kv_indptr)
-        kv_lens = [kv[b + 1] - kv[b] for b in range(len(kv) - 1)]
         opts = plan_options(head_dim_qk=head_dim_qk, head_dim_vo=head_dim_vo, causal=causal,
                             has_mask=custom_mask is not None or packed_custom_mask is not None,
                             pos_encoding_mode=pos_encoding_mode, sm_scale=sm_scale,
                             window_left=window_left, logits_soft_cap=logits_soft_cap,
                             rope_scale=rope_scale, rope_theta=rope_theta,
                             q_data_type=q_data_type, kv_data_type=kv_data_type)
+        check_extra_plan_args(extra, opts.dtype)
+        kv_lens = [kv[b + 1] - kv[b] for b in range(len(kv) - 1)]
         self._core_plan(qo, kv_lens, opts, nheads=num_qo_heads, nheads_k=num_kv_heads,
                         head_dim=head_dim_qk, custom_mask=custom_mask,
                         packed_custom_mask=packed_custom_mask)
@@ -204,10 +207,18 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
              sm_scale: float | None = None, window_left: int = -1,
              logits_soft_cap: float | None = None, rope_scale: float | None = None,
              rope_theta: float | None = None, q_data_type="float16", kv_data_type=None,
-             non_blocking: bool = True, **unused_fast_paths) -> None:
+             non_blocking: bool = True, **extra) -> None:
         """Plan the batch (host work): request b owns pages paged_kv_indices[indptr[b]:
         indptr[b + 1]], the last one filled to paged_kv_last_page_len[b] slots (1..page_size).
         use_fp16_qk_reduction is accepted and has no effect (attnhub accumulates in fp32)."""
+        opts = plan_options(head_dim_qk=head_dim_qk, head_dim_vo=head_dim_vo, causal=causal,
+                            has_mask=custom_mask is not None or packed_custom_mask is not None,
+                            pos_encoding_mode=pos_encoding_mode, sm_scale=sm_scale,
+                            window_left=window_left, logits_soft_cap=logits_soft_cap,
+                            rope_scale=rope_scale, rope_theta=rope_theta,
+                            q_data_type=q_data_type, kv_data_type=kv_data_type)
+        check_extra_plan_args(extra, opts.dtype)
+        page_size = as_int("page_size", page_size, 1)
         qo = host_ints("qo_indptr", qo_indptr)
         indptr = host_ints("paged_kv_indptr", paged_kv_indptr)
         indices = host_ints("paged_kv_indices", paged_kv_indices)
@@ -232,12 +243,6 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
         for b, ids in enumerate(pages):
             table[b, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
         num_pages = max([*indices, 0]) + 1
-        opts = plan_options(head_dim_qk=head_dim_qk, head_dim_vo=head_dim_vo, causal=causal,
-                            has_mask=custom_mask is not None or packed_custom_mask is not None,
-                            pos_encoding_mode=pos_encoding_mode, sm_scale=sm_scale,
-                            window_left=window_left, logits_soft_cap=logits_soft_cap,
-                            rope_scale=rope_scale, rope_theta=rope_theta,
-                            q_data_type=q_data_type, kv_data_type=kv_data_type)
         self._core_plan(qo, kv_lens, opts, nheads=num_qo_heads, nheads_k=num_kv_heads,
                         head_dim=head_dim_qk, custom_mask=custom_mask,
                         packed_custom_mask=packed_custom_mask, block_table=table.to(self.device),
