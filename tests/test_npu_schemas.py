@@ -160,6 +160,7 @@ def exercise_every_path(monkeypatch) -> None:
     _paged((20, 9), (40, 30), 128, causal=True)  # paged prefill
     _paged((20, 9), (40, 30), 128, window_size=(5, 0))
     _paged((1, 1, 1), (40, 0, 17), 16, causal=True)  # paged decode
+    _paged((1, 1), (40, 17), 16, window_size=(8, 0))  # paged decode, (B, KV_S) mask
 
 
 @pytest.fixture(scope="module")

@@ -367,7 +367,7 @@ def _fia_dense(query, key, value, table, lq, lk, page, nk, causal):
     ((5, 3), (9, 140), 128, True), ((5, 3), (9, 140), 128, False), ((1, 1), (30, 17), 16, True)])
 def test_fused_infer_page_attention_is_the_dense_attention_over_the_pages(lq, lk, page, causal):
     query, key, value, table = _fia_inputs(lq, lk, page)
-    mask = {"atten_mask": MASK, "sparse_mode": 3} if causal else {}
+    mask = {"atten_mask": MASK, "sparse_mode": 3} if causal and max(lq) > 1 else {}
     out, lse = sim.npu_fused_infer_attention_score(
         query, key, value, actual_seq_lengths=list(lq), actual_seq_lengths_kv=list(lk),
         block_table=table, block_size=page, num_heads=4, num_key_value_heads=2, scale=0.25,
@@ -398,7 +398,12 @@ def test_fused_infer_decode_ignores_the_sparse_arguments():
     kw = {"actual_seq_lengths_kv": list(lk), "block_table": table, "block_size": 16,
           "num_heads": 4, "num_key_value_heads": 2, "input_layout": "BSND"}
     plain = sim.npu_fused_infer_attention_score(query, key, value, **kw)[0]
-    band = sim.npu_fused_infer_attention_score(query, key, value, atten_mask=MASK,
-                                               sparse_mode=4, pre_tokens=2, next_tokens=0,
-                                               **kw)[0]
+    band = sim.npu_fused_infer_attention_score(query, key, value, sparse_mode=4, pre_tokens=2,
+                                               next_tokens=0, **kw)[0]
     torch.testing.assert_close(band, plain, rtol=0, atol=0)
+    mask = torch.zeros(2, table.shape[1] * 16, dtype=torch.bool)
+    mask[:, :10] = True  # an explicit (B, KV_S) mask does apply
+    masked = sim.npu_fused_infer_attention_score(query, key, value, atten_mask=mask, **kw)[0]
+    assert not torch.equal(masked, plain)
+    with pytest.raises(ValueError, match=r"\(B, KV_S\)"):
+        sim.npu_fused_infer_attention_score(query, key, value, atten_mask=MASK, **kw)

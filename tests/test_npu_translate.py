@@ -358,6 +358,7 @@ def _paged(lq, lk, page, dtype=torch.float16, **kw):
     # one row left in each sequence, but not a decode: Q_S is padded to 2, so mode 3 applies
     ((7, 4), (1, 1), 128, {"causal": True}, 1, 3),
     ((1, 1, 1), (40, 0, 17), 16, {"causal": True}, 1, 0),  # decode
+    ((1, 1), (40, 17), 16, {"window_size": (8, 0)}, 1, 0),  # decode, (B, KV_S) mask
 ])
 def test_paged_kv_goes_to_the_fused_infer_operator(npu, lq, lk, page, kw, width, mode):
     args, kwargs = _paged(lq, lk, page, **kw)
@@ -374,6 +375,11 @@ def test_paged_kv_goes_to_the_fused_infer_operator(npu, lq, lk, page, kw, width,
     assert call["num_heads"] == 4 and call["num_key_value_heads"] == 2
     assert len(call["actual_seq_lengths"]) == len(active)
     assert max(call["actual_seq_lengths"]) <= width
+    if width == 1 and kw.get("window_size"):
+        mask = call["atten_mask"]
+        assert mask.dtype == torch.bool
+        assert mask.shape == (len(active), call["block_table"].shape[1] * page)
+        assert mask.sum(1).tolist() == [lk[b] - 1 - kw["window_size"][0] for b in active]
     ref, ref_lse = attnhub.attention_forward_varlen(*args, **kwargs, return_lse=True,
                                                     backend="reference")
     torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
@@ -384,7 +390,6 @@ def test_paged_kv_goes_to_the_fused_infer_operator(npu, lq, lk, page, kw, width,
 @pytest.mark.parametrize(("lq", "lk", "page", "kw", "text"), [
     ((20, 9), (40, 30), 64, {}, "multiple of 128"),
     ((1, 1), (40, 30), 24, {}, "multiple of 16"),
-    ((1, 1), (40, 30), 16, {"window_size": (8, 0)}, "ignores pre_tokens"),
     ((20, 9), (40, 30), 128, {"dtype": torch.float32}, "float16 or bfloat16"),
     ((20, 9), (40, 30), 128, {"alibi_slopes": torch.ones(4)}, "pse_shift"),
 ])

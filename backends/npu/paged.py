@@ -15,9 +15,11 @@ Rules (reasons in ``reasons``):
   float16 / bfloat16 and at most 512; N * D < 65535 for BSND; sparse_mode 0 (no mask),
   3 (rightDownCausal) or 4 (band, pre/next) with the 2048 x 2048 compressed mask;
 * Q_S = 1 (decode, the IncreFlashAttention branch): block_size a multiple of 16, at most 512;
-  sparse_mode, pre_tokens and next_tokens are ignored, so a window with a left bound is a
-  reason (causal decode sees every key anyway); when every query has one row but the problem
-  is not a decode (rows were dropped), Q_S is padded to 2 to keep the sparse mode;
+  sparse_mode, pre_tokens and next_tokens are ignored (causal decode sees every key anyway),
+  so a window with a left bound goes in as the documented ``(B, KV_S)`` atten_mask of Q_S = 1
+  (True = masked: keys left of ``sk - 1 - left``), KV_S = block_table width * block_size as
+  page attention requires; when every query has one row but the problem is not a decode
+  (rows were dropped), Q_S is padded to 2 to keep the sparse mode;
 * queries float16 or bfloat16 (no float32); num_heads / num_key_value_heads at most 64; KV_N
   * D at most 65535 for the (blocknum, blocksize, H) cache; no dropout, no ALiBi (only an
   explicit pse_shift (B, N, Q_S, KV_S) exists), no backward (an inference operator);
@@ -78,9 +80,6 @@ def reasons(problem: VarlenProblem, module: object | None) -> list[str]:
         if page % DECODE_BLOCK_MULTIPLE or page > MAX_BLOCK_SIZE:
             out.append(f"paged decode (Q_S = 1) on {OPERATOR} needs block_size a multiple of "
                        f"{DECODE_BLOCK_MULTIPLE} up to {MAX_BLOCK_SIZE}, got page_size {page}")
-        if problem.window[0] >= 0:
-            out.append(f"a window of {problem.window[0]} keys to the left in paged decode: "
-                       f"{OPERATOR} ignores pre_tokens / sparse_mode when Q_S = 1")
     else:
         if page % PREFILL_BLOCK_MULTIPLE or page > MAX_BLOCK_SIZE:
             out.append(f"paged prefill (Q_S > 1) on {OPERATOR} needs block_size a multiple of "
@@ -125,14 +124,27 @@ def forward(module: object, problem: VarlenProblem, inputs: VarlenInputs
     if len(active) != len(lq):
         table = table.index_select(0, torch.tensor(active, dtype=torch.int64).to(
             table.device, non_blocking=True))
+    seq_kv = [lk[b] for b in active]
+    kwargs = infer_kwargs(problem, table.to(torch.int32), seq_q, seq_kv, width, q.device)
+    if width == 1 and problem.window[0] >= 0:
+        kwargs["atten_mask"] = decode_window_mask(seq_kv, problem.window[0],
+                                                  table.shape[1] * problem.paged.page_size,
+                                                  q.device)
     res_out, res_lse = getattr(module, OPERATOR)(
-        q_pad.view(batch, width, n, d), _as_blocks(inputs.k), _as_blocks(inputs.v),
-        **infer_kwargs(problem, table.to(torch.int32), seq_q, [lk[b] for b in active],
-                       width, q.device))
+        q_pad.view(batch, width, n, d), _as_blocks(inputs.k), _as_blocks(inputs.v), **kwargs)
     out.index_copy_(0, src, res_out.reshape(batch * width, n, d).index_select(0, dst))
     lse_rows = res_lse.reshape(batch, n, width).permute(1, 0, 2).reshape(n, batch * width)
     lse.index_copy_(1, src, lse_rows.index_select(1, dst).float())
     return out, lse
+
+
+def decode_window_mask(seq_kv: list[int], left: int, width: int, device: torch.device
+                       ) -> torch.Tensor:
+    """(B, width) bool, True where key j lies left of the window of the one query row
+    (``j < sk - 1 - left``); built on the host from host lengths, copied without a sync."""
+    first = torch.tensor([sk - 1 - left for sk in seq_kv], dtype=torch.int64)
+    mask = torch.arange(width, dtype=torch.int64)[None, :] < first[:, None]
+    return mask.to(device, non_blocking=True)
 
 
 def _as_blocks(pool: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,12 @@ Q_S = 1 a multiple of 16 (float16 / bfloat16) up to 512; Q_S > 1 needs D a multi
 num_heads / num_key_value_heads at most 64; ``actual_seq_lengths`` the per-batch query
 lengths (ignored when Q_S = 1). Q_S > 1 honors sparse_mode 0 (no mask), 3 (rightDownCausal)
 and 4 (band, bottom-right, pre/next) with the compressed 2048 x 2048 mask; Q_S = 1 ignores
-sparse_mode, atten_mask, pre_tokens and next_tokens. Rows past a batch's actual length are
-undefined (NaN here); a row that sees no key is undefined (NaN) unless inner_precise is 2 or
-3 (row-invalid correction: zeros). With ``softmax_lse_flag`` the second output is lse
-``(B, N, Q_S, 1)`` float32, else a [1] zero tensor. Only page attention without quantization,
+sparse_mode, pre_tokens and next_tokens and takes an explicit ``(B, KV_S)`` atten_mask (bool,
+int8 or uint8, True = masked) whose KV_S is at least block_table width * block_size. Rows
+past a batch's actual length are undefined (NaN here); a row that sees no key is undefined
+(NaN) unless inner_precise is 2 or 3 (row-invalid correction: zeros). With
+``softmax_lse_flag`` the second output is lse ``(B, N, Q_S, 1)`` float32, else a [1] zero
+tensor. Only page attention without quantization,
 pse_shift, prefix, padding or rope is modeled; anything else raises NotImplementedError.
 """
 
@@ -76,6 +78,12 @@ def npu_fused_infer_attention_score(query, key, value, *, pse_shift=None, atten_
     if any(x > qs for x in lq):
         raise ValueError(f"actual_seq_lengths {lq} exceed Q_S = {qs}")
     mode = _mask_mode(atten_mask, sparse_mode, pre_tokens, next_tokens, qs)
+    if qs == 1 and atten_mask is not None and (
+            atten_mask.dtype not in (torch.bool, torch.int8, torch.uint8)
+            or atten_mask.dim() != 2 or atten_mask.shape[0] != batch
+            or atten_mask.shape[1] < block_table.shape[1] * block_size):
+        raise ValueError("Q_S = 1 with page attention takes atten_mask (B, KV_S), KV_S >= "
+                             "block_table.shape[1] * block_size, bool / int8 / uint8")
     out = torch.full(query.shape, float("nan"), dtype=query.dtype, device=query.device)
     lse = torch.full((batch, n, qs, 1), float("nan"), dtype=torch.float32, device=query.device)
     group = n // nk
@@ -90,6 +98,8 @@ def npu_fused_infer_attention_score(query, key, value, *, pse_shift=None, atten_
         qb = query[b, :sq].float()
         s = torch.einsum("ihd,jhd->hij", qb, kb) * float(scale)
         visible = _visible(mode, sq, sk, pre_tokens, next_tokens, query.device)
+        if qs == 1 and atten_mask is not None:
+            visible = visible & ~atten_mask[b, :sk].bool()[None, :]
         s = s.masked_fill(~visible[None], float("-inf"))
         m = s.amax(-1, keepdim=True)
         e = torch.exp(s - m)
@@ -155,7 +165,7 @@ def _lengths(name, values, batch, *, required=False, default=None) -> list[int]:
 def _mask_mode(mask, sparse_mode, pre, nxt, qs) -> int:
     """The effective mask: 0 none, 3 rightDownCausal, 4 band."""
     if qs == 1:
-        return 0  # IncreFlashAttention: sparse_mode / atten_mask / pre / next are ignored
+        return 0  # IncreFlashAttention: sparse_mode / pre / next are ignored
     if sparse_mode == 0:
         if mask is not None:
             raise NotImplementedError("the simulator does not model an explicit atten_mask")
