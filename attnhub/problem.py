@@ -88,25 +88,29 @@ class VarlenProblem:
     def signature(self) -> tuple:
         """The static part that backend selection depends on, as a tuple of plain constants
         (so torch.compile can fold it): every field except the lengths, the page count and the
-        block table width, plus the length facts (sq <= sk, sq == sk)."""
+        block table width, plus the length facts (sq <= sk, sq == sk) and whether every
+        sequence has at most one query row (decode: max_seqlen_q <= 1, which some kernels
+        treat as a separate regime)."""
         return (
             self.device_type, self.dtype, self.nheads, self.nheads_k, self.head_dim,
             self.scale, self.causal, self.window, self.softcap, self.alibi, self.dropout_p,
             self.paged.page_size if self.paged is not None else None, self.requires_grad,
             self.deterministic, self.mask_alignment, self.return_probs, self.length_facts(),
-            self.custom_mask,
+            self.custom_mask, self.max_seqlen_q <= 1,
         )
 
     @classmethod
     def from_signature(cls, sig: tuple) -> VarlenProblem:
         """A problem with ``sig``'s static part and no lengths: what ``Backend.why_not`` sees
-        when selection runs from a signature (torch.compile tracing, cached selections)."""
+        when selection runs from a signature (torch.compile tracing, cached selections).
+        max_seqlen_q is 1 for a decode signature, else 0 (unknown)."""
         (device_type, dtype, nheads, nheads_k, head_dim, scale, causal, window, softcap, alibi,
          dropout_p, page_size, requires_grad, deterministic, mask_alignment, return_probs,
-         facts, custom_mask) = sig
+         facts, custom_mask, decode) = sig
         problem = cls(
             device_type=device_type, dtype=dtype, batch=0, total_q=0, total_k=0, nheads=nheads,
-            nheads_k=nheads_k, head_dim=head_dim, max_seqlen_q=0, max_seqlen_k=0, scale=scale,
+            nheads_k=nheads_k, head_dim=head_dim, max_seqlen_q=1 if decode else 0,
+            max_seqlen_k=0, scale=scale,
             causal=causal, window=window, softcap=softcap, alibi=alibi, dropout_p=dropout_p,
             paged=PagedLayout(0, page_size, 0) if page_size is not None else None,
             requires_grad=requires_grad, deterministic=deterministic,

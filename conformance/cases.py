@@ -76,6 +76,9 @@ def _lengths(kind: str, rng: random.Random, scale: int) -> tuple[tuple[int, ...]
     if kind == "sq>sk":
         k = tuple(rng.randint(1, scale) for _ in range(4))
         return tuple(n + rng.randint(1, scale) for n in k), k
+    if kind == "decode":  # one query row per sequence against a longer cache, one empty
+        k = (*(rng.randint(1, scale * 3) for _ in range(4)), 0)
+        return (1,) * len(k), k
     raise ValueError(f"unknown length distribution {kind!r}")
 
 
@@ -123,6 +126,11 @@ def _cases(scale: int, dtypes: tuple[torch.dtype, ...], seed: int) -> list[Case]
     for dtype in dtypes:
         add("forward-only", "uniform", dtype=dtype, causal=True, grad=False)
         add("forward-only", "long-short", "long-short", dtype=dtype, grad=False, alibi="head")
+    # Page sizes of inference kernels (Ascend's paged prefill needs multiples of 128) and
+    # decode; drawn last so that the cases above keep their seeds.
+    add("paged", "uniform", "uniform", dtype=main, page_size=128, causal=True)
+    add("paged", "window", "sq<sk", dtype=main, page_size=128, window=(5, 0))
+    add("paged", "decode", "decode", dtype=main, page_size=16, causal=True)
     return cases
 
 

@@ -54,7 +54,7 @@ def test_paged_cases_on_the_reference_pass_and_write_both_reports(tmp_path, caps
     paged = [c.id for c in quick_cases() if "paged" in c.id]
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["tier"] == "quick" and data["environment"]["device"] == "cpu"
-    assert [r["case"] for r in data["results"]] == paged and len(paged) == 16
+    assert [r["case"] for r in data["results"]] == paged and len(paged) == 19
     assert {r["backend"] for r in data["results"]} == {"reference"}
     assert all(r["status"] == "pass" and r["checks"] for r in data["results"])
     md = (tmp_path / "report.md").read_text()

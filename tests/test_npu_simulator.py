@@ -76,8 +76,8 @@ def test_sparse_modes_mask_bottom_right_bands(mode, pre, nxt):
 
 @pytest.mark.parametrize(("kwargs", "error", "text"), [
     ({"actual_seq_qlen": torch.tensor([3, 8])}, TypeError, "list of ints"),
-    ({"actual_seq_qlen": [0, 3, 8]}, ValueError, "leading 0"),
-    ({"actual_seq_qlen": [3, 3, 8], "actual_seq_kvlen": [4, 4, 9]}, ValueError, "increasing"),
+    ({"actual_seq_qlen": [3, 2, 8]}, ValueError, "non-decreasing"),
+    ({"actual_seq_kvlen": [0, 9]}, ValueError, "Skv 0"),
     ({"actual_seq_qlen": [3, 7]}, ValueError, "T = 8"),
     ({"sparse_mode": 3, "atten_mask": torch.ones(2048, 2048, dtype=torch.bool)}, ValueError,
      "compressed mask"),
@@ -100,17 +100,58 @@ def test_mode_3_rejects_more_queries_than_keys():
         _call(q, k, v, (5, 3), (4, 5), atten_mask=MASK, sparse_mode=3)
 
 
-def test_fully_masked_rows_are_nan_unless_inner_precise_2():
+def test_an_all_masked_row_is_an_error_in_varlen():
     sq, sk = (5,), (2,)  # band (0, 0): rows 0..2 see no key
     q, k, v = _qkv(sq, sk)
     kw = {"atten_mask": MASK, "sparse_mode": 4, "pre_tockens": 0, "next_tockens": 0}
-    out = _call(q, k, v, sq, sk, **kw)[0]
-    assert out[:3].isnan().all() and not out[3:].isnan().any()
-    out2, smax, ssum = _call(q, k, v, sq, sk, inner_precise=2, **kw)[:3]
-    assert (out2[:3] == 0).all()
-    torch.testing.assert_close(out2[3:], out[3:])
-    lse = smax.view(4, 5, 8)[..., 0] + ssum.view(4, 5, 8)[..., 0].log()  # N-major
-    assert torch.isneginf(lse[:, :3]).all() and lse[:, 3:].isfinite().all()
+    with pytest.raises(ValueError, match="all-masked rows"):
+        _call(q, k, v, sq, sk, inner_precise=2, **kw)
+
+
+def test_zero_length_sequences_on_both_sides_are_supported():
+    sq = sk = (3, 0, 5)
+    q, k, v = _qkv(sq, sk)
+    out = _call(q, k, v, sq, sk, scale=0.3)[0]
+    want = _call(q, k, v, (3, 5), (3, 5), scale=0.3)[0]
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def test_at_most_1024_sequences_and_dv_at_most_dk():
+    lens = (1,) * 1025
+    q, k, v = _qkv(lens, lens, n=1, nk=1, d=4)
+    with pytest.raises(ValueError, match="at most 1024"):
+        _call(q, k, v, lens, lens)
+    q, k, _ = _qkv()
+    v = torch.randn(k.shape[0], k.shape[1], 32)
+    with pytest.raises(ValueError, match="Dk >= Dv"):
+        _call(q, k, v, (3, 5), (4, 5))
+
+
+def test_v3_takes_int64_length_tensors_and_returns_seed_offset_tensors():
+    q, k, v = _qkv()
+    ends_q, ends_k = torch.tensor([3, 8]), torch.tensor([4, 9])
+    out, smax, ssum, _, seed, offset = sim.npu_fusion_attention_v3(
+        q, k, v, 4, "TND", scale=0.5, keep_prob=0.8, actual_seq_qlen=ends_q,
+        actual_seq_kvlen=ends_k)
+    assert isinstance(seed, torch.Tensor) and isinstance(offset, torch.Tensor)
+    torch.manual_seed(0)
+    dy = torch.randn_like(out)
+    grads = sim.npu_fusion_attention_grad_v3(
+        q, k, v, dy, 4, "TND", softmax_max=smax, softmax_sum=ssum, attention_in=out,
+        scale_value=0.5, keep_prob=0.8, seed=seed, offset=offset, actual_seq_qlen=ends_q,
+        actual_seq_kvlen=ends_k)
+    want = sim.npu_fusion_attention_grad(
+        q, k, v, dy, 4, "TND", softmax_max=smax, softmax_sum=ssum, attention_in=out,
+        scale_value=0.5, keep_prob=0.8, seed=int(seed), offset=int(offset),
+        numels=4 * (3 * 4 + 5 * 5), actual_seq_qlen=[3, 8], actual_seq_kvlen=[4, 9])
+    for got, ref in zip(grads[:3], want[:3], strict=True):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="tensor"):
+        sim.npu_fusion_attention_v3(q, k, v, 4, "TND", actual_seq_qlen=[3, 8],
+                                    actual_seq_kvlen=[4, 9])
+    with pytest.raises(TypeError, match="int64"):
+        sim.npu_fusion_attention_v3(q, k, v, 4, "TND", actual_seq_qlen=ends_q.int(),
+                                    actual_seq_kvlen=ends_k)
 
 
 def test_softmax_statistics_are_t_n_8_in_both_element_orders():
@@ -203,7 +244,7 @@ def test_pse_type_2_is_the_alibi_of_the_naive_oracle(shape, mode, causal):
     torch.testing.assert_close(out.double(), want.out, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("pse_type", "q_start", "kv_start"), [(3, 0, 0), (2, 2, 0), (3, 1, 4)])
+@pytest.mark.parametrize(("pse_type", "q_start", "kv_start"), [(3, 0, 0), (2, 2, 2), (3, 1, 1)])
 def test_pse_type_3_takes_the_root_and_start_indices_shift_the_zero_line(pse_type, q_start,
                                                                          kv_start):
     lengths = (5, 2, 4)
@@ -249,6 +290,10 @@ def test_v2_grad_with_generated_alibi_matches_autograd():
     ({"pse_type": 2, "pse": torch.ones(4, dtype=torch.float16)}, TypeError, "float32"),
     ({"pse_type": 3, "pse": torch.ones(3, 4)}, ValueError, r"\[B, N\] = \[2, 4\]"),
     ({"pse_type": 2, "pse": torch.ones(4), "lengths_k": (4, 5)}, ValueError, "Sq == Skv"),
+    ({"pse_type": 2, "pse": torch.ones(4), "lengths_k": (4, 6), "q_start_idx": [2]},
+     ValueError, "Sq == Skv"),
+    ({"pse_type": 2, "pse": torch.ones(4), "lengths_q": (3, 0), "lengths_k": (3, 0)},
+     ValueError, "some S is 0"),
     ({"pse_type": 2}, ValueError, "slopes"),
     ({"pse_type": 1, "pse": torch.ones(2, 4, 1024, 5)}, NotImplementedError, "pse_type 2 and 3"),
     ({"pse_type": 2, "pse": torch.ones(4), "q_start_idx": torch.tensor([1])}, TypeError,
@@ -257,10 +302,23 @@ def test_v2_grad_with_generated_alibi_matches_autograd():
     ({"query_rope": torch.ones(8, 4, 16)}, NotImplementedError, "query_rope"),
 ])
 def test_documented_pse_constraints_are_hard_errors(kwargs, error, text):
+    lengths_q = kwargs.pop("lengths_q", (3, 5))
     lengths_k = kwargs.pop("lengths_k", (3, 5))
-    q, k, v = _qkv((3, 5), lengths_k)
+    q, k, v = _qkv(lengths_q, lengths_k)
     with pytest.raises(error, match=text):
-        _v2(q, k, v, (3, 5), lengths_k, **kwargs)
+        _v2(q, k, v, lengths_q, lengths_k, **kwargs)
+
+
+@pytest.mark.parametrize(("sq", "sk", "q_start", "kv_start"), [(3, 7, 4, 0), (6, 2, 0, 4)])
+def test_start_indices_place_a_cut_of_an_equal_length_sequence(sq, sk, q_start, kv_start):
+    """Queries that are the last sq rows of a sequence of sk (or keys the last sk of sq):
+    the bias is attnhub's bottom-right |i + sk - sq - j|."""
+    q, k, v = _qkv((sq,), (sk,), n=2, nk=1)
+    slopes = torch.rand(2) + 0.5
+    out = _v2(q, k, v, (sq,), (sk,), pse=slopes, pse_type=2, scale=0.5,
+              q_start_idx=[q_start], kv_start_idx=[kv_start])[0]
+    want = naive_attention(q, k, v, [0, sq], [0, sk], softmax_scale=0.5, alibi_slopes=slopes)
+    torch.testing.assert_close(out.double(), want.out, atol=1e-5, rtol=1e-5)
 
 
 def test_v1_has_no_pse_type_and_its_pse_is_not_modeled():
@@ -269,3 +327,83 @@ def test_v1_has_no_pse_type_and_its_pse_is_not_modeled():
         _call(q, k, v, (3, 5), (3, 5), pse=torch.ones(4))
     with pytest.raises(TypeError):
         _call(q, k, v, (3, 5), (3, 5), pse_type=2)
+
+
+def _fia_inputs(lq, lk, page, qs=None, n=4, nk=2, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qs = qs or max(lq)
+    query = torch.randn(len(lq), qs, n, d, generator=g).half()
+    blocks = [-(-x // page) for x in lk]
+    key = torch.randn(sum(blocks), page, nk * d, generator=g).half()
+    value = torch.randn(sum(blocks), page, nk * d, generator=g).half()
+    table = torch.zeros(len(lk), max(blocks), dtype=torch.int32)
+    first = 0
+    for b, c in enumerate(blocks):
+        table[b, :c] = torch.arange(first, first + c, dtype=torch.int32).flip(0)
+        first += c
+    return query, key, value, table
+
+
+def _fia_dense(query, key, value, table, lq, lk, page, nk, causal):
+    """Per-batch float64 attention over the pages in table order, bottom-right causal."""
+    outs, lses = [], []
+    for b, (sq, sk) in enumerate(zip(lq, lk, strict=True)):
+        pages = table[b, :-(-sk // page)].long()
+        kb = key[pages].reshape(-1, nk, key.shape[-1] // nk)[:sk].double()
+        vb = value[pages].reshape(-1, nk, key.shape[-1] // nk)[:sk].double()
+        g = query.shape[2] // nk
+        s = torch.einsum("ihd,jhd->hij", query[b, :sq].double(), kb.repeat_interleave(g, 1))
+        s = s * 0.25
+        if causal:
+            i, j = torch.arange(sq)[:, None], torch.arange(sk)[None, :]
+            s = s.masked_fill(j > i + sk - sq, float("-inf"))
+        outs.append(torch.einsum("hij,jhd->ihd", torch.softmax(s, -1),
+                                 vb.repeat_interleave(g, 1)))
+        lses.append(torch.logsumexp(s, -1))
+    return outs, lses
+
+
+@pytest.mark.parametrize(("lq", "lk", "page", "causal"), [
+    ((5, 3), (9, 140), 128, True), ((5, 3), (9, 140), 128, False), ((1, 1), (30, 17), 16, True)])
+def test_fused_infer_page_attention_is_the_dense_attention_over_the_pages(lq, lk, page, causal):
+    query, key, value, table = _fia_inputs(lq, lk, page)
+    mask = {"atten_mask": MASK, "sparse_mode": 3} if causal and max(lq) > 1 else {}
+    out, lse = sim.npu_fused_infer_attention_score(
+        query, key, value, actual_seq_lengths=list(lq), actual_seq_lengths_kv=list(lk),
+        block_table=table, block_size=page, num_heads=4, num_key_value_heads=2, scale=0.25,
+        input_layout="BSND", softmax_lse_flag=True, **mask)
+    outs, lses = _fia_dense(query, key, value, table, lq, lk, page, 2, causal)
+    for b, sq in enumerate(lq):
+        torch.testing.assert_close(out[b, :sq].double(), outs[b], atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(lse[b, :, :sq, 0].double(), lses[b], atol=1e-4, rtol=1e-4)
+        assert out[b, sq:].isnan().all()  # rows past the actual length are undefined
+
+
+@pytest.mark.parametrize(("lq", "lk", "page", "text"), [
+    ((5, 3), (9, 140), 64, "multiple of 128"),
+    ((1, 1), (9, 40), 24, "multiple of 16"),
+])
+def test_fused_infer_block_size_rules_are_hard_errors(lq, lk, page, text):
+    query, key, value, table = _fia_inputs(lq, lk, page)
+    with pytest.raises(ValueError, match=text):
+        sim.npu_fused_infer_attention_score(
+            query, key, value, actual_seq_lengths=list(lq), actual_seq_lengths_kv=list(lk),
+            block_table=table, block_size=page, num_heads=4, num_key_value_heads=2,
+            input_layout="BSND")
+
+
+def test_fused_infer_decode_ignores_the_sparse_arguments():
+    lq, lk = (1, 1), (30, 17)
+    query, key, value, table = _fia_inputs(lq, lk, 16)
+    kw = {"actual_seq_lengths_kv": list(lk), "block_table": table, "block_size": 16,
+          "num_heads": 4, "num_key_value_heads": 2, "input_layout": "BSND"}
+    plain = sim.npu_fused_infer_attention_score(query, key, value, **kw)[0]
+    band = sim.npu_fused_infer_attention_score(query, key, value, sparse_mode=4, pre_tokens=2,
+                                               next_tokens=0, **kw)[0]
+    torch.testing.assert_close(band, plain, rtol=0, atol=0)
+    mask = torch.zeros(2, table.shape[1] * 16, dtype=torch.bool)
+    mask[:, :10] = True  # an explicit (B, KV_S) mask does apply
+    masked = sim.npu_fused_infer_attention_score(query, key, value, atten_mask=mask, **kw)[0]
+    assert not torch.equal(masked, plain)
+    with pytest.raises(ValueError, match=r"\(B, KV_S\)"):
+        sim.npu_fused_infer_attention_score(query, key, value, atten_mask=MASK, **kw)

@@ -1,10 +1,12 @@
-"""NpuBackend: attnhub's problem on Ascend's torch_npu.npu_fusion_attention (layout TND).
+"""NpuBackend: attnhub's problem on Ascend's torch_npu fused attention operators.
 
 torch_npu is imported lazily: attnhub imports and runs without it, and the backend then
-reports "torch_npu not installed". Forward calls npu_fusion_attention; backward calls
-npu_fusion_attention_grad, the operator torch_npu's own autograd formula runs, with the
-statistics rebuilt from lse and the (seed, offset) that forward returned. ALiBi calls use
-npu_fusion_attention_v2 / npu_fusion_attention_grad_v2, the only ones with pse_type.
+reports "torch_npu not installed". Training-style calls go to npu_fusion_attention (layout
+TND) and its grad, with the statistics rebuilt from lse and the (seed, offset) that forward
+returned; ALiBi calls use npu_fusion_attention_v2 / _grad_v2 (the only ones with pse_type);
+calls whose lengths exist only on the device use npu_fusion_attention_v3 / _grad_v3, which
+take them as tensors. Paged K/V (block_table) goes to npu_fused_infer_attention_score
+(paged.py), forward only.
 """
 
 from __future__ import annotations
@@ -19,8 +21,16 @@ from attnhub.capabilities import Capabilities
 from attnhub.inputs import VarlenInputs
 from attnhub.problem import VarlenProblem
 
-from . import simulation, softmax_stats, translate
-from .layout import TndLayout, gather, scatter_rows, tnd_layout
+from . import paged, simulation, softmax_stats, translate
+from .layout import (
+    MAX_SEQUENCES_PER_CALL,
+    MAX_TOKENS,
+    TndLayout,
+    gather,
+    row_index,
+    scatter_into,
+    tnd_layout,
+)
 
 MAX_HEADS = 256  # N of query, per Ascend's constraints
 
@@ -31,19 +41,20 @@ def torch_npu():
 
 
 class NpuBackend(Backend):
-    """Ascend's fused attention operator with every attnhub argument honored or declined."""
+    """Ascend's fused attention operators with every attnhub argument honored or declined."""
 
     name: ClassVar[str] = "npu"
     device_types: ClassVar[frozenset[str]] = frozenset({"npu"})
     priority: ClassVar[int] = 100
     backward_uses_forward_stats: ClassVar[bool] = True
-    description: ClassVar[str] = "torch_npu.npu_fusion_attention, layout TND (Ascend)"
+    description: ClassVar[str] = ("torch_npu.npu_fusion_attention (TND) and "
+                                  "npu_fused_infer_attention_score (paged K/V), Ascend")
     capabilities: ClassVar[Capabilities] = Capabilities(
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         head_dims=(1, 768),
         softcap=False,
         alibi=frozenset({"head", "batch_head"}),
-        page_size_multiple=None,
+        page_size_multiple=1,  # the block-size rules of paged.reasons apply
         deterministic_backward=False,
         top_left=False,
         return_probs=False,
@@ -66,118 +77,196 @@ class NpuBackend(Backend):
         except ImportError:
             return ["torch_npu not installed (pip install attnhub[npu] with Ascend's CANN "
                     f"toolkit; or {simulation.ENV_VAR}=1 for the CPU simulator)"]
-        missing = [f for f in ("npu_fusion_attention", "npu_fusion_attention_grad")
-                   if not hasattr(module, f)]
+        missing = [f for f in translate.V1 if not hasattr(module, f)]
         if missing:
             return [f"this torch_npu has no {' or '.join(missing)}; upgrade torch_npu"]
         return []
 
     def why_not(self, problem: VarlenProblem) -> list[str]:
         reasons = super().why_not(problem)
-        if problem.alibi is not None:
-            reasons.extend(self._alibi_reasons(problem))
         if problem.softcap > 0:
             reasons.append("npu_fusion_attention has no logit softcap")
         if problem.nheads > MAX_HEADS:
-            reasons.append(f"npu_fusion_attention takes at most {MAX_HEADS} query heads, got "
-                           f"{problem.nheads}")
-        sq_le_sk, _ = problem.length_facts()
-        if problem.window == (-1, 0) and sq_le_sk is False:
-            reasons.append("causal with a sequence whose queries outnumber its keys (sq > sk): "
-                           "npu_fusion_attention's sparse_mode 3 requires sq <= sk")
+            reasons.append(f"Ascend's attention operators take at most {MAX_HEADS} query "
+                           f"heads (Nq 1~256), got {problem.nheads}")
+        if max(problem.max_seqlen_q, problem.max_seqlen_k) > MAX_TOKENS:
+            reasons.append(f"a sequence of {max(problem.max_seqlen_q, problem.max_seqlen_k)} "
+                           f"tokens: npu_fusion_attention takes S of at most 1M ({MAX_TOKENS})")
+        if problem.paged is not None:
+            return reasons + paged.reasons(problem, _module_or_none())
+        if problem.alibi is not None:
+            reasons.extend(self._alibi_reasons())
+        if problem.dropout_p > 0:
+            reasons.extend(self._dropout_reasons(problem))
         return reasons
 
     @staticmethod
-    def _alibi_reasons(problem: VarlenProblem) -> list[str]:
-        reasons = []
-        _, sq_eq_sk = problem.length_facts()
-        if sq_eq_sk is False:
-            reasons.append("ALiBi with a sequence whose sq != sk: npu_fusion_attention_v2 "
-                           "generates ALiBi (pse_type 2) only where 'Sq and Skv are of equal "
-                           "length'")
-        try:
-            module = torch_npu()
-        except ImportError:
-            return reasons  # unavailable_reasons says why
-        if not all(hasattr(module, f) for f in translate.V2):
-            reasons.append("ALiBi needs npu_fusion_attention_v2 and npu_fusion_attention_grad_v2 "
-                           "(pse_type), which this torch_npu lacks; upgrade torch_npu")
-        return reasons
+    def _alibi_reasons() -> list[str]:
+        module = _module_or_none()
+        if module is not None and not all(hasattr(module, f) for f in translate.V2):
+            return ["ALiBi needs npu_fusion_attention_v2 and npu_fusion_attention_grad_v2 "
+                    "(pse_type), which this torch_npu lacks; upgrade torch_npu"]
+        return []
+
+    @staticmethod
+    def _dropout_reasons(problem: VarlenProblem) -> list[str]:
+        """Dropout needs the whole call in one operator call: attnhub carries one (seed,
+        offset) from forward to backward."""
+        if problem.batch > MAX_SEQUENCES_PER_CALL or max(problem.total_q,
+                                                          problem.total_k) > MAX_TOKENS:
+            return [f"dropout with more than {MAX_SEQUENCES_PER_CALL} sequences or 1M tokens: "
+                    "the operator takes at most that many per call, and each call draws its "
+                    "own dropout mask (attnhub keeps one seed and offset per attention call)"]
+        if problem.alibi is not None and problem.length_facts()[1] is False:
+            return ["dropout with ALiBi where some sq != sk: each value of sk - sq is its own "
+                    "npu_fusion_attention_v2 call with its own dropout mask (attnhub keeps one "
+                    "seed and offset per attention call)"]
+        return []
 
     def forward(self, problem: VarlenProblem, inputs: VarlenInputs) -> ForwardResult:
         """out (total_q, nheads, head_dim), lse float32 (nheads, total_q); with dropout an
         int64 (2,) rng_state holding the operator's (seed, offset)."""
+        if problem.paged is not None:
+            out, lse = paged.forward(torch_npu(), problem, inputs)
+            return ForwardResult(out, lse, None, None)
+        if self._device_lengths(problem, inputs):
+            return self._forward_v3(problem, inputs)
         layout = self._layout(problem, inputs)
         q = inputs.q
-        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-        lse = torch.full((problem.nheads, problem.total_q), float("-inf"), dtype=torch.float32,
-                         device=q.device)
-        rng = None
-        if not layout.empty:
-            qc, = gather(layout.q_rows, q)
-            kc, vc = gather(layout.k_rows, inputs.k, inputs.v)
-            fwd = getattr(torch_npu(), translate.operators(problem)[0])
-            res = fwd(qc, kc, vc, **translate.forward_kwargs(problem, layout, q.device,
-                                                          inputs.alibi_slopes))
+        fwd = getattr(torch_npu(), translate.operators(problem)[0])
+        rng = torch.zeros(2, dtype=torch.int64, device=q.device) if problem.dropout_p > 0 \
+            else None
+        if not layout.whole:
+            out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+            lse = torch.full((problem.nheads, problem.total_q), float("-inf"),
+                             dtype=torch.float32, device=q.device)
+        for call in layout.calls:
+            qc, = gather(call.q_rows, q)
+            kc, vc = gather(call.k_rows, inputs.k, inputs.v)
+            res = fwd(qc, kc, vc, **translate.forward_kwargs(
+                problem, call, q.device, len(layout.seqlens_q), inputs.alibi_slopes))
             out_c, smax, ssum, _, seed, offset, _ = res
             lse_c = softmax_stats.lse_from_stats(smax, ssum, qc.shape[0], problem.nheads)
-            out = scatter_rows(layout.q_rows, out_c, problem.total_q)
-            lse = scatter_rows(layout.q_rows, lse_c, problem.total_q, float("-inf"), dim=1)
-            if problem.dropout_p > 0:
+            if layout.whole:
+                out, lse = out_c, lse_c
+            else:
+                scatter_into(out, call.q_rows, out_c)
+                scatter_into(lse, call.q_rows, lse_c, dim=1)
+            if rng is not None:
                 rng = torch.tensor([int(seed), int(offset)], dtype=torch.int64).to(
                     q.device, non_blocking=True)
-        elif problem.dropout_p > 0:
-            rng = torch.zeros(2, dtype=torch.int64, device=q.device)
-        if layout.dead_rows:
-            dead = self._rows(layout.dead_rows, q.device)
-            out = out.index_fill(0, dead, 0.0)
-            lse = lse.index_fill(1, dead, float("-inf"))
         return ForwardResult(out, lse, None, rng)
 
     def backward(self, problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
                  lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None = None
                  ) -> Gradients:
-        """dq, dk, dv from npu_fusion_attention_grad; a gradient through lse (dlse) has no
-        counterpart in Ascend's operator and raises."""
+        """dq, dk, dv from npu_fusion_attention_grad (v2 with ALiBi, v3 with device
+        lengths); a gradient through lse (dlse) has no counterpart in Ascend's operator and
+        raises."""
         if dlse is not None:
             raise NotImplementedError(
                 "the npu backend cannot take a gradient through lse: npu_fusion_attention_grad "
                 "has no input for it; compute lse-dependent losses with backend='reference'")
+        if problem.paged is not None:
+            raise NotImplementedError("paged K/V runs on npu_fused_infer_attention_score, an "
+                                      "inference operator without a backward")
+        if self._device_lengths(problem, inputs):
+            return self._backward_v3(problem, inputs, out, lse, dout)
         layout = self._layout(problem, inputs)
         q, k, v = inputs.q, inputs.k, inputs.v
-        if layout.empty:
-            return Gradients(torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
         seed = offset = 0
-        if problem.dropout_p > 0:
+        if problem.dropout_p > 0 and not layout.empty:
             if inputs.rng_state is None:
                 raise ValueError("dropout backward needs the rng_state that forward returned")
             seed, offset = (int(x) for x in inputs.rng_state.tolist())
-        qc, out_c, dout_c = gather(layout.q_rows, q, out, dout)
-        kc, vc = gather(layout.k_rows, k, v)
-        lse_c = lse if layout.q_rows is None else lse.index_select(
-            1, self._rows(layout.q_rows, lse.device))
-        smax, ssum = softmax_stats.stats_from_lse(lse_c)
         bwd = getattr(torch_npu(), translate.operators(problem)[1])
-        grads = bwd(qc, kc, vc, dout_c, **translate.grad_kwargs(
-            problem, layout, q.device, smax, ssum, out_c, seed, offset, inputs.alibi_slopes))
-        dq_c, dk_c, dv_c = grads[:3]  # v2 returns 6 or 7 tensors depending on the release
-        dq = scatter_rows(layout.q_rows, dq_c, q.shape[0])
-        dk = scatter_rows(layout.k_rows, dk_c, k.shape[0])
-        dv = scatter_rows(layout.k_rows, dv_c, v.shape[0])
-        if layout.dead_rows:
-            dq = dq.index_fill(0, self._rows(layout.dead_rows, q.device), 0.0)
+        if not layout.whole:
+            dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for call in layout.calls:
+            qc, out_c, dout_c = gather(call.q_rows, q, out, dout)
+            kc, vc = gather(call.k_rows, k, v)
+            lse_c = lse if call.q_rows is None else lse.index_select(
+                1, row_index(call.q_rows, lse.device))
+            smax, ssum = softmax_stats.stats_from_lse(lse_c)
+            grads = bwd(qc, kc, vc, dout_c, **translate.grad_kwargs(
+                problem, call, q.device, len(layout.seqlens_q), smax, ssum, out_c, seed,
+                offset, inputs.alibi_slopes))
+            dq_c, dk_c, dv_c = grads[:3]  # v2 returns 6 or 7 tensors depending on the release
+            if layout.whole:
+                dq, dk, dv = dq_c, dk_c, dv_c
+            else:
+                scatter_into(dq, call.q_rows, dq_c)
+                scatter_into(dk, call.k_rows, dk_c)
+                scatter_into(dv, call.k_rows, dv_c)
         return Gradients(dq, dk, dv)
+
+    # Lengths that exist only on the device: the v3 operators take them as tensors.
+
+    @staticmethod
+    def _device_lengths(problem: VarlenProblem, inputs: VarlenInputs) -> bool:
+        """True when the v3 operators compute the call without any host copy of the lengths:
+        the lengths are not on the host, one offsets tensor serves q and k (so sq == sk in
+        every sequence: no row without keys, zero-length sequences empty on both sides, which
+        the operator documents as supported), no ALiBi, and the batch is within one call."""
+        if problem.seqlens_q is not None and problem.seqlens_k is not None:
+            return False
+        if problem.alibi is not None or problem.paged is not None:
+            return False
+        module = _module_or_none()
+        if module is None or not all(hasattr(module, f) for f in translate.V3):
+            return False
+        return (_same_offsets(inputs.cu_seqlens_q, inputs.cu_seqlens_k)
+                and problem.batch <= MAX_SEQUENCES_PER_CALL
+                and max(problem.total_q, problem.total_k) <= MAX_TOKENS)
+
+    @staticmethod
+    def _forward_v3(problem: VarlenProblem, inputs: VarlenInputs) -> ForwardResult:
+        q = inputs.q
+        fwd = getattr(torch_npu(), translate.V3[0])
+        out, smax, ssum, _, seed, offset = fwd(q, inputs.k, inputs.v, **translate.v3_forward_kwargs(
+            problem, inputs.cu_seqlens_q, inputs.cu_seqlens_k, q.device))
+        lse = softmax_stats.lse_from_stats(smax, ssum, problem.total_q, problem.nheads)
+        rng = None
+        if problem.dropout_p > 0:  # CPU or device tensors: moved, never read on the host
+            rng = torch.cat([seed.reshape(1), offset.reshape(1)]).to(
+                device=q.device, dtype=torch.int64, non_blocking=True)
+        return ForwardResult(out, lse, None, rng)
+
+    @staticmethod
+    def _backward_v3(problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
+                     lse: torch.Tensor, dout: torch.Tensor) -> Gradients:
+        seed = offset = None
+        if problem.dropout_p > 0:
+            if inputs.rng_state is None:
+                raise ValueError("dropout backward needs the rng_state that forward returned")
+            seed, offset = inputs.rng_state[0:1], inputs.rng_state[1:2]
+        smax, ssum = softmax_stats.stats_from_lse(lse)
+        bwd = getattr(torch_npu(), translate.V3[1])
+        grads = bwd(inputs.q, inputs.k, inputs.v, dout, **translate.v3_grad_kwargs(
+            problem, inputs.cu_seqlens_q, inputs.cu_seqlens_k, inputs.q.device, smax, ssum,
+            out, seed, offset))
+        return Gradients(*grads[:3])
 
     @staticmethod
     def _layout(problem: VarlenProblem, inputs: VarlenInputs) -> TndLayout:
-        layout = tnd_layout(problem, inputs.cu_seqlens_q, inputs.cu_seqlens_k)
-        if problem.window == (-1, 0) and any(
-                layout.seqlens_q[b] > layout.seqlens_k[b] for b in layout.active):
-            raise ValueError("causal attention with sq > sk in some sequence cannot run on "
-                             "npu_fusion_attention (sparse_mode 3 requires sq <= sk)"
+        layout = tnd_layout(problem, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
+                            by_shift=problem.alibi is not None)
+        if problem.dropout_p > 0 and len(layout.calls) > 1:
+            raise ValueError("dropout over several npu_fusion_attention calls (more than 1024 "
+                             "sequences or 1M tokens, or ALiBi with different sk - sq) cannot "
+                             "carry one seed and offset to the backward"
                              + translate.UNKNOWN_LENGTHS_HINT)
         return layout
 
-    @staticmethod
-    def _rows(rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        return torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+
+def _module_or_none():
+    try:
+        return torch_npu()
+    except ImportError:
+        return None
+
+
+def _same_offsets(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """One offsets tensor for both sides (the same memory, shape and dtype)."""
+    return a is b or (a.device == b.device and a.dtype == b.dtype and a.shape == b.shape
+                      and a.stride() == b.stride() and a.data_ptr() == b.data_ptr())

@@ -1,19 +1,22 @@
-"""A CPU model of ``torch_npu.npu_fusion_attention`` / ``npu_fusion_attention_grad`` (TND).
+"""A CPU model of torch_npu's fused attention operators (TND), for tests without Ascend.
 
-Pure PyTorch, written from Ascend's documentation (sources in docs/npu.md), quirks included:
+``npu_fusion_attention`` / ``_grad`` and their v2 / v3 variants; ``npu_fused_infer_attention_score``
+(paged K/V, BSND) lives in simulator_infer and is re-exported here. Pure PyTorch, written
+from Ascend's documentation (torch_npu 2.14.0; sources in docs/npu.md), quirks included:
 scale defaults to 1.0; without ``atten_mask`` the sparse mode and pre/next tokens are ignored
 (full attention), and sparse modes 2, 3, 4 require the compressed 2048 x 2048 mask
 ``triu(ones, 1).bool()`` (True = masked out); ``actual_seq_qlen`` / ``actual_seq_kvlen`` are
-Python int lists of cumulative END offsets without the leading 0; mode 3 rejects sq > skv;
-keep_prob must lie in (0, 1]; softmax_max / softmax_sum are float32 ``[T, N, 8]`` tensors
-whose elements are in N-major order unless ``softmax_layout="TND"``; rows that see no key are
-NaN (undefined) unless ``inner_precise=2``, which makes them zeros.
+cumulative END offsets without the leading 0 (Python int lists; int64 tensors for v3), at
+most 1024 of them, T at most 1M; a sequence may have S = 0 (a repeated offset) but not
+Sq > 0 with Skv = 0, and not with a pse; mode 3 rejects sq > skv; an atten_mask row with no
+visible key is an error ("atten_mask中不能存在某一行全1的场景"), as is D of value above D of
+key; keep_prob must lie in (0, 1]; softmax_max / softmax_sum are float32 ``[T, N, 8]``
+tensors whose elements are in N-major order unless ``softmax_layout="TND"``.
 
-Where the documentation leaves a choice, the model is the strict reading: zero-length
-sequences in the lists (repeated offsets) are an error, and a compressed mask that is not
-exactly the documented one is an error. Only the TND layout and sparse modes 0-4 are modeled;
-of ``pse``, only the ALiBi that ``npu_fusion_attention_v2`` generates from slopes (pse_type 2
-and 3, simulator_pse); anything else raises NotImplementedError.
+Where the documentation leaves a choice, the model is the strict reading. Only the TND
+layout and sparse modes 0-4 are modeled; of ``pse``, only the ALiBi that
+``npu_fusion_attention_v2`` generates from slopes (pse_type 2 and 3, simulator_pse); anything
+else raises NotImplementedError.
 
 The dropout keep mask is a counter-based hash of (seed, offset, head, query row, key row):
 reproducible from the (seed, offset) that forward returns and backward takes back. The seed
@@ -25,10 +28,13 @@ from __future__ import annotations
 import torch
 
 from . import simulator_pse
+from .simulator_infer import npu_fused_infer_attention_score  # noqa: F401  (re-exported)
 
 SIMULATOR = True  # marks this module when it stands in for torch_npu
 INT32_MAX = 2**31 - 1
 COMPRESSED_MASK_SIZE = 2048
+MAX_SEQUENCES = 1024  # varlen: "actual_seq_qlen ... varlen场景下长度最大支持1K"
+MAX_TOKENS = 1 << 20  # T and S: 1 ~ 1M
 _M32 = 0xFFFFFFFF
 
 
@@ -36,10 +42,12 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, pa
                          atten_mask=None, scale=1.0, keep_prob=1.0, pre_tockens=INT32_MAX,
                          next_tockens=INT32_MAX, inner_precise=0, prefix=None,
                          actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0,
-                         gen_mask_parallel=True, sync=False, softmax_layout=""):
+                         gen_mask_parallel=True, sync=False, softmax_layout="", sink=None,
+                         dropout_mask=None, seed=0, offset=0):
     """-> (attention_out [T, N, D], softmax_max, softmax_sum, softmax_in (empty), seed,
     offset, numels), as torch_npu documents for layout TND. No pse_type: a pse tensor (the
     compressed [B, N, 1024, Skv] form) is not modeled."""
+    _v2_unmodeled(None, None, sink, dropout_mask, seed, offset)
     call = _Call(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask,
                  keep_prob, pre_tockens, next_tockens, prefix, actual_seq_qlen,
                  actual_seq_kvlen, sparse_mode, softmax_layout)
@@ -65,6 +73,27 @@ def npu_fusion_attention_v2(query, key, value, head_num, input_layout, *, pse=No
     return _forward(call, float(scale), inner_precise, softmax_layout)
 
 
+def npu_fusion_attention_v3(query, key, value, head_num, input_layout, pse=None,
+                            padding_mask=None, atten_mask=None, scale=1.0, keep_prob=1.0,
+                            pre_tockens=INT32_MAX, next_tockens=INT32_MAX, inner_precise=0,
+                            prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None,
+                            sparse_mode=0, gen_mask_parallel=True, sync=False, softmax_layout="",
+                            sink=None):
+    """npu_fusion_attention with the lengths as int64 tensors (on the device) and 6 tensor
+    outputs: (attention_out, softmax_max, softmax_sum, softmax_out, seed, offset), seed and
+    offset as int64 CPU tensors (the non-aclgraph case)."""
+    _v2_unmodeled(None, None, sink, None, 0, 0)
+    call = _Call(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask,
+                 keep_prob, pre_tockens, next_tockens, prefix,
+                 _tensor_ends("actual_seq_qlen", actual_seq_qlen, query),
+                 _tensor_ends("actual_seq_kvlen", actual_seq_kvlen, query), sparse_mode,
+                 softmax_layout)
+    out, smax, ssum, sout, seed, offset, _ = _forward(call, float(scale), inner_precise,
+                                                       softmax_layout)
+    return (out, smax, ssum, sout, torch.tensor([seed], dtype=torch.int64),
+            torch.tensor([offset], dtype=torch.int64))
+
+
 def _forward(call: _Call, scale: float, inner_precise: int, softmax_layout: str):
     query, value, keep_prob = call.query, call.value, call.keep_prob
     seed = int(torch.randint(0, INT32_MAX, (1,)).item()) if keep_prob < 1.0 else 0
@@ -79,14 +108,14 @@ def _forward(call: _Call, scale: float, inner_precise: int, softmax_layout: str)
         e = torch.exp(s - m[..., None])
         total = e.sum(-1)
         p = e / total[..., None]
-        dead = ~visible.any(-1)  # (1 or N, sq): rows that see no key
+        dead = ~visible.any(-1)  # (1, sq): rows that see no key
+        if dead.any():
+            row = int(dead.nonzero()[0, 1])
+            raise ValueError(f"atten_mask masks every key of query row {row} of batch "
+                             f"{seq.index}: varlen does not support all-masked rows "
+                             "('atten_mask中不能存在某一行全1的场景')")
         p = p * call.keep(seed, offset, seq)
         o = torch.einsum("hij,hjd->ihd", p, seq.v(call))
-        if dead.any():
-            fill = 0.0 if inner_precise == 2 else float("nan")
-            o = o.masked_fill(dead.expand(n, -1).t()[..., None], fill)
-            m = m.masked_fill(dead.expand(n, -1), float("-inf") if inner_precise == 2 else fill)
-            total = total.masked_fill(dead.expand(n, -1), fill)
         out[seq.q0:seq.q1] = o.to(query.dtype)
         smax[:, seq.q0:seq.q1] = m
         ssum[:, seq.q0:seq.q1] = total
@@ -103,10 +132,11 @@ def npu_fusion_attention_grad(query, key, value, dy, head_num, input_layout, *, 
                               next_tockens=INT32_MAX, inner_precise=0, seed=0, offset=0,
                               numels=0, prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None,
                               sparse_mode=0, gen_mask_parallel=True, sync=False,
-                              softmax_layout=""):
+                              softmax_layout="", sink=None):
     """-> (dq, dk, dv, dpse (empty)). Recomputes the probabilities from the given softmax_max
     and softmax_sum (p = exp(s - max) / sum) and delta = rowsum(dy * attention_in), as
     FlashAttention's backward does; the dropout mask comes from (seed, offset)."""
+    _v2_unmodeled(None, None, sink, None, 0, 0)
     call = _Call(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask,
                  keep_prob, pre_tockens, next_tockens, prefix, actual_seq_qlen,
                  actual_seq_kvlen, sparse_mode, softmax_layout)
@@ -133,6 +163,49 @@ def npu_fusion_attention_grad_v2(query, key, value, dy, head_num, input_layout, 
     dq, dk, dv, dpse = _grad(call, dy, softmax_max, softmax_sum, attention_in,
                              float(scale_value), seed, offset, numels, softmax_layout)
     return dq, dk, dv, dpse, dpse.clone(), dpse.clone()
+
+
+def npu_fusion_attention_grad_v3(query, key, value, dy, head_num, input_layout, *, pse=None,
+                                 padding_mask=None, atten_mask=None, softmax_max=None,
+                                 softmax_sum=None, softmax_in=None, attention_in=None,
+                                 scale_value=1.0, keep_prob=1.0, pre_tockens=INT32_MAX,
+                                 next_tockens=INT32_MAX, inner_precise=0, seed=None, offset=None,
+                                 prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None,
+                                 sparse_mode=0, gen_mask_parallel=True, sync=False,
+                                 softmax_layout="", sink=None):
+    """-> (dq, dk, dv, dpse, dsink): the backward of npu_fusion_attention_v3, seed and offset
+    as tensors (None without dropout), the lengths as int64 tensors, no numels."""
+    _v2_unmodeled(None, None, sink, None, 0, 0)
+    call = _Call(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask,
+                 keep_prob, pre_tockens, next_tockens, prefix,
+                 _tensor_ends("actual_seq_qlen", actual_seq_qlen, query),
+                 _tensor_ends("actual_seq_kvlen", actual_seq_kvlen, query), sparse_mode,
+                 softmax_layout)
+    seeds = []
+    for name, x in (("seed", seed), ("offset", offset)):
+        if x is None:
+            seeds.append(0)
+        elif not isinstance(x, torch.Tensor) or x.numel() != 1:
+            raise TypeError(f"{name} of the v3 grad must be a one-element tensor, got {x!r}")
+        else:
+            seeds.append(int(x.reshape(()).cpu()))
+    if call.keep_prob < 1.0 and seed is None:
+        raise ValueError("dropout (keep_prob < 1) needs the forward's seed and offset tensors")
+    dq, dk, dv, dpse = _grad(call, dy, softmax_max, softmax_sum, attention_in,
+                             float(scale_value), seeds[0], seeds[1], call.numels(),
+                             softmax_layout)
+    return dq, dk, dv, dpse, dpse.clone()
+
+
+def _tensor_ends(name: str, ends: object, like: torch.Tensor) -> list[int]:
+    """The v3 length arguments: an int64 tensor on the inputs' device (read here, as the
+    operator reads it on the device)."""
+    if not isinstance(ends, torch.Tensor):
+        raise TypeError(f"{name} of the v3 operators must be a tensor, got {type(ends).__name__}")
+    if ends.dtype != torch.int64 or ends.dim() != 1 or ends.device != like.device:
+        raise TypeError(f"{name} must be a 1-D int64 tensor on {like.device}, got "
+                        f"{ends.dtype} {tuple(ends.shape)} on {ends.device}")
+    return [int(x) for x in ends.cpu()]
 
 
 def _v2_unmodeled(query_rope, key_rope, sink, dropout_mask, seed, offset) -> None:
@@ -236,8 +309,12 @@ class _Call:
         if not 1 <= n1 <= 256 or n1 % n2:
             raise ValueError(f"N of query ({n1}) must be in 1..256 and a multiple of N of key "
                              f"({n2})")
-        if not 1 <= query.shape[2] <= 768 or query.shape[2] != key.shape[2]:
-            raise ValueError("D must be in 1..768 and equal for query and key")
+        if not 1 <= query.shape[2] <= 768 or query.shape[2] != key.shape[2] \
+                or value.shape[2] > key.shape[2]:
+            raise ValueError("D must be in 1..768, equal for query and key, and D of value "
+                             "at most D of key (Dq = Dk, Dk >= Dv)")
+        if key.shape[:2] != value.shape[:2]:
+            raise ValueError("key and value must have the same T and N")
         if not 0.0 < keep_prob <= 1.0:
             raise ValueError(f"keep_prob must be in (0, 1], got {keep_prob}")
         self.query, self.key, self.value = query, key, value
@@ -248,6 +325,11 @@ class _Call:
         if len(self.ends_q) != len(self.ends_k):
             raise ValueError("actual_seq_qlen and actual_seq_kvlen must have one entry per "
                              f"sequence (got {len(self.ends_q)} and {len(self.ends_k)})")
+        for b, (sq, sk) in enumerate(zip(_lengths(self.ends_q), _lengths(self.ends_k),
+                                         strict=True)):
+            if sq > 0 and sk == 0:
+                raise ValueError(f"batch {b} has Sq {sq} > 0 but Skv 0, which is not "
+                                 "supported")
         self.mode = int(sparse_mode)
         self.mask = atten_mask
         self.pre, self.next = int(pre_tockens), int(next_tockens)
@@ -285,9 +367,11 @@ class _Call:
                                      f"has Sq {sq} > Skv {sk}")
 
     def sequences(self):
+        """The sequences with rows (an empty one has no rows to compute)."""
         q0 = k0 = 0
         for b, (q1, k1) in enumerate(zip(self.ends_q, self.ends_k, strict=True)):
-            yield _Seq(b, q0, q1, k0, k1)
+            if q1 > q0:
+                yield _Seq(b, q0, q1, k0, k1)
             q0, k0 = q1, k1
 
     def visible(self, seq: _Seq) -> torch.Tensor:
@@ -343,23 +427,24 @@ class _Call:
 
 
 def _end_offsets(name: str, ends: object, total: int) -> list[int]:
-    """Validate a TND length list: Python ints, cumulative END offsets, no leading 0, strictly
-    increasing, last == T."""
+    """Validate a TND length list: Python ints, cumulative END offsets without the leading 0
+    (a repeated offset is an empty sequence), at most 1024 entries, last == T <= 1M."""
     if isinstance(ends, torch.Tensor):
         raise TypeError(f"{name} must be a list of ints (host data), got a tensor")
     if not isinstance(ends, (list, tuple)) or not ends:
         raise ValueError(f"{name} is required for layout TND (a non-empty list of ints)")
     if not all(isinstance(x, int) and not isinstance(x, bool) for x in ends):
         raise TypeError(f"{name} must hold Python ints, got {ends!r}")
-    if ends[0] == 0:
-        raise ValueError(f"{name} takes cumulative END offsets without the leading 0, got "
-                         f"{list(ends)}")
+    if len(ends) > MAX_SEQUENCES:
+        raise ValueError(f"{name} holds {len(ends)} sequences; varlen takes at most "
+                         f"{MAX_SEQUENCES} per call")
     for b in range(1, len(ends)):
-        if ends[b] <= ends[b - 1]:
-            raise ValueError(f"{name} must be strictly increasing (no empty sequences), got "
-                             f"{list(ends)}")
+        if ends[b] < ends[b - 1]:
+            raise ValueError(f"{name} must be non-decreasing END offsets, got {list(ends)}")
     if ends[0] < 0 or ends[-1] != total:
         raise ValueError(f"{name}: the last offset must equal T = {total}, got {list(ends)}")
+    if total > MAX_TOKENS:
+        raise ValueError(f"T = {total} exceeds the documented 1M ({MAX_TOKENS}) tokens")
     return list(ends)
 
 

@@ -5,7 +5,11 @@ pse tensor (0: ``scale * qk + pse``, 1: ``scale * (qk + pse)``); pse_type 2 and 
 operator generate an ALiBi bias itself from float32 slopes of shape [B, N] or [N], added after
 the scale (``scale * qk + pse``), whose zero line is aligned with the top-left corner of
 Q @ K^T, moved up by ``q_start_idx`` and left by ``kv_start_idx``; type 3 takes the square root
-of the distance. pse_type 2 and 3 support only Sq == Skv. The sign comes from the operator's
+of the distance. pse_type 2 and 3 support only Sq == Skv; the start indices describe the
+outer-cut case ("外切场景": the block's start in the whole sequence), so the model requires
+Sq == Skv of the whole sequence, ``Sq + q_start_idx == Skv + kv_start_idx`` (the rule CANN's
+aclnnFlashAttentionVarLenScoreV2 states for sparse_mode 8 with a q cut). No pse may
+accompany a zero-length S. The sign comes from the operator's
 kernel (``pse.h``: the slope is multiplied by -1):
 ``pse[h, i, j] = -slope[h] * |j + kv_start_idx - i - q_start_idx|`` (type 3: ``sqrt(|...|)``).
 
@@ -70,9 +74,13 @@ def parse(pse: torch.Tensor | None, pse_type: int, q_start_idx: object, kv_start
         raise ValueError(f"pse_type {pse_type} takes slopes of shape [B, N] = [{batch}, "
                          f"{heads}] or [N] = [{heads}], got {tuple(pse.shape)}")
     for b, (sq, sk) in enumerate(zip(lengths_q, lengths_k, strict=True)):
-        if sq != sk:
-            raise ValueError(f"pse_type {pse_type} supports only Sq == Skv; batch {b} has Sq "
-                             f"{sq}, Skv {sk}")
+        if sq == 0 or sk == 0:
+            raise ValueError(f"pse is not supported when some S is 0; batch {b} has Sq {sq}, "
+                             f"Skv {sk}")
+        if sq + q_start != sk + kv_start:
+            raise ValueError(f"pse_type {pse_type} supports only Sq == Skv of the sequence "
+                             f"before the cut (Sq + q_start_idx == Skv + kv_start_idx); batch "
+                             f"{b} has Sq {sq} + {q_start} != Skv {sk} + {kv_start}")
     return GeneratedAlibi(slopes, pse_type == 3, q_start, kv_start)
 
 

@@ -1,6 +1,6 @@
 """attnhub's problem -> the exact keyword arguments of npu_fusion_attention(_grad), TND.
 
-Mapping (Ascend's documentation, cited in docs/npu.md):
+Mapping (Ascend's documentation, torch_npu 2.14.0, cited in docs/npu.md):
 
 * no mask (window (-1, -1)): sparse_mode 0 and no atten_mask (pre/next are then ignored);
 * causal, unbounded left: sparse_mode 3 (rightDownCausal) with the compressed mask;
@@ -8,12 +8,17 @@ Mapping (Ascend's documentation, cited in docs/npu.md):
   compressed mask, pre_tockens = left and next_tockens = right (2**31 - 1 where unbounded;
   causal has right = 0);
 * scale always passed (the operator's default is 1.0); keep_prob = 1 - dropout_p;
-* inner_precise 2 when some query row sees no key, so those rows come back as zeros;
-* actual_seq_qlen / actual_seq_kvlen: Python int lists of END offsets (layout.TndLayout);
-* ALiBi (every computed sequence has sq == sk): npu_fusion_attention_v2 / _grad_v2, whose
-  pse_type 2 generates ``-slope[h] * |i - j|`` from float32 slopes added after the scale;
-  pse = the slopes, (nheads,) as given or (batch, nheads) restricted to the computed
-  sequences; v2 names the band arguments pre_tokens / next_tokens.
+* inner_precise 0: rows that see no key are never passed (layout.py), so no mask row is all
+  masked;
+* actual_seq_qlen / actual_seq_kvlen: Python int lists of END offsets of one OperatorCall
+  (layout.py), or for the v3 operators int64 device tensors ``cu_seqlens[1:]``;
+* ALiBi: npu_fusion_attention_v2 / _grad_v2, whose pse_type 2 generates
+  ``-slope[h] * |j + kv_start_idx - i - q_start_idx|`` from float32 slopes added after the
+  scale; every sequence of one call has the same shift ``sk - sq``, passed as
+  ``q_start_idx = [sk - sq]`` (queries are the last sq rows of a sequence of sk) or
+  ``kv_start_idx = [sq - sk]`` (keys are the last sk of sq), which is attnhub's bottom-right
+  ``|i + sk - sq - j|``; pse = the slopes, (nheads,) as given or (batch, nheads) restricted to
+  the call's sequences; v2 names the band arguments pre_tokens / next_tokens.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 
 from attnhub.problem import VarlenProblem
 
-from .layout import TndLayout
+from .layout import OperatorCall
 
 INT32_MAX = 2**31 - 1
 COMPRESSED_MASK_SIZE = 2048
@@ -30,6 +35,7 @@ SPARSE_NONE, SPARSE_CAUSAL, SPARSE_BAND = 0, 3, 4
 PSE_GENERATED_ALIBI = 2  # pse_type: the operator generates -slope * |i - j|, mul then add
 V1 = ("npu_fusion_attention", "npu_fusion_attention_grad")
 V2 = ("npu_fusion_attention_v2", "npu_fusion_attention_grad_v2")
+V3 = ("npu_fusion_attention_v3", "npu_fusion_attention_grad_v3")
 
 _masks: dict[torch.device, torch.Tensor] = {}
 
@@ -55,8 +61,7 @@ def mask_arguments(problem: VarlenProblem) -> tuple[int, int, int, bool]:
             True)
 
 
-def common_kwargs(problem: VarlenProblem, layout: TndLayout, device: torch.device) -> dict:
-    """The arguments forward and backward share (everything but tensors and statistics)."""
+def _shared(problem: VarlenProblem, device: torch.device, seq_qlen, seq_kvlen) -> dict:
     sparse_mode, pre, nxt, needs_mask = mask_arguments(problem)
     return {
         "head_num": problem.nheads,
@@ -67,18 +72,26 @@ def common_kwargs(problem: VarlenProblem, layout: TndLayout, device: torch.devic
         "keep_prob": 1.0 - problem.dropout_p,
         "pre_tockens": pre,
         "next_tockens": nxt,
-        "inner_precise": 2 if layout.dead_rows else 0,
+        "inner_precise": 0,
         "prefix": None,
-        "actual_seq_qlen": list(layout.actual_seq_qlen),
-        "actual_seq_kvlen": list(layout.actual_seq_kvlen),
+        "actual_seq_qlen": seq_qlen,
+        "actual_seq_kvlen": seq_kvlen,
         "sparse_mode": sparse_mode,
     }
 
 
-def operators(problem: VarlenProblem) -> tuple[str, str]:
+def common_kwargs(problem: VarlenProblem, call: OperatorCall, device: torch.device) -> dict:
+    """The arguments forward and backward share (everything but tensors and statistics)."""
+    return _shared(problem, device, list(call.actual_seq_qlen), list(call.actual_seq_kvlen))
+
+
+def operators(problem: VarlenProblem, device_lengths: bool = False) -> tuple[str, str]:
     """Names of the (forward, backward) torch_npu functions: the v2 pair for ALiBi (only v2
-    takes pse_type), else npu_fusion_attention / npu_fusion_attention_grad."""
-    return V2 if problem.alibi is not None else V1
+    takes pse_type), the v3 pair for lengths given as device tensors, else
+    npu_fusion_attention / npu_fusion_attention_grad."""
+    if problem.alibi is not None:
+        return V2
+    return V3 if device_lengths else V1
 
 
 # Why a length constraint can still fail at run time, and what the caller can do.
@@ -88,47 +101,56 @@ UNKNOWN_LENGTHS_HINT = ("; these lengths were not known when the backend was cho
                         "backend=")
 
 
-def alibi_kwargs(problem: VarlenProblem, layout: TndLayout, slopes: torch.Tensor | None
-                 ) -> dict:
-    """The v2 arguments of ALiBi: pse = float32 slopes, (nheads,) or (active batch, nheads),
-    pse_type 2, no start-index shift; the band arguments under v2's names."""
+def start_indices(shift: int) -> tuple[list[int] | None, list[int] | None]:
+    """(q_start_idx, kv_start_idx) for sequences whose sk - sq is ``shift``."""
+    if shift > 0:
+        return [shift], [0]
+    if shift < 0:
+        return [0], [-shift]
+    return None, None
+
+
+def alibi_kwargs(problem: VarlenProblem, call: OperatorCall, n_sequences: int,
+                 slopes: torch.Tensor | None) -> dict:
+    """The v2 arguments of ALiBi: pse = float32 slopes, (nheads,) or (call's sequences,
+    nheads), pse_type 2, the start indices of the call's shift."""
     if slopes is None:
         raise ValueError("an ALiBi problem needs its alibi_slopes")
-    if any(layout.seqlens_q[b] != layout.seqlens_k[b] for b in layout.active):
-        raise ValueError("ALiBi on npu_fusion_attention_v2 needs sq == sk in every sequence "
-                         "(pse_type 2 'supports only Sq == Skv')" + UNKNOWN_LENGTHS_HINT)
     pse = slopes.float()
-    if problem.alibi == "batch_head" and layout.compacted:
-        index = torch.tensor(layout.active, dtype=torch.int64).to(pse.device, non_blocking=True)
+    if problem.alibi == "batch_head" and call.sequences != tuple(range(n_sequences)):
+        index = torch.tensor(call.sequences, dtype=torch.int64).to(pse.device,
+                                                                     non_blocking=True)
         pse = pse.index_select(0, index)
-    return {"pse": pse.contiguous(), "pse_type": PSE_GENERATED_ALIBI, "q_start_idx": None,
-            "kv_start_idx": None}
+    q_start, kv_start = start_indices(call.shift)
+    return {"pse": pse.contiguous(), "pse_type": PSE_GENERATED_ALIBI, "q_start_idx": q_start,
+            "kv_start_idx": kv_start}
 
 
-def _with_alibi(kwargs: dict, problem: VarlenProblem, layout: TndLayout,
+def _with_alibi(kwargs: dict, problem: VarlenProblem, call: OperatorCall, n_sequences: int,
                 slopes: torch.Tensor | None) -> dict:
     if problem.alibi is None:
         return kwargs
     kwargs["pre_tokens"] = kwargs.pop("pre_tockens")
     kwargs["next_tokens"] = kwargs.pop("next_tockens")
-    return {**kwargs, **alibi_kwargs(problem, layout, slopes)}
+    return {**kwargs, **alibi_kwargs(problem, call, n_sequences, slopes)}
 
 
-def forward_kwargs(problem: VarlenProblem, layout: TndLayout, device: torch.device,
-                   slopes: torch.Tensor | None = None) -> dict:
+def forward_kwargs(problem: VarlenProblem, call: OperatorCall, device: torch.device,
+                   n_sequences: int, slopes: torch.Tensor | None = None) -> dict:
     """Keyword arguments of the forward operator (``operators(problem)[0]``)(query, key,
-    value, **kwargs)."""
-    kwargs = {**common_kwargs(problem, layout, device), "scale": problem.scale}
-    return _with_alibi(kwargs, problem, layout, slopes)
+    value, **kwargs) for one call; n_sequences: the batch of the attnhub call."""
+    kwargs = {**common_kwargs(problem, call, device), "scale": problem.scale}
+    return _with_alibi(kwargs, problem, call, n_sequences, slopes)
 
 
-def grad_kwargs(problem: VarlenProblem, layout: TndLayout, device: torch.device,
-                softmax_max: torch.Tensor, softmax_sum: torch.Tensor, out: torch.Tensor,
-                seed: int, offset: int, slopes: torch.Tensor | None = None) -> dict:
+def grad_kwargs(problem: VarlenProblem, call: OperatorCall, device: torch.device,
+                n_sequences: int, softmax_max: torch.Tensor, softmax_sum: torch.Tensor,
+                out: torch.Tensor, seed: int, offset: int,
+                slopes: torch.Tensor | None = None) -> dict:
     """Keyword arguments of the backward operator (``operators(problem)[1]``)(query, key,
     value, dy, **kwargs); the backward names the scale ``scale_value``."""
     kwargs = {
-        **common_kwargs(problem, layout, device),
+        **common_kwargs(problem, call, device),
         "softmax_max": softmax_max,
         "softmax_sum": softmax_sum,
         "softmax_in": None,
@@ -136,14 +158,46 @@ def grad_kwargs(problem: VarlenProblem, layout: TndLayout, device: torch.device,
         "scale_value": problem.scale,
         "seed": seed,
         "offset": offset,
-        "numels": dropout_numels(problem, layout),
+        "numels": dropout_numels(problem, call),
     }
-    return _with_alibi(kwargs, problem, layout, slopes)
+    return _with_alibi(kwargs, problem, call, n_sequences, slopes)
 
 
-def dropout_numels(problem: VarlenProblem, layout: TndLayout) -> int:
-    """Elements of the dropout mask: nheads * sum(sq * sk) over the computed sequences (what
+def device_lengths(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """The v3 operators' actual_seq_qlen / actual_seq_kvlen: END offsets without the leading
+    0, int64, on the device (a slice and a cast: no host read)."""
+    return cu_seqlens[1:].to(torch.int64)
+
+
+def v3_forward_kwargs(problem: VarlenProblem, cu_seqlens_q: torch.Tensor,
+                      cu_seqlens_k: torch.Tensor, device: torch.device) -> dict:
+    """Keyword arguments of npu_fusion_attention_v3 with the lengths as device tensors."""
+    return {**_shared(problem, device, device_lengths(cu_seqlens_q),
+                      device_lengths(cu_seqlens_k)), "scale": problem.scale}
+
+
+def v3_grad_kwargs(problem: VarlenProblem, cu_seqlens_q: torch.Tensor,
+                   cu_seqlens_k: torch.Tensor, device: torch.device,
+                   softmax_max: torch.Tensor, softmax_sum: torch.Tensor, out: torch.Tensor,
+                   seed: torch.Tensor | None, offset: torch.Tensor | None) -> dict:
+    """Keyword arguments of npu_fusion_attention_grad_v3: lengths, seed and offset as
+    tensors (no numels: v3 recomputes it)."""
+    return {
+        **_shared(problem, device, device_lengths(cu_seqlens_q), device_lengths(cu_seqlens_k)),
+        "softmax_max": softmax_max,
+        "softmax_sum": softmax_sum,
+        "softmax_in": None,
+        "attention_in": out,
+        "scale_value": problem.scale,
+        "seed": seed,
+        "offset": offset,
+    }
+
+
+def dropout_numels(problem: VarlenProblem, call: OperatorCall) -> int:
+    """Elements of the dropout mask: nheads * sum(sq * sk) over the call's sequences (what
     forward returns as numels, recomputed in backward as torch_npu's v3 API does)."""
     if problem.dropout_p == 0:
         return 0
-    return problem.nheads * sum(layout.seqlens_q[b] * layout.seqlens_k[b] for b in layout.active)
+    return problem.nheads * sum(a * b for a, b in zip(call.seqlens_q, call.seqlens_k,
+                                                      strict=True))
