@@ -41,9 +41,22 @@ def host_tiles(rows: tuple[int, ...], cols: tuple[int, ...], block: int, window:
     the tiled side; ``cols``: lengths on the other side."""
     key = (rows, cols, block, window, top_left, rows_are_queries, device)
     hit = _CACHE.get(key)
-    if hit is not None:
+    if hit is None:
+        hit = _CACHE[key] = _host_tiles(rows, cols, block, window, top_left, rows_are_queries,
+                                        torch.device(device).type == "cuda")
+        if len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    else:
         _CACHE.move_to_end(key)
-        return hit
+    # The cache holds host tensors and each call copies them (asynchronously, from pinned
+    # memory): a cached device tensor allocated inside a CUDA graph pool (torch.compile's
+    # "reduce-overhead" warm-up, a capture) would outlive the graph and break its pool.
+    return hit[0].to(device, non_blocking=True), hit[1].to(device, non_blocking=True)
+
+
+def _host_tiles(rows: tuple[int, ...], cols: tuple[int, ...], block: int,
+                window: tuple[int, int], top_left: bool, rows_are_queries: bool, pin: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     work = []
     for b, (n, m) in enumerate(zip(rows, cols, strict=True)):
         sq, sk = (n, m) if rows_are_queries else (m, n)
@@ -54,11 +67,7 @@ def host_tiles(rows: tuple[int, ...], cols: tuple[int, ...], block: int, window:
     work.sort(key=lambda x: -x[0])
     seq = torch.tensor([b for _, b, _ in work], dtype=torch.int32)
     blk = torch.tensor([t for _, _, t in work], dtype=torch.int32)
-    result = (seq.to(device, non_blocking=True), blk.to(device, non_blocking=True))
-    _CACHE[key] = result
-    if len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return result
+    return (seq.pin_memory(), blk.pin_memory()) if pin else (seq, blk)
 
 
 @triton.jit
