@@ -122,11 +122,12 @@ def test_varlen_info_compiles_at_most_twice_over_twelve_batch_sizes(max_given):
     model = Block()
     counter = CountingBackend()
     compiled = torch.compile(model, backend=counter, fullgraph=True)
-    for lengths, x in _batches(range(1, 13)):
-        info = VarlenInfo.from_lengths(lengths)
-        bounds = (16, 16) if max_given else ()
-        _assert_same(_run(model, compiled, x, info, info, *bounds),
-                     _run(model, model, x, info, info, *bounds))
+    with torch.no_grad():  # (graph counts; gradients through the op: the tests above)
+        for lengths, x in _batches(range(1, 13)):
+            info = VarlenInfo.from_lengths(lengths)
+            bounds = (16, 16) if max_given else ()
+            torch.testing.assert_close(compiled(x, info, info, *bounds),
+                                       model(x, info, info, *bounds))
     assert counter.compiles <= 2
 
 
@@ -138,11 +139,11 @@ def test_list_offsets_compile_once_per_batch_size():
     counter = CountingBackend()
     compiled = torch.compile(model, backend=counter, fullgraph=True)
     steps = 0
-    for lengths, x in _batches([3, 3, 3, 3, 5, 5, 5, 5]):
-        cu = [0, *torch.tensor(lengths).cumsum(0).tolist()]
-        _assert_same(_run(model, compiled, x, cu, cu, 16, 16), _run(model, model, x, cu, cu,
-                                                                    16, 16))
-        steps += 1
+    with torch.no_grad():
+        for lengths, x in _batches([3, 3, 3, 3, 5, 5, 5, 5]):
+            cu = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+            torch.testing.assert_close(compiled(x, cu, cu, 16, 16), model(x, cu, cu, 16, 16))
+            steps += 1
     assert counter.compiles <= 4 < steps
 
 
