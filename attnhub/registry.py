@@ -14,7 +14,8 @@ from . import hookspecs
 from .backend import Backend
 
 BUILTIN_PLUGINS = ("attnhub.backends.reference.plugin", "attnhub.backends.triton.plugin",
-                   "attnhub.backends.cuda.plugin", "attnhub.backends.npu.plugin")
+                   "attnhub.backends.cuda.plugin", "attnhub.backends.npu.plugin",
+                   "attnhub.backends.sdpa.plugin")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ def test_run_matches_plain_api(kw):
     want_out, want_lse = _plain(q, k, v, cu_q, cu_k, **kw)
     torch.testing.assert_close(out, want_out, rtol=0, atol=0)
     torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
-    assert p.backend.name == "reference"
+    # the CPU's sdpa backend declines softcap (the reference runs it)
+    assert p.backend.name == ("reference" if "softcap" in kw else "sdpa")
 
 
 def test_plan_is_reused_across_layers_without_normalizing(monkeypatch):

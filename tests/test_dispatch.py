@@ -621,7 +621,7 @@ def test_entry_points_register_backends_and_report_failures(monkeypatch):
         registry.load()
     assert groups == ["attnhub"]
     assert loaded == []
-    assert sorted(registry.backends) == ["fa3", "fa4", "flash-attn", "npu", "reference",
+    assert sorted(registry.backends) == ["fa3", "fa4", "flash-attn", "npu", "reference", "sdpa",
                                          "third-party", "torch-flash", "triton"]  # + built-ins
     assert registry.origins["third-party"] == "third (third_party_attn.plugin)"
     assert registry.origins["reference"] == REFERENCE_PLUGIN

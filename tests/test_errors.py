@@ -321,10 +321,14 @@ def test_bad_validate_env_when_it_matters(monkeypatch, value):
 ])
 def test_bad_environment_fails_every_call(monkeypatch, variable, value, text):
     """A value attnhub does not understand fails the call naming the variable, on the CPU too
-    (where ATTNHUB_VALIDATE changes nothing), never silently ignored or a bare ValueError."""
+    (where ATTNHUB_VALIDATE changes nothing), never silently ignored or a bare ValueError.
+    ATTNHUB_REFERENCE_CHUNK_MB configures the reference: checked on calls it runs."""
     monkeypatch.setenv(variable, value)
+    args = base_args()
+    if variable == "ATTNHUB_REFERENCE_CHUNK_MB":
+        args["backend"] = "reference"
     with pytest.raises(attnhub.errors.InvalidEnvironmentError) as exc_info:
-        attnhub.attention_forward_varlen(**base_args())
+        attnhub.attention_forward_varlen(**args)
     _check(exc_info, variable, text)
     assert str(exc_info.value).startswith(f"environment variable '{variable}'")
 

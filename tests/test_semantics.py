@@ -30,7 +30,7 @@ def _run(q, k, v, cq, ck, *, oracle_kw=None, **kw):
     """Library (out, lse) and oracle for the same call."""
     out, lse = attention_forward_varlen(q, k, v, cq, ck, return_lse=True, **kw)
     okw = dict(kw)
-    for name in ("max_seqlen_q", "max_seqlen_k", "deterministic"):
+    for name in ("max_seqlen_q", "max_seqlen_k", "deterministic", "backend"):
         okw.pop(name, None)
     if "mask_alignment" in okw:
         okw["top_left"] = okw.pop("mask_alignment") == "top_left"
@@ -220,13 +220,14 @@ def test_max_seqlen_upper_bound(extra_q, extra_k, cu_form):
     mq, mk = max(lq) + extra_q, max(lk) + extra_k
     cuq, cuk = (cq, ck) if cu_form == "list" else (torch.tensor(cq), torch.tensor(ck))
     out, lse, probs = attention_forward_varlen(q, k, v, cuq, cuk, mq, mk, causal=True,
-                                               return_attn_probs=True)
+                                               return_attn_probs=True)  # the reference
     want = naive_attention(q, k, v, cq, ck, causal=True, max_seqlen_q=mq, max_seqlen_k=mk)
     assert_out(out, want.out)
     assert_lse(lse, want.lse)
     assert probs.shape == (3, 4, mq, mk) and probs.dtype == torch.float32
     torch.testing.assert_close(probs.to(F64), want.probs, rtol=1e-6, atol=1e-7)
-    assert torch.equal(out, attention_forward_varlen(q, k, v, cq, ck, causal=True))
+    assert torch.equal(out, attention_forward_varlen(q, k, v, cq, ck, causal=True,
+                                                     backend="reference"))
 
 
 @pytest.mark.parametrize("cap", [0.3, 2.0, 30.0])
@@ -326,10 +327,12 @@ def test_return_attn_probs(causal, window, bound):
     res2 = attention_forward_varlen(q, k, v, cq, ck, mq, mk, causal=causal, window_size=window,
                                     return_attn_probs=True, return_lse=True)
     assert len(res2) == 3 and torch.equal(res2[2], probs)
+    # the same backend (the reference: it alone returns probs here) without probs
     pair = attention_forward_varlen(q, k, v, cq, ck, causal=causal, window_size=window,
-                                    return_lse=True)
+                                    return_lse=True, backend="reference")
     assert len(pair) == 2 and torch.equal(pair[0], out) and torch.equal(pair[1], lse)
-    single = attention_forward_varlen(q, k, v, cq, ck, causal=causal, window_size=window)
+    single = attention_forward_varlen(q, k, v, cq, ck, causal=causal, window_size=window,
+                                      backend="reference")
     assert isinstance(single, torch.Tensor) and torch.equal(single, out)
 
 
@@ -364,6 +367,7 @@ def test_chunking_one_row_at_a_time(monkeypatch, kw):
     page_size = kw.pop("paged", None)
     if page_size:
         k, v, kw["block_table"] = make_paged(lk, page_size, 2, 8, seed=101)
+    kw["backend"] = "reference"  # the chunking under test is the reference's
     full_out, full_lse = attention_forward_varlen(q, k, v, cq, ck, return_lse=True, **kw)
 
     # Observe the reference's query blocks (an internal detail: only checked when present).
@@ -399,6 +403,7 @@ def test_chunking_small_budget(monkeypatch, mb, kw):
     kw = dict(kw)
     if kw.get("alibi_slopes"):
         kw["alibi_slopes"] = alibi_slopes(4)
+    kw["backend"] = "reference"  # the chunking under test is the reference's
     monkeypatch.setenv("ATTNHUB_REFERENCE_CHUNK_MB", mb)
     q, k, v, cq, ck = make_qkv([17, 9, 30], [20, 31, 5], 4, 1, 16, seed=102,
                                requires_grad=True)

@@ -157,7 +157,7 @@ def _rng_state(problem: VarlenProblem, inputs: VarlenInputs) -> torch.Tensor | N
     return new_rng_state(inputs.q.device)
 
 
-def _host_offsets(name: str, tensor: torch.Tensor, known: tuple[int, ...] | None,
+def host_offsets(name: str, tensor: torch.Tensor, known: tuple[int, ...] | None,
                   total: int | None, max_seqlen: int) -> tuple[int, ...]:
     """Host offsets, validated: the reference reads them, so it checks what it reads."""
     if known is not None:
@@ -184,15 +184,15 @@ def _cumsum(lengths: tuple[int, ...]) -> list[int]:
 
 def _sequences(problem: VarlenProblem, inputs: VarlenInputs) -> Iterator[_Seq]:
     paged = problem.paged
-    cu_q = _host_offsets("cu_seqlens_q", inputs.cu_seqlens_q, problem.seqlens_q,
+    cu_q = host_offsets("cu_seqlens_q", inputs.cu_seqlens_q, problem.seqlens_q,
                          problem.total_q, problem.max_seqlen_q)
-    cu_k = _host_offsets("cu_seqlens_k", inputs.cu_seqlens_k, problem.seqlens_k,
+    cu_k = host_offsets("cu_seqlens_k", inputs.cu_seqlens_k, problem.seqlens_k,
                          None if paged else problem.total_k, problem.max_seqlen_k)
     pages = None
     if paged is not None:
         assert inputs.block_table is not None
         pages = host_copies.host_copy(inputs.block_table)
-    mask_offsets = _mask_offsets(problem, inputs, cu_q, cu_k)
+    bit_offsets = mask_offsets(problem, inputs, cu_q, cu_k)
     k, v = inputs.k, inputs.v
     for b in range(problem.batch):
         q0, q1, k0, k1 = cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]
@@ -218,10 +218,10 @@ def _sequences(problem: VarlenProblem, inputs: VarlenInputs) -> Iterator[_Seq]:
         else:
             kb, vb = k[k0:k1], v[k0:k1]
         yield _Seq(b, q0, q1, k0, sk, kb, vb, kv_rows,
-                   mask_offsets[b] if mask_offsets is not None else 0)
+                   bit_offsets[b] if bit_offsets is not None else 0)
 
 
-def _mask_offsets(problem: VarlenProblem, inputs: VarlenInputs, cu_q: tuple[int, ...],
+def mask_offsets(problem: VarlenProblem, inputs: VarlenInputs, cu_q: tuple[int, ...],
                   cu_k: tuple[int, ...]) -> tuple[int, ...] | None:
     """Host bit offsets of the custom mask's blocks, checked against the packed size."""
     if not problem.custom_mask:
