@@ -96,7 +96,8 @@ class VarlenProblem:
             self.scale, self.causal, self.window, self.softcap, self.alibi, self.dropout_p,
             self.paged.page_size if self.paged is not None else None, self.requires_grad,
             self.deterministic, self.mask_alignment, self.return_probs, self.length_facts(),
-            self.custom_mask, self.max_seqlen_q <= 1,
+            self.custom_mask, True if self.max_seqlen_q <= 1 else False,  # noqa: SIM210 (a branch
+            # guards a traced int into a constant; bool() would keep it symbolic)
         )
 
     @classmethod

@@ -1,6 +1,6 @@
 """Property-based tests: random valid problems against the independent float64 oracle
 (tests/naive.py, not the reference backend), forward and gradients, on the reference, the
-Triton kernels in the interpreter and the npu adapter over its simulator.
+sdpa backend, the Triton kernels in the interpreter and the npu adapter over its simulator.
 
 Each backend runs a fixed budget of examples per run (derandomized: CI is reproducible);
 ATTNHUB_PROPERTY_EXAMPLES scales every budget (e.g. 20 for a long local run). An example a
@@ -22,7 +22,7 @@ from naive import F64, alibi_slopes, masked_lse, naive_attention, offsets
 import attnhub
 
 SCALE = float(os.environ.get("ATTNHUB_PROPERTY_EXAMPLES", "1"))
-BUDGET = {"reference": 25, "triton": 5, "npu": 15}
+BUDGET = {"reference": 25, "sdpa": 25, "triton": 5, "npu": 15}
 
 
 @st.composite
@@ -100,6 +100,12 @@ def _settings(backend: str):
 @given(problems())
 def test_reference_matches_the_oracle(p):
     _check("reference", p)
+
+
+@_settings("sdpa")
+@given(problems())
+def test_sdpa_matches_the_oracle(p):
+    _check("sdpa", p)
 
 
 @pytest.mark.skipif(not configs.interpreting(), reason="needs TRITON_INTERPRET=1 on the CPU")
