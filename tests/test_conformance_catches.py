@@ -231,7 +231,7 @@ def _window_bug_shows(case: Case) -> bool:
 
 
 def test_off_by_one_window_fails_window_cases(doubles):
-    window_cases = _cases("window", dtype=torch.float32)
+    window_cases = _cases("window")[::3]  # a third of the 36 (all fp16): CI time
     assert sum(_window_bug_shows(c) for c in window_cases) > len(window_cases) // 2
     for case in window_cases:
         result = _run(case, "broken-window")
