@@ -222,7 +222,7 @@ def _cu_seqlens(name: str, cu: CuSeqlens, total: int | None, device: torch.devic
             except InvalidArgumentError:
                 raise InvalidArgumentError(name, "a sequence of ints", repr(cu)[:80]) from None
         check_cu_seqlens_values(name, host)
-        tensor = torch.tensor(host, dtype=torch.int32, device=device)
+        tensor = _host_offsets_on(host, device)
     else:
         raise InvalidArgumentError(name, "a 1-D int tensor, a list or tuple of ints, or a "
                                    "VarlenInfo", type(cu).__name__)
@@ -245,6 +245,22 @@ def _cu_seqlens(name: str, cu: CuSeqlens, total: int | None, device: torch.devic
         raise InvalidArgumentError(max_name, f"at least the longest sequence ({known_max} tokens)",
                                    max_seqlen)
     return tensor, lengths, max_seqlen
+
+
+_CAPTURED_OFFSETS: dict[tuple, torch.Tensor] = {}
+
+
+def _host_offsets_on(host: tuple, device: torch.device) -> torch.Tensor:
+    """Host offsets as an int32 tensor on ``device``. While a CUDA graph is captured the copy
+    is replayed from its host buffer: that buffer must be pinned (capture rejects pageable
+    memory) and outlive the graph, so it is kept, one per distinct layout."""
+    if device.type == "cuda" and not torch.compiler.is_compiling() \
+            and torch.cuda.is_current_stream_capturing():
+        buf = _CAPTURED_OFFSETS.get(host)
+        if buf is None:
+            buf = _CAPTURED_OFFSETS[host] = torch.tensor(host, dtype=torch.int32).pin_memory()
+        return buf.to(device, non_blocking=True)
+    return torch.tensor(host, dtype=torch.int32, device=device)
 
 
 def device_offsets(cu: torch.Tensor, device: torch.device) -> torch.Tensor:
