@@ -55,8 +55,6 @@ class TritonBackend(Backend):
         if problem.head_dim > 256 and problem.requires_grad:
             reasons.append(f"backward for head_dim {problem.head_dim} > 256 is not implemented "
                            "(forward only)")
-        if problem.paged is not None and problem.requires_grad:
-            reasons.append("backward through paged KV (block_table) is not implemented")
         if configs.interpreting() and problem.dtype == torch.bfloat16:
             reasons.append("bfloat16 dot products are wrong in the Triton interpreter "
                            "(TRITON_INTERPRET=1); run bfloat16 on a GPU")
@@ -93,6 +91,12 @@ class TritonBackend(Backend):
                  ) -> Gradients:
         from .backward import backward
 
+        if problem.paged is not None:
+            # No Triton backward reads page pools: the reference kernel's backward (it
+            # recomputes the softmax from q and the pools) gives these gradients, exactly.
+            from attnhub.backends.reference import kernel
+
+            return kernel.backward(problem, inputs, dout, dlse)
         with configs.launch_guard():
             dq, dk, dv = backward(problem, inputs, out, lse, dout, dlse, inputs.rng_state)
         return Gradients(dq, dk, dv)
