@@ -143,9 +143,11 @@ def test_errors_name_the_argument():
 
 def test_backward_conventions_of_the_builtin_backends():
     """Flash-style backends are handed the merged out / lse in a ring backward; the
-    reference, which recomputes the softmax, is not (its path is the recompute one)."""
+    reference and sdpa, which recompute the softmax (sdpa for dtypes other than fp32), are
+    not (their path is the recompute one, with dlse)."""
     flags = {n: b.backward_uses_forward_stats for n, b in attnhub.get_registry().backends.items()}
     assert flags.pop("reference") is False
+    assert flags.pop("sdpa") is False
     assert all(flags.values()), flags
 
 
