@@ -297,17 +297,24 @@ def _scores(problem: VarlenProblem, inputs: VarlenInputs, seq: _Seq, blk: _Block
         assert slopes is not None
         slope = slopes if problem.alibi == "head" else slopes[seq.b]
         s = s - slope.to(ctype)[:, None, None] * rel.abs().to(ctype)
-    left, right = problem.window
-    visible = torch.ones_like(rel, dtype=torch.bool)
-    if left >= 0:
-        visible &= rel <= left
-    if right >= 0:
-        visible &= rel >= -right
+    visible = window_visible(rel, problem.window)
     if problem.custom_mask:
         assert inputs.custom_mask is not None
         visible &= custom_mask.read_block(inputs.custom_mask, seq.mask_offset, seq.sk,
                                           range(blk.i0, blk.i1), range(blk.j0, blk.j1))
     return s.masked_fill(~visible, float("-inf")), tanh
+
+
+def window_visible(rel: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """Bool of ``rel``'s shape: key j visible to query i under ``window`` (left, right; -1 =
+    unbounded), where ``rel`` holds i + offset - j (the aligned distance)."""
+    left, right = window
+    visible = torch.ones_like(rel, dtype=torch.bool)
+    if left >= 0:
+        visible &= rel <= left
+    if right >= 0:
+        visible &= rel >= -right
+    return visible
 
 
 def _softmax(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from attnhub.backends.reference.kernel import host_offsets, mask_offsets
+from attnhub.backends.reference.kernel import host_offsets, mask_offsets, window_visible
 
 from attnhub import custom_mask
 from attnhub.backend import ForwardResult, Gradients
@@ -115,11 +115,7 @@ def _mask(problem: VarlenProblem, inputs: VarlenInputs, g: _Group) -> _Mask:
     dev = inputs.q.device
     rel = (torch.arange(g.sq, device=dev)[:, None] + offset
            - torch.arange(g.sk, device=dev)[None, :])
-    visible = torch.ones_like(rel, dtype=torch.bool)
-    if left >= 0:
-        visible &= rel <= left
-    if right >= 0:
-        visible &= rel >= -right
+    visible = window_visible(rel, problem.window)
     if problem.custom_mask:
         assert inputs.custom_mask is not None
         visible &= custom_mask.read_block(inputs.custom_mask, g.mask_offset, g.sk,
