@@ -123,13 +123,8 @@ def _reentrant(fn: Callable, original: Any) -> Callable:
 
 
 def _ignore_keyset(fn: Callable) -> Callable:
-    def kernel(keyset, *args, **kwargs):
-        _state.inside = True
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            _state.inside = False
-    return kernel
+    """Run ``fn`` marked as inside attnhub, with no original kernel to route re-entry to."""
+    return _reentrant(fn, None)
 
 
 def _decline(dropout_p: float, seqused_k: torch.Tensor | None = None,
