@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .block_attention import AttentionOptions, block_backward, block_forward
+from .block_attention import AttentionOptions, block_backward, block_forward, finish_forward
 from .merge import PartialSum, accumulation_dtype
 from .step_plan import gathered_calls
 from .transport import all_gather_rows, reduce_rows
@@ -33,11 +33,7 @@ class AllGatherAttention(torch.autograd.Function):
         k_all, v_all = _gather_kv(shard, group, k, v)
         acc = PartialSum(q)
         block_forward(q, k_all, v_all, gathered_calls(shard, *window), opts, acc)
-        out, lse = acc.result(q.dtype)
-        ctx.set_materialize_grads(False)  # dlse stays None when lse is not used
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.setup = (shard, group, window, opts)
-        return out, lse
+        return finish_forward(ctx, acc, (q, k, v), (shard, group, window, opts))
 
     @staticmethod
     def backward(ctx, dout, dlse):

@@ -86,3 +86,15 @@ def block_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         dk.add_(grads.dk)
         dv.add_(grads.dv)
     return dk, dv
+
+
+def finish_forward(ctx, acc, inputs: tuple[torch.Tensor, ...], setup: tuple
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """End of a context-parallel autograd.Function's forward: (out, lse) from the merged
+    partial sums, saved with ``inputs`` (q, k, v) for backward (``ctx.saved_tensors`` =
+    (*inputs, out, lse)), ``setup`` kept as ``ctx.setup``."""
+    out, lse = acc.result(inputs[0].dtype)
+    ctx.set_materialize_grads(False)  # dlse stays None when lse is not used
+    ctx.save_for_backward(*inputs, out, lse)
+    ctx.setup = setup
+    return out, lse

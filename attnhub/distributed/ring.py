@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import torch
 
-from .block_attention import AttentionOptions, block_backward, block_forward
+from .block_attention import AttentionOptions, block_backward, block_forward, finish_forward
 from .merge import PartialSum, accumulation_dtype
 from .step_plan import active_steps, ring_step_calls
 from .transport import Exchange
@@ -58,11 +58,7 @@ class RingAttention(torch.autograd.Function):
             received = ex.wait()
             if received:
                 kv = received[0]
-        out, lse = acc.result(q.dtype)
-        ctx.set_materialize_grads(False)  # dlse stays None when lse is not used
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.setup = (shard, group, window, opts)
-        return out, lse
+        return finish_forward(ctx, acc, (q, k, v), (shard, group, window, opts))
 
     @staticmethod
     def backward(ctx, dout, dlse):

@@ -82,16 +82,25 @@ def npu_fusion_attention_v3(query, key, value, head_num, input_layout, pse=None,
     """npu_fusion_attention with the lengths as int64 tensors (on the device) and 6 tensor
     outputs: (attention_out, softmax_max, softmax_sum, softmax_out, seed, offset), seed and
     offset as int64 CPU tensors (the non-aclgraph case)."""
-    _v2_unmodeled(None, None, sink, None, 0, 0)
-    call = _Call(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask,
-                 keep_prob, pre_tockens, next_tockens, prefix,
-                 _tensor_ends("actual_seq_qlen", actual_seq_qlen, query),
-                 _tensor_ends("actual_seq_kvlen", actual_seq_kvlen, query), sparse_mode,
-                 softmax_layout)
+    call = _v3_call(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask,
+                    keep_prob, pre_tockens, next_tockens, prefix, actual_seq_qlen,
+                    actual_seq_kvlen, sparse_mode, softmax_layout, sink)
     out, smax, ssum, sout, seed, offset, _ = _forward(call, float(scale), inner_precise,
                                                        softmax_layout)
     return (out, smax, ssum, sout, torch.tensor([seed], dtype=torch.int64),
             torch.tensor([offset], dtype=torch.int64))
+
+
+def _v3_call(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask,
+             keep_prob, pre_tockens, next_tockens, prefix, actual_seq_qlen, actual_seq_kvlen,
+             sparse_mode, softmax_layout, sink) -> _Call:
+    """The v3 operators' call: lengths as int64 device tensors of end offsets."""
+    _v2_unmodeled(None, None, sink, None, 0, 0)
+    return _Call(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask,
+                 keep_prob, pre_tockens, next_tockens, prefix,
+                 _tensor_ends("actual_seq_qlen", actual_seq_qlen, query),
+                 _tensor_ends("actual_seq_kvlen", actual_seq_kvlen, query), sparse_mode,
+                 softmax_layout)
 
 
 def _forward(call: _Call, scale: float, inner_precise: int, softmax_layout: str):
@@ -175,12 +184,9 @@ def npu_fusion_attention_grad_v3(query, key, value, dy, head_num, input_layout, 
                                  softmax_layout="", sink=None):
     """-> (dq, dk, dv, dpse, dsink): the backward of npu_fusion_attention_v3, seed and offset
     as tensors (None without dropout), the lengths as int64 tensors, no numels."""
-    _v2_unmodeled(None, None, sink, None, 0, 0)
-    call = _Call(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask,
-                 keep_prob, pre_tockens, next_tockens, prefix,
-                 _tensor_ends("actual_seq_qlen", actual_seq_qlen, query),
-                 _tensor_ends("actual_seq_kvlen", actual_seq_kvlen, query), sparse_mode,
-                 softmax_layout)
+    call = _v3_call(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask,
+                    keep_prob, pre_tockens, next_tockens, prefix, actual_seq_qlen,
+                    actual_seq_kvlen, sparse_mode, softmax_layout, sink)
     seeds = []
     for name, x in (("seed", seed), ("offset", offset)):
         if x is None:

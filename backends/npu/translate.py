@@ -151,13 +151,7 @@ def grad_kwargs(problem: VarlenProblem, call: OperatorCall, device: torch.device
     value, dy, **kwargs); the backward names the scale ``scale_value``."""
     kwargs = {
         **common_kwargs(problem, call, device),
-        "softmax_max": softmax_max,
-        "softmax_sum": softmax_sum,
-        "softmax_in": None,
-        "attention_in": out,
-        "scale_value": problem.scale,
-        "seed": seed,
-        "offset": offset,
+        **_grad_inputs(problem, softmax_max, softmax_sum, out, seed, offset),
         "numels": dropout_numels(problem, call),
     }
     return _with_alibi(kwargs, problem, call, n_sequences, slopes)
@@ -184,14 +178,16 @@ def v3_grad_kwargs(problem: VarlenProblem, cu_seqlens_q: torch.Tensor,
     tensors (no numels: v3 recomputes it)."""
     return {
         **_shared(problem, device, device_lengths(cu_seqlens_q), device_lengths(cu_seqlens_k)),
-        "softmax_max": softmax_max,
-        "softmax_sum": softmax_sum,
-        "softmax_in": None,
-        "attention_in": out,
-        "scale_value": problem.scale,
-        "seed": seed,
-        "offset": offset,
+        **_grad_inputs(problem, softmax_max, softmax_sum, out, seed, offset),
     }
+
+
+def _grad_inputs(problem: VarlenProblem, softmax_max: torch.Tensor, softmax_sum: torch.Tensor,
+                 out: torch.Tensor, seed: object, offset: object) -> dict:
+    """What every backward operator takes from the forward (it names the scale
+    ``scale_value``)."""
+    return {"softmax_max": softmax_max, "softmax_sum": softmax_sum, "softmax_in": None,
+            "attention_in": out, "scale_value": problem.scale, "seed": seed, "offset": offset}
 
 
 def dropout_numels(problem: VarlenProblem, call: OperatorCall) -> int:
