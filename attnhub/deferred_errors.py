@@ -13,18 +13,8 @@ import operator
 
 import torch
 
-from .errors import (
-    AttnhubError,
-    BackendResultError,
-    BackendUnavailableError,
-    InvalidArgumentError,
-    InvalidEnvironmentError,
-    UnknownBackendError,
-)
+from .errors import AttnhubError, error_class
 
-_CLASSES: dict[str, type[AttnhubError]] = {cls.__name__: cls for cls in (
-    InvalidArgumentError, InvalidEnvironmentError, UnknownBackendError, BackendUnavailableError,
-    BackendResultError)}
 _SEP = "\x1f"
 
 
@@ -32,7 +22,7 @@ _SEP = "\x1f"
 def raise_error(like: torch.Tensor, error: str, args: str) -> torch.Tensor:
     """Raise ``error`` (a class name of attnhub.errors) built from ``args`` (its arguments
     as text, separated by \\x1f). ``like``: a tensor that makes the op part of the graph."""
-    raise _CLASSES[error](*args.split(_SEP))
+    raise error_class(error)(*args.split(_SEP))
 
 
 @raise_error.register_fake
@@ -59,5 +49,4 @@ def deferred(exc: AttnhubError, like: object) -> torch.Tensor:
     """While tracing: a tensor shaped like ``like`` whose computation raises ``exc``."""
     if not isinstance(like, torch.Tensor):
         like = torch.empty(0)
-    cls = type(exc).__name__ if type(exc).__name__ in _CLASSES else "BackendUnavailableError"
-    return raise_error(like, cls, _SEP.join([_text(a) for a in exc.args]))
+    return raise_error(like, type(exc).__name__, _SEP.join([_text(a) for a in exc.args]))

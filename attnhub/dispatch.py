@@ -12,7 +12,12 @@ import torch
 
 from . import environment, host_copies, plans
 from .backend import Backend
-from .errors import BackendUnavailableError, InvalidEnvironmentError, UnknownBackendError
+from .errors import (
+    BackendUnavailableError,
+    InvalidEnvironmentError,
+    UnknownBackendError,
+    error_class,
+)
 from .problem import VarlenProblem
 from .registry import get_registry
 
@@ -125,7 +130,7 @@ def select(problem: VarlenProblem, backend: str | None = None) -> Backend:
     if torch.compiler.is_compiling():
         chosen, error = _select_constant(key)
         if error is not None:  # raised in traced code, where attnhub.api can defer it
-            raise _ERRORS[error[0]](*error[1:])
+            raise error_class(error[0])(*error[1:])
     else:
         chosen = _cache.get(key) or _select_uncached(key)
     return get_registry().backends[chosen]
@@ -140,9 +145,6 @@ def _select_uncached(key: tuple) -> str:
         chosen = _select_auto(problem, policy).name
     _cache[key] = chosen
     return chosen
-
-
-_ERRORS = {cls.__name__: cls for cls in (BackendUnavailableError, UnknownBackendError)}
 
 
 def _select_constant(key: tuple) -> tuple[str | None, tuple | None]:

@@ -100,3 +100,12 @@ class BackendResultError(AttnhubError, RuntimeError):
         return (f"backend {self.backend!r} returned {self.what} with {self._arg(3)}; expected "
                 f"{self._arg(2)} (a bug in that backend: report it to its authors, or pass "
                 "another backend=)")
+
+
+def error_class(name: str) -> type[AttnhubError]:
+    """The attnhub error class called ``name`` (errors rebuilt from their name and args, as
+    torch.compile tracing needs: attnhub.dispatch, attnhub.deferred_errors)."""
+    classes = {cls.__name__: cls for cls in (
+        InvalidArgumentError, InvalidEnvironmentError, CapacityError, UnknownBackendError,
+        BackendUnavailableError, BackendResultError)}
+    return classes.get(name, BackendUnavailableError)
