@@ -13,10 +13,10 @@ import types
 
 import pytest
 import torch
-from attnhub.backends.cuda import device, fa3, fa4, flash_attn2, torch_flash
-from attnhub.backends.reference import kernel
 
 import attnhub
+from attnhub.backends.cuda import device, fa3, fa4, flash_attn2, torch_flash
+from attnhub.backends.reference import kernel
 from attnhub.inputs import VarlenInputs
 from attnhub.ops import problem_from_op_args
 

@@ -9,7 +9,6 @@ import warnings
 
 import pytest
 import torch
-from attnhub.backends.reference import plugin as reference_plugin
 from conftest import make_backend, plugin_of
 
 import attnhub
@@ -19,6 +18,7 @@ from attnhub import (
     UnknownBackendError,
     use_backend,
 )
+from attnhub.backends.reference import plugin as reference_plugin
 from attnhub.dispatch import clear_cache
 from attnhub.registry import BUILTIN_PLUGINS, Registry, get_registry, reset_registry
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from attnhub.backends.npu import simulator
 from npu_calls import OPERATORS, recorded_calls
 
 import attnhub
 from attnhub import host_copies
+from attnhub.backends.npu import simulator
 
 SCHEMAS = Path(__file__).parent / "data" / "torch_npu_2.14.0_attention_schemas.txt"
 

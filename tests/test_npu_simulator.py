@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attnhub.backends.npu import simulator as sim
 from naive import naive_attention
+
+from attnhub.backends.npu import simulator as sim
 
 MASK = sim.compressed_causal_mask()
 
