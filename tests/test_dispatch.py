@@ -422,6 +422,34 @@ def test_reset_registry_clears_selection_cache(install):
     assert second.calls == ["forward"] and first.calls == ["forward"]
 
 
+def test_registry_does_not_import_dispatch():
+    """One import direction: dispatch registers its cache clearing with the registry."""
+    import ast
+    import inspect
+
+    from attnhub import registry
+
+    tree = ast.parse(inspect.getsource(registry))
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                for alias in node.names} | {
+        node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "dispatch" not in imported and "attnhub.dispatch" not in imported
+
+
+def test_reset_registry_calls_its_listeners():
+    calls = []
+    listener = lambda: calls.append(1)  # noqa: E731
+    from attnhub import registry
+
+    registry.on_reset(listener)
+    registry.on_reset(listener)  # registered once
+    try:
+        reset_registry(get_registry())
+    finally:
+        registry._reset_listeners.remove(listener)
+    assert calls == [1]
+
+
 # -- backward ------------------------------------------------------------------------------------
 
 def test_backward_runs_on_the_backend_that_ran_forward(install):
