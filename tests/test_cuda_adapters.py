@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import attnhub
-from attnhub.backends.cuda import device, fa3, fa4, flash_attn2, torch_flash
+from attnhub.backends.cuda import base, device, fa3, fa4, flash_attn2, torch_flash
 from attnhub.backends.reference import kernel
 from attnhub.inputs import VarlenInputs
 from attnhub.ops import problem_from_op_args
@@ -182,6 +182,38 @@ def test_torch_flash_empty_batch_calls_no_kernel(aten):
     res = torch_flash.TorchFlashBackend().forward(problem, inputs)
     assert res.out.shape == q.shape and res.lse.shape == (4, 0)
     assert aten.forward_calls == []
+
+
+@pytest.mark.parametrize("module", [torch_flash, flash_attn2, fa3, fa4],
+                         ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_every_adapter_shares_the_skeleton(module, monkeypatch):
+    """The CudaAdapter base: batch 0 launches nothing (zeros, lse -inf, zero gradients), and
+    a gradient through lse is refused by the kernels whose backward takes none."""
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a kernel was launched")
+
+    if module is torch_flash:
+        monkeypatch.setattr(torch_flash, "aten_forward", no_kernel)
+        monkeypatch.setattr(torch_flash, "aten_backward", no_kernel)
+    else:
+        monkeypatch.setattr(module, "kernels", no_kernel)
+    (backend,) = [b for b in ALL if type(b).__module__ == module.__name__]
+    assert isinstance(backend, base.CudaAdapter)
+    assert backend.device_types == {"cuda"} and backend.backward_uses_forward_stats
+    q = torch.randn(0, 4, 16, dtype=torch.float16, requires_grad=True)
+    k = torch.randn(0, 2, 16, dtype=torch.float16, requires_grad=True)
+    problem, inputs = attnhub.normalize(q, k, k, [0], [0])
+    res = backend.forward(problem, inputs)
+    assert res.out.shape == q.shape and res.lse.shape == (4, 0)
+    assert backend.forward_out(problem, inputs).shape == q.shape
+    grads = backend.backward(problem, inputs, res.out, res.lse, torch.zeros_like(q))
+    assert [g.shape for g in grads] == [q.shape, k.shape, k.shape]
+    dlse = torch.zeros_like(res.lse)
+    if module is fa4:
+        backend.backward(problem, inputs, res.out, res.lse, torch.zeros_like(q), dlse)
+    else:
+        with pytest.raises(NotImplementedError, match="cannot propagate a gradient through lse"):
+            backend.backward(problem, inputs, res.out, res.lse, torch.zeros_like(q), dlse)
 
 
 def test_torch_flash_forward_out_skips_the_lse_fixup(aten, monkeypatch):

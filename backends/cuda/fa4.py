@@ -15,13 +15,14 @@ from typing import ClassVar
 
 import torch
 
-from attnhub.backend import Backend, ForwardResult, Gradients
+from attnhub.backend import ForwardResult, Gradients
 from attnhub.capabilities import Capabilities
 from attnhub.inputs import VarlenInputs
 from attnhub.problem import VarlenProblem
 
 from . import device
-from .tensors import dense_offsets, empty_batch
+from .base import CudaAdapter
+from .tensors import dense_offsets
 
 MODULE = "flash_attn.cute.interface"
 kernels = device.lazy_module(MODULE)  # the interface module, imported on first use
@@ -33,13 +34,11 @@ def window(problem: VarlenProblem) -> tuple[int | None, int | None]:
     return (None if left < 0 else left), (None if right < 0 else right)
 
 
-class FA4Backend(Backend):
+class FA4Backend(CudaAdapter):
     """Adapter to FlashAttention-4's varlen kernels (CuTe DSL)."""
 
     name: ClassVar[str] = "fa4"
-    device_types: ClassVar[frozenset[str]] = frozenset({"cuda"})
     priority: ClassVar[int] = 300
-    backward_uses_forward_stats: ClassVar[bool] = True
     description: ClassVar[str] = "FlashAttention-4 (flash_attn.cute), Hopper and Blackwell"
     capabilities: ClassVar[Capabilities] = Capabilities(
         dtypes=frozenset({torch.float16, torch.bfloat16}),
@@ -79,23 +78,14 @@ class FA4Backend(Backend):
                                "Blackwell by FA4")
         return reasons
 
-    def forward(self, problem: VarlenProblem, inputs: VarlenInputs) -> ForwardResult:
-        if problem.batch == 0:
-            return empty_batch(problem, inputs.q)
-        out, lse = _forward(problem, inputs, True)
-        return ForwardResult(out, lse)
+    def run_forward(self, problem: VarlenProblem, inputs: VarlenInputs,
+                    return_lse: bool) -> ForwardResult:
+        return ForwardResult(*_forward(problem, inputs, return_lse))
 
-    def forward_out(self, problem: VarlenProblem, inputs: VarlenInputs) -> torch.Tensor:
-        if problem.batch == 0:
-            return inputs.q.new_zeros(inputs.q.shape)
-        return _forward(problem, inputs, False)[0]
-
-    def backward(self, problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
-                 lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None = None
-                 ) -> Gradients:
+    def run_backward(self, problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
+                     lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None
+                     ) -> Gradients:
         q, k, v = inputs.q, inputs.k, inputs.v
-        if problem.batch == 0:
-            return Gradients(torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
         left, right = window(problem)
         dq, dk, dv = kernels()._flash_attn_bwd(
             q, k, v, out, dout, lse, problem.scale, problem.causal, problem.softcap,
