@@ -225,3 +225,32 @@ def test_documented_sink_constraints_are_hard_errors(sink, error, text):
     with pytest.raises(error, match=text):
         sim.npu_fusion_attention(q, k, v, 4, "TND", actual_seq_qlen=_ends(SQ),
                                  actual_seq_kvlen=_ends(SK), sink=sink)
+
+
+def test_translate_passes_sink_only_with_sinks():
+    """Every forward and grad argument builder adds ``sink`` for calls with sinks and leaves
+    it out otherwise (torch_npu releases before the parameter keep working)."""
+    import attnhub
+    from attnhub.backends.npu import translate
+    from attnhub.backends.npu.layout import tnd_layout
+
+    q, k, v, sinks = _inputs()
+    problem, inputs = attnhub.normalize(q, k, v, attnhub.VarlenInfo.from_lengths(SQ),
+                                        attnhub.VarlenInfo.from_lengths(SK), causal=True)
+    (call,) = tnd_layout(problem, inputs.cu_seqlens_q, inputs.cu_seqlens_k).calls
+    cpu = torch.device("cpu")
+    stats = softmax_stats.stats_from_lse(torch.zeros(4, q.shape[0]))
+    cu = inputs.cu_seqlens_q
+    for with_sinks in (None, sinks):
+        built = [
+            translate.forward_kwargs(problem, call, cpu, 3, sinks=with_sinks),
+            translate.grad_kwargs(problem, call, cpu, 3, *stats, q, 0, 0, sinks=with_sinks),
+            translate.v3_forward_kwargs(problem, cu, cu, cpu, sinks=with_sinks),
+            translate.v3_grad_kwargs(problem, cu, cu, cpu, *stats, q, None, None,
+                                     sinks=with_sinks),
+        ]
+        for kwargs in built:
+            if with_sinks is None:
+                assert "sink" not in kwargs
+            else:
+                assert kwargs["sink"] is sinks
