@@ -62,6 +62,7 @@ class CudaAdapter(Backend):
         if self.dlse_unsupported_by is not None:
             reject_dlse(dlse, self.name, self.dlse_unsupported_by)
         if problem.batch == 0:
-            q, k, v = inputs.q, inputs.k, inputs.v
-            return Gradients(torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
+            q, k, v, sinks = inputs.q, inputs.k, inputs.v, inputs.sinks
+            return Gradients(torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+                             None if sinks is None else torch.zeros_like(sinks))
         return self.run_backward(problem, inputs, out, lse, dout, dlse)
