@@ -254,3 +254,110 @@ def test_translate_passes_sink_only_with_sinks():
                 assert "sink" not in kwargs
             else:
                 assert kwargs["sink"] is sinks
+
+
+# --- the npu adapter through attnhub's public API, the simulator standing in -------------------
+
+
+@pytest.fixture
+def npu():
+    from attnhub.backends.npu.simulation import simulated
+
+    with simulated() as module:
+        yield module
+
+
+def _public(lq, lk, backend, sinks, grad=True, seed=3, **kw):
+    """out, lse and (with grad) dq, dk, dv, dsinks of one call through
+    attnhub.attention_forward_varlen."""
+    import attnhub
+
+    q, k, v, _ = _inputs(lq, lk, seed=seed)
+    leaves = [t.clone().requires_grad_(grad) for t in (q, k, v, sinks)]
+    out, lse = attnhub.attention_forward_varlen(
+        *leaves[:3], attnhub.VarlenInfo.from_lengths(lq), attnhub.VarlenInfo.from_lengths(lk),
+        sinks=leaves[3], return_lse=True, backend=backend, **kw)
+    if not grad:
+        return out, lse
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
+    return (out, lse, *torch.autograd.grad(out, leaves, dout))
+
+
+@pytest.mark.parametrize(("lq", "lk", "kw"), [
+    ((5, 0, 3, 7, 1), (5, 4, 0, 4, 6), {"causal": True}),  # rows and a sequence without keys
+    ((3, 5, 2), (4, 5, 6), {"window_size": (2, 1), "softmax_scale": 0.3}),  # one whole call
+    ((3, 5, 4), (6, 5, 2), {"alibi_slopes": torch.rand(4), "causal": True}),  # v2 shifts
+], ids=["v1-rows-without-keys", "v1-band", "v2-alibi"])
+def test_npu_adapter_with_sinks_matches_the_reference(npu, lq, lk, kw):
+    sinks = torch.randn(4, generator=torch.Generator().manual_seed(5)) * 2
+    got = _public(lq, lk, "npu", sinks, **kw)
+    want = _public(lq, lk, "reference", sinks, **kw)
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv", "dsinks"), got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=2e-5, msg=name)
+    assert torch.isfinite(got[1]).all()  # with sinks no row has lse -inf
+
+
+def test_npu_adapter_rows_without_keys_get_the_sink_as_lse(npu):
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    out, lse = _public((4, 2), (0, 3), "npu", sinks, grad=False, causal=True)
+    assert torch.equal(out[:4], torch.zeros_like(out[:4]))  # sequence 0 sees no key
+    assert torch.equal(lse[:, :4], sinks[:, None].expand(4, 4))
+
+
+def test_npu_adapter_v3_with_sinks(npu, monkeypatch):
+    """Lengths only on the device: npu_fusion_attention_v3 / _grad_v3 take the sink."""
+    import attnhub
+    from attnhub import host_copies
+
+    monkeypatch.setattr(host_copies, "can_read_back", lambda: False)
+    lengths = (3, 0, 5)
+    q, k, v, sinks = _inputs(lengths, lengths)
+    cu = torch.tensor([0, 3, 3, 8], dtype=torch.int32)
+    results = []
+    for backend in ("npu", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+        out = attnhub.attention_forward_varlen(*leaves[:3], cu, cu, max_seqlen_q=5,
+                                               max_seqlen_k=5, causal=True, sinks=leaves[3],
+                                               backend=backend)
+        results.append((out, *torch.autograd.grad(out.square().sum(), leaves)))
+    for g, w in zip(*results, strict=True):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=2e-5)
+
+
+def test_npu_declines_sinks_with_paged_kv(npu):
+    import attnhub
+    from attnhub.backends.npu.backend import NpuBackend
+
+    q = torch.randn(4, 4, 16, dtype=torch.float16)
+    pool = torch.randn(2, 128, 2, 16, dtype=torch.float16)
+    table = torch.tensor([[0], [1]], dtype=torch.int32)
+    problem, _ = attnhub.normalize(q, pool, pool, [0, 2, 4], [0, 100, 120], block_table=table,
+                                   sinks=torch.zeros(4))
+    reasons = NpuBackend().why_not(problem)
+    assert any("attention sinks with paged K/V" in r for r in reasons), reasons
+
+
+def test_npu_declines_sinks_when_the_operators_lack_the_argument(npu, monkeypatch):
+    import attnhub
+    from attnhub.backends.npu.backend import NpuBackend
+
+    def no_sink(query, key, value, head_num, input_layout, scale=1.0):
+        raise AssertionError("not called")
+
+    for name in ("npu_fusion_attention", "npu_fusion_attention_grad"):
+        monkeypatch.setattr(npu, name, no_sink)
+    q, k, v, sinks = _inputs()
+    problem, _ = attnhub.normalize(q, k, v, attnhub.VarlenInfo.from_lengths(SQ),
+                                   attnhub.VarlenInfo.from_lengths(SK), sinks=sinks)
+    assert NpuBackend().why_not(problem) == [
+        "attention sinks need the sink argument of npu_fusion_attention, "
+        "npu_fusion_attention_grad, which this torch_npu lacks; upgrade torch_npu (2.14 has it)"]
+
+
+def test_takes_argument_reads_torch_op_schemas():
+    from attnhub.backends.npu import translate
+
+    assert translate.takes_argument(torch.ops.aten.add, "alpha")
+    assert not translate.takes_argument(torch.ops.aten.add, "sink")
+    assert translate.takes_argument(sim.npu_fusion_attention_v3, "sink")
+    assert translate.takes_argument(lambda *a, **kw: None, "sink")  # unknown: the call tells

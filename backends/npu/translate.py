@@ -28,6 +28,8 @@ Mapping (Ascend's documentation, torch_npu 2.14.0, cited in docs/npu.md):
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from attnhub.problem import VarlenProblem
@@ -89,6 +91,22 @@ def sink_kwargs(sinks: torch.Tensor | None) -> dict:
     """``{"sink": sinks}`` with sinks (float32 (nheads,)), else nothing (releases without
     the parameter keep working)."""
     return {} if sinks is None else {"sink": sinks}
+
+
+def takes_argument(operator: object, argument: str) -> bool:
+    """Whether a torch_npu operator (a torch.ops packet; the simulator's Python function) has
+    a parameter named ``argument``. Unknown (no schema, no signature, or ``**kwargs``): True,
+    and the call itself tells."""
+    overloads = getattr(operator, "overloads", None)
+    if callable(overloads):  # torch.ops.<namespace>.<name>: any overload's schema
+        return any(a.name == argument for name in overloads()
+                   for a in getattr(operator, name)._schema.arguments)
+    try:
+        parameters = inspect.signature(operator).parameters
+    except (TypeError, ValueError):
+        return True
+    return argument in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def common_kwargs(problem: VarlenProblem, call: OperatorCall, device: torch.device) -> dict:
