@@ -19,7 +19,7 @@ from .errors import (
     error_class,
 )
 from .problem import VarlenProblem
-from .registry import get_registry
+from .registry import get_registry, on_reset
 
 FALLBACK_POLICIES = ("warn", "error", "allow")
 
@@ -69,6 +69,9 @@ def clear_cache() -> None:
     _cache.clear()
     _warned.clear()
     plans.clear()
+
+
+on_reset(clear_cache)  # a new registry invalidates every cached selection
 
 
 def forced_context() -> str | None:

@@ -6,6 +6,7 @@ import importlib
 import importlib.metadata
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pluggy
@@ -109,6 +110,15 @@ class Registry:
 
 _registry: Registry | None = None
 _lock = threading.Lock()
+# Called after reset_registry() swaps the process-wide registry: modules that cache what they
+# derived from it (dispatch's selections) register here, so the registry imports none of them.
+_reset_listeners: list[Callable[[], None]] = []
+
+
+def on_reset(listener: Callable[[], None]) -> None:
+    """Call ``listener()`` (no arguments) after every reset_registry()."""
+    if listener not in _reset_listeners:
+        _reset_listeners.append(listener)
 
 
 def get_registry() -> Registry:
@@ -124,14 +134,14 @@ def get_registry() -> Registry:
 
 
 def reset_registry(registry: Registry | None = None) -> Registry:
-    """Replace the process-wide registry (a fresh load by default); clears selection caches."""
+    """Replace the process-wide registry (a fresh load by default), then tell the on_reset
+    listeners (dispatch clears its cached selections)."""
     global _registry
-    from . import dispatch
-
     with _lock:
         if registry is None:
             registry = Registry()
             registry.load()
         _registry = registry
-    dispatch.clear_cache()
+    for listener in tuple(_reset_listeners):
+        listener()
     return registry

@@ -121,9 +121,8 @@ def check_steps(backend: str | None, heads: int, kv_heads: int, dim: int,
     a markdown table)."""
     import dataclasses
 
-    from attnhub.conformance.tolerance import check
-
     import attnhub
+    from attnhub.conformance.tolerance import check
 
     info = attnhub.VarlenInfo.from_lengths(lengths, device)
     gen = torch.Generator(device=device).manual_seed(0)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from attnhub.conformance.tolerance import check
 
 import attnhub
+from attnhub.conformance.tolerance import check
 from attnhub.distributed import context_parallel_attention, zigzag_shard
 
 

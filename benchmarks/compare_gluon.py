@@ -15,11 +15,11 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from attnhub.backends.triton import backward, forward, hopper_backward, hopper_forward
 from bench_attention import prefill_impls
 from workloads import workload_inputs, workloads
 
 import attnhub
+from attnhub.backends.triton import backward, forward, hopper_backward, hopper_forward
 
 # name -> (forward in Gluon, dK/dV in Gluon, forward config changes, backward config changes)
 VARIANTS = {

@@ -11,10 +11,10 @@ from __future__ import annotations
 import time
 
 import torch
-from attnhub.backends.cuda import torch_flash
 
 import attnhub
 from attnhub import dispatch, plans
+from attnhub.backends.cuda import torch_flash
 
 
 def per_call_us(fn, n: int = 20000) -> float:

@@ -16,11 +16,11 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from attnhub.backends.triton import backward, configs
 from bench_attention import autotune_picks, prefill_impls
 from workloads import workloads
 
 import attnhub
+from attnhub.backends.triton import backward, configs
 
 
 def max_grad_error(causal: bool) -> float:

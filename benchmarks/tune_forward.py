@@ -15,9 +15,10 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from attnhub.backends.triton import configs, forward
 from bench_attention import autotune_picks, prefill_impls
 from workloads import workloads
+
+from attnhub.backends.triton import configs, forward
 
 
 def main() -> int:

@@ -18,11 +18,11 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import torch
-from attnhub.backends.triton import configs, forward, hopper_forward
 from bench_attention import prefill_impls
 from workloads import HEAD_DIM, NHEADS, workload_inputs, workloads
 
 import attnhub
+from attnhub.backends.triton import configs, forward, hopper_forward
 
 FEATURES = {
     "none": {},

@@ -12,11 +12,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from attnhub.backends.reference import kernel
-from attnhub.backends.reference import plugin as reference_plugin
-
 import attnhub
 from attnhub import dispatch
+from attnhub.backends.reference import kernel
+from attnhub.backends.reference import plugin as reference_plugin
 from attnhub.registry import Registry, reset_registry
 
 ENV_VARS = ("ATTNHUB_BACKEND", "ATTNHUB_FALLBACK", "ATTNHUB_VALIDATE")

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from attnhub.conformance.tolerance import check
 
 import attnhub
+from attnhub.conformance.tolerance import check
 from attnhub.distributed import context_parallel_attention, zigzag_shard
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attnhub.backends.reference import kernel
 from conftest import FakeBackend, make_backend
 
 import attnhub
 from attnhub import BackendResultError, ForwardResult, Gradients
+from attnhub.backends.reference import kernel
 
 LENGTHS = [3, 5]
 CU = [0, 3, 8]

@@ -56,3 +56,32 @@ def test_rejected_calls_print_the_reason(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("attnhub run: ") and message in err
+
+
+RUN_SMALL = ["run", "--lengths", "4,0,3", "--head-dim", "16", "--heads", "2", "--kv-heads",
+             "1", "--repeats", "1"]
+
+
+def test_run_passes_on_the_cpu(capsys):
+    assert main(RUN_SMALL) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("PASS")
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        assert f"    {name}" in out
+
+
+def test_run_judges_with_the_conformance_rule(monkeypatch, capsys):
+    """An lse off by 1e-3 (far above lse's 1e-4 floor) fails, with the suite's reason."""
+    from attnhub import main_job
+
+    real = main_job.attention_forward_varlen
+
+    def skewed(*args, backend=None, **kwargs):
+        out, lse = real(*args, backend=backend, **kwargs)
+        return out, (lse if backend == "reference" else lse + 1e-3)
+
+    monkeypatch.setattr(main_job, "attention_forward_varlen", skewed)
+    assert main([*RUN_SMALL, "--no-grad"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    (lse_line,) = [line for line in lines if line.startswith("    lse")]
+    assert "FAIL: error 1.000e-03 >" in lse_line and lines[-1] == "FAIL"

@@ -15,13 +15,13 @@ import types
 
 import pytest
 import torch
+
+import attnhub
 from attnhub.backends.reference import kernel
 from attnhub.backends.reference import plugin as reference_plugin
 from attnhub.conformance import dense, report
 from attnhub.conformance.cases import Case, quick_cases
 from attnhub.conformance.runner import CaseResult, run_case
-
-import attnhub
 from attnhub.registry import Registry, reset_registry
 
 ALL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})

@@ -8,12 +8,12 @@ import types
 
 import pytest
 import torch
-from attnhub.backends.reference import kernel
-from attnhub.backends.reference import plugin as reference_plugin
-from attnhub.conformance.cases import quick_cases
 
 import attnhub
+from attnhub.backends.reference import kernel
+from attnhub.backends.reference import plugin as reference_plugin
 from attnhub.cli import main
+from attnhub.conformance.cases import quick_cases
 from attnhub.registry import Registry, reset_registry
 
 

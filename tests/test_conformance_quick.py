@@ -12,6 +12,7 @@ on a GPU the full tier runs them natively, docs/conformance/).
 from __future__ import annotations
 
 import pytest
+
 from attnhub.conformance.cases import Case, quick_cases
 from attnhub.conformance.cli import default_backends
 from attnhub.conformance.runner import run_case

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from attnhub.conformance import quick_cases, run_case
-from attnhub.conformance.surfaces import SURFACES
 
 from attnhub.cli import main
+from attnhub.conformance import quick_cases, run_case
+from attnhub.conformance.surfaces import SURFACES
 
 # A case every surface can express, and ones some cannot (the dropout case has sq != sk,
 # which Paddle's packed qkv cannot hold).

@@ -13,10 +13,10 @@ import types
 
 import pytest
 import torch
-from attnhub.backends.cuda import device, fa3, fa4, flash_attn2, torch_flash
-from attnhub.backends.reference import kernel
 
 import attnhub
+from attnhub.backends.cuda import base, device, fa3, fa4, flash_attn2, torch_flash
+from attnhub.backends.reference import kernel
 from attnhub.inputs import VarlenInputs
 from attnhub.ops import problem_from_op_args
 
@@ -41,21 +41,22 @@ def _call(dtype=torch.float16, nheads=4, nheads_k=2, head_dim=16, grad=False, se
 def _reference(problem, inputs, dout=None, rng_state=None):
     inputs = VarlenInputs(inputs.q.detach(), inputs.k.detach(), inputs.v.detach(),
                           inputs.cu_seqlens_q, inputs.cu_seqlens_k, inputs.alibi_slopes,
-                          inputs.block_table, rng_state)
+                          inputs.block_table, rng_state, sinks=inputs.sinks)
     res = kernel.forward(problem, inputs)
     grads = None if dout is None else kernel.backward(problem, inputs, dout)
     return res, grads
 
 
 def _kernel_problem(q, k, cu_q, alibi, block_table, max_q, max_k, scale, left, right, softcap,
-                    dropout_p, deterministic=False):
+                    dropout_p, deterministic=False, sinks=None):
     """The call as a kernel sees it, rebuilt from the kernel's arguments only."""
     alibi_kind = None if alibi is None else ("head" if alibi.dim() == 1 else "batch_head")
     return problem_from_op_args(
-        q, k, cu_q, {"alibi_slopes": alibi, "block_table": block_table}, max_q, max_k, scale,
-        False, None, None, {"window": (left, right), "causal": right == 0, "softcap": softcap,
-                            "dropout_p": dropout_p, "deterministic": deterministic,
-                            "alibi": alibi_kind})
+        q, k, cu_q, {"alibi_slopes": alibi, "block_table": block_table, "sinks": sinks}, max_q,
+        max_k, scale, False, None, None, {
+            "window": (left, right), "causal": right == 0, "softcap": softcap,
+            "dropout_p": dropout_p, "deterministic": deterministic, "alibi": alibi_kind,
+            "sinks": sinks is not None})
 
 
 class FakeAten:
@@ -188,6 +189,38 @@ def test_torch_flash_empty_batch_calls_no_kernel(aten):
     assert aten.forward_calls == []
 
 
+@pytest.mark.parametrize("module", [torch_flash, flash_attn2, fa3, fa4],
+                         ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_every_adapter_shares_the_skeleton(module, monkeypatch):
+    """The CudaAdapter base: batch 0 launches nothing (zeros, lse -inf, zero gradients), and
+    a gradient through lse is refused by the kernels whose backward takes none."""
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a kernel was launched")
+
+    if module is torch_flash:
+        monkeypatch.setattr(torch_flash, "aten_forward", no_kernel)
+        monkeypatch.setattr(torch_flash, "aten_backward", no_kernel)
+    else:
+        monkeypatch.setattr(module, "kernels", no_kernel)
+    (backend,) = [b for b in ALL if type(b).__module__ == module.__name__]
+    assert isinstance(backend, base.CudaAdapter)
+    assert backend.device_types == {"cuda"} and backend.backward_uses_forward_stats
+    q = torch.randn(0, 4, 16, dtype=torch.float16, requires_grad=True)
+    k = torch.randn(0, 2, 16, dtype=torch.float16, requires_grad=True)
+    problem, inputs = attnhub.normalize(q, k, k, [0], [0])
+    res = backend.forward(problem, inputs)
+    assert res.out.shape == q.shape and res.lse.shape == (4, 0)
+    assert backend.forward_out(problem, inputs).shape == q.shape
+    grads = backend.backward(problem, inputs, res.out, res.lse, torch.zeros_like(q))
+    assert [g.shape for g in grads] == [q.shape, k.shape, k.shape]
+    dlse = torch.zeros_like(res.lse)
+    if module is fa4:
+        backend.backward(problem, inputs, res.out, res.lse, torch.zeros_like(q), dlse)
+    else:
+        with pytest.raises(NotImplementedError, match="cannot propagate a gradient through lse"):
+            backend.backward(problem, inputs, res.out, res.lse, torch.zeros_like(q), dlse)
+
+
 def test_torch_flash_forward_out_skips_the_lse_fixup(aten, monkeypatch):
     calls = []
     monkeypatch.setattr(torch_flash, "lse_to_attnhub", lambda lse: calls.append(lse) or lse)
@@ -315,24 +348,29 @@ def _fake_fa4(record):
         return left, right
 
     def forward(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                softmax_scale, causal, softcap, window_size_left, window_size_right, return_lse):
+                softmax_scale, causal, softcap, window_size_left, window_size_right,
+                learnable_sink, return_lse):
         record.append(dict(window=(window_size_left, window_size_right), causal=causal,
-                           return_lse=return_lse))
+                           return_lse=return_lse, sink=learnable_sink))
         left, right = window(window_size_left, window_size_right, causal)
         p = _kernel_problem(q, k, cu_seqlens_q, None, None, max_seqlen_q, max_seqlen_k,
-                            softmax_scale, left, right, softcap, 0.0)
-        res = kernel.forward(p, VarlenInputs(q, k, v, cu_seqlens_q, cu_seqlens_k))
+                            softmax_scale, left, right, softcap, 0.0, sinks=learnable_sink)
+        res = kernel.forward(p, VarlenInputs(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                             sinks=learnable_sink))
         return res.out, res.lse if return_lse else None, None, None, None
 
     def backward(q, k, v, out, dout, lse, scale, causal, softcap, *, window_size_left,
                  window_size_right, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                 deterministic, dlse):
-        record.append(dict(dlse=dlse is not None, deterministic=deterministic))
+                 deterministic, dlse, learnable_sink):
+        record.append(dict(dlse=dlse is not None, deterministic=deterministic,
+                           sink=learnable_sink))
         left, right = window(window_size_left, window_size_right, causal)
         p = _kernel_problem(q, k, cu_seqlens_q, None, None, max_seqlen_q, max_seqlen_k, scale,
-                            left, right, softcap, 0.0)
-        return tuple(kernel.backward(p, VarlenInputs(q, k, v, cu_seqlens_q, cu_seqlens_k),
-                                     dout, dlse))
+                            left, right, softcap, 0.0, sinks=learnable_sink)
+        g = kernel.backward(p, VarlenInputs(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                            sinks=learnable_sink), dout, dlse)
+        # FA4's convention: (dq, dk, dv), and dsink fourth only with learnable_sink
+        return (*g, g.dsinks) if learnable_sink is not None else tuple(g)
 
     return types.SimpleNamespace(_flash_attn_fwd=forward, _flash_attn_bwd=backward)
 
@@ -345,7 +383,7 @@ def test_fa4_window_translation(monkeypatch, window, causal, expected):
     monkeypatch.setattr(fa4, "kernels", lambda: _fake_fa4(record))
     problem, inputs, _ = _call(window_size=window, causal=causal)
     res = fa4.FA4Backend().forward(problem, inputs)
-    assert record == [dict(window=expected, causal=causal, return_lse=True)]
+    assert record == [dict(window=expected, causal=causal, return_lse=True, sink=None)]
     ref, _ = _reference(problem, inputs)
     assert torch.equal(res.out, ref.out) and torch.equal(res.lse, ref.lse)
 
@@ -358,7 +396,7 @@ def test_fa4_passes_dlse_and_out_only_skips_lse(monkeypatch):
     res = backend.forward(problem, inputs)
     dlse = torch.randn(res.lse.shape).masked_fill(torch.isneginf(res.lse), 0)
     grads = backend.backward(problem, inputs, res.out, res.lse, dout, dlse)
-    assert record[1] == dict(dlse=True, deterministic=True)
+    assert record[1] == dict(dlse=True, deterministic=True, sink=None)
     ref_inputs = VarlenInputs(*(t.detach() for t in (inputs.q, inputs.k, inputs.v)),
                               inputs.cu_seqlens_q, inputs.cu_seqlens_k)
     ref_grads = kernel.backward(problem, ref_inputs, dout, dlse)
@@ -366,6 +404,67 @@ def test_fa4_passes_dlse_and_out_only_skips_lse(monkeypatch):
         assert torch.equal(got, want)
     backend.forward_out(problem, inputs)
     assert record[2]["return_lse"] is False
+
+
+SINKS = torch.tensor([0.5, -1.0, 2.0, 0.25])
+
+
+def test_fa4_passes_sinks_and_returns_dsinks(monkeypatch):
+    """learnable_sink goes to both kernels as attnhub's float32 sinks; rows that see no key
+    come back with lse = sink; dsink (the fourth output) becomes Gradients.dsinks."""
+    record = []
+    monkeypatch.setattr(fa4, "kernels", lambda: _fake_fa4(record))
+    problem, inputs, dout = _call(grad=True, causal=True, sinks=SINKS)
+    backend = fa4.FA4Backend()
+    assert backend.why_not(problem) == []
+    res = backend.forward(problem, inputs)
+    grads = backend.backward(problem, inputs, res.out, res.lse, dout)
+    assert record[0]["sink"] is inputs.sinks and record[1]["sink"] is inputs.sinks
+    ref, ref_grads = _reference(problem, inputs, dout)
+    assert torch.equal(res.out, ref.out) and torch.equal(res.lse, ref.lse)
+    assert torch.isfinite(res.lse).all()  # with sinks, no row has lse -inf
+    for got, want in zip((*grads, grads.dsinks), (*ref_grads, ref_grads.dsinks), strict=True):
+        assert torch.equal(got, want)
+    assert grads.dsinks.dtype == torch.float32 and grads.dsinks.shape == (4,)
+
+
+def test_adapters_answer_a_batch_of_no_sequences_with_zero_dsinks():
+    q = torch.randn(0, 4, 16, dtype=torch.float16, requires_grad=True)
+    k = torch.randn(0, 2, 16, dtype=torch.float16, requires_grad=True)
+    sinks = SINKS.clone().requires_grad_()
+    problem, inputs = attnhub.normalize(q, k, k, [0], [0], sinks=sinks)
+    backend = fa4.FA4Backend()
+    res = backend.forward(problem, inputs)
+    grads = backend.backward(problem, inputs, res.out, res.lse, torch.zeros_like(q))
+    assert torch.equal(grads.dsinks, torch.zeros(4))
+
+
+class _CPUFA4(fa4.FA4Backend):
+    """fa4 claiming the CPU, so dispatch and the custom ops run it here."""
+
+    device_types = frozenset({"cpu"})
+
+    def unavailable_reasons(self):
+        return []
+
+
+def test_fa4_sinks_through_dispatch_and_autograd(monkeypatch, install):
+    monkeypatch.setattr(fa4, "kernels", lambda: _fake_fa4([]))
+    install(_CPUFA4())
+    _, inputs, dout = _call(grad=True)
+    iq = attnhub.VarlenInfo.from_lengths(LENGTHS_Q)
+    ik = attnhub.VarlenInfo.from_lengths(LENGTHS_K)
+    results = []
+    for backend in ("fa4", "reference"):
+        leaves = [t.detach().clone().requires_grad_() for t in
+                  (inputs.q, inputs.k, inputs.v, SINKS)]
+        out, lse = attnhub.attention_forward_varlen(
+            *leaves[:3], iq, ik, causal=True, sinks=leaves[3], return_lse=True,
+            backend=backend)
+        loss = (out.float() * dout.float()).sum() + lse.sum()  # dlse reaches dsink too
+        results.append((out, lse, *torch.autograd.grad(loss, leaves)))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 # --- capability reasons ------------------------------------------------------------------
@@ -416,6 +515,23 @@ def test_fa3_fa4_reasons(backend):
     assert _reasons(backend, alibi_slopes=torch.ones(4)) == [
         "ALiBi slopes of shape (nheads,) are not supported"]
     assert _reasons(backend, softcap=5.0, grad=True, deterministic=True) == []
+
+
+@pytest.mark.parametrize("backend", ALL[:3], ids=lambda b: b.name)
+def test_adapters_without_a_sink_argument_decline_sinks(backend):
+    assert _reasons(backend, sinks=SINKS) == ["attention sinks (sinks=) are not supported"]
+
+
+def test_fa4_blackwell_head_dim_256_backward_declines_sinks(monkeypatch):
+    b = fa4.FA4Backend()
+    monkeypatch.setattr(device, "capability", lambda: (10, 0))
+    assert _reasons(b, head_dim=256, sinks=SINKS) == []
+    assert _reasons(b, head_dim=256, sinks=SINKS, grad=True) == [
+        "attention sinks in the head_dim 256 backward are not supported on Blackwell by FA4 "
+        "(its dedicated head_dim 256 backward takes no learnable_sink)"]
+    assert _reasons(b, head_dim=128, sinks=SINKS, grad=True) == []
+    monkeypatch.setattr(device, "capability", lambda: (9, 0))
+    assert _reasons(b, head_dim=256, sinks=SINKS, grad=True) == []
 
 
 def test_paged_reasons():

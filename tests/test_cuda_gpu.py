@@ -64,6 +64,33 @@ def test_against_reference(backend, dtype, kw):
         assert (g.float() - r.float()).abs().max() < 5e-2 * max(1.0, r.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kw", [dict(), dict(causal=True), dict(window_size=(16, 3))],
+                         ids=["full", "causal", "window"])
+def test_fa4_sinks_against_reference(dtype, kw):
+    """learnable_sink: out, lse (rows without keys: lse = sink), dq/dk/dv and dsinks, with a
+    loss on lse too (FA4's backward takes dlse)."""
+    if not _available("fa4"):
+        pytest.skip("fa4 unavailable here")
+    sinks = torch.linspace(-2.0, 3.0, 8, device="cuda")
+    q, k, v = _qkv(dtype, grad=True)
+    iq = attnhub.VarlenInfo.from_lengths(LENGTHS_Q, "cuda")
+    ik = attnhub.VarlenInfo.from_lengths(LENGTHS_K, "cuda")
+    results = []
+    for backend in ("fa4", "reference"):
+        s = sinks.clone().requires_grad_()
+        out, lse = attnhub.attention_forward_varlen(q, k, v, iq, ik, backend=backend,
+                                                    sinks=s, return_lse=True, **kw)
+        loss = out.float().sum() + lse.sum()
+        results.append((out, lse, *torch.autograd.grad(loss, (q, k, v, s))))
+    (out, lse, *grads), (r_out, r_lse, *r_grads) = results
+    assert (out.float() - r_out.float()).abs().max() < 2e-2
+    assert torch.isfinite(lse).all()
+    assert (lse - r_lse).abs().max() < 1e-3
+    for g, r in zip(grads, r_grads, strict=True):
+        assert (g.float() - r.float()).abs().max() < 5e-2 * max(1.0, r.abs().max().item())
+
+
 def test_torch_flash_dropout_is_reproducible_and_backward_uses_its_mask():
     q, k, v = _qkv(torch.bfloat16, grad=True)
     torch.manual_seed(3)

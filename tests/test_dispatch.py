@@ -9,7 +9,6 @@ import warnings
 
 import pytest
 import torch
-from attnhub.backends.reference import plugin as reference_plugin
 from conftest import make_backend, plugin_of
 
 import attnhub
@@ -19,6 +18,7 @@ from attnhub import (
     UnknownBackendError,
     use_backend,
 )
+from attnhub.backends.reference import plugin as reference_plugin
 from attnhub.dispatch import clear_cache
 from attnhub.registry import BUILTIN_PLUGINS, Registry, get_registry, reset_registry
 
@@ -420,6 +420,34 @@ def test_reset_registry_clears_selection_cache(install):
     install(second)
     _call()
     assert second.calls == ["forward"] and first.calls == ["forward"]
+
+
+def test_registry_does_not_import_dispatch():
+    """One import direction: dispatch registers its cache clearing with the registry."""
+    import ast
+    import inspect
+
+    from attnhub import registry
+
+    tree = ast.parse(inspect.getsource(registry))
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                for alias in node.names} | {
+        node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "dispatch" not in imported and "attnhub.dispatch" not in imported
+
+
+def test_reset_registry_calls_its_listeners():
+    calls = []
+    listener = lambda: calls.append(1)  # noqa: E731
+    from attnhub import registry
+
+    registry.on_reset(listener)
+    registry.on_reset(listener)  # registered once
+    try:
+        reset_registry(get_registry())
+    finally:
+        registry._reset_listeners.remove(listener)
+    assert calls == [1]
 
 
 # -- backward ------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ declined with the backend's own reasons."""
 from __future__ import annotations
 
 import pytest
+
 from attnhub.backends.npu.simulation import simulated
 from attnhub.conformance.cases import quick_cases
 from attnhub.conformance.runner import run_case

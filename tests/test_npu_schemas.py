@@ -2,10 +2,10 @@
 
 The schema lines are kept verbatim in tests/data (facts about Ascend's API, from the wheel's
 npu_native_functions_by_codegen.yaml). The adapter runs every path it has (v1, v2 with ALiBi
-shifts, v3 with device lengths, several calls for more than 1024 sequences, paged prefill and
-decode) against the simulator, which records each call; each call must bind to its schema:
-positional arguments only where the schema has them, every keyword a parameter of that name,
-every value of the parameter's type, every required parameter given.
+shifts, v3 with device lengths, several calls for more than 1024 sequences, sinks on v1, v2
+and v3, paged prefill and decode) against the simulator, which records each call; each call
+must bind to its schema: positional arguments only where the schema has them, every keyword a
+parameter of that name, every value of the parameter's type, every required parameter given.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from attnhub.backends.npu import simulator
 from npu_calls import OPERATORS, recorded_calls
 
 import attnhub
 from attnhub import host_copies
+from attnhub.backends.npu import simulator
 
 SCHEMAS = Path(__file__).parent / "data" / "torch_npu_2.14.0_attention_schemas.txt"
 
@@ -150,12 +150,18 @@ def exercise_every_path(monkeypatch) -> None:
     _fwd_bwd((6, 2), (2, 5), window_size=(2, 1), softmax_scale=0.3)  # v1, band
     _fwd_bwd((3, 5, 4), (6, 5, 2), alibi_slopes=torch.rand(3, 4), causal=True)  # v2 shifts
     _fwd_bwd((1,) * 1030, (1,) * 1030, causal=True)  # two calls (at most 1024 sequences)
+    sinks = torch.rand(4, requires_grad=True)
+    _fwd_bwd((5, 3), (3, 4), causal=True, sinks=sinks)  # v1 with sink, rows dropped
+    _fwd_bwd((3, 5, 4), (6, 5, 2), alibi_slopes=torch.rand(4), sinks=sinks)  # v2 with sink
     with monkeypatch.context() as m:  # lengths only on the device: v3
         m.setattr(host_copies, "can_read_back", lambda: False)
         q, k, v = _qkv((3, 0, 5), (3, 0, 5))
         cu = torch.tensor(_cu((3, 0, 5)), dtype=torch.int32)
         out = attnhub.attention_forward_varlen(q, k, v, cu, cu, max_seqlen_q=5, max_seqlen_k=5,
                                                causal=True, dropout_p=0.1, backend="npu")
+        out.sum().backward()
+        out = attnhub.attention_forward_varlen(q, k, v, cu, cu, max_seqlen_q=5, max_seqlen_k=5,
+                                               causal=True, sinks=sinks, backend="npu")
         out.sum().backward()
     _paged((20, 9), (40, 30), 128, causal=True)  # paged prefill
     _paged((20, 9), (40, 30), 128, window_size=(5, 0))
@@ -176,6 +182,8 @@ def test_every_adapter_call_binds_to_the_2_14_0_schema(schemas, monkeypatch):
     with recorded_calls() as calls:
         exercise_every_path(monkeypatch)
     assert {name for name, _, _ in calls} == set(OPERATORS)  # every path was taken
+    with_sink = {name for name, _, kwargs in calls if "sink" in kwargs}
+    assert with_sink == set(OPERATORS) - {"npu_fused_infer_attention_score"}
     for name, args, kwargs in calls:
         problems = schema_violations(schemas[name], args, kwargs)
         assert not problems, f"{name}: {problems}"

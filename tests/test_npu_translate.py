@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import torch
-from attnhub.backends.npu import simulation, softmax_stats, translate
-from attnhub.backends.npu.layout import Segment, tnd_layout
 from npu_calls import recorded_calls
 
 import attnhub
 from attnhub import host_copies
+from attnhub.backends.npu import simulation, softmax_stats, translate
+from attnhub.backends.npu.layout import Segment, tnd_layout
 from attnhub.registry import get_registry
 
 INT32_MAX = 2**31 - 1

@@ -13,13 +13,13 @@ import os
 
 import pytest
 import torch
-from attnhub.backends.npu.simulation import simulated
-from attnhub.backends.triton import configs
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from naive import F64, alibi_slopes, masked_lse, naive_attention, offsets
 
 import attnhub
+from attnhub.backends.npu.simulation import simulated
+from attnhub.backends.triton import configs
 
 SCALE = float(os.environ.get("ATTNHUB_PROPERTY_EXAMPLES", "1"))
 BUDGET = {"reference": 25, "sdpa": 25, "triton": 5, "npu": 15}

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+
 from attnhub.conformance import pytest_plugin
 from attnhub.conformance.cases import quick_cases
 

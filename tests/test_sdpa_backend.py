@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attnhub.backends.sdpa import kernel
 from naive import (
     F64,
     OUT_TOL,
@@ -20,6 +19,7 @@ from naive import (
 
 import attnhub
 from attnhub import attention_forward_varlen
+from attnhub.backends.sdpa import kernel
 
 # Zero-length sequences on either side, sq < sk, sq > sk (rows that see no key under a
 # bottom-right causal mask) and runs of equal lengths (grouped into one kernel call).

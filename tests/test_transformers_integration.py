@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from attnhub.conformance.tolerance import check
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -22,6 +21,7 @@ from transformers import (
 )
 
 import attnhub
+from attnhub.conformance.tolerance import check
 from attnhub.integrations import transformers as integration
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from attnhub.backends.triton import configs
 
 import attnhub
+from attnhub.backends.triton import configs
 
 pytestmark = pytest.mark.skipif(not configs.interpreting(),
                                 reason="CPU tensors reach the Triton kernels only in the "

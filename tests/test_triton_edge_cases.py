@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-from attnhub.backends.triton import configs
 from naive import naive_attention
 
 import attnhub
+from attnhub.backends.triton import configs
 
 pytestmark = pytest.mark.skipif(not configs.interpreting(),
                                 reason="CPU tensors reach the Triton kernels only in the "

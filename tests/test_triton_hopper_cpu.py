@@ -2,9 +2,9 @@
 Triton, and CPU tensors (or a Triton without Gluon) take the tl kernels."""
 
 import torch
-from attnhub.backends.triton import hopper_backward, hopper_forward
 
 import attnhub
+from attnhub.backends.triton import hopper_backward, hopper_forward
 from attnhub.normalize import normalize
 
 

@@ -3,9 +3,9 @@ and pointer loads) give the same output, on the CPU (TRITON_INTERPRET=1)."""
 
 import pytest
 import torch
-from attnhub.backends.triton import configs, forward
 
 import attnhub
+from attnhub.backends.triton import configs, forward
 
 pytestmark = pytest.mark.skipif(not configs.interpreting(),
                                 reason="CPU tensors reach the Triton kernels only in the "

@@ -9,10 +9,10 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from attnhub.backends.triton import configs, tiles
 
 import attnhub
 from attnhub import host_copies
+from attnhub.backends.triton import configs, tiles
 
 pytestmark = pytest.mark.skipif(not configs.interpreting(),
                                 reason="CPU tensors reach the Triton kernels only in the "

@@ -15,32 +15,25 @@ from typing import ClassVar
 
 import torch
 
-from attnhub.backend import Backend, ForwardResult, Gradients
+from attnhub.backend import ForwardResult, Gradients
 from attnhub.capabilities import Capabilities
 from attnhub.inputs import VarlenInputs
 from attnhub.problem import VarlenProblem
 
 from . import device
-from .tensors import (
-    dense_offsets,
-    empty_batch,
-    last_dim_contiguous,
-    lse_to_attnhub,
-    lse_to_flash,
-    reject_dlse,
-)
+from .base import CudaAdapter
+from .tensors import dense_offsets, last_dim_contiguous, lse_to_attnhub, lse_to_flash
 
 MODULE = "flash_attn_interface"
 kernels = device.lazy_module(MODULE)  # the interface module, imported on first use
 
 
-class FA3Backend(Backend):
+class FA3Backend(CudaAdapter):
     """Adapter to FlashAttention-3's varlen kernels (Hopper)."""
 
     name: ClassVar[str] = "fa3"
-    device_types: ClassVar[frozenset[str]] = frozenset({"cuda"})
     priority: ClassVar[int] = 200
-    backward_uses_forward_stats: ClassVar[bool] = True
+    dlse_unsupported_by: ClassVar[str | None] = "FA3"
     description: ClassVar[str] = "FlashAttention-3 (flash_attn_interface), Hopper"
     capabilities: ClassVar[Capabilities] = Capabilities(
         dtypes=frozenset({torch.float16, torch.bfloat16}),
@@ -64,25 +57,16 @@ class FA3Backend(Backend):
                                        None if cc is None else cc[0] == 9)
         return reasons or device.import_reason(MODULE)
 
-    def forward(self, problem: VarlenProblem, inputs: VarlenInputs) -> ForwardResult:
-        if problem.batch == 0:
-            return empty_batch(problem, inputs.q)
+    def run_forward(self, problem: VarlenProblem, inputs: VarlenInputs,
+                    return_lse: bool) -> ForwardResult:
         out, lse = _forward(problem, inputs)
-        return ForwardResult(out, lse_to_attnhub(lse))
+        return ForwardResult(out, lse_to_attnhub(lse) if return_lse else lse)
 
-    def forward_out(self, problem: VarlenProblem, inputs: VarlenInputs) -> torch.Tensor:
-        if problem.batch == 0:
-            return inputs.q.new_zeros(inputs.q.shape)
-        return _forward(problem, inputs)[0]
-
-    def backward(self, problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
-                 lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None = None
-                 ) -> Gradients:
-        reject_dlse(dlse, self.name, "FA3")
+    def run_backward(self, problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
+                     lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None
+                     ) -> Gradients:
         q, k, v = (last_dim_contiguous(t) for t in (inputs.q, inputs.k, inputs.v))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        if problem.batch == 0:
-            return Gradients(dq.zero_(), dk.zero_(), dv.zero_())
         kernels()._flash_attn_backward(
             last_dim_contiguous(dout), q, k, v, last_dim_contiguous(out), lse_to_flash(lse),
             dense_offsets(inputs.cu_seqlens_q), dense_offsets(inputs.cu_seqlens_k), None, None,

@@ -15,34 +15,32 @@ from typing import ClassVar
 
 import torch
 
-from attnhub.backend import Backend, ForwardResult, Gradients
+from attnhub.backend import ForwardResult, Gradients
 from attnhub.capabilities import Capabilities
 from attnhub.inputs import VarlenInputs
 from attnhub.problem import VarlenProblem
 
 from . import device
+from .base import CudaAdapter
 from .fa2_windows import left_only_window_reasons
 from .tensors import (
     dense_offsets,
-    empty_batch,
     kernel_max_seqlen_q,
     last_dim_contiguous,
     lse_to_attnhub,
     lse_to_flash,
-    reject_dlse,
 )
 
 MODULE = "flash_attn.flash_attn_interface"
 kernels = device.lazy_module(MODULE)  # the interface module, imported on first use
 
 
-class FlashAttn2Backend(Backend):
+class FlashAttn2Backend(CudaAdapter):
     """Adapter to the flash_attn package's varlen FlashAttention-2 kernels."""
 
     name: ClassVar[str] = "flash-attn"
-    device_types: ClassVar[frozenset[str]] = frozenset({"cuda"})
     priority: ClassVar[int] = 40
-    backward_uses_forward_stats: ClassVar[bool] = True
+    dlse_unsupported_by: ClassVar[str | None] = "flash_attn"
     description: ClassVar[str] = "flash_attn 2.x (FlashAttention-2): softcap, ALiBi, paged%256"
     capabilities: ClassVar[Capabilities] = Capabilities(
         dtypes=frozenset({torch.float16, torch.bfloat16}),
@@ -71,26 +69,19 @@ class FlashAttn2Backend(Backend):
                            "flash_attn's varlen backward")
         return reasons
 
-    def forward(self, problem: VarlenProblem, inputs: VarlenInputs) -> ForwardResult:
-        if problem.batch == 0:
-            return empty_batch(problem, inputs.q)
+    def run_forward(self, problem: VarlenProblem, inputs: VarlenInputs,
+                    return_lse: bool) -> ForwardResult:
         out, lse, _probs, rng = _forward(problem, inputs)
+        if not return_lse:
+            return ForwardResult(out, lse)  # the kernel's convention: only out is read
         return ForwardResult(out, lse_to_attnhub(lse), None,
                              rng if problem.dropout_p > 0 else None)
 
-    def forward_out(self, problem: VarlenProblem, inputs: VarlenInputs) -> torch.Tensor:
-        if problem.batch == 0:
-            return inputs.q.new_zeros(inputs.q.shape)
-        return _forward(problem, inputs)[0]
-
-    def backward(self, problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
-                 lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None = None
-                 ) -> Gradients:
-        reject_dlse(dlse, self.name, "flash_attn")
+    def run_backward(self, problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
+                     lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None
+                     ) -> Gradients:
         q, k, v = (last_dim_contiguous(t) for t in (inputs.q, inputs.k, inputs.v))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        if problem.batch == 0:
-            return Gradients(dq.zero_(), dk.zero_(), dv.zero_())
         kernels()._flash_attn_varlen_backward(
             last_dim_contiguous(dout), q, k, v, last_dim_contiguous(out), lse_to_flash(lse),
             dq, dk, dv, dense_offsets(inputs.cu_seqlens_q), dense_offsets(inputs.cu_seqlens_k),

@@ -14,22 +14,21 @@ from typing import ClassVar
 
 import torch
 
-from attnhub.backend import Backend, ForwardResult, Gradients
+from attnhub.backend import ForwardResult, Gradients
 from attnhub.capabilities import Capabilities
 from attnhub.inputs import VarlenInputs
 from attnhub.problem import VarlenProblem
 
 from . import device
+from .base import CudaAdapter
 from .determinism import deterministic_algorithms
 from .fa2_windows import left_only_window_reasons
 from .tensors import (
     dense_offsets,
-    empty_batch,
     kernel_max_seqlen_q,
     last_dim_contiguous,
     lse_to_attnhub,
     lse_to_flash,
-    reject_dlse,
 )
 
 # The forward returns the dropout state as uint64 (seed, offset); attnhub carries int64.
@@ -41,13 +40,12 @@ aten_forward = torch.ops.aten._flash_attention_forward.default
 aten_backward = torch.ops.aten._flash_attention_backward.default
 
 
-class TorchFlashBackend(Backend):
+class TorchFlashBackend(CudaAdapter):
     """Adapter to torch's bundled FlashAttention-2 (aten op, varlen through cum_seq)."""
 
     name: ClassVar[str] = "torch-flash"
-    device_types: ClassVar[frozenset[str]] = frozenset({"cuda"})
     priority: ClassVar[int] = 50
-    backward_uses_forward_stats: ClassVar[bool] = True
+    dlse_unsupported_by: ClassVar[str | None] = "torch's FA2"
     description: ClassVar[str] = "PyTorch's bundled FlashAttention-2 (aten._flash_attention_*)"
     capabilities: ClassVar[Capabilities] = Capabilities(
         dtypes=frozenset({torch.float16, torch.bfloat16}),
@@ -74,17 +72,13 @@ class TorchFlashBackend(Backend):
     def why_not(self, problem: VarlenProblem) -> list[str]:
         return super().why_not(problem) + left_only_window_reasons(problem)
 
-    def forward(self, problem: VarlenProblem, inputs: VarlenInputs) -> ForwardResult:
-        if problem.batch == 0:
-            return empty_batch(problem, inputs.q)
+    def run_forward(self, problem: VarlenProblem, inputs: VarlenInputs,
+                    return_lse: bool) -> ForwardResult:
         out, lse, rng = _forward(problem, inputs)
+        if not return_lse:
+            return ForwardResult(out, lse)  # the kernel's convention: only out is read
         return ForwardResult(out, lse_to_attnhub(lse), None,
                              rng.view(torch.int64) if problem.dropout_p > 0 else None)
-
-    def forward_out(self, problem: VarlenProblem, inputs: VarlenInputs) -> torch.Tensor:
-        if problem.batch == 0:
-            return inputs.q.new_zeros(inputs.q.shape)
-        return _forward(problem, inputs)[0]
 
     def out_only_runner(self, problem: VarlenProblem):
         if problem.batch == 0:
@@ -114,13 +108,10 @@ class TorchFlashBackend(Backend):
                     return _dense_retry(run, q, k, v, cu_seqlens_q, cu_seqlens_k)
         return run
 
-    def backward(self, problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
-                 lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None = None
-                 ) -> Gradients:
-        reject_dlse(dlse, self.name, "torch's FA2")
+    def run_backward(self, problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
+                     lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None
+                     ) -> Gradients:
         q, k, v = inputs.q, inputs.k, inputs.v
-        if problem.batch == 0:
-            return Gradients(torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
         if problem.dropout_p > 0:
             rng = inputs.rng_state.view(_RNG_DTYPE)
         else:

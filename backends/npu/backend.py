@@ -6,7 +6,8 @@ TND) and its grad, with the statistics rebuilt from lse and the (seed, offset) t
 returned; ALiBi calls use npu_fusion_attention_v2 / _grad_v2 (the only ones with pse_type);
 calls whose lengths exist only on the device use npu_fusion_attention_v3 / _grad_v3, which
 take them as tensors. Paged K/V (block_table) goes to npu_fused_infer_attention_score
-(paged.py), forward only.
+(paged.py), forward only. Attention sinks go to every training operator as ``sink``; their
+gradient is the grad operators' last output (dsink).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class NpuBackend(Backend):
         deterministic_backward=False,
         top_left=False,
         return_probs=False,
+        sinks=True,
     )
 
     def __init__(self) -> None:
@@ -96,6 +98,8 @@ class NpuBackend(Backend):
             return reasons + paged.reasons(problem, _module_or_none())
         if problem.alibi is not None:
             reasons.extend(self._alibi_reasons())
+        if problem.sinks:
+            reasons.extend(self._sink_reasons(problem))
         if problem.dropout_p > 0:
             reasons.extend(self._dropout_reasons(problem))
         return reasons
@@ -106,6 +110,21 @@ class NpuBackend(Backend):
         if module is not None and not all(hasattr(module, f) for f in translate.V2):
             return ["ALiBi needs npu_fusion_attention_v2 and npu_fusion_attention_grad_v2 "
                     "(pse_type), which this torch_npu lacks; upgrade torch_npu"]
+        return []
+
+    @staticmethod
+    def _sink_reasons(problem: VarlenProblem) -> list[str]:
+        """The operators of this call must have the ``sink`` parameter (torch_npu 2.14 has
+        it on every training operator; older releases do not)."""
+        module = _module_or_none()
+        if module is None:
+            return []
+        names = [*translate.operators(problem), *translate.V3]
+        lacking = [f for f in names if hasattr(module, f)
+                   and not translate.takes_argument(getattr(module, f), "sink")]
+        if lacking:
+            return [f"attention sinks need the sink argument of {', '.join(lacking)}, which "
+                    "this torch_npu lacks; upgrade torch_npu (2.14 has it)"]
         return []
 
     @staticmethod
@@ -138,13 +157,13 @@ class NpuBackend(Backend):
             else None
         if not layout.whole:
             out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-            lse = torch.full((problem.nheads, problem.total_q), float("-inf"),
-                             dtype=torch.float32, device=q.device)
+            lse = _lse_of_rows_without_keys(problem, inputs)
         for call in layout.calls:
             qc, = gather(call.q_rows, q)
             kc, vc = gather(call.k_rows, inputs.k, inputs.v)
             res = fwd(qc, kc, vc, **translate.forward_kwargs(
-                problem, call, q.device, len(layout.seqlens_q), inputs.alibi_slopes))
+                problem, call, q.device, len(layout.seqlens_q), inputs.alibi_slopes,
+                inputs.sinks))
             out_c, smax, ssum, _, seed, offset, _ = res
             lse_c = softmax_stats.lse_from_stats(smax, ssum, qc.shape[0], problem.nheads)
             if layout.whole:
@@ -160,9 +179,10 @@ class NpuBackend(Backend):
     def backward(self, problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
                  lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None = None
                  ) -> Gradients:
-        """dq, dk, dv from npu_fusion_attention_grad (v2 with ALiBi, v3 with device
-        lengths); a gradient through lse (dlse) has no counterpart in Ascend's operator and
-        raises."""
+        """dq, dk, dv (and dsinks, the sum of the calls' dsink: rows that see no key add
+        exp(sink - lse) * (dlse - delta) = 0 without dlse) from npu_fusion_attention_grad (v2
+        with ALiBi, v3 with device lengths); a gradient through lse (dlse) has no counterpart
+        in Ascend's operator and raises."""
         if dlse is not None:
             raise NotImplementedError(
                 "the npu backend cannot take a gradient through lse: npu_fusion_attention_grad "
@@ -182,6 +202,7 @@ class NpuBackend(Backend):
         bwd = getattr(torch_npu(), translate.operators(problem)[1])
         if not layout.whole:
             dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dsinks = None if inputs.sinks is None else torch.zeros_like(inputs.sinks)
         for call in layout.calls:
             qc, out_c, dout_c = gather(call.q_rows, q, out, dout)
             kc, vc = gather(call.k_rows, k, v)
@@ -190,15 +211,17 @@ class NpuBackend(Backend):
             smax, ssum = softmax_stats.stats_from_lse(lse_c)
             grads = bwd(qc, kc, vc, dout_c, **translate.grad_kwargs(
                 problem, call, q.device, len(layout.seqlens_q), smax, ssum, out_c, seed,
-                offset, inputs.alibi_slopes))
+                offset, inputs.alibi_slopes, inputs.sinks))
             dq_c, dk_c, dv_c = grads[:3]  # v2 returns 6 or 7 tensors depending on the release
+            if dsinks is not None:
+                dsinks += grads[-1]  # dsink: the last output of v1 (5), v2 (7) and v3 (5)
             if layout.whole:
                 dq, dk, dv = dq_c, dk_c, dv_c
             else:
                 scatter_into(dq, call.q_rows, dq_c)
                 scatter_into(dk, call.k_rows, dk_c)
                 scatter_into(dv, call.k_rows, dv_c)
-        return Gradients(dq, dk, dv)
+        return Gradients(dq, dk, dv, dsinks)
 
     # Lengths that exist only on the device: the v3 operators take them as tensors.
 
@@ -224,7 +247,7 @@ class NpuBackend(Backend):
         q = inputs.q
         fwd = getattr(torch_npu(), translate.V3[0])
         out, smax, ssum, _, seed, offset = fwd(q, inputs.k, inputs.v, **translate.v3_forward_kwargs(
-            problem, inputs.cu_seqlens_q, inputs.cu_seqlens_k, q.device))
+            problem, inputs.cu_seqlens_q, inputs.cu_seqlens_k, q.device, inputs.sinks))
         lse = softmax_stats.lse_from_stats(smax, ssum, problem.total_q, problem.nheads)
         rng = None
         if problem.dropout_p > 0:  # CPU or device tensors: moved, never read on the host
@@ -244,8 +267,8 @@ class NpuBackend(Backend):
         bwd = getattr(torch_npu(), translate.V3[1])
         grads = bwd(inputs.q, inputs.k, inputs.v, dout, **translate.v3_grad_kwargs(
             problem, inputs.cu_seqlens_q, inputs.cu_seqlens_k, inputs.q.device, smax, ssum,
-            out, seed, offset))
-        return Gradients(*grads[:3])
+            out, seed, offset, inputs.sinks))
+        return Gradients(*grads[:3], None if inputs.sinks is None else grads[-1])
 
     @staticmethod
     def _layout(problem: VarlenProblem, inputs: VarlenInputs) -> TndLayout:
@@ -257,6 +280,15 @@ class NpuBackend(Backend):
                              "carry one seed and offset to the backward"
                              + translate.UNKNOWN_LENGTHS_HINT)
         return layout
+
+
+def _lse_of_rows_without_keys(problem: VarlenProblem, inputs: VarlenInputs) -> torch.Tensor:
+    """lse (nheads, total_q) of rows no operator call computes (they see no key): -inf, or
+    with sinks the sink of the row's head (the sink is the row's only softmax term)."""
+    if inputs.sinks is None:
+        return torch.full((problem.nheads, problem.total_q), float("-inf"),
+                          dtype=torch.float32, device=inputs.q.device)
+    return inputs.sinks[:, None].expand(problem.nheads, problem.total_q).clone()
 
 
 def _module_or_none():

@@ -67,6 +67,10 @@ def reasons(problem: VarlenProblem, module: object | None) -> list[str]:
     if problem.alibi is not None:
         out.append(f"ALiBi with paged K/V: {OPERATOR} generates no ALiBi (only an explicit "
                    "pse_shift of shape (B, N, Q_S, KV_S))")
+    if problem.sinks:
+        out.append(f"attention sinks with paged K/V: {OPERATOR} takes no sink (the "
+                   "learnable_sink of its _v2 is bfloat16 only, in layouts TND / NTD_TND, which "
+                   "take no page attention)")
     if problem.nheads // problem.nheads_k > MAX_GROUP:
         out.append(f"{OPERATOR}: num_heads / num_key_value_heads must be at most {MAX_GROUP}, "
                    f"got {problem.nheads // problem.nheads_k}")

@@ -13,6 +13,14 @@ visible key is an error ("atten_mask中不能存在某一行全1的场景"), as 
 key; keep_prob must lie in (0, 1]; softmax_max / softmax_sum are float32 ``[T, N, 8]``
 tensors whose elements are in N-major order unless ``softmax_layout="TND"``.
 
+``sink`` (float32 ``[head_num]``, every forward and grad operator): one logit per query head
+that joins each row's softmax, as documented for npu_fusion_attention_v2 ("S = Q*K^T,
+m = max(sink, max(S)), Attention = e^{S-m}*V / (sum(e^{S-m}) + e^{sink-m})") and in the
+npu_fusion_attention example (the raw sink appended as one more column of the scaled scores,
+softmax, the column dropped before multiplying by V): softmax_max and softmax_sum include it;
+the grad operators return its gradient dsink ``[head_num]`` float32 (last output),
+``-sum_rows exp(sink - max) / sum * rowsum(dy * attention_in)``.
+
 Where the documentation leaves a choice, the model is the strict reading. Only the TND
 layout and sparse modes 0-4 are modeled; of ``pse``, only the ALiBi that
 ``npu_fusion_attention_v2`` generates from slopes (pse_type 2 and 3, simulator_pse); anything
@@ -47,10 +55,10 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, pa
     """-> (attention_out [T, N, D], softmax_max, softmax_sum, softmax_in (empty), seed,
     offset, numels), as torch_npu documents for layout TND. No pse_type: a pse tensor (the
     compressed [B, N, 1024, Skv] form) is not modeled."""
-    _v2_unmodeled(None, None, sink, dropout_mask, seed, offset)
+    _v2_unmodeled(None, None, dropout_mask, seed, offset)
     call = _Call(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask,
                  keep_prob, pre_tockens, next_tockens, prefix, actual_seq_qlen,
-                 actual_seq_kvlen, sparse_mode, softmax_layout)
+                 actual_seq_kvlen, sparse_mode, softmax_layout, sink=sink)
     return _forward(call, float(scale), inner_precise, softmax_layout)
 
 
@@ -65,11 +73,11 @@ def npu_fusion_attention_v2(query, key, value, head_num, input_layout, *, pse=No
     """npu_fusion_attention with v2's keywords (pre_tokens / next_tokens) and pse_type,
     q_start_idx, kv_start_idx: the operator-generated ALiBi of pse_type 2 and 3 is modeled
     (simulator_pse). Same 7 outputs as npu_fusion_attention."""
-    _v2_unmodeled(query_rope, key_rope, sink, dropout_mask, seed, offset)
+    _v2_unmodeled(query_rope, key_rope, dropout_mask, seed, offset)
     call = _Call(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask,
                  keep_prob, pre_tokens, next_tokens, prefix, actual_seq_qlen,
                  actual_seq_kvlen, sparse_mode, softmax_layout, pse_type, q_start_idx,
-                 kv_start_idx)
+                 kv_start_idx, sink)
     return _forward(call, float(scale), inner_precise, softmax_layout)
 
 
@@ -95,12 +103,11 @@ def _v3_call(query, key, value, head_num, input_layout, pse, padding_mask, atten
              keep_prob, pre_tockens, next_tockens, prefix, actual_seq_qlen, actual_seq_kvlen,
              sparse_mode, softmax_layout, sink) -> _Call:
     """The v3 operators' call: lengths as int64 device tensors of end offsets."""
-    _v2_unmodeled(None, None, sink, None, 0, 0)
     return _Call(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask,
                  keep_prob, pre_tockens, next_tockens, prefix,
                  _tensor_ends("actual_seq_qlen", actual_seq_qlen, query),
                  _tensor_ends("actual_seq_kvlen", actual_seq_kvlen, query), sparse_mode,
-                 softmax_layout)
+                 softmax_layout, sink=sink)
 
 
 def _forward(call: _Call, scale: float, inner_precise: int, softmax_layout: str):
@@ -114,8 +121,12 @@ def _forward(call: _Call, scale: float, inner_precise: int, softmax_layout: str)
     for seq in call.sequences():
         s, visible = call.scores(seq, scale)
         m = s.amax(-1)
+        if call.sink is not None:  # m = max(sink, max(S)); sum(e^{S-m}) + e^{sink-m}
+            m = torch.maximum(m, call.sink[:, None])
         e = torch.exp(s - m[..., None])
         total = e.sum(-1)
+        if call.sink is not None:
+            total = total + torch.exp(call.sink[:, None] - m)
         p = e / total[..., None]
         dead = ~visible.any(-1)  # (1, sq): rows that see no key
         if dead.any():
@@ -142,13 +153,13 @@ def npu_fusion_attention_grad(query, key, value, dy, head_num, input_layout, *, 
                               numels=0, prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None,
                               sparse_mode=0, gen_mask_parallel=True, sync=False,
                               softmax_layout="", sink=None):
-    """-> (dq, dk, dv, dpse (empty)). Recomputes the probabilities from the given softmax_max
-    and softmax_sum (p = exp(s - max) / sum) and delta = rowsum(dy * attention_in), as
-    FlashAttention's backward does; the dropout mask comes from (seed, offset)."""
-    _v2_unmodeled(None, None, sink, None, 0, 0)
+    """-> (dq, dk, dv, dpse (empty), dsink (empty without sink)). Recomputes the
+    probabilities from the given softmax_max and softmax_sum (p = exp(s - max) / sum) and
+    delta = rowsum(dy * attention_in), as FlashAttention's backward does; the dropout mask
+    comes from (seed, offset)."""
     call = _Call(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask,
                  keep_prob, pre_tockens, next_tockens, prefix, actual_seq_qlen,
-                 actual_seq_kvlen, sparse_mode, softmax_layout)
+                 actual_seq_kvlen, sparse_mode, softmax_layout, sink=sink)
     return _grad(call, dy, softmax_max, softmax_sum, attention_in, float(scale_value),
                  seed, offset, numels, softmax_layout)
 
@@ -162,16 +173,17 @@ def npu_fusion_attention_grad_v2(query, key, value, dy, head_num, input_layout, 
                                  actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True,
                                  sync=False, pse_type=1, q_start_idx=None, kv_start_idx=None,
                                  softmax_layout="", sink=None):
-    """-> (dq, dk, dv, dpse, dq_rope, dk_rope), the last three empty: the backward of
-    npu_fusion_attention_v2, with the same pse / pse_type arguments as its forward."""
-    _v2_unmodeled(query_rope, key_rope, sink, None, 0, 0)
+    """-> (dq, dk, dv, dpse, dq_rope, dk_rope, dsink), dpse and the rope gradients empty,
+    dsink empty without sink: the backward of npu_fusion_attention_v2, with the same pse /
+    pse_type arguments as its forward."""
+    _v2_unmodeled(query_rope, key_rope, None, 0, 0)
     call = _Call(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask,
                  keep_prob, pre_tokens, next_tokens, prefix, actual_seq_qlen,
                  actual_seq_kvlen, sparse_mode, softmax_layout, pse_type, q_start_idx,
-                 kv_start_idx)
-    dq, dk, dv, dpse = _grad(call, dy, softmax_max, softmax_sum, attention_in,
-                             float(scale_value), seed, offset, numels, softmax_layout)
-    return dq, dk, dv, dpse, dpse.clone(), dpse.clone()
+                 kv_start_idx, sink)
+    dq, dk, dv, dpse, dsink = _grad(call, dy, softmax_max, softmax_sum, attention_in,
+                                    float(scale_value), seed, offset, numels, softmax_layout)
+    return dq, dk, dv, dpse, dpse.clone(), dpse.clone(), dsink
 
 
 def npu_fusion_attention_grad_v3(query, key, value, dy, head_num, input_layout, *, pse=None,
@@ -182,8 +194,9 @@ def npu_fusion_attention_grad_v3(query, key, value, dy, head_num, input_layout, 
                                  prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None,
                                  sparse_mode=0, gen_mask_parallel=True, sync=False,
                                  softmax_layout="", sink=None):
-    """-> (dq, dk, dv, dpse, dsink): the backward of npu_fusion_attention_v3, seed and offset
-    as tensors (None without dropout), the lengths as int64 tensors, no numels."""
+    """-> (dq, dk, dv, dpse, dsink) (dpse empty, dsink empty without sink): the backward of
+    npu_fusion_attention_v3, seed and offset as tensors (None without dropout), the lengths as
+    int64 tensors, no numels."""
     call = _v3_call(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask,
                     keep_prob, pre_tockens, next_tockens, prefix, actual_seq_qlen,
                     actual_seq_kvlen, sparse_mode, softmax_layout, sink)
@@ -197,10 +210,8 @@ def npu_fusion_attention_grad_v3(query, key, value, dy, head_num, input_layout, 
             seeds.append(int(x.reshape(()).cpu()))
     if call.keep_prob < 1.0 and seed is None:
         raise ValueError("dropout (keep_prob < 1) needs the forward's seed and offset tensors")
-    dq, dk, dv, dpse = _grad(call, dy, softmax_max, softmax_sum, attention_in,
-                             float(scale_value), seeds[0], seeds[1], call.numels(),
-                             softmax_layout)
-    return dq, dk, dv, dpse, dpse.clone()
+    return _grad(call, dy, softmax_max, softmax_sum, attention_in, float(scale_value),
+                 seeds[0], seeds[1], call.numels(), softmax_layout)
 
 
 def _tensor_ends(name: str, ends: object, like: torch.Tensor) -> list[int]:
@@ -214,10 +225,9 @@ def _tensor_ends(name: str, ends: object, like: torch.Tensor) -> list[int]:
     return [int(x) for x in ends.cpu()]
 
 
-def _v2_unmodeled(query_rope, key_rope, sink, dropout_mask, seed, offset) -> None:
-    if query_rope is not None or key_rope is not None or sink is not None \
-            or dropout_mask is not None:
-        raise NotImplementedError("the simulator does not model query_rope, key_rope, sink or "
+def _v2_unmodeled(query_rope, key_rope, dropout_mask, seed, offset) -> None:
+    if query_rope is not None or key_rope is not None or dropout_mask is not None:
+        raise NotImplementedError("the simulator does not model query_rope, key_rope or "
                                   "dropout_mask")
     if seed or offset:
         raise NotImplementedError("the simulator draws the dropout seed itself; seed/offset "
@@ -239,6 +249,7 @@ def _grad(call: _Call, dy, softmax_max, softmax_sum, attention_in, scale_value: 
     dq = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
     dk = torch.zeros(key.shape, dtype=torch.float32, device=key.device)
     dv = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
+    dsink = None if call.sink is None else torch.zeros_like(call.sink)
     g = call.group
     for seq in call.sequences():
         s, visible = call.scores(seq, scale_value)
@@ -251,6 +262,9 @@ def _grad(call: _Call, dy, softmax_max, softmax_sum, attention_in, scale_value: 
         vb, kb = seq.v(call), seq.k(call)
         dpd = torch.einsum("hid,hjd->hij", do, vb) * keep
         delta = (do * o).sum(-1, keepdim=True)
+        if dsink is not None:  # the sink's probability exp(sink - max) / sum, per row
+            p_sink = torch.exp(call.sink[:, None] - smax[:, rows]) / ssum[:, rows]
+            dsink -= (p_sink * delta[..., 0]).sum(-1)
         ds = p * (dpd - delta) * scale_value
         dq[rows] = torch.einsum("hij,hjd->ihd", ds, kb)
         qb = query[rows].float().transpose(0, 1)
@@ -260,7 +274,9 @@ def _grad(call: _Call, dy, softmax_max, softmax_sum, attention_in, scale_value: 
         dk[kv] = dk_h.reshape(seq.sk, -1, g, dk_h.shape[-1]).sum(2)
         dv[kv] = dv_h.reshape(seq.sk, -1, g, dv_h.shape[-1]).sum(2)
     dpse = torch.empty(0, dtype=query.dtype, device=query.device)
-    return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), dpse
+    if dsink is None:
+        dsink = torch.empty(0, dtype=torch.float32, device=query.device)
+    return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), dpse, dsink
 
 
 def compressed_causal_mask(device: torch.device | str = "cpu") -> torch.Tensor:
@@ -291,7 +307,7 @@ class _Call:
     def __init__(self, query, key, value, head_num, input_layout, pse, padding_mask, atten_mask,
                  keep_prob, pre_tockens, next_tockens, prefix, actual_seq_qlen, actual_seq_kvlen,
                  sparse_mode, softmax_layout, pse_type=None, q_start_idx=None,
-                 kv_start_idx=None) -> None:
+                 kv_start_idx=None, sink=None) -> None:
         """pse_type None: the v1 operator (no pse_type; its pse is not modeled)."""
         if input_layout != "TND":
             raise NotImplementedError(f"the simulator models input_layout 'TND' only, got "
@@ -343,6 +359,7 @@ class _Call:
         self.alibi = None if pse_type is None else simulator_pse.parse(
             pse, pse_type, q_start_idx, kv_start_idx, n1, _lengths(self.ends_q),
             _lengths(self.ends_k))
+        self.sink = _check_sink(sink, head_num, query.device)
 
     def _check_mask(self) -> None:
         if self.mask is None:
@@ -430,6 +447,23 @@ class _Call:
         n = self.query.shape[1]
         return n * sum(a * b for a, b in zip(_lengths(self.ends_q), _lengths(self.ends_k),
                                              strict=True))
+
+
+def _check_sink(sink: object, head_num: int, device: torch.device) -> torch.Tensor | None:
+    """The documented sink: a float32 tensor of shape [head_num] ("shape为[head_num],
+    数据类型仅支持float32"), on the inputs' device."""
+    if sink is None:
+        return None
+    if not isinstance(sink, torch.Tensor):
+        raise TypeError(f"sink must be a tensor, got {type(sink).__name__}")
+    if sink.dtype != torch.float32:
+        raise TypeError(f"sink must be float32, got {sink.dtype}")
+    if tuple(sink.shape) != (head_num,):
+        raise ValueError(f"sink must have shape [head_num] = [{head_num}], got "
+                         f"{list(sink.shape)}")
+    if sink.device != device:
+        raise ValueError(f"sink must be on the inputs' device {device}, got {sink.device}")
+    return sink
 
 
 def _end_offsets(name: str, ends: object, total: int) -> list[int]:

@@ -18,10 +18,17 @@ Mapping (Ascend's documentation, torch_npu 2.14.0, cited in docs/npu.md):
   ``q_start_idx = [sk - sq]`` (queries are the last sq rows of a sequence of sk) or
   ``kv_start_idx = [sq - sk]`` (keys are the last sk of sq), which is attnhub's bottom-right
   ``|i + sk - sq - j|``; pse = the slopes, (nheads,) as given or (batch, nheads) restricted to
-  the call's sequences; v2 names the band arguments pre_tokens / next_tokens.
+  the call's sequences; v2 names the band arguments pre_tokens / next_tokens;
+* attention sinks: ``sink`` = attnhub's sinks, float32 (nheads,), to every forward and grad
+  operator (v1, v2, v3 all take it): the same math ("m = max(sink, max(S)), Attention =
+  e^{S-m}*V / (sum(e^{S-m}) + e^{sink-m})", the raw sink joining the scaled scores), so
+  softmax_max / softmax_sum include it and each grad operator returns dsink (nheads,) as its
+  last output. Passed only with sinks: older torch_npu releases have no ``sink`` parameter.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -80,6 +87,28 @@ def _shared(problem: VarlenProblem, device: torch.device, seq_qlen, seq_kvlen) -
     }
 
 
+def sink_kwargs(sinks: torch.Tensor | None) -> dict:
+    """``{"sink": sinks}`` with sinks (float32 (nheads,)), else nothing (releases without
+    the parameter keep working)."""
+    return {} if sinks is None else {"sink": sinks}
+
+
+def takes_argument(operator: object, argument: str) -> bool:
+    """Whether a torch_npu operator (a torch.ops packet; the simulator's Python function) has
+    a parameter named ``argument``. Unknown (no schema, no signature, or ``**kwargs``): True,
+    and the call itself tells."""
+    overloads = getattr(operator, "overloads", None)
+    if callable(overloads):  # torch.ops.<namespace>.<name>: any overload's schema
+        return any(a.name == argument for name in overloads()
+                   for a in getattr(operator, name)._schema.arguments)
+    try:
+        parameters = inspect.signature(operator).parameters
+    except (TypeError, ValueError):
+        return True
+    return argument in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
 def common_kwargs(problem: VarlenProblem, call: OperatorCall, device: torch.device) -> dict:
     """The arguments forward and backward share (everything but tensors and statistics)."""
     return _shared(problem, device, list(call.actual_seq_qlen), list(call.actual_seq_kvlen))
@@ -136,23 +165,26 @@ def _with_alibi(kwargs: dict, problem: VarlenProblem, call: OperatorCall, n_sequ
 
 
 def forward_kwargs(problem: VarlenProblem, call: OperatorCall, device: torch.device,
-                   n_sequences: int, slopes: torch.Tensor | None = None) -> dict:
+                   n_sequences: int, slopes: torch.Tensor | None = None,
+                   sinks: torch.Tensor | None = None) -> dict:
     """Keyword arguments of the forward operator (``operators(problem)[0]``)(query, key,
     value, **kwargs) for one call; n_sequences: the batch of the attnhub call."""
-    kwargs = {**common_kwargs(problem, call, device), "scale": problem.scale}
+    kwargs = {**common_kwargs(problem, call, device), "scale": problem.scale,
+              **sink_kwargs(sinks)}
     return _with_alibi(kwargs, problem, call, n_sequences, slopes)
 
 
 def grad_kwargs(problem: VarlenProblem, call: OperatorCall, device: torch.device,
                 n_sequences: int, softmax_max: torch.Tensor, softmax_sum: torch.Tensor,
                 out: torch.Tensor, seed: int, offset: int,
-                slopes: torch.Tensor | None = None) -> dict:
+                slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None) -> dict:
     """Keyword arguments of the backward operator (``operators(problem)[1]``)(query, key,
     value, dy, **kwargs); the backward names the scale ``scale_value``."""
     kwargs = {
         **common_kwargs(problem, call, device),
         **_grad_inputs(problem, softmax_max, softmax_sum, out, seed, offset),
         "numels": dropout_numels(problem, call),
+        **sink_kwargs(sinks),
     }
     return _with_alibi(kwargs, problem, call, n_sequences, slopes)
 
@@ -164,21 +196,25 @@ def device_lengths(cu_seqlens: torch.Tensor) -> torch.Tensor:
 
 
 def v3_forward_kwargs(problem: VarlenProblem, cu_seqlens_q: torch.Tensor,
-                      cu_seqlens_k: torch.Tensor, device: torch.device) -> dict:
+                      cu_seqlens_k: torch.Tensor, device: torch.device,
+                      sinks: torch.Tensor | None = None) -> dict:
     """Keyword arguments of npu_fusion_attention_v3 with the lengths as device tensors."""
     return {**_shared(problem, device, device_lengths(cu_seqlens_q),
-                      device_lengths(cu_seqlens_k)), "scale": problem.scale}
+                      device_lengths(cu_seqlens_k)), "scale": problem.scale,
+            **sink_kwargs(sinks)}
 
 
 def v3_grad_kwargs(problem: VarlenProblem, cu_seqlens_q: torch.Tensor,
                    cu_seqlens_k: torch.Tensor, device: torch.device,
                    softmax_max: torch.Tensor, softmax_sum: torch.Tensor, out: torch.Tensor,
-                   seed: torch.Tensor | None, offset: torch.Tensor | None) -> dict:
+                   seed: torch.Tensor | None, offset: torch.Tensor | None,
+                   sinks: torch.Tensor | None = None) -> dict:
     """Keyword arguments of npu_fusion_attention_grad_v3: lengths, seed and offset as
     tensors (no numels: v3 recomputes it)."""
     return {
         **_shared(problem, device, device_lengths(cu_seqlens_q), device_lengths(cu_seqlens_k)),
         **_grad_inputs(problem, softmax_max, softmax_sum, out, seed, offset),
+        **sink_kwargs(sinks),
     }
 
 

@@ -31,10 +31,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from attnhub.backends.reference.kernel import host_offsets, mask_offsets, window_visible
 
 from attnhub import custom_mask
 from attnhub.backend import ForwardResult, Gradients
+from attnhub.backends.reference.kernel import host_offsets, mask_offsets, window_visible
 from attnhub.inputs import VarlenInputs
 from attnhub.problem import VarlenProblem
 
