@@ -127,6 +127,34 @@ def decode_impls(w: Workload):
     return {"triton": triton_run, "torch-fa2 (gathered kv)": fa2_packed_run}
 
 
+def triton_variant(w: Workload, causal: bool, backward: bool, *, gluon: bool = True,
+                   tma: bool = True, gluon_backward: bool = True, **features):
+    """A zero-argument callable running the Triton backend's launchers on the workload
+    directly (attnhub.normalize, then backends/triton forward.forward and backward.backward),
+    with the shipped kernel choices turned off where asked: how benchmarks compare variants
+    without patching the backend. ``features``: attnhub arguments (softcap=..., ...); a
+    dropout call uses a fixed seed so that runs compare. Returns (out[, dq, dk, dv])."""
+    from attnhub.backends.triton import backward as triton_backward
+    from attnhub.backends.triton import forward as triton_forward
+
+    q, k, v, dout = workload_inputs(w, False)
+    info_q = attnhub.VarlenInfo.from_lengths(w.seqlens_q, "cuda")
+    info_k = attnhub.VarlenInfo.from_lengths(w.seqlens_k, "cuda")
+    problem, inputs = attnhub.normalize(q, k, v, info_q, info_k, causal=causal, **features)
+    seed = (torch.zeros(2, dtype=torch.int64, device="cuda") if problem.dropout_p > 0
+            else None)
+
+    def run():
+        out, lse = triton_forward.forward(problem, inputs, seed, gluon=gluon, tma=tma)
+        if not backward:
+            return (out,)
+        grads = triton_backward.backward(problem, inputs, out, lse, dout, None, seed,
+                                         gluon=gluon_backward)
+        return (out, *grads[:3])
+
+    return run
+
+
 def autotune_picks() -> list[str]:
     """The Triton autotuner's choice per kernel and key, when it was allowed to choose."""
     if os.environ.get("ATTNHUB_TRITON_AUTOTUNE", "0") in ("", "0"):

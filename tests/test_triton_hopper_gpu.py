@@ -64,8 +64,7 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_gluon_forward_matches_tl_kernel_and_reference(dtype, head_dim, case, gluon_calls,
-                                                       monkeypatch):
+def test_gluon_forward_matches_tl_kernel_and_reference(dtype, head_dim, case, gluon_calls):
     from attnhub.backends.triton import forward
 
     kw, lk = CASES[case]
@@ -75,9 +74,8 @@ def test_gluon_forward_matches_tl_kernel_and_reference(dtype, head_dim, case, gl
     out, lse = attnhub.attention_forward_varlen(q, k, v, iq, ik, return_lse=True,
                                                 backend="triton", **kw)
     assert gluon_calls, "the plain sm_90 call did not reach the Gluon kernel"
-    monkeypatch.setattr(forward, "USE_GLUON", False)
-    tl_out, tl_lse = attnhub.attention_forward_varlen(q, k, v, iq, ik, return_lse=True,
-                                                      backend="triton", **kw)
+    problem, inputs = attnhub.normalize(q, k, v, iq, ik, **kw)
+    tl_out, tl_lse = forward.forward(problem, inputs, None, gluon=False)
     assert len(gluon_calls) == 1
     ref, ref_lse = attnhub.attention_forward_varlen(q.double(), k.double(), v.double(), iq, ik,
                                                     return_lse=True, backend="reference", **kw)
@@ -149,9 +147,8 @@ def test_gluon_dkdv_serves_causal_calls_only(gluon_dkdv_calls):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("case", range(len(BWD_CASES)))
-def test_gluon_dkdv_matches_tl_kernel_and_reference(dtype, head_dim, case, gluon_dkdv_calls,
-                                                    monkeypatch):
-    from attnhub.backends.triton import backward
+def test_gluon_dkdv_matches_tl_kernel_and_reference(dtype, head_dim, case, gluon_dkdv_calls):
+    from attnhub.backends.triton import backward, forward
 
     kw, lk = BWD_CASES[case]
     q, k, v = (t.requires_grad_() for t in _inputs(LENGTHS_Q, lk, dtype, head_dim, seed=2))
@@ -165,8 +162,9 @@ def test_gluon_dkdv_matches_tl_kernel_and_reference(dtype, head_dim, case, gluon
 
     got = grads()
     assert gluon_dkdv_calls, "the plain sm_90 call did not reach the Gluon dK/dV kernel"
-    monkeypatch.setattr(backward, "USE_GLUON", False)
-    tl_got = grads()
+    problem, inputs = attnhub.normalize(q.detach(), k.detach(), v.detach(), iq, ik, **kw)
+    out, lse = forward.forward(problem, inputs, None)
+    tl_got = backward.backward(problem, inputs, out, lse, dout, None, None, gluon=False)[:3]
     assert len(gluon_dkdv_calls) == 1
     ref_in = tuple(t.detach().double().requires_grad_() for t in (q, k, v))
     ref = grads("reference", ref_in, dout.double())

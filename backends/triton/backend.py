@@ -68,7 +68,7 @@ class TritonBackend(Backend):
 
         if not problem.lengths_known or decode.eligible(problem):
             return None
-        block_m = configs.forward_config(problem.head_dim).block_m
+        block_m = configs.forward_block_m(problem.head_dim)
         return tile_list(problem, inputs.cu_seqlens_q, block_m, True)
 
     def forward(self, problem: VarlenProblem, inputs: VarlenInputs) -> ForwardResult:

@@ -28,11 +28,6 @@ from .forward import (
 )
 from .tiles import program_tile
 
-# Plain causal (right-bounded) calls on an sm_90 GPU with host lengths compute dK/dV in the
-# warp-specialised Gluon kernel (hopper_backward.py, docs/performance.md v7); False keeps them
-# on the tl kernel.
-USE_GLUON = True
-
 
 @triton.jit
 def query_rows(Q, DO, Lse, Delta, q_start, offs_m, sq, h, offs_d, stride_qt, stride_qh,
@@ -320,9 +315,13 @@ def _dq_kernel(
 
 
 def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
-             dlse: torch.Tensor | None, seed: torch.Tensor | None
+             dlse: torch.Tensor | None, seed: torch.Tensor | None, *, gluon: bool = True
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv with the shapes and dtypes of q, k, v (packed K/V only)."""
+    """dq, dk, dv with the shapes and dtypes of q, k, v (packed K/V only).
+
+    ``gluon``: plain causal (right-bounded) calls on an sm_90 GPU with host lengths compute
+    dK/dV in the warp-specialised Gluon kernel (hopper_backward.py). Ships on; benchmarks and
+    tests turn it off to compare with the tl kernel."""
     q = _c(inputs.q)
     k, stride_kt, stride_kh = kv_layout(problem, _c(inputs.k))
     v, stride_vt, stride_vh = kv_layout(problem, _c(inputs.v))
@@ -361,11 +360,11 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
                  else (dummy, dummy))
 
     # the Gluon dK/dV kernel is faster than the tl one on causal (right-bounded) calls only
-    # (H200, docs/performance.md v7)
+    # (H200, docs/performance.md)
     plain = (not problem.custom_mask and problem.dropout_p == 0 and problem.softcap == 0
              and alibi is None and problem.paged is None and right >= 0)
     k_planned = None
-    if USE_GLUON and problem.nheads_k and hopper_backward.supports(problem, q, k, v, dout, plain):
+    if gluon and problem.nheads_k and hopper_backward.supports(problem, q, k, v, dout, plain):
         k_planned = tile_list(problem, inputs.cu_seqlens_k, hopper_backward.BLOCK_N, False)
     if k_planned is not None:
         hopper_backward.dkdv(problem, q, k, v, dout, lse, delta, dk, dv, inputs.cu_seqlens_q,

@@ -39,10 +39,9 @@ except ImportError:  # no Gluon (Triton < 3.5): the tl kernel serves every call
     gluon = None
 
 BLOCK_M = 128
-# (key block, stages, ping-pong, consumer registers, producer registers), from benchmarks on
-# an H200 (docs/performance.md v7)
-CONFIG = {"block_n": 128, "stages": 2, "pingpong": False, "direct_store": False,
-          "consumer_regs": 240, "producer_regs": 24}
+# (key block, stages, consumer registers, producer registers), from benchmarks on an H200
+# (docs/performance.md)
+CONFIG = {"block_n": 128, "stages": 2, "consumer_regs": 240, "producer_regs": 24}
 HEAD_DIMS = (64, 128)
 
 if gluon is not None:
@@ -113,17 +112,14 @@ if gluon is not None:
         return gl.where(visible, s, float("-inf"))
 
     @gluon.jit
-    def _consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
-                 v_zeroed, Out,
-                 Lse, q_start, sq, h, m0, sk, offset, lo, n_blocks, full_lo, full_hi, qk_scale,
-                 window_left, window_right, stride_ot, stride_oh, total_q,
+    def _consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, v_zeroed,
+                 Out, Lse, q_start, sq, h, m0, sk, offset, lo, n_blocks, full_lo, full_hi,
+                 qk_scale, window_left, window_right, stride_ot, stride_oh, total_q,
                  WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-                 DIRECT_STORE: gl.constexpr, WINDOW_LEFT: gl.constexpr,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr,
                  WINDOW_RIGHT: gl.constexpr):
         """Consumer warpgroup WG (0 or 1): query rows [m0 + WG * ROWS, + ROWS) of the tile,
-        online softmax over the key blocks, then O and lse. With PINGPONG the two warpgroups
-        take turns to issue their matmuls, so one's softmax runs under the other's."""
+        online softmax over the key blocks, then O and lse."""
         ROWS: gl.constexpr = BLOCK_M // 2
         dtype: gl.constexpr = q_smem.dtype
         S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
@@ -145,12 +141,8 @@ if gluon is not None:
         if n_blocks > 0:
             # block 0: QK^T and softmax, its P V waits for the next iteration
             mbarrier.wait(k_ready.index(0), 0)
-            if PINGPONG:
-                mbarrier.wait(turn.index(WG), 0, pred=WG == 1)
             s = warpgroup_mma(q_rows, k_smem.index(0).permute((1, 0)), s_init, use_acc=False,
                               is_async=True)
-            if PINGPONG:
-                mbarrier.arrive(turn.index(1 - WG))
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
             mbarrier.arrive(k_empty.index(0))
             if (lo < full_lo) | (lo + BLOCK_N > full_hi):
@@ -168,14 +160,9 @@ if gluon is not None:
                 pst = (j - 1) % STAGES
                 mbarrier.wait(k_ready.index(st), (j // STAGES) & 1)
                 mbarrier.wait(v_ready.index(pst), ((j - 1) // STAGES) & 1)
-                if PINGPONG:
-                    # turn j of WG 0 follows WG 1's turn j - 1; WG 1's follows WG 0's turn j
-                    mbarrier.wait(turn.index(WG), (j - 1 + WG) & 1)
                 s = warpgroup_mma(q_rows, k_smem.index(st).permute((1, 0)), s_init,
                                   use_acc=False, is_async=True)
                 acc = warpgroup_mma(p_op, v_smem.index(pst), acc, is_async=True)
-                if PINGPONG:
-                    mbarrier.arrive(turn.index(1 - WG))
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
                 mbarrier.arrive(k_empty.index(st))
                 if (ks < full_lo) | (ks + BLOCK_N > full_hi):
@@ -212,12 +199,10 @@ if gluon is not None:
         out = (acc * inv[:, None]).to(dtype)
         lse = gl.where(seen, (m_i + gl.log2(gl.where(seen, l_i, 1.0))) * 0.6931471805599453,
                        float("-inf"))
-        if DIRECT_STORE:  # 4-byte stores from the wgmma layout, no shared-memory staging
-            OUT_LAYOUT: gl.constexpr = O_LAYOUT
-        else:  # 16-byte stores after a layout change through shared memory
-            OUT_LAYOUT: gl.constexpr = gl.BlockedLayout(
-                [1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
-            out = gl.convert_layout(out, OUT_LAYOUT)
+        # 16-byte stores after a layout change through shared memory
+        OUT_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8],
+                                                    [4, 1], [1, 0])
+        out = gl.convert_layout(out, OUT_LAYOUT)
         rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, OUT_LAYOUT))
         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, OUT_LAYOUT))
         ptrs = Out + (q_start + rows).to(gl.int64)[:, None] * stride_ot + h * stride_oh \
@@ -231,8 +216,7 @@ if gluon is not None:
                            stride_ot, stride_oh, total_q, qk_scale, window_left, window_right,
                            GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                           STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-                           DIRECT_STORE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                           STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                            PRODUCER_REGS: gl.constexpr,
                            TOP_LEFT: gl.constexpr, WINDOW_LEFT: gl.constexpr,
                            WINDOW_RIGHT: gl.constexpr):
@@ -266,7 +250,6 @@ if gluon is not None:
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         v_zeroed = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
         for i in gl.static_range(STAGES):
@@ -274,22 +257,20 @@ if gluon is not None:
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
             mbarrier.init(v_empty.index(i), count=2)
-        mbarrier.init(turn.index(0), count=1)
-        mbarrier.init(turn.index(1), count=1)
         mbarrier.init(v_zeroed, count=1)
         fence_async_shared()
 
         gl.warp_specialize([
-            (_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
+            (_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
                         v_zeroed, Out, Lse, q_start, sq, h, m0, sk, offset, lo, n_blocks,
                         full_lo, full_hi, qk_scale, window_left, window_right, stride_ot,
-                        stride_oh, total_q, 0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG,
-                        DIRECT_STORE, WINDOW_LEFT, WINDOW_RIGHT)),
-            (_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
+                        stride_oh, total_q, 0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                        WINDOW_LEFT, WINDOW_RIGHT)),
+            (_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
                         v_zeroed, Out, Lse, q_start, sq, h, m0, sk, offset, lo, n_blocks,
                         full_lo, full_hi, qk_scale, window_left, window_right, stride_ot,
-                        stride_oh, total_q, 1, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG,
-                        DIRECT_STORE, WINDOW_LEFT, WINDOW_RIGHT)),
+                        stride_oh, total_q, 1, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                        WINDOW_LEFT, WINDOW_RIGHT)),
             (_produce, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
                         k_empty, v_empty, q_start + m0, h * HEAD_DIM, k_start + lo,
                         (h // GROUP) * HEAD_DIM, n_blocks, BLOCK_N, STAGES)),
@@ -354,8 +335,7 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
         out, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_blk, out.stride(0), out.stride(1),
         problem.total_q, qk_scale, left, right,
         GROUP=problem.group_size, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-        STAGES=CONFIG["stages"], PINGPONG=CONFIG["pingpong"],
-        DIRECT_STORE=CONFIG["direct_store"],
-        CONSUMER_REGS=CONFIG["consumer_regs"], PRODUCER_REGS=CONFIG["producer_regs"],
+        STAGES=CONFIG["stages"], CONSUMER_REGS=CONFIG["consumer_regs"],
+        PRODUCER_REGS=CONFIG["producer_regs"],
         TOP_LEFT=problem.mask_alignment == "top_left", WINDOW_LEFT=left >= 0,
         WINDOW_RIGHT=right >= 0, num_warps=4)
