@@ -90,6 +90,42 @@ def test_gluon_forward_matches_tl_kernel_and_reference(dtype, head_dim, case, gl
     assert (lse - tl_lse)[finite].abs().max() < 1e-3
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window_size": (40, 3)},
+                                {"causal": True, "mask_alignment": "top_left"}])
+def test_gluon_forward_with_sinks(head_dim, kw, gluon_calls):
+    """Sinks joined in the Gluon kernel's epilogue: against the tl kernel with the same sinks
+    and the float64 reference with the sinks joined (tests/naive.py join_sinks); rows that
+    see no key (a sequence without keys; causal rows before sk - sq) get out 0 and
+    lse = the sink."""
+    from attnhub.backends.triton import forward
+    from naive import join_sinks
+
+    lk = [900, 1, 0, 200, 2048, 0, 129, 64]
+    q, k, v = _inputs(LENGTHS_Q, lk, torch.bfloat16, head_dim, seed=5)
+    sinks = torch.randn(8, device="cuda", generator=torch.Generator(device="cuda")
+                        .manual_seed(6)) * 2
+    sinks[0] = 30.0  # above every score: the sink takes nearly all of head 0's mass
+    iq = attnhub.VarlenInfo.from_lengths(LENGTHS_Q, "cuda")
+    ik = attnhub.VarlenInfo.from_lengths(lk, "cuda")
+    problem, inputs = attnhub.normalize(q, k, v, iq, ik, **kw)
+    out, lse = forward.forward(problem, inputs, None, sinks=sinks)
+    assert len(gluon_calls) == 1, "the plain sm_90 call with sinks did not reach Gluon"
+    tl_out, tl_lse = forward.forward(problem, inputs, None, sinks=sinks, gluon=False)
+    ref, ref_lse = attnhub.attention_forward_varlen(q.double(), k.double(), v.double(), iq, ik,
+                                                    return_lse=True, backend="reference", **kw)
+    empty = torch.isneginf(ref_lse)
+    ref, ref_lse = join_sinks(ref, ref_lse, sinks.double())
+    assert (out.double() - ref).abs().max() < 2e-2
+    assert (out.double() - ref).abs().max() <= 1.5 * (tl_out.double() - ref).abs().max() + 1e-3
+    assert torch.isfinite(lse).all()
+    assert (lse.double() - ref_lse).abs().max() < 1e-3
+    assert (lse - tl_lse).abs().max() < 1e-3
+    assert empty.any()
+    assert (out.transpose(0, 1)[empty] == 0).all()
+    assert (lse[empty] - sinks[:, None].expand_as(lse)[empty]).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window_size": (40, 3)}])
 def test_gluon_forward_reads_no_other_sequence(kw, gluon_calls):
     """inf keys and NaN values in one sequence change no other sequence's output, although

@@ -98,5 +98,5 @@ class TritonBackend(Backend):
 
             return kernel.backward(problem, inputs, dout, dlse)
         with configs.launch_guard():
-            dq, dk, dv = backward(problem, inputs, out, lse, dout, dlse, inputs.rng_state)
+            dq, dk, dv, _ = backward(problem, inputs, out, lse, dout, dlse, inputs.rng_state)
         return Gradients(dq, dk, dv)

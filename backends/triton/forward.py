@@ -2,7 +2,8 @@
 
 Online softmax in base 2 over the key blocks each tile can see (causal and window bands are
 skipped, not masked), fp32 accumulation, GQA by indexing (no expanded K/V), softcap, ALiBi,
-Philox dropout, paged K/V through the block table, lse in natural log. Fully visible key
+Philox dropout, paged K/V through the block table, attention sinks (one logit per query head
+that joins each row's softmax denominator), lse in natural log. Fully visible key
 blocks, and in plain calls the diagonal blocks inside the sequence, read K/V through TMA
 descriptors where the layout allows (docs/triton.md, Loads).
 """
@@ -129,6 +130,21 @@ def custom_mask_visible(MaskBits, mask_off, qi, kj, sq, sk):
     in_seq = (qi < sq) & (kj < sk)
     byte = tl.load(MaskBits + (pos >> 3), mask=in_seq, other=0).to(tl.int32)
     return ((byte >> (pos & 7).to(tl.int32)) & 1) != 0
+
+
+@triton.jit
+def add_sink(acc, l_i, m_i, Sinks, h, mask):
+    """The softmax state (acc, l_i, m_i in base 2, m_i -inf where a row saw nothing) with
+    head ``h``'s sink logit (natural units) joined to the denominator: rescaled to the larger
+    maximum so that neither exp2 overflows. A row that saw nothing ends with l = exp(0) = 1 at
+    m = sink (lse = sink, out = 0); a -inf sink changes nothing. ``mask``: rows that exist
+    (``h`` may be a tensor of heads)."""
+    sink2 = tl.load(Sinks + h, mask=mask, other=float("-inf")) * 1.4426950408889634
+    m_new = tl.maximum(m_i, sink2)
+    m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.exp2(sink2 - m_new)
+    return acc * alpha[:, None], l_i, m_new
 
 
 @triton.jit
@@ -318,14 +334,14 @@ def _prune(configs_, named_args, **kwargs):
     configs=configs.candidates("fwd", "BLOCK_N",
                                pre_hook=descriptor_hook(("desc_k", "desc_v"), "BLOCK_N")),
     key=["HEAD_DIM", "GROUP", "BLOCK_M", "WINDOW_LEFT", "WINDOW_RIGHT", "HAS_SOFTCAP",
-         "HAS_ALIBI", "HAS_DROPOUT", "PAGED", "PAGE_SIZE", "HAS_CUSTOM_MASK"],
+         "HAS_ALIBI", "HAS_DROPOUT", "PAGED", "PAGE_SIZE", "HAS_CUSTOM_MASK", "HAS_SINKS"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit(do_not_specialize=PER_BATCH_ARGS)
 def _fwd_kernel(
     Q, K, V, Out, Lse, CuQ, CuK, TileSeq, TileBlk, BlockTable, Alibi, Seed, MaskBits, MaskOffsets,
-    desc_k, desc_v, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
-    stride_oh,
+    Sinks, desc_k, desc_v, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_ot, stride_oh,
     stride_bt_b, stride_ab, total_q, batch, nheads, max_seqlen_k,
     qk_scale, tanh_scale, softcap2, dropout_p, window_left, window_right,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -334,6 +350,7 @@ def _fwd_kernel(
     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
     PLAIN: tl.constexpr, USE_TMA: tl.constexpr, DEVICE_TILES: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     h = tl.program_id(1)
     b, mblk = program_tile(TileSeq, TileBlk, CuQ, batch, BLOCK_M, DEVICE_TILES)
@@ -401,6 +418,8 @@ def _fwd_kernel(
         HEAD_DIM, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PAGED,
         PAGE_SIZE, PRECISION, EVEN_D, USE_TMA, kmax, 0, False)
 
+    if HAS_SINKS:
+        acc, l_i, m_i = add_sink(acc, l_i, m_i, Sinks, h, True)
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
@@ -448,9 +467,10 @@ def kv_layout(problem, k: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return k, k.stride(0), k.stride(1)
 
 
-def forward(problem, inputs, seed: torch.Tensor | None, *, gluon: bool = True,
-            tma: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (total_q, nheads, d) in q's dtype and lse float32 (nheads, total_q).
+def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor | None = None,
+            gluon: bool = True, tma: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (total_q, nheads, d) in q's dtype and lse float32 (nheads, total_q); ``sinks``:
+    float32 (nheads,) sink logits, or None (lse then -inf on rows that see no key).
 
     ``gluon``: plain calls on an sm_90 GPU with a host-planned tile list run the
     warp-specialised Gluon kernel (hopper_forward.py); ``tma``: the tl kernel reads fully
@@ -480,7 +500,7 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, gluon: bool = True,
             and hopper_forward.supports(problem, q, k, v, plain)):
         hopper_forward.forward(problem, q, k, v, out, lse, inputs.cu_seqlens_q,
                                inputs.cu_seqlens_k, tile_seq, tile_blk,
-                               score_scalars(problem)[0])
+                               score_scalars(problem)[0], sinks)
         return out, lse
     use_tma = rows_exact and tma and tma_ready(problem.head_dim, k, v)
     desc_k = desc_v = dummy
@@ -493,7 +513,8 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, gluon: bool = True,
         block_table if block_table is not None else dummy,
         alibi if alibi is not None else dummy, seed if seed is not None else dummy,
         inputs.custom_mask if problem.custom_mask else dummy,
-        inputs.custom_mask_offsets if problem.custom_mask else dummy, desc_k, desc_v,
+        inputs.custom_mask_offsets if problem.custom_mask else dummy,
+        sinks if sinks is not None else dummy, desc_k, desc_v,
         q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
         out.stride(0), out.stride(1),
         block_table.stride(0) if block_table is not None else 0,
@@ -508,7 +529,7 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, gluon: bool = True,
         PAGED=problem.paged is not None,
         PAGE_SIZE=problem.paged.page_size if problem.paged is not None else 1,
         PRECISION=configs.dot_precision(q.dtype), HAS_CUSTOM_MASK=problem.custom_mask,
-        PLAIN=plain, USE_TMA=use_tma, DEVICE_TILES=device_tiles,
+        PLAIN=plain, USE_TMA=use_tma, DEVICE_TILES=device_tiles, HAS_SINKS=sinks is not None,
     )
     return out, lse
 
