@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from . import plans
@@ -40,6 +42,7 @@ def attention_forward_varlen(
     backend: str | None = None,
     mask_alignment: str = "bottom_right",
     custom_mask: torch.Tensor | PackedMask | None = None,
+    sinks: torch.Tensor | None = None,
 ):
     """Attention over a packed batch of variable-length sequences.
 
@@ -54,13 +57,15 @@ def attention_forward_varlen(
     return_attn_probs, lse float32 (nheads, total_q) and probs float32 (batch, nheads,
     max_seqlen_q, max_seqlen_k). ``backend`` forces a backend by name. ``custom_mask``: a
     1-D bool tensor, each request's row-major (sq, sk) block (True = visible) concatenated,
-    or a PackedMask; applied on top of causal / window.
+    or a PackedMask; applied on top of causal / window. ``sinks``: float32 (nheads,), one
+    learnable logit per query head that joins every row's softmax denominator and takes no
+    value (lse includes it; docs/semantics.md); it may require grad.
     """
     if type(return_lse) is not bool:
         return_lse = as_bool("return_lse", return_lse)
     key = None
     if alibi_slopes is None and block_table is None and not return_attn_probs \
-            and custom_mask is None:
+            and custom_mask is None and sinks is None:
         key = plans.call_key(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
             softmax_scale, causal, window_size, softcap, deterministic, backend,
@@ -79,7 +84,8 @@ def attention_forward_varlen(
             dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
             window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
             deterministic=deterministic, return_attn_probs=return_attn_probs,
-            block_table=block_table, mask_alignment=mask_alignment, custom_mask=custom_mask)
+            block_table=block_table, mask_alignment=mask_alignment, custom_mask=custom_mask,
+            sinks=sinks)
         chosen = select(problem, backend)
     except AttnhubError as exc:
         if not torch.compiler.is_compiling():
@@ -120,26 +126,16 @@ def explain(
     cu_seqlens_k: CuSeqlens,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
-    dropout_p: float = 0.0,
-    softmax_scale: float | None = None,
-    causal: bool = False,
-    window_size: WindowSize = None,
-    softcap: float | None = None,
-    alibi_slopes: torch.Tensor | None = None,
-    deterministic: bool | None = None,
-    return_attn_probs: bool | None = None,
-    block_table: torch.Tensor | None = None,
     *,
+    softmax_scale: float | None = None,
+    block_table: torch.Tensor | None = None,
     backend: str | None = None,
-    mask_alignment: str = "bottom_right",
-    custom_mask: torch.Tensor | PackedMask | None = None,
+    **features: Any,
 ) -> Explanation:
     """Every registered backend's verdict (reasons, or selected) for this call, computing
-    nothing. Takes attention_forward_varlen's arguments; ``print()`` it for a table."""
-    problem, _ = normalize(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
-        softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
-        alibi_slopes=alibi_slopes, deterministic=deterministic,
-        return_attn_probs=return_attn_probs, block_table=block_table,
-        mask_alignment=mask_alignment, custom_mask=custom_mask)
+    nothing. Takes attention_forward_varlen's arguments (the feature arguments by keyword:
+    causal, window_size, softcap, alibi_slopes, dropout_p, custom_mask, sinks, ...);
+    ``print()`` it for a table."""
+    problem, _ = normalize(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           softmax_scale=softmax_scale, block_table=block_table, **features)
     return explain_problem(problem, backend)

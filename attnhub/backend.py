@@ -14,9 +14,10 @@ from .problem import VarlenProblem
 
 class ForwardResult(NamedTuple):
     """out: q's shape and dtype. lse: float32 (nheads, total_q), natural log, -inf on rows
-    that see no key. probs: float32 (batch, nheads, max_seqlen_q, max_seqlen_k) when
-    requested. rng_state: whatever the backend's backward needs to regenerate the dropout
-    mask (an int64 tensor), when dropout_p > 0."""
+    that see no key; with sinks the sink's logit joins the sum (a row that sees no key has
+    lse = its head's sink, docs/semantics.md). probs: float32 (batch, nheads, max_seqlen_q,
+    max_seqlen_k) when requested. rng_state: whatever the backend's backward needs to
+    regenerate the dropout mask (an int64 tensor), when dropout_p > 0."""
 
     out: torch.Tensor
     lse: torch.Tensor
@@ -24,12 +25,32 @@ class ForwardResult(NamedTuple):
     rng_state: torch.Tensor | None = None
 
 
-class Gradients(NamedTuple):
-    """dq, dk, dv with the shapes and dtypes of q, k, v."""
-
+class _QKVGradients(NamedTuple):
     dq: torch.Tensor
     dk: torch.Tensor
     dv: torch.Tensor
+
+
+class Gradients(_QKVGradients):
+    """dq, dk, dv with the shapes and dtypes of q, k, v. dsinks: float32 (nheads,), the
+    gradient of the attention sinks for a call with sinks (None otherwise).
+
+    It unpacks and iterates as the 3-tuple (dq, dk, dv), as before sinks existed; dsinks is
+    an attribute (``Gradients(dq, dk, dv, dsinks)`` or ``dsinks=``)."""
+
+    dsinks: torch.Tensor | None
+
+    def __new__(cls, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+                dsinks: torch.Tensor | None = None) -> Gradients:
+        self = super().__new__(cls, dq, dk, dv)
+        self.dsinks = dsinks
+        return self
+
+    def __getnewargs__(self) -> tuple:
+        return (*self, self.dsinks)
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, dsinks={self.dsinks!r})"
 
 
 class Backend:

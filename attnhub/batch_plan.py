@@ -20,10 +20,12 @@ import dataclasses
 
 import torch
 
+from .arguments import as_bool
 from .backend import Backend
 from .custom_mask import PackedMask
 from .dispatch import select
 from .errors import BackendUnavailableError, InvalidArgumentError
+from .features import TENSORS, check_sinks
 from .inputs import VarlenInputs
 from .normalize import CuSeqlens, WindowSize, normalize
 from .ops import run_forward
@@ -46,6 +48,7 @@ class _Static:
     max_seqlen_k: int | None
     backend: str | None
     options: dict
+    sinks: bool = False
 
 
 class BatchPlan:
@@ -85,8 +88,10 @@ class BatchPlan:
         else:
             k = _placeholder((_total(cu_k, "cu_seqlens_k"), st.nheads_k, st.head_dim), st.dtype,
                              st.device)
+        sinks = _placeholder((st.nheads,), torch.float32, st.device) if st.sinks else None
         return normalize(q, k, k, cu_q, cu_k, st.max_seqlen_q, st.max_seqlen_k,
-                         block_table=block_table, custom_mask=custom_mask, **st.options)
+                         block_table=block_table, custom_mask=custom_mask, sinks=sinks,
+                         **st.options)
 
     def _install(self, problem: VarlenProblem, inputs: VarlenInputs) -> None:
         backend = select(problem, self._static.backend)
@@ -97,8 +102,8 @@ class BatchPlan:
         self._kv_rows = inputs.k.shape[0]
         i = self._inputs
         # Out-only calls on plain inputs go straight to the backend's bound launch.
-        plain = (i.alibi_slopes is None and i.block_table is None and i.rng_state is None
-                 and i.custom_mask is None and i.schedule is None)
+        self._tensors = tuple(getattr(i, t.name) for t in TENSORS)  # the features' tensors
+        plain = i.schedule is None and all(t is None for t in self._tensors)
         self._run_out = checked_out_runner(backend, problem) if plain else None
         grad = dataclasses.replace(problem, requires_grad=True)  # decided now, not while
         try:  # torch.compile traces run()
@@ -143,8 +148,10 @@ class BatchPlan:
     # -- per call -----------------------------------------------------------------------------
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-            return_lse: bool = False):
-        """out (q's shape and dtype), or (out, lse) with lse float32 (nheads, total_q)."""
+            return_lse: bool = False, sinks: torch.Tensor | None = None):
+        """out (q's shape and dtype), or (out, lse) with lse float32 (nheads, total_q).
+        ``sinks``: float32 (nheads,), required by a plan made with ``sinks=True`` (this
+        layer's sink logits), refused otherwise."""
         if q.shape != self._q_shape or k.shape[1:] != self._kv_tail or v.shape != k.shape:
             raise InvalidArgumentError(
                 "q, k, v", f"q {self._q_shape} and k, v (*, {', '.join(map(str, self._kv_tail))})"
@@ -154,24 +161,37 @@ class BatchPlan:
         if q.dtype != self.problem.dtype or q.device != self._static.device:
             raise InvalidArgumentError("q", f"{self.problem.dtype} on {self._static.device}",
                                        f"{q.dtype} on {q.device}")
+        if self.problem.sinks:
+            if sinks is None:
+                raise InvalidArgumentError("sinks", "a float32 (nheads,) tensor (the plan was "
+                                           "made with sinks=True)", None)
+            sinks = check_sinks(sinks, self.problem.nheads, self._static.device)
+        elif sinks is not None:
+            raise InvalidArgumentError("sinks", "None (the plan was made without sinks: "
+                                       "plan(..., sinks=True))", "a tensor")
         grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
-                                            or v.requires_grad)
+                                            or v.requires_grad or (sinks is not None
+                                                                   and sinks.requires_grad))
         i = self._inputs
         if not (return_lse or grad or torch.compiler.is_compiling()):
             if self._run_out is not None:
                 return self._run_out(q, k, v, i.cu_seqlens_q, i.cu_seqlens_k)
             return check_out(self.backend.name, self.backend.forward_out(
-                self.problem, VarlenInputs(q, k, v, i.cu_seqlens_q, i.cu_seqlens_k,
-                                           i.alibi_slopes, i.block_table, i.rng_state,
-                                           i.custom_mask, i.custom_mask_offsets, i.schedule)), q)
+                self.problem, self._call_inputs(q, k, v, sinks)), q)
         problem, backend = self._grad_variant() if grad else (self.problem, self.backend)
-        inputs = VarlenInputs(q, k, v, i.cu_seqlens_q, i.cu_seqlens_k, i.alibi_slopes,
-                              i.block_table, i.rng_state, i.custom_mask, i.custom_mask_offsets,
-                              i.schedule)
+        inputs = self._call_inputs(q, k, v, sinks)
         result = run_forward(problem, inputs, backend)
         return (result.out, result.lse) if return_lse else result.out
 
     __call__ = run
+
+    def _call_inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     sinks: torch.Tensor | None) -> VarlenInputs:
+        i = self._inputs
+        tensors = self._tensors
+        if sinks is not None:
+            tensors = (*tensors[:_SINKS], sinks, *tensors[_SINKS + 1:])
+        return VarlenInputs(q, k, v, i.cu_seqlens_q, i.cu_seqlens_k, *tensors, i.schedule)
 
     def __repr__(self) -> str:
         p = self.problem
@@ -179,6 +199,7 @@ class BatchPlan:
                 f" features={p.features()}, cuda_graph={self.cuda_graph})")
 
 
+_SINKS = [t.name for t in TENSORS].index("sinks")
 _BUFFERS = ("cu_seqlens_q", "cu_seqlens_k", "block_table", "custom_mask", "custom_mask_offsets")
 
 
@@ -204,6 +225,7 @@ def plan(
     num_pages: int | None = None,
     custom_mask: torch.Tensor | PackedMask | None = None,
     mask_alignment: str = "bottom_right",
+    sinks: bool = False,
     backend: str | None = None,
     cuda_graph: bool = False,
 ) -> BatchPlan:
@@ -213,7 +235,8 @@ def plan(
     come from the offsets and ``nheads`` / ``nheads_k`` / ``head_dim``, with ``block_table``
     the page pools' ``page_size`` (and ``num_pages``, default: the largest page index + 1).
     ``device``: default, the offsets' device (CPU for lists). ``cuda_graph``: fixed buffers
-    and no host lengths in the launches (see the module docstring).
+    and no host lengths in the launches (see the module docstring). ``sinks``: the calls
+    carry attention sinks, passed per layer as ``run(q, k, v, sinks=...)``.
     """
     if device is None:
         device = getattr(cu_seqlens_q, "device", None) or "cpu"
@@ -227,7 +250,7 @@ def plan(
         raise InvalidArgumentError("max_seqlen_q, max_seqlen_k", "upper bounds (ints) for a "
                                    "CUDA-graph plan: the captured launches keep them", None)
     static = _Static(nheads, nheads_k, head_dim, dtype, dev, page_size, num_pages, max_seqlen_q,
-                     max_seqlen_k, backend, options)
+                     max_seqlen_k, backend, options, as_bool("sinks", sinks))
     return BatchPlan(static, cu_seqlens_q, cu_seqlens_k, block_table, custom_mask, cuda_graph)
 
 

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from typing import Union
+from typing import Any, Union
 
 import torch
 
-from . import custom_mask as masks
 from . import host_copies
-from .arguments import as_bool, as_float, as_int, as_optional_bool, as_window, bound_window
+from .arguments import as_float, as_int
 from .errors import CapacityError, InvalidArgumentError
+from .features import GRAD_TENSORS, Call
+from .features import convert as convert_features
 from .inputs import VarlenInputs
 from .problem import PagedLayout, VarlenProblem
 from .varlen_info import VarlenInfo, check_cu_seqlens_values
 
 CuSeqlens = Union[torch.Tensor, Sequence[int], VarlenInfo]  # noqa: UP007 (a runtime alias)
 WindowSize = Union[int, Sequence[int], None]  # noqa: UP007
-
-_ALIGNMENTS = ("bottom_right", "top_left")
 
 
 def normalize(
@@ -31,23 +30,20 @@ def normalize(
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
     *,
-    dropout_p: float = 0.0,
     softmax_scale: float | None = None,
-    causal: bool = False,
-    window_size: WindowSize = None,
-    softcap: float | None = None,
-    alibi_slopes: torch.Tensor | None = None,
-    deterministic: bool | None = None,
-    return_attn_probs: bool | None = None,
     block_table: torch.Tensor | None = None,
-    mask_alignment: str = "bottom_right",
-    custom_mask: torch.Tensor | masks.PackedMask | None = None,
+    **features: Any,
 ) -> tuple[VarlenProblem, VarlenInputs]:
     """Validate one call and describe it. Shapes: q (total_q, nheads, head_dim); k, v
     (total_k, nheads_k, head_dim), or with ``block_table`` page pools (num_pages, page_size,
-    nheads_k, head_dim). ``custom_mask``: a 1-D bool tensor (each request's row-major
-    (sq, sk) block, True = visible, concatenated) or a PackedMask (attnhub.custom_mask).
-    Raises InvalidArgumentError naming the argument at fault."""
+    nheads_k, head_dim).
+
+    ``features``: the feature keyword arguments of attention_forward_varlen, each converted
+    and validated by its declaration in attnhub.features: dropout_p, causal, window_size,
+    softcap, alibi_slopes, deterministic, return_attn_probs, mask_alignment, custom_mask (a
+    1-D bool tensor: each request's row-major (sq, sk) block, True = visible, concatenated;
+    or a PackedMask from attnhub.custom_mask) and sinks (float32 (nheads,)).
+    Raises InvalidArgumentError naming the argument at fault (TypeError for an unknown one)."""
     paged = block_table is not None
     _check_tensor("q", q, 3, "(total_q, nheads, head_dim)")
     kv_shape = ("(num_pages, page_size, nheads_k, head_dim)" if paged
@@ -100,30 +96,16 @@ def normalize(
     else:
         total_k = k.shape[0]
 
-    # A float traced as dynamic (torch.compile) is specialized here: it is a constant of the
-    # op and of the selection key. (float.__float__: float() keeps it symbolic.)
-    softmax_scale, softcap, dropout_p = (x.__float__() if isinstance(x, float) else x
-                                         for x in (softmax_scale, softcap, dropout_p))
+    if isinstance(softmax_scale, float):  # traced as dynamic: specialized (see features)
+        softmax_scale = softmax_scale.__float__()
     scale = _scale(softmax_scale, head_dim)
-    window = bound_window(tuple(operator.index(w) for w in _window(window_size, causal)),
-                          max_q, max_k)
-    cap = _softcap(softcap)
-    alibi = _alibi(alibi_slopes, batch, nheads, device)
-    dropout = _dropout(dropout_p)
-    if mask_alignment not in _ALIGNMENTS:
-        raise InvalidArgumentError("mask_alignment", "'bottom_right' or 'top_left'",
-                                   repr(mask_alignment))
-    deterministic = as_optional_bool("deterministic", deterministic)
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
-    return_attn_probs = as_optional_bool("return_attn_probs", return_attn_probs)
-    requires_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
-                                                 or v.requires_grad)
-    packed = None
-    if custom_mask is not None:
-        if not isinstance(custom_mask, masks.PackedMask):
-            custom_mask = masks.from_bool(custom_mask, cu_q, cu_k, seqlens_q, seqlens_k)
-        packed = masks.check(custom_mask, batch, device)
+    fields, tensors = convert_features(
+        Call(q, batch, nheads, device, cu_q, cu_k, seqlens_q, seqlens_k, max_q, max_k, layout,
+             block_table), features)
+    requires_grad = torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad
+        or any(tensors[t.name] is not None and tensors[t.name].requires_grad
+               for t in GRAD_TENSORS))
     problem = VarlenProblem(
         device_type=device.type,
         dtype=q.dtype,
@@ -136,24 +118,12 @@ def normalize(
         max_seqlen_q=max_q,
         max_seqlen_k=max_k,
         scale=scale,
-        causal=window[1] == 0,
-        window=window,
-        softcap=cap,
-        alibi=alibi,
-        dropout_p=dropout,
-        paged=layout,
         requires_grad=requires_grad,
-        deterministic=bool(deterministic),
-        mask_alignment=mask_alignment,  # type: ignore[arg-type]
-        return_probs=bool(return_attn_probs),
-        custom_mask=packed is not None,
         seqlens_q=seqlens_q,
         seqlens_k=seqlens_k,
+        **fields,
     )
-    inputs = VarlenInputs(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                          alibi_slopes=alibi_slopes, block_table=block_table,
-                          custom_mask=packed.bits if packed is not None else None,
-                          custom_mask_offsets=packed.offsets if packed is not None else None)
+    inputs = VarlenInputs(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **tensors)
     return problem, inputs
 
 
@@ -324,43 +294,3 @@ def _scale(softmax_scale: float | None, head_dim: int) -> float:
                     "a finite float, or None for head_dim ** -0.5")
 
 
-def _window(window_size: WindowSize, causal: bool) -> tuple[int, int]:
-    left, right = as_window(window_size)
-    if as_bool("causal", causal):
-        right = 0
-    return left, right
-
-
-def _softcap(softcap: float | None) -> float:
-    if softcap is None:
-        return 0.0
-    expected = "a finite float >= 0 (0 or None = off)"
-    cap = as_float("softcap", softcap, expected)
-    if cap < 0:
-        raise InvalidArgumentError("softcap", expected, repr(softcap))
-    return cap
-
-
-def _dropout(dropout_p: float) -> float:
-    p = as_float("dropout_p", dropout_p, "a float in [0, 1)")
-    if not 0.0 <= p < 1.0:
-        raise InvalidArgumentError("dropout_p", "a float in [0, 1)", repr(dropout_p))
-    return p
-
-
-def _alibi(slopes: torch.Tensor | None, batch: int, nheads: int, device: torch.device
-           ) -> str | None:
-    if slopes is None:
-        return None
-    if not isinstance(slopes, torch.Tensor):
-        raise InvalidArgumentError("alibi_slopes", "a float32 tensor", type(slopes).__name__)
-    if slopes.dtype != torch.float32:
-        raise InvalidArgumentError("alibi_slopes", "dtype float32", slopes.dtype)
-    if slopes.device != device:
-        raise InvalidArgumentError("alibi_slopes", f"the device of q ({device})", slopes.device)
-    if tuple(slopes.shape) == (nheads,):
-        return "head"
-    if tuple(slopes.shape) == (batch, nheads):
-        return "batch_head"
-    raise InvalidArgumentError("alibi_slopes", f"shape (nheads,) = ({nheads},) or (batch, nheads)"
-                               f" = ({batch}, {nheads})", f"shape {tuple(slopes.shape)}")

@@ -4,38 +4,79 @@ Forward and backward are torch.library custom ops with fake implementations and 
 registered autograd formula, so torch.compile(fullgraph=True) traces calls without graph
 breaks. The op carries the backend's name: backward runs on the backend that ran forward.
 Eager calls that need no autograd skip the op wrapper and call the backend directly.
+
+The ops' schemas are built from the feature table (attnhub.features): after the core
+tensors come every feature's tensors (optional tensors; a differentiable one gets its
+gradient back from varlen_bwd), after the core scalars every feature field the op carries
+as a scalar (a field without an op type is rebuilt inside the op by its feature's
+``from_op``). ``pack`` and ``problem_from_op_args`` are the only places that order them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
 
 from .backend import Backend, ForwardResult
+from .features import FEATURES, FIELDS, TENSORS
 from .inputs import VarlenInputs
-from .problem import PagedLayout, VarlenProblem
+from .problem import VarlenProblem
 from .registry import get_registry
 from .results import check_forward, check_gradients
 
 Tensor = torch.Tensor
+
+_TENSOR_NAMES = tuple(t.name for t in TENSORS)
+_CARRIED = tuple(f for f in FIELDS if f.op is not None)  # fields passed as op scalars
+_CARRIED_NAMES = tuple(f.name for f in _CARRIED)
+_REBUILDERS = tuple(feature.from_op for feature in FEATURES if feature.from_op is not None)
+_GRAD_INPUTS = tuple(i for i, t in enumerate(TENSORS) if t.grad is not None)
+_NT = len(TENSORS)
+# Forward arguments: q k v cu_q cu_k schedule_0 schedule_1 | feature tensors | max_q max_k
+# scale requires_grad backend seqlens_q seqlens_k | carried feature fields.
+_FWD_TENSORS = 7
+_FWD_CORE = _FWD_TENSORS + _NT + 7
+_FWD_ARGS = _FWD_CORE + len(_CARRIED)
+_RNG = _TENSOR_NAMES.index("rng_state")
+
+_TENSOR_SCHEMA = "".join(f", Tensor? {name}" for name in _TENSOR_NAMES)
+_FIELD_SCHEMA = "".join(f", {f.op} {f.name}" for f in _CARRIED)
+_SCALARS_SCHEMA = ("SymInt max_seqlen_q, SymInt max_seqlen_k, float scale{}, str backend, "
+                   "SymInt[]? seqlens_q, SymInt[]? seqlens_k")
+FWD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+    f"Tensor? schedule_0, Tensor? schedule_1{_TENSOR_SCHEMA}, "
+    f"{_SCALARS_SCHEMA.format(', bool requires_grad')}{_FIELD_SCHEMA}) "
+    "-> (Tensor, Tensor, Tensor, Tensor)")
+BWD_SCHEMA = (
+    "(Tensor? dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+    f"Tensor cu_seqlens_q, Tensor cu_seqlens_k{_TENSOR_SCHEMA}, "
+    f"{_SCALARS_SCHEMA.format('')}{_FIELD_SCHEMA}) "
+    f"-> (Tensor, Tensor, Tensor{', Tensor' * len(_GRAD_INPUTS)})")
+
+
+def pack(problem: VarlenProblem, inputs: VarlenInputs, backend: str) -> tuple:
+    """varlen_fwd's arguments for ``problem`` / ``inputs`` on ``backend``."""
+    compiling = torch.compiler.is_compiling()
+    return (
+        inputs.q, inputs.k, inputs.v, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
+        *_schedule_args(inputs.schedule), *[getattr(inputs, n) for n in _TENSOR_NAMES],
+        problem.max_seqlen_q, problem.max_seqlen_k, problem.scale, problem.requires_grad,
+        backend,
+        # Host lengths would be guarded constants under torch.compile: leave them out there.
+        None if compiling or problem.seqlens_q is None else list(problem.seqlens_q),
+        None if compiling or problem.seqlens_k is None else list(problem.seqlens_k),
+        *[f.to_op(getattr(problem, f.name)) for f in _CARRIED],
+    )
 
 
 def run_forward(problem: VarlenProblem, inputs: VarlenInputs, backend: Backend) -> ForwardResult:
     """Run ``backend`` on the call, through the custom op when autograd or tracing needs it."""
     if not (problem.requires_grad or torch.compiler.is_compiling()):
         return check_forward(backend.name, problem, inputs.q, backend.forward(problem, inputs))
-    compiling = torch.compiler.is_compiling()
-    out, lse, probs, rng = varlen_fwd(
-        inputs.q, inputs.k, inputs.v, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
-        inputs.alibi_slopes, inputs.block_table, inputs.rng_state,
-        problem.max_seqlen_q, problem.max_seqlen_k, problem.scale, problem.window[0],
-        problem.window[1], problem.softcap, problem.dropout_p,
-        problem.mask_alignment == "top_left", problem.deterministic, problem.return_probs,
-        problem.requires_grad, backend.name,
-        # Host lengths would be guarded constants under torch.compile: leave them out there.
-        None if compiling or problem.seqlens_q is None else list(problem.seqlens_q),
-        None if compiling or problem.seqlens_k is None else list(problem.seqlens_k),
-        inputs.custom_mask, inputs.custom_mask_offsets, *_schedule_args(inputs.schedule),
-    )
+    out, lse, probs, rng = varlen_fwd(*pack(problem, inputs, backend.name))
     return ForwardResult(out, lse, probs if problem.return_probs else None,
                          rng if problem.dropout_p > 0 else None)
 
@@ -51,133 +92,132 @@ def _schedule_args(schedule: tuple | None) -> tuple:
 
 
 def problem_from_op_args(q: Tensor, k: Tensor, cu_seqlens_q: Tensor,
-                         alibi_slopes: Tensor | None, block_table: Tensor | None,
-                         max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int,
-                         window_right: int, softcap: float, dropout_p: float, top_left: bool,
-                         deterministic: bool, return_probs: bool, requires_grad: bool,
-                         seqlens_q: list[int] | None, seqlens_k: list[int] | None,
-                         custom_mask: bool = False) -> VarlenProblem:
-    """Rebuild the (already validated) problem inside the op from its arguments."""
-    batch = cu_seqlens_q.shape[0] - 1
-    paged = None
-    total_k = k.shape[0]
-    if block_table is not None:
-        paged = PagedLayout(num_pages=k.shape[0], page_size=k.shape[1],
-                            max_pages=block_table.shape[1])
-        total_k = sum(seqlens_k) if seqlens_k is not None else -1
-    alibi = None
-    if alibi_slopes is not None:
-        alibi = "head" if alibi_slopes.dim() == 1 else "batch_head"
+                         tensors: Mapping[str, Tensor | None], max_seqlen_q: int,
+                         max_seqlen_k: int, scale: float, requires_grad: bool,
+                         seqlens_q: Sequence[int] | None, seqlens_k: Sequence[int] | None,
+                         fields: Mapping[str, Any]) -> VarlenProblem:
+    """Rebuild the (already validated) problem inside the op from its arguments.
+    ``tensors``: the features' tensors by name (missing = None); ``fields``: the carried
+    feature fields by name, as problem values (missing = the default, feature off)."""
+    tensors = {name: tensors.get(name) for name in _TENSOR_NAMES}
+    values: dict[str, Any] = {"total_k": k.shape[0], **fields}
+    for rebuild in _REBUILDERS:
+        values.update(rebuild(q, k, tensors, seqlens_k))
     return VarlenProblem(
-        device_type=q.device.type, dtype=q.dtype, batch=batch, total_q=q.shape[0],
-        total_k=total_k, nheads=q.shape[1], nheads_k=k.shape[-2], head_dim=q.shape[-1],
+        device_type=q.device.type, dtype=q.dtype, batch=cu_seqlens_q.shape[0] - 1,
+        total_q=q.shape[0], nheads=q.shape[1], nheads_k=k.shape[-2], head_dim=q.shape[-1],
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, scale=scale,
-        causal=window_right == 0, window=(window_left, window_right), softcap=softcap,
-        alibi=alibi, dropout_p=dropout_p, paged=paged, requires_grad=requires_grad,
-        deterministic=deterministic, mask_alignment="top_left" if top_left else "bottom_right",
-        return_probs=return_probs, custom_mask=custom_mask,
+        requires_grad=requires_grad,
         seqlens_q=tuple(seqlens_q) if seqlens_q is not None else None,
-        seqlens_k=tuple(seqlens_k) if seqlens_k is not None else None,
-    )
+        seqlens_k=tuple(seqlens_k) if seqlens_k is not None else None, **values)
 
 
-@torch.library.custom_op("attnhub::varlen_fwd", mutates_args=())
-def varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-               alibi_slopes: Tensor | None, block_table: Tensor | None, rng_seed: Tensor | None,
-               max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int,
-               window_right: int, softcap: float, dropout_p: float, top_left: bool,
-               deterministic: bool, return_probs: bool, requires_grad: bool, backend: str,
-               seqlens_q: list[int] | None, seqlens_k: list[int] | None,
-               custom_mask: Tensor | None = None, custom_mask_offsets: Tensor | None = None,
-               schedule_0: Tensor | None = None, schedule_1: Tensor | None = None
-               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> out (q's shape), lse float32 (nheads, total_q), probs (batch, nheads, max_q, max_k)
-    or empty, rng_state int64 (2,) or empty. custom_mask / custom_mask_offsets: the packed
-    per-request mask (attnhub.custom_mask) or None. schedule_*: a plan's schedule
-    (Backend.prepare), so a planned call runs the same kernel with or without the op."""
-    problem = problem_from_op_args(q, k, cu_seqlens_q, alibi_slopes, block_table, max_seqlen_q,
-                                   max_seqlen_k, scale, window_left, window_right, softcap,
-                                   dropout_p, top_left, deterministic, return_probs,
-                                   requires_grad, seqlens_q, seqlens_k, custom_mask is not None)
+def _unpack(q: Tensor, k: Tensor, cu_seqlens_q: Tensor, tensors: Sequence[Tensor | None],
+            scalars: Sequence[Any], carried: Sequence[Any], requires_grad: bool
+            ) -> tuple[VarlenProblem, dict[str, Tensor | None], str]:
+    """(problem, feature tensors by name, backend) from an op's arguments. ``scalars``:
+    (max_q, max_k, scale, backend, seqlens_q, seqlens_k)."""
+    max_q, max_k, scale, backend, seqlens_q, seqlens_k = scalars
+    named = dict(zip(_TENSOR_NAMES, tensors, strict=True))
+    fields = {f.name: f.from_op(x) for f, x in zip(_CARRIED, carried, strict=True)}
+    problem = problem_from_op_args(q, k, cu_seqlens_q, named, max_q, max_k, scale,
+                                   requires_grad, seqlens_q, seqlens_k, fields)
+    return problem, named, backend
+
+
+@torch.library.custom_op("attnhub::varlen_fwd", mutates_args=(), schema=FWD_SCHEMA)
+def varlen_fwd(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Arguments: see FWD_SCHEMA (``pack`` builds them). -> out (q's shape), lse float32
+    (nheads, total_q), probs (batch, nheads, max_q, max_k) or empty, rng_state int64 (2,)
+    or empty. schedule_*: a plan's schedule (Backend.prepare), so a planned call runs the
+    same kernel with or without the op."""
+    q, k, v, cu_q, cu_k, schedule_0, schedule_1 = args[:_FWD_TENSORS]
+    tensors = args[_FWD_TENSORS:_FWD_TENSORS + _NT]
+    max_q, max_k, scale, requires_grad, backend, seqlens_q, seqlens_k = \
+        args[_FWD_TENSORS + _NT:_FWD_CORE]
+    problem, named, backend = _unpack(q, k, cu_q, tensors, (max_q, max_k, scale, backend,
+                                      seqlens_q, seqlens_k), args[_FWD_CORE:], requires_grad)
     schedule = tuple(t for t in (schedule_0, schedule_1) if t is not None) or None
-    inputs = VarlenInputs(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, block_table,
-                          rng_seed, custom_mask, custom_mask_offsets, schedule)
+    inputs = VarlenInputs(q, k, v, cu_q, cu_k, **named, schedule=schedule)
     res = check_forward(backend, problem, q,
                         get_registry().backends[backend].forward(problem, inputs))
     probs = res.probs if res.probs is not None else q.new_empty((0,), dtype=torch.float32)
     rng = res.rng_state if res.rng_state is not None else q.new_empty((0,), dtype=torch.int64)
-    if rng is rng_seed:  # a custom op's output may not be (or alias) one of its inputs
+    if rng is named["rng_state"]:  # a custom op's output may not be (or alias) an input
         rng = rng.clone()
     return res.out, res.lse, probs, rng
 
 
 @varlen_fwd.register_fake
-def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, block_table, rng_seed,
-                     max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap,
-                     dropout_p, top_left, deterministic, return_probs, requires_grad, backend,
-                     seqlens_q, seqlens_k, custom_mask=None, custom_mask_offsets=None,
-                     schedule_0=None, schedule_1=None):
+def _varlen_fwd_fake(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    q, cu_q = args[0], args[3]
+    max_q, max_k = args[_FWD_TENSORS + _NT:_FWD_TENSORS + _NT + 2]
+    carried = dict(zip(_CARRIED_NAMES, args[_FWD_CORE:], strict=True))
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
-    probs_shape = ((cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k)
-                   if return_probs else (0,))
+    probs_shape = ((cu_q.shape[0] - 1, q.shape[1], max_q, max_k)
+                   if carried["return_probs"] else (0,))
     probs = q.new_empty(probs_shape, dtype=torch.float32)
-    rng = q.new_empty((2,) if dropout_p > 0 else (0,), dtype=torch.int64)
+    rng = q.new_empty((2,) if carried["dropout_p"] > 0 else (0,), dtype=torch.int64)
     return out, lse, probs, rng
 
 
-@torch.library.custom_op("attnhub::varlen_bwd", mutates_args=())
-def varlen_bwd(dout: Tensor | None, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
-               out: Tensor, lse: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-               alibi_slopes: Tensor | None, block_table: Tensor | None, rng_state: Tensor | None,
-               max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int,
-               window_right: int, softcap: float, dropout_p: float, top_left: bool,
-               deterministic: bool, backend: str, seqlens_q: list[int] | None,
-               seqlens_k: list[int] | None, custom_mask: Tensor | None = None,
-               custom_mask_offsets: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """-> dq, dk, dv. dout / dlse: gradients of out and lse (None where unused)."""
-    problem = problem_from_op_args(q, k, cu_seqlens_q, alibi_slopes, block_table, max_seqlen_q,
-                                   max_seqlen_k, scale, window_left, window_right, softcap,
-                                   dropout_p, top_left, deterministic, False, True, seqlens_q,
-                                   seqlens_k, custom_mask is not None)
-    inputs = VarlenInputs(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, block_table,
-                          rng_state if rng_state is not None and rng_state.numel() else None,
-                          custom_mask, custom_mask_offsets)
+@torch.library.custom_op("attnhub::varlen_bwd", mutates_args=(), schema=BWD_SCHEMA)
+def varlen_bwd(*args: Any) -> tuple[Tensor, ...]:
+    """Arguments: see BWD_SCHEMA. -> dq, dk, dv, then the gradient of each differentiable
+    feature tensor (empty when the call had none). dout / dlse: gradients of out and lse
+    (None where unused)."""
+    dout, dlse, q, k, v, out, lse, cu_q, cu_k = args[:9]
+    tensors = args[9:9 + _NT]
+    problem, named, backend = _unpack(q, k, cu_q, tensors, args[9 + _NT:15 + _NT],
+                                      args[15 + _NT:], True)
+    inputs = VarlenInputs(q, k, v, cu_q, cu_k, **named)
     if dout is None:
         dout = torch.zeros_like(out)
     grads = check_gradients(backend, get_registry().backends[backend].backward(
-        problem, inputs, out, lse, dout, dlse), q, k, v)
-    return grads.dq, grads.dk, grads.dv
+        problem, inputs, out, lse, dout, dlse), q, k, v, named)
+    extra = tuple(getattr(grads, TENSORS[i].grad) if tensors[i] is not None
+                  else q.new_empty((0,), dtype=torch.float32) for i in _GRAD_INPUTS)
+    return (grads.dq, grads.dk, grads.dv, *extra)
 
 
 @varlen_bwd.register_fake
-def _varlen_bwd_fake(dout, dlse, q, k, v, *rest):
+def _varlen_bwd_fake(*args: Any) -> tuple[Tensor, ...]:
+    q, k, v = args[2:5]
+    tensors = args[9:9 + _NT]
+    extra = tuple(torch.empty_like(tensors[i], memory_format=torch.contiguous_format)
+                  if tensors[i] is not None else q.new_empty((0,), dtype=torch.float32)
+                  for i in _GRAD_INPUTS)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format))
+            torch.empty_like(v, memory_format=torch.contiguous_format), *extra)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    (q, k, v, cu_q, cu_k, alibi, block_table, _seed, max_q, max_k, scale, wl, wr, softcap,
-     dropout_p, top_left, deterministic, _return_probs, _requires_grad, backend, seqlens_q,
-     seqlens_k, mask, mask_offsets, _schedule_0, _schedule_1) = inputs
     out, lse, probs, rng = output
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(probs, rng)
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi, block_table, rng, mask,
-                          mask_offsets)
-    ctx.scalars = (max_q, max_k, scale, wl, wr, softcap, dropout_p, top_left, deterministic,
-                   backend, seqlens_q, seqlens_k)
+    tensors = list(inputs[_FWD_TENSORS:_FWD_TENSORS + _NT])
+    tensors[_RNG] = rng if rng.numel() else None  # backward replays forward's dropout state
+    q, k, v, cu_q, cu_k = inputs[:5]
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, *tensors)
+    max_q, max_k, scale, _requires_grad, backend, seqlens_q, seqlens_k = \
+        inputs[_FWD_TENSORS + _NT:_FWD_CORE]
+    ctx.scalars = (max_q, max_k, scale, backend, seqlens_q, seqlens_k, *inputs[_FWD_CORE:])
+    ctx.grad_inputs = tuple(i for i in _GRAD_INPUTS if tensors[i] is not None)
 
 
-def _backward(ctx, dout, dlse, _dprobs, _drng):
-    q, k, v, out, lse, cu_q, cu_k, alibi, block_table, rng, mask, mask_offsets = \
-        ctx.saved_tensors
+def _backward(ctx, dout, dlse, _dprobs, _drng) -> tuple[Tensor | None, ...]:
+    grads: list[Tensor | None] = [None] * _FWD_ARGS
     if dout is None and dlse is None:
-        return (None,) * 26
-    dq, dk, dv = varlen_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, alibi, block_table, rng,
-                            *ctx.scalars, mask, mask_offsets)
-    return (dq, dk, dv) + (None,) * 23
+        return tuple(grads)
+    saved = ctx.saved_tensors
+    dq, dk, dv, *extra = varlen_bwd(dout, dlse, *saved, *ctx.scalars)
+    grads[0], grads[1], grads[2] = dq, dk, dv
+    for i, g in zip(_GRAD_INPUTS, extra, strict=True):
+        if i in ctx.grad_inputs:
+            grads[_FWD_TENSORS + i] = g
+    return tuple(grads)
 
 
 varlen_fwd.register_autograd(_backward, setup_context=_setup_context)

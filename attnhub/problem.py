@@ -2,64 +2,39 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
 from typing import Literal
 
-import torch
+from .features import FEATURES, FIELDS
+from .paged_layout import PagedLayout
 
 MaskAlignment = Literal["bottom_right", "top_left"]
 AlibiKind = Literal["head", "batch_head"]
 
+__all__ = ["AlibiKind", "MaskAlignment", "PagedLayout", "VarlenProblem"]
 
-@dataclass(frozen=True)
-class PagedLayout:
-    """K/V page pools of shape (num_pages, page_size, nheads_k, head_dim) and a block table
-    of shape (batch, max_pages) naming each sequence's pages in order."""
+# The call's shape: selection depends on these (besides the features).
+_CORE = (("device_type", "str"), ("dtype", "torch.dtype"), ("batch", "int"), ("total_q", "int"),
+         ("total_k", "int"), ("nheads", "int"), ("nheads_k", "int"), ("head_dim", "int"),
+         ("max_seqlen_q", "int"), ("max_seqlen_k", "int"), ("scale", "float"))
+_NAMES = tuple(f.name for f in FIELDS)
+_TO_KEY = tuple(f.to_key for f in FIELDS)
+_FROM_KEY = tuple(f.from_key for f in FIELDS)
+_N = len(FIELDS)
 
-    num_pages: int
-    page_size: int
-    max_pages: int
 
-
-@dataclass(frozen=True)
-class VarlenProblem:
+class _Problem:
     """Everything a backend needs to decide whether, and how, it computes one call.
 
-    Lengths are in tokens. ``window`` is (left, right) with -1 meaning unbounded, already
-    folded with ``causal`` (causal implies right == 0, and right == 0 implies causal).
-    ``softcap`` 0.0 means off. ``custom_mask``: the call carries a per-request boolean mask
-    (attnhub.custom_mask), applied on top of ``window``. ``seqlens_q`` / ``seqlens_k`` are
+    Lengths are in tokens. ``scale`` multiplies q.k. ``seqlens_q`` / ``seqlens_k`` are
     host tuples when the caller gave host data (a list, a CPU tensor, a VarlenInfo), else
     None. ``total_k`` is the packed K/V row count, or for a paged layout the sum of the kv
-    lengths when known (else -1).
+    lengths when known (else -1). ``requires_grad``: autograd will run backward.
+
+    The feature fields (attnhub.features, one declaration each; the default is "off"):
     """
 
-    device_type: str
-    dtype: torch.dtype
-    batch: int
-    total_q: int
-    total_k: int
-    nheads: int
-    nheads_k: int
-    head_dim: int
-    max_seqlen_q: int
-    max_seqlen_k: int
-    scale: float
-    causal: bool = False
-    window: tuple[int, int] = (-1, -1)
-    softcap: float = 0.0
-    alibi: AlibiKind | None = None
-    dropout_p: float = 0.0
-    paged: PagedLayout | None = None
-    requires_grad: bool = False
-    deterministic: bool = False
-    mask_alignment: MaskAlignment = "bottom_right"
-    return_probs: bool = False
-    custom_mask: bool = False
-    seqlens_q: tuple[int, ...] | None = field(default=None, repr=False)
-    seqlens_k: tuple[int, ...] | None = field(default=None, repr=False)
-    _facts: tuple[bool | None, bool | None] = field(default=(None, None), repr=False,
-                                                    compare=False)
+    __slots__ = ()
 
     @property
     def group_size(self) -> int:
@@ -87,17 +62,18 @@ class VarlenProblem:
 
     def signature(self) -> tuple:
         """The static part that backend selection depends on, as a tuple of plain constants
-        (so torch.compile can fold it): every field except the lengths, the page count and the
-        block table width, plus the length facts (sq <= sk, sq == sk) and whether every
-        sequence has at most one query row (decode: max_seqlen_q <= 1, which some kernels
-        treat as a separate regime)."""
+        (so torch.compile can fold it): the dtype, device type, heads, head dim, scale, grad
+        mode and every feature field's key (attnhub.features), plus the length facts
+        (sq <= sk, sq == sk) and whether every sequence has at most one query row (decode:
+        max_seqlen_q <= 1, which some kernels treat as a separate regime). Lengths, page
+        counts and the block table width are left out."""
         return (
             self.device_type, self.dtype, self.nheads, self.nheads_k, self.head_dim,
-            self.scale, self.causal, self.window, self.softcap, self.alibi, self.dropout_p,
-            self.paged.page_size if self.paged is not None else None, self.requires_grad,
-            self.deterministic, self.mask_alignment, self.return_probs, self.length_facts(),
-            self.custom_mask, True if self.max_seqlen_q <= 1 else False,  # noqa: SIM210 (a branch
-            # guards a traced int into a constant; bool() would keep it symbolic)
+            self.scale, self.requires_grad,
+            *[key(getattr(self, name)) for name, key in zip(_NAMES, _TO_KEY, strict=True)],
+            self.length_facts(),
+            True if self.max_seqlen_q <= 1 else False,  # noqa: SIM210 (a branch guards a
+            # traced int into a constant; bool() would keep it symbolic)
         )
 
     @classmethod
@@ -105,17 +81,14 @@ class VarlenProblem:
         """A problem with ``sig``'s static part and no lengths: what ``Backend.why_not`` sees
         when selection runs from a signature (torch.compile tracing, cached selections).
         max_seqlen_q is 1 for a decode signature, else 0 (unknown)."""
-        (device_type, dtype, nheads, nheads_k, head_dim, scale, causal, window, softcap, alibi,
-         dropout_p, page_size, requires_grad, deterministic, mask_alignment, return_probs,
-         facts, custom_mask, decode) = sig
+        device_type, dtype, nheads, nheads_k, head_dim, scale, requires_grad = sig[:7]
+        keys, facts, decode = sig[7:7 + _N], sig[7 + _N], sig[8 + _N]
         problem = cls(
             device_type=device_type, dtype=dtype, batch=0, total_q=0, total_k=0, nheads=nheads,
             nheads_k=nheads_k, head_dim=head_dim, max_seqlen_q=1 if decode else 0,
-            max_seqlen_k=0, scale=scale,
-            causal=causal, window=window, softcap=softcap, alibi=alibi, dropout_p=dropout_p,
-            paged=PagedLayout(0, page_size, 0) if page_size is not None else None,
-            requires_grad=requires_grad, deterministic=deterministic,
-            mask_alignment=mask_alignment, return_probs=return_probs, custom_mask=custom_mask)
+            max_seqlen_k=0, scale=scale, requires_grad=requires_grad,
+            **{name: back(key) for name, back, key in zip(_NAMES, _FROM_KEY, keys,
+                                                           strict=True)})
         object.__setattr__(problem, "_facts", facts)
         return problem
 
@@ -124,27 +97,25 @@ class VarlenProblem:
         out = []
         if self.nheads != self.nheads_k:
             out.append("mqa" if self.nheads_k == 1 else "gqa")
-        if self.causal:
-            out.append("causal")
-        if self.has_window:
-            out.append("window")
-        if self.softcap > 0:
-            out.append("softcap")
-        if self.alibi is not None:
-            out.append(f"alibi({self.alibi})")
-        if self.dropout_p > 0:
-            out.append("dropout")
-        if self.paged is not None:
-            out.append(f"paged(page_size={self.paged.page_size})")
-        if self.custom_mask:
-            out.append("custom_mask")
-        if self.mask_alignment != "bottom_right":
-            out.append("top_left")
+        for feature in FEATURES:
+            out += feature.tags(self)
         if self.requires_grad:
             out.append("grad")
-        if self.deterministic:
-            out.append("deterministic")
-        if self.return_probs:
-            out.append("probs")
         return out
 
+
+_Problem.__doc__ = (_Problem.__doc__ or "") + "".join(
+    f"\n    * {feature.doc}" for feature in FEATURES if feature.doc) + "\n"
+
+# The class is built from the feature table, so that a feature's fields are declared once.
+VarlenProblem = dataclasses.make_dataclass(
+    "VarlenProblem",
+    [*_CORE,
+     *((f.name, f.annotation, dataclasses.field(default=f.default)) for f in FIELDS),
+     ("requires_grad", "bool", dataclasses.field(default=False)),
+     ("seqlens_q", "tuple[int, ...] | None", dataclasses.field(default=None, repr=False)),
+     ("seqlens_k", "tuple[int, ...] | None", dataclasses.field(default=None, repr=False)),
+     ("_facts", "tuple[bool | None, bool | None]",
+      dataclasses.field(default=(None, None), repr=False, compare=False))],
+    bases=(_Problem,), frozen=True, namespace={"__doc__": _Problem.__doc__})
+VarlenProblem.__module__ = __name__

@@ -7,12 +7,13 @@ BackendResultError naming the backend, instead of handing the caller a wrong ten
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
 from .backend import Backend, ForwardResult, Gradients
 from .errors import BackendResultError
+from .features import GRAD_TENSORS
 from .problem import VarlenProblem
 
 OutRunner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
@@ -50,10 +51,19 @@ def check_forward(backend: str, problem: VarlenProblem, q: torch.Tensor,
 
 
 def check_gradients(backend: str, grads: Gradients, q: torch.Tensor, k: torch.Tensor,
-                    v: torch.Tensor) -> Gradients:
-    """dq, dk, dv with the shapes, dtypes and devices of q, k, v."""
+                    v: torch.Tensor, tensors: Mapping[str, torch.Tensor | None] | None = None
+                    ) -> Gradients:
+    """dq, dk, dv with the shapes, dtypes and devices of q, k, v; and for each differentiable
+    feature tensor the call carries (``tensors``: name -> tensor or None), its gradient
+    (e.g. dsinks) with that tensor's shape, dtype and device."""
     for what, got, like in (("dq", grads.dq, q), ("dk", grads.dk, k), ("dv", grads.dv, v)):
         _expect(backend, what, got, like.shape, like.dtype, like.device)
+    if tensors:
+        for t in GRAD_TENSORS:
+            like = tensors.get(t.name)
+            if like is not None:
+                _expect(backend, t.grad, getattr(grads, t.grad, None), like.shape, like.dtype,
+                        like.device)
     return grads
 
 

@@ -8,7 +8,8 @@ import torch
 from conftest import make_backend
 
 import attnhub
-from attnhub import VarlenInfo
+from attnhub import VarlenInfo, ops
+from attnhub.inputs import VarlenInputs
 
 torch._dynamo.config.cache_size_limit = 64
 
@@ -235,11 +236,20 @@ def test_forced_backend_that_cannot_run_fails_under_compile(install):
 
 def _op_args(q, k, v, cu_q, cu_k, max_q, max_k, *, alibi=None, block_table=None, seed=None,
              window=(-1, -1), softcap=0.0, dropout_p=0.0, top_left=False, return_probs=False,
-             seqlens_q=None, seqlens_k=None):
-    requires_grad = q.requires_grad
-    return (q, k, v, cu_q, cu_k, alibi, block_table, seed, max_q, max_k, q.shape[-1] ** -0.5,
-            window[0], window[1], softcap, dropout_p, top_left, False, return_probs,
-            requires_grad, "reference", seqlens_q, seqlens_k)
+             seqlens_q=None, seqlens_k=None, sinks=None):
+    """varlen_fwd's arguments, packed as attnhub packs them (ops.pack, from the feature
+    table)."""
+    tensors = dict(alibi_slopes=alibi, block_table=block_table, rng_state=seed, sinks=sinks)
+    fields = dict(window=window, causal=window[1] == 0, softcap=softcap, dropout_p=dropout_p,
+                  mask_alignment="top_left" if top_left else "bottom_right",
+                  return_probs=return_probs,
+                  alibi=None if alibi is None else ("head" if alibi.dim() == 1 else "batch_head"))
+    problem = ops.problem_from_op_args(q, k, cu_q, tensors, max_q, max_k, q.shape[-1] ** -0.5,
+                                       q.requires_grad, seqlens_q, seqlens_k, fields)
+    return ops.pack(problem, VarlenInputs(q, k, v, cu_q, cu_k, **tensors), "reference")
+
+
+SEED = torch.tensor([11, 22], dtype=torch.int64)
 
 
 def _t(*shape, grad=True):
@@ -257,6 +267,7 @@ def _opcheck_cases():
     table = torch.tensor([[5, 0], [1, 2], [3, 4]], dtype=torch.int32)
     cu_paged = torch.tensor([0, 7, 7, 12], dtype=torch.int32)
     slopes, slopes_b = torch.rand(4), torch.rand(3, 4)
+    sinks = torch.randn(4, requires_grad=True)
     nq, nk, nv = _t(8, 4, 16, grad=False), _t(8, 2, 16, grad=False), _t(8, 2, 16, grad=False)
     return {
         "gqa-causal": (_op_args(q, k, v, cu, cu, 5, 5, window=(-1, 0)),
@@ -277,8 +288,10 @@ def _opcheck_cases():
             _op_args(q, pool_k, pool_v, cu, cu_paged, 5, 7, block_table=table, window=(-1, 0)),
             dict(q=q, k=pool_k, v=pool_v, cu_seqlens_q=cu, cu_seqlens_k=cu_paged,
                  block_table=table, causal=True)),
-        "dropout-seeded": (_op_args(q, k, v, cu, cu, 5, 5, dropout_p=0.25,
-                                    seed=torch.tensor([11, 22], dtype=torch.int64)), None),
+        "dropout-seeded": (_op_args(q, k, v, cu, cu, 5, 5, dropout_p=0.25, seed=SEED), None),
+        "sinks-gqa-causal": (
+            _op_args(q, k, v, cu, cu, 5, 5, window=(-1, 0), sinks=sinks),
+            dict(q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True, sinks=sinks)),
         "probs-no-grad": (_op_args(nq, nk, nv, cu, cu, 5, 5, return_probs=True),
                           dict(q=nq, k=nk, v=nv, cu_seqlens_q=cu, cu_seqlens_k=cu,
                                return_attn_probs=True)),
@@ -294,7 +307,7 @@ def test_opcheck_varlen_fwd(case):
     assert out.shape == args[0].shape and out.dtype == torch.float64
     assert lse.shape == (4, 8) and lse.dtype == torch.float32
     if public is None:  # seeded dropout: the seed comes back (a copy), the result is repeatable
-        assert torch.equal(rng, args[7]) and rng is not args[7]
+        assert torch.equal(rng, SEED) and rng is not SEED
         torch.testing.assert_close(torch.ops.attnhub.varlen_fwd.default(*args)[0], out,
                                    rtol=0, atol=0)
         return

@@ -50,9 +50,12 @@ def _reference(problem, inputs, dout=None, rng_state=None):
 def _kernel_problem(q, k, cu_q, alibi, block_table, max_q, max_k, scale, left, right, softcap,
                     dropout_p, deterministic=False):
     """The call as a kernel sees it, rebuilt from the kernel's arguments only."""
-    return problem_from_op_args(q, k, cu_q, alibi, block_table, max_q, max_k, scale, left, right,
-                                softcap, dropout_p, False, deterministic, False, False, None,
-                                None)
+    alibi_kind = None if alibi is None else ("head" if alibi.dim() == 1 else "batch_head")
+    return problem_from_op_args(
+        q, k, cu_q, {"alibi_slopes": alibi, "block_table": block_table}, max_q, max_k, scale,
+        False, None, None, {"window": (left, right), "causal": right == 0, "softcap": softcap,
+                            "dropout_p": dropout_p, "deterministic": deterministic,
+                            "alibi": alibi_kind})
 
 
 class FakeAten:
@@ -94,7 +97,8 @@ class FakeAten:
         p = _kernel_problem(q, k, cu_q, None, None, max_q, max_k, scale, window_size_left,
                             right, 0.0, dropout_p)
         seed = rng.view(torch.int64) if dropout_p > 0 else None
-        return tuple(kernel.backward(p, VarlenInputs(q, k, v, cu_q, cu_k, rng_state=seed), dout))
+        return tuple(kernel.backward(p, VarlenInputs(q, k, v, cu_q, cu_k, rng_state=seed),
+                                     dout))
 
 
 @pytest.fixture

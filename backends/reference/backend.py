@@ -25,7 +25,7 @@ class ReferenceBackend(Backend):
     description: ClassVar[str] = "pure PyTorch, fp32 math, every feature; the oracle"
     capabilities: ClassVar[Capabilities] = Capabilities(
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
-        custom_mask=True)
+        custom_mask=True, sinks=True)
 
     def why_not(self, problem: VarlenProblem) -> list[str]:
         reasons = super().why_not(problem)

@@ -57,12 +57,17 @@ def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
 
 def forward(problem: VarlenProblem, inputs: VarlenInputs,
             compute_dtype: torch.dtype | None = None) -> ForwardResult:
-    """out (total_q, nheads, head_dim) in q's dtype, lse float32 (nheads, total_q)."""
+    """out (total_q, nheads, head_dim) in q's dtype, lse float32 (nheads, total_q). With
+    sinks, each head's sink logit joins the softmax denominator (lse includes it; a row that
+    sees no key keeps out 0 and lse = the sink)."""
     ctype = compute_dtype or compute_dtype_for(problem.dtype)
     q = inputs.q
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    sink = _sink(problem, inputs, ctype)
     lse = torch.full((problem.nheads, problem.total_q), float("-inf"), dtype=torch.float32,
                      device=q.device)
+    if sink is not None:  # rows that see no key
+        lse[:] = sink.to(torch.float32)[:, None]
     probs = None
     if problem.return_probs:
         probs = torch.zeros(problem.batch, problem.nheads, problem.max_seqlen_q,
@@ -72,7 +77,7 @@ def forward(problem: VarlenProblem, inputs: VarlenInputs,
         for blk in _blocks(seq, problem, ctype):
             rows = slice(seq.q0 + blk.i0, seq.q0 + blk.i1)
             s, _ = _scores(problem, inputs, seq, blk, ctype)
-            p, row_lse = _softmax(s)
+            p, row_lse = _softmax(s, sink)
             lse[:, rows] = row_lse.to(torch.float32)
             pd = p
             if problem.dropout_p > 0:
@@ -89,9 +94,9 @@ def forward(problem: VarlenProblem, inputs: VarlenInputs,
 def backward(problem: VarlenProblem, inputs: VarlenInputs, dout: torch.Tensor,
              dlse: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None
              ) -> Gradients:
-    """dq, dk, dv (shapes and dtypes of q, k, v; page pools when paged) from dout and, when
-    given, dlse (nheads, total_q). The softmax is recomputed from q and k, so out and lse
-    are not needed."""
+    """dq, dk, dv (shapes and dtypes of q, k, v; page pools when paged) and, with sinks,
+    dsinks (float32 (nheads,)) from dout and, when given, dlse (nheads, total_q). The softmax
+    is recomputed from q and k, so out and lse are not needed."""
     ctype = compute_dtype or compute_dtype_for(problem.dtype)
     q, k, v = inputs.q, inputs.k, inputs.v
     g, hk, d = problem.group_size, problem.nheads_k, problem.head_dim
@@ -104,6 +109,11 @@ def backward(problem: VarlenProblem, inputs: VarlenInputs, dout: torch.Tensor,
         dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
         dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
     rng = inputs.rng_state
+    sink = _sink(problem, inputs, ctype)
+    dsink = None
+    if sink is not None:  # d lse_i / d sink = exp(sink - lse_i): 1 on rows that see no key
+        dsink = torch.zeros(problem.nheads, dtype=ctype, device=q.device)
+        seen = torch.zeros(problem.total_q, dtype=torch.bool, device=q.device)
     for seq in _sequences(problem, inputs):
         kc, vc = seq.k.to(ctype), seq.v.to(ctype)
         dk_seq = torch.zeros(hk, seq.sk, d, dtype=ctype, device=q.device)
@@ -112,7 +122,7 @@ def backward(problem: VarlenProblem, inputs: VarlenInputs, dout: torch.Tensor,
             rows = slice(seq.q0 + blk.i0, seq.q0 + blk.i1)
             keys = slice(blk.j0, blk.j1)
             s, tanh = _scores(problem, inputs, seq, blk, ctype)
-            p, _ = _softmax(s)
+            p, row_lse = _softmax(s, sink)
             do = _grouped(dout[rows].to(ctype), hk, g)  # (hk, g, C, d)
             dp = torch.matmul(do, vc[keys].permute(1, 2, 0).unsqueeze(1)).reshape(p.shape)
             pd = p
@@ -125,9 +135,17 @@ def backward(problem: VarlenProblem, inputs: VarlenInputs, dout: torch.Tensor,
                 dp = dp * scale_keep
             c, w = blk.i1 - blk.i0, blk.j1 - blk.j0
             dv_seq[:, keys] += torch.matmul(pd.reshape(hk, g, c, w).transpose(-1, -2), do).sum(1)
-            row_grad = dp - (p * dp).sum(-1, keepdim=True)
+            delta = (p * dp).sum(-1, keepdim=True)  # D_i = rowsum(dout * out)
+            row_grad = dp - delta
             if dlse is not None:  # d lse_i / d s_ij = p_ij
                 row_grad = row_grad + dlse[:, rows, None].to(ctype)
+            if dsink is not None:
+                p_sink = torch.exp(sink[:, None] - row_lse)  # (nheads, C)
+                g_sink = -delta.squeeze(-1)
+                if dlse is not None:
+                    g_sink = g_sink + dlse[:, rows].to(ctype)
+                dsink += (p_sink * g_sink).sum(-1)
+                seen[rows] = True
             ds = p * row_grad
             if tanh is not None:
                 ds = ds * (1.0 - tanh * tanh)
@@ -146,7 +164,21 @@ def backward(problem: VarlenProblem, inputs: VarlenInputs, dout: torch.Tensor,
     if paged:
         dk = dk_acc.view(k.shape).to(k.dtype)
         dv = dv_acc.view(v.shape).to(v.dtype)
-    return Gradients(dq, dk, dv)
+    dsinks = None
+    if dsink is not None:
+        if dlse is not None:  # rows that see no key: lse = sink, out = 0
+            dsink += dlse.to(ctype)[:, ~seen].sum(-1)
+        dsinks = dsink.to(torch.float32)
+    return Gradients(dq, dk, dv, dsinks)
+
+
+def _sink(problem: VarlenProblem, inputs: VarlenInputs, ctype: torch.dtype
+          ) -> torch.Tensor | None:
+    """The sink logits (nheads,) in ctype, or None without sinks."""
+    if not problem.sinks:
+        return None
+    assert inputs.sinks is not None
+    return inputs.sinks.detach().to(ctype)
 
 
 def _rng_state(problem: VarlenProblem, inputs: VarlenInputs) -> torch.Tensor | None:
@@ -317,12 +349,19 @@ def window_visible(rel: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
     return visible
 
 
-def _softmax(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row softmax and lse; rows that see no key give p = 0 and lse = -inf."""
+def _softmax(s: torch.Tensor, sink: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row softmax and lse of scores (nheads, C, w); rows that see no key give p = 0 and
+    lse = -inf. ``sink`` (nheads,): each head's sink logit joins the denominator (such rows
+    then give lse = sink)."""
     m = s.amax(-1, keepdim=True)
+    if sink is not None:
+        m = torch.maximum(m, sink[:, None, None])
     m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
     p = torch.exp(s - m)
     denom = p.sum(-1, keepdim=True)
+    if sink is not None:
+        denom = denom + torch.exp(sink[:, None, None] - m)
     lse = (m + torch.log(denom)).squeeze(-1)
     p = p / torch.where(denom == 0, torch.ones_like(denom), denom)
     return p, lse
