@@ -66,7 +66,7 @@ class Call(NamedTuple):
 Converted = tuple[dict[str, Any], dict[str, "torch.Tensor | None"]]
 
 
-def _same(value: Any) -> Any:
+def identity(value: Any) -> Any:
     return value
 
 
@@ -81,10 +81,10 @@ class Field:
     annotation: str
     default: Any
     op: str | None
-    to_key: Callable[[Any], Hashable] = _same
-    from_key: Callable[[Any], Any] = _same
-    to_op: Callable[[Any], Any] = _same
-    from_op: Callable[[Any], Any] = _same
+    to_key: Callable[[Any], Hashable] = identity
+    from_key: Callable[[Any], Any] = identity
+    to_op: Callable[[Any], Any] = identity
+    from_op: Callable[[Any], Any] = identity
 
 
 @dataclass(frozen=True)

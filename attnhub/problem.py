@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Literal
 
-from .features import FEATURES, FIELDS
+import torch
+
+from .features import FEATURES, FIELDS, identity
 from .paged_layout import PagedLayout
 
 MaskAlignment = Literal["bottom_right", "top_left"]
@@ -18,7 +21,9 @@ _CORE = (("device_type", "str"), ("dtype", "torch.dtype"), ("batch", "int"), ("t
          ("total_k", "int"), ("nheads", "int"), ("nheads_k", "int"), ("head_dim", "int"),
          ("max_seqlen_q", "int"), ("max_seqlen_k", "int"), ("scale", "float"))
 _NAMES = tuple(f.name for f in FIELDS)
-_TO_KEY = tuple(f.to_key for f in FIELDS)
+_is_compiling = torch.compiler.is_compiling
+_VALUES = operator.attrgetter(*_NAMES)  # (one C call: signature() runs on every full-path call)
+_KEYED = tuple((i, f.to_key) for i, f in enumerate(FIELDS) if f.to_key is not identity)
 _FROM_KEY = tuple(f.from_key for f in FIELDS)
 _N = len(FIELDS)
 
@@ -67,11 +72,15 @@ class _Problem:
         (sq <= sk, sq == sk) and whether every sequence has at most one query row (decode:
         max_seqlen_q <= 1, which some kernels treat as a separate regime). Lengths, page
         counts and the block table width are left out."""
+        # (dynamo cannot trace an attrgetter call; traced, this runs once per graph)
+        keys = [getattr(self, n) for n in _NAMES] if _is_compiling() else _VALUES(self)
+        if _KEYED:
+            keys = list(keys)
+            for i, to_key in _KEYED:
+                keys[i] = to_key(keys[i])
         return (
             self.device_type, self.dtype, self.nheads, self.nheads_k, self.head_dim,
-            self.scale, self.requires_grad,
-            *[key(getattr(self, name)) for name, key in zip(_NAMES, _TO_KEY, strict=True)],
-            self.length_facts(),
+            self.scale, self.requires_grad, *keys, self.length_facts(),
             True if self.max_seqlen_q <= 1 else False,  # noqa: SIM210 (a branch guards a
             # traced int into a constant; bool() would keep it symbolic)
         )

@@ -99,11 +99,14 @@ def naive_attention(
     keep: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     custom_mask: Sequence[torch.Tensor] | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> NaiveResult:
     """The oracle. ``keep``: an explicit dropout keep mask (batch, nheads, >= sq, >= sk), bool;
     kept probabilities are scaled by 1 / (1 - dropout_p). With ``block_table``, k and v are
     page pools (num_pages, page_size, nheads_k, d). ``custom_mask``: one bool (sq, sk) tensor
-    per request (True = visible), combined with the window."""
+    per request (True = visible), combined with the window. ``sinks`` (nheads,): each head's
+    sink logit is one more column of every row's softmax, whose probability multiplies no
+    value (so lse includes it and a row that sees no key has lse = sink, out = 0)."""
     cq, ck = as_offsets(cu_seqlens_q), as_offsets(cu_seqlens_k)
     batch = len(cq) - 1
     assert len(ck) == batch + 1
@@ -131,7 +134,8 @@ def naive_attention(
             kb, vb = k[ck[b]:ck[b + 1]].to(F64), v[ck[b]:ck[b + 1]].to(F64)
         if sk == 0:
             outs.append(torch.zeros(sq, nheads, d, dtype=F64))
-            lses.append(torch.full((nheads, sq), -math.inf, dtype=F64))
+            lses.append(torch.full((nheads, sq), -math.inf, dtype=F64) if sinks is None
+                        else sinks.to(F64).view(nheads, 1).expand(nheads, sq))
             continue
         kb = kb.repeat_interleave(group, dim=1)  # (sk, h, d): head j reads kv head j // group
         vb = vb.repeat_interleave(group, dim=1)
@@ -150,10 +154,15 @@ def naive_attention(
             vis = vis & custom_mask[b].to(torch.bool).cpu()
         row_any = vis.any(-1)  # (sq,)
         s = s.masked_fill(~vis, -math.inf)
-        s_safe = torch.where(row_any.view(1, sq, 1), s, torch.zeros_like(s))
-        p = torch.softmax(s_safe, dim=-1) * row_any.view(1, sq, 1).to(F64)
-        lse = torch.where(row_any.view(1, sq), torch.logsumexp(s_safe, dim=-1),
-                          torch.full_like(s_safe[..., 0], -math.inf))
+        if sinks is not None:  # the sink column is always visible: no row is empty
+            s_ext = torch.cat([s, sinks.to(F64).view(nheads, 1, 1).expand(nheads, sq, 1)], -1)
+            p = torch.softmax(s_ext, dim=-1)[..., :sk]
+            lse = torch.logsumexp(s_ext, dim=-1)
+        else:
+            s_safe = torch.where(row_any.view(1, sq, 1), s, torch.zeros_like(s))
+            p = torch.softmax(s_safe, dim=-1) * row_any.view(1, sq, 1).to(F64)
+            lse = torch.where(row_any.view(1, sq), torch.logsumexp(s_safe, dim=-1),
+                              torch.full_like(s_safe[..., 0], -math.inf))
         probs[b, :, :sq, :sk] = p.detach()
         pd = p
         if keep is not None:

@@ -168,7 +168,7 @@ def backward(problem: VarlenProblem, inputs: VarlenInputs, dout: torch.Tensor,
     if dsink is not None:
         if dlse is not None:  # rows that see no key: lse = sink, out = 0
             dsink += dlse.to(ctype)[:, ~seen].sum(-1)
-        dsinks = dsink.to(torch.float32)
+        dsinks = dsink.to(inputs.sinks.dtype)  # float32 through the API
     return Gradients(dq, dk, dv, dsinks)
 
 
