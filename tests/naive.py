@@ -233,18 +233,6 @@ def alibi_slopes(nheads: int, batch: int | None = None, seed: int = 0) -> torch.
     return (torch.rand(*shape, generator=gen) + 0.05).to(torch.float32)
 
 
-def join_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of attention without sinks -> with sinks (docs/semantics.md): every row's
-    denominator gains exp(sinks[h]), so lse' = logaddexp(lse, sink) and the probabilities
-    (hence out, (total_q, nheads, d)) scale by exp(lse - lse'); a row that saw no key keeps
-    out 0 and gets lse' = sink. Differentiable (float64 in, float64 out)."""
-    sink = sinks.to(lse.dtype)[:, None].expand_as(lse)
-    joined = torch.logaddexp(lse, sink)
-    scale = torch.where(torch.isneginf(lse), torch.zeros_like(lse), torch.exp(lse - joined))
-    return out * scale.T[:, :, None], joined
-
-
 def masked_lse(lse: torch.Tensor) -> torch.Tensor:
     """lse with -inf entries replaced by 0 (so sums and their gradients are finite)."""
     return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)

@@ -188,10 +188,9 @@ def test_decode_split_kv_matches_reference(kw):
 @pytest.mark.parametrize("kw", [{"causal": True}, {"window_size": (64, 0), "softcap": 30.0}])
 def test_triton_kernels_with_sinks_match_reference(kw):
     """The tl kernels' sinks (forward, delta pass's dsinks, decode combine) compiled for this
-    GPU, against the float64 reference with the sinks joined (tests/naive.py join_sinks);
-    sequence lengths with rows that see no key (sq > sk, sk = 0)."""
+    GPU, against the float64 reference; sequence lengths with rows that see no key (sq > sk,
+    sk = 0)."""
     from attnhub.backends.triton import backward, decode, forward
-    from naive import join_sinks
 
     lq, lk = [1000, 7, 0, 333, 200], [900, 0, 5, 333, 64]
     g = torch.Generator(device="cuda").manual_seed(4)
@@ -207,10 +206,11 @@ def test_triton_kernels_with_sinks_match_reference(kw):
     dout = torch.randn_like(out)
     dlse = torch.randn_like(lse)
     got = backward.backward(problem, inputs, out, lse, dout, dlse, None, sinks=sinks)
-    ref_in = [t.double().requires_grad_() for t in (q, k, v, sinks)]
+    ref_in = [*(t.double().requires_grad_() for t in (q, k, v)),
+              sinks.clone().requires_grad_()]  # sinks stay float32
     ref, ref_lse = attnhub.attention_forward_varlen(*ref_in[:3], iq, ik, return_lse=True,
-                                                    backend="reference", **kw)
-    ref, ref_lse = join_sinks(ref, ref_lse, ref_in[3])
+                                                    backend="reference", sinks=ref_in[3],
+                                                    **kw)
     ref_grads = torch.autograd.grad((ref * dout.double()).sum() + (ref_lse * dlse).sum(),
                                     ref_in)
     assert (out.double() - ref).abs().max() < 2e-2
@@ -228,7 +228,6 @@ def test_triton_kernels_with_sinks_match_reference(kw):
     out, lse = decode.forward(problem, inputs, sinks=sinks)
     ref, ref_lse = attnhub.attention_forward_varlen(qd.double(), k.double(), v.double(), iqd,
                                                     ik, return_lse=True, backend="reference",
-                                                    **kw)
-    ref, ref_lse = join_sinks(ref, ref_lse, sinks.double())
+                                                    sinks=sinks, **kw)
     assert (out.double() - ref).abs().max() < 2e-2
     assert (lse.double() - ref_lse).abs().max() < 1e-3
