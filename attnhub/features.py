@@ -144,10 +144,16 @@ def _specialized(x: Any) -> Any:
 
 # -- causal and sliding window --------------------------------------------------------------
 
-def _convert_window(call: Call, window_size: Any, causal: Any) -> Converted:
+def window_argument(window_size: Any, causal: Any) -> tuple[int, int]:
+    """``window_size`` and ``causal`` -> (left, right), -1 = unbounded (causal: right = 0)."""
     left, right = as_window(window_size)
     if as_bool("causal", causal):
         right = 0
+    return left, right
+
+
+def _convert_window(call: Call, window_size: Any, causal: Any) -> Converted:
+    left, right = window_argument(window_size, causal)
     window = bound_window((operator.index(left), operator.index(right)), call.max_seqlen_q,
                           call.max_seqlen_k)
     return {"causal": window[1] == 0, "window": window}, {}
@@ -181,15 +187,20 @@ WINDOW = Feature(
 
 # -- softcap -------------------------------------------------------------------------------
 
-def _convert_softcap(call: Call, softcap: Any) -> Converted:
+def softcap_argument(softcap: Any) -> float:
+    """``softcap`` -> a float >= 0, 0.0 = off (None too)."""
     if softcap is None:
-        return {"softcap": 0.0}, {}
+        return 0.0
     softcap = _specialized(softcap)
     expected = "a finite float >= 0 (0 or None = off)"
     cap = as_float("softcap", softcap, expected)
     if cap < 0:
         raise InvalidArgumentError("softcap", expected, repr(softcap))
-    return {"softcap": cap}, {}
+    return cap
+
+
+def _convert_softcap(call: Call, softcap: Any) -> Converted:
+    return {"softcap": softcap_argument(softcap)}, {}
 
 
 SOFTCAP = Feature(

@@ -98,6 +98,26 @@ def test_paged_wrapper_options(kw, oracle_kw):
     _close(w.run(q, cache), _oracle(q, k, v, QO, KV, **oracle_kw).out)
 
 
+def test_paged_wrapper_run_takes_sinks():
+    """FlashInfer's paged run(..., sinks=) (float32 (num_qo_heads,)): the sink joins each
+    row's softmax denominator; the base-2 lse includes it; the request with no pages gives
+    out 0 and lse = sink / ln 2."""
+    q, cache, k, v = _paged_case(seed=21)
+    sinks = _rand(H, seed=22)
+    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(_workspace())
+    _plan_paged(w, causal=True)
+    plain = w.run(q, cache)
+    out, lse = w.run(q, cache, return_lse=True, sinks=sinks)
+    want = _oracle(q, k, v, QO, KV, causal=True, sinks=sinks)
+    _close(out, want.out)
+    _close(lse, (want.lse / math.log(2)).t())
+    _close(w.run(q, cache), plain, atol=0)  # a run without sinks after one with them
+    empty = slice(sum(QO[:3]), sum(QO))
+    assert torch.equal(out[empty], torch.zeros_like(out[empty]))
+    with pytest.raises(attnhub.InvalidArgumentError, match="sinks"):
+        w.run(q, cache, sinks=sinks.double())
+
+
 def _random_mask(qo, kv, seed):
     gen = torch.Generator().manual_seed(seed)
     return [torch.rand(a, b, generator=gen) < 0.6 for a, b in zip(qo, kv, strict=True)]

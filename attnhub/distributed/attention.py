@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import InvalidArgumentError
-from ..normalize import WindowSize, _scale, _softcap, _window
+from ..features import softcap_argument, window_argument
+from ..normalize import WindowSize, _scale
 from .all_gather import AllGatherAttention
 from .block_attention import AttentionOptions
 from .ring import RingAttention
@@ -66,11 +67,11 @@ def context_parallel_attention(
     a gradient of lse). Under torch.compile the call is a graph break (the collectives run
     eagerly); the model's other parts compile.
     """
-    left, right = _window(window_size, causal)
+    left, right = window_argument(window_size, causal)
     _check_group(group, shard)
     _check_shapes(q, k, v, shard)
     opts = AttentionOptions(
-        scale=_scale(softmax_scale, q.shape[-1]), softcap=_softcap(softcap),
+        scale=_scale(softmax_scale, q.shape[-1]), softcap=softcap_argument(softcap),
         deterministic=bool(torch.are_deterministic_algorithms_enabled()
                            if deterministic is None else deterministic),
         requires_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad

@@ -48,6 +48,8 @@ class _PrefillWrapper:
         self._custom_mask_buf, self._mask_indptr_buf = custom_mask_buf, mask_indptr_buf
         self._backend = backend  # FlashInfer's kernel choice; attnhub's dispatch decides
         self._plan: BatchPlan | None = None
+        self._plan_args: dict | None = None  # plan()'s attnhub.plan arguments
+        self._sinks_plan: BatchPlan | None = None  # the same plan with sinks, made on demand
         self._rope: tuple[float, float] | None = None
         self._q_pos: torch.Tensor | None = None
 
@@ -74,11 +76,20 @@ class _PrefillWrapper:
             bounds = dict(max_seqlen_q=qo[-1], max_seqlen_k=paged.pop("capacity", kv_cu[-1]))
         paged.pop("capacity", None)
         if self._use_cuda_graph and self._plan is not None and self._plan.cuda_graph:
-            self._plan.replan(qo, kv_cu, block_table=paged.get("block_table"), custom_mask=mask)
+            for planned in (self._plan, self._sinks_plan):
+                if planned is not None:
+                    planned.replan(qo, kv_cu, block_table=paged.get("block_table"),
+                                   custom_mask=mask)
+            assert self._plan_args is not None  # (a sinks variant planned later uses these)
+            self._plan_args.update(cu_seqlens_q=qo, cu_seqlens_k=kv_cu, custom_mask=mask,
+                                   **{k: v for k, v in paged.items() if k == "block_table"})
         else:
-            self._plan = plan(qo, kv_cu, nheads=nheads, nheads_k=nheads_k, head_dim=head_dim,
-                              device=self.device, custom_mask=mask,
-                              cuda_graph=self._use_cuda_graph, **bounds, **paged, **opts.core())
+            self._plan_args = dict(cu_seqlens_q=qo, cu_seqlens_k=kv_cu, nheads=nheads,
+                                   nheads_k=nheads_k, head_dim=head_dim, device=self.device,
+                                   custom_mask=mask, cuda_graph=self._use_cuda_graph, **bounds,
+                                   **paged, **opts.core())
+            self._plan = plan(**self._plan_args)
+            self._sinks_plan = None
         if self._qo_indptr_buf is not None:
             self._qo_indptr_buf.copy_(torch.tensor(qo, dtype=self._qo_indptr_buf.dtype))
         self._rope = opts.rope
@@ -87,7 +98,8 @@ class _PrefillWrapper:
 
     def _finish(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 out: torch.Tensor | None, lse: torch.Tensor | None, return_lse: bool,
-                window_left: int | None, k_scale: float | None, v_scale: float | None):
+                window_left: int | None, k_scale: float | None, v_scale: float | None,
+                sinks: torch.Tensor | None = None):
         if self._plan is None:
             raise InvalidArgumentError("run", "a plan() call first", "no plan")
         if k_scale is not None or v_scale is not None:
@@ -99,7 +111,13 @@ class _PrefillWrapper:
                                        window_left)
         if self._rope is not None:
             q = rope_.rotate(q, self._q_pos, *self._rope)
-        res, res_lse = self._plan.run(q, k, v, return_lse=True)
+        if sinks is None:
+            res, res_lse = self._plan.run(q, k, v, return_lse=True)
+        else:  # FlashInfer takes sinks per run: attnhub plans a sinks variant once
+            if self._sinks_plan is None:
+                assert self._plan_args is not None
+                self._sinks_plan = plan(**self._plan_args, sinks=True)
+            res, res_lse = self._sinks_plan.run(q, k, v, return_lse=True, sinks=sinks)
         if out is not None:
             out.copy_(res)
             res = out
@@ -261,16 +279,19 @@ class BatchPrefillWithPagedKVCacheWrapper(_PrefillWrapper):
     def run(self, q: torch.Tensor, paged_kv_cache, k_scale: float | None = None,
             v_scale: float | None = None, out: torch.Tensor | None = None,
             lse: torch.Tensor | None = None, return_lse: bool = False,
-            enable_pdl: bool | None = None, window_left: int | None = None):
+            enable_pdl: bool | None = None, window_left: int | None = None,
+            sinks: torch.Tensor | None = None):
         """out (total_q, num_qo_heads, d), or (out, lse) with lse float32
-        (total_q, num_qo_heads) in base 2."""
+        (total_q, num_qo_heads) in base 2. ``sinks``: float32 (num_qo_heads,) attention-sink
+        logits, one per query head, joining every row's softmax denominator (FlashInfer's
+        run-time argument; the lse includes them)."""
         k, v = self._pools(paged_kv_cache)
         if self._rope is not None:
             pages, page_size = self._k_pos
             pos = rope_.paged_key_positions(pages, page_size, k.shape[0], k.device)
             flat = (-1, *k.shape[2:])
             k = rope_.rotate(k.reshape(flat), pos, *self._rope).view(k.shape)
-        return self._finish(q, k, v, out, lse, return_lse, window_left, k_scale, v_scale)
+        return self._finish(q, k, v, out, lse, return_lse, window_left, k_scale, v_scale, sinks)
 
     forward = run
 
