@@ -52,9 +52,12 @@ def _fa4():
     return flash_attn_varlen_func
 
 
-def prefill_impls(w: Workload, causal: bool, backward: bool, fa4):
-    """name -> zero-argument callable running one forward (+ backward) of the workload."""
+def prefill_impls(w: Workload, causal: bool, backward: bool, fa4, sinks: bool = False):
+    """name -> zero-argument callable running one forward (+ backward) of the workload;
+    ``sinks``: the Triton calls carry attention sinks (with their gradient in backward)."""
     q, k, v, dout = workload_inputs(w, backward)
+    sink_logits = (torch.zeros(NHEADS, device="cuda", requires_grad=backward) if sinks
+                   else None)
     info_q = attnhub.VarlenInfo.from_lengths(w.seqlens_q, "cuda")
     info_k = attnhub.VarlenInfo.from_lengths(w.seqlens_k, "cuda")
     mq, mk = info_q.max_seqlen, info_k.max_seqlen
@@ -64,9 +67,9 @@ def prefill_impls(w: Workload, causal: bool, backward: bool, fa4):
 
     def triton_run():
         out = attnhub.attention_forward_varlen(q, k, v, info_q, info_k, causal=causal,
-                                               backend="triton")
+                                               backend="triton", sinks=sink_logits)
         if backward:
-            torch.autograd.grad(out, (q, k, v), dout)
+            torch.autograd.grad(out, (q, k, v, sink_logits) if sinks else (q, k, v), dout)
         return out
 
     impls["triton"] = triton_run
@@ -175,6 +178,9 @@ def main() -> int:
     parser.add_argument("--workloads", default="W1,W2,W3,W4")
     parser.add_argument("--modes", default="fwd,fwd+bwd")
     parser.add_argument("--no-fa4", action="store_true")
+    parser.add_argument("--sinks", action="store_true",
+                        help="the Triton calls carry attention sinks (zero logits, with their "
+                             "gradient in fwd+bwd); FA2 and FA4 run the same calls without")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -185,7 +191,8 @@ def main() -> int:
     dev = torch.cuda.get_device_name()
     header = (f"device {dev}, date {datetime.date.today().isoformat()}, torch "
               f"{torch.__version__}, triton {triton.__version__}, flash-attn-4 "
-              f"{_version('flash-attn-4')}, attnhub {attnhub.__version__}")
+              f"{_version('flash-attn-4')}, attnhub {attnhub.__version__}"
+              + (", triton with attention sinks (W1-W3)" if args.sinks else ""))
     print(header)
     bw = copy_bandwidth_gbs()
     print(f"measured copy bandwidth: {bw:.0f} GB/s")
@@ -208,8 +215,8 @@ def main() -> int:
         for causal in (False, True):
             for mode in modes:
                 backward = mode == "fwd+bwd"
-                impls = prefill_impls(w, causal, backward, fa4)
-                if not backward:
+                impls = prefill_impls(w, causal, backward, fa4, args.sinks)
+                if not backward and not args.sinks:  # sinks change the output
                     ref = impls["torch-fa2"]()
                     err = (impls["triton"]() - ref).abs().max().item()
                     print(f"{w.name} causal={causal} max |triton - fa2| = {err:.2e}")
