@@ -139,7 +139,9 @@ def run_backward(feature_kw, dtype=torch.float32, use_dlse=True, seed=5):
     return got, torch.autograd.grad(loss, ref_in)
 
 
-@pytest.mark.parametrize("feature", ["causal", "window-top-left", "softcap", "alibi"])
+@pytest.mark.parametrize("feature", ["causal", "softcap",
+                                     pytest.param("window-top-left", marks=pytest.mark.slow),
+                                     pytest.param("alibi", marks=pytest.mark.slow)])
 def test_backward_with_sinks_matches_oracle(feature):
     got, want = run_backward(features(feature))
     for name, g, w in zip(("dq", "dk", "dv", "dsinks"), got, want, strict=True):
