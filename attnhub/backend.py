@@ -38,7 +38,7 @@ class Gradients(_QKVGradients):
     It unpacks and iterates as the 3-tuple (dq, dk, dv), as before sinks existed; dsinks is
     an attribute (``Gradients(dq, dk, dv, dsinks)`` or ``dsinks=``)."""
 
-    dsinks: torch.Tensor | None
+    dsinks: torch.Tensor | None = None  # (the instance's value; _make builds none)
 
     def __new__(cls, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
                 dsinks: torch.Tensor | None = None) -> Gradients:
@@ -48,6 +48,10 @@ class Gradients(_QKVGradients):
 
     def __getnewargs__(self) -> tuple:
         return (*self, self.dsinks)
+
+    def _replace(self, **fields: torch.Tensor | None) -> Gradients:
+        dsinks = fields.pop("dsinks", self.dsinks)
+        return Gradients(*super()._replace(**fields), dsinks=dsinks)
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, dsinks={self.dsinks!r})"

@@ -30,6 +30,7 @@ class Case:
     alibi: str | None = None  # "head" or "batch_head"
     page_size: int | None = None
     dropout_p: float = 0.0
+    sinks: bool = False  # attention sinks: seeded float32 (nheads,) logits, with gradient
     grad: bool = True
     seed: int = 0
 
@@ -50,6 +51,8 @@ class Case:
             parts.append(f"page{self.page_size}")
         if self.dropout_p:
             parts.append(f"drop{self.dropout_p:g}")
+        if self.sinks:
+            parts.append("sinks")
         if not self.grad:
             parts.append("fwd")
         return "-".join(parts)
@@ -131,6 +134,20 @@ def _cases(scale: int, dtypes: tuple[torch.dtype, ...], seed: int) -> list[Case]
     add("paged", "uniform", "uniform", dtype=main, page_size=128, causal=True)
     add("paged", "window", "sq<sk", dtype=main, page_size=128, window=(5, 0))
     add("paged", "decode", "decode", dtype=main, page_size=16, causal=True)
+    # Attention sinks, with every feature they combine with; rows that see no key (sq > sk
+    # causal, zero lengths) check lse = sink. Drawn after the cases above (their seeds stay).
+    for kind in ("uniform", "sq>sk", "zeros"):
+        for causal in (False, True):
+            add("sinks", kind, kind, dtype=main, sinks=True, causal=causal)
+    add("sinks", "gqa", dtype=main, sinks=True, nheads=8, nheads_k=2, causal=True)
+    add("sinks", "window", "sq<sk", dtype=main, sinks=True, window=(5, 0))
+    add("sinks", "softcap", dtype=main, sinks=True, softcap=5.0, causal=True)
+    add("sinks", "alibi", "sq<sk", dtype=main, sinks=True, alibi="head", causal=True)
+    add("sinks", "paged", "sq<sk", dtype=main, sinks=True, page_size=16, causal=True)
+    add("sinks", "decode", "decode", dtype=main, sinks=True, causal=True)
+    for dtype in dtypes[1:]:
+        add("sinks", "uniform", dtype=dtype, sinks=True, causal=True)
+    add("sinks", "forward-only", "long-short", dtype=main, sinks=True, grad=False)
     return cases
 
 

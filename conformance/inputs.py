@@ -27,6 +27,7 @@ class CaseInputs:
     alibi_slopes: torch.Tensor | None
     block_table: torch.Tensor | None
     dout: torch.Tensor
+    sinks: torch.Tensor | None = None  # float32 (nheads,), always float32 (the API's dtype)
 
     def kwargs(self, case: Case) -> dict:
         return dict(
@@ -37,7 +38,7 @@ class CaseInputs:
             alibi_slopes=self.alibi_slopes, block_table=self.block_table,
             # Explicit: normalize() would otherwise read torch's global deterministic mode,
             # which poisoned() below switches on around the backend's run.
-            deterministic=False)
+            deterministic=False, sinks=self.sinks)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.q, self.k, self.v
@@ -90,8 +91,12 @@ def build(case: Case, device: torch.device | str) -> CaseInputs:
     elif case.alibi == "batch_head":
         scale = 0.5 + torch.rand(len(case.seqlens_q), 1, generator=gen)
         slopes = (alibi_slopes(case.nheads)[None, :] * scale).to(device)
+    dout = _padded(randn(tq, case.nheads, case.head_dim))
+    sinks = None
+    if case.sinks:  # logits around the scores' scale, some above every score of a row
+        sinks = (2.0 * torch.randn(case.nheads, generator=gen)).to(device)
     return CaseInputs(q, k, v, _cumsum(case.seqlens_q), _cumsum(case.seqlens_k), slopes,
-                      block_table, _padded(randn(tq, case.nheads, case.head_dim)))
+                      block_table, dout, sinks)
 
 
 def _paged(case: Case, k: torch.Tensor, v: torch.Tensor, gen: torch.Generator,

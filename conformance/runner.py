@@ -82,16 +82,21 @@ def _call(backend: str, case: Case, kwargs: dict, q: torch.Tensor, k: torch.Tens
 def _run(backend: str, case: Case, data: inputs.CaseInputs, dtype: torch.dtype | None,
          grad: bool, surface: Surface | None = None
          ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...] | None]:
-    """out, lse and (dq, dk, dv) of one run; ``dtype`` upcasts the inputs (the oracle)."""
+    """out, lse and (dq, dk, dv[, dsinks]) of one run; ``dtype`` upcasts q, k, v (the
+    oracle)."""
     q, k, v = _leaves(data.tensors(), dtype, grad)
     kwargs = data.kwargs(case)
     if dtype is not None and kwargs["alibi_slopes"] is not None:
         kwargs["alibi_slopes"] = kwargs["alibi_slopes"].detach()
+    leaves = (q, k, v)
+    if kwargs["sinks"] is not None:  # float32 for every run (the API's dtype), a leaf
+        kwargs["sinks"] = _leaves((kwargs["sinks"],), None, grad)[0]
+        leaves += (kwargs["sinks"],)
     out, lse = _call(backend, case, kwargs, q, k, v, surface)
     grads = None
     if grad:
         dout = data.dout if dtype is None else data.dout.to(dtype)
-        grads = torch.autograd.grad(out, (q, k, v), dout)
+        grads = torch.autograd.grad(out, leaves, dout)
     return out.detach(), None if lse is None else lse.detach(), grads
 
 
@@ -151,10 +156,14 @@ def _plain_case(case: Case, backend: str, data: inputs.CaseInputs, grad: bool,
         checks.append(tolerance.check("lse", lse, o_lse, r_lse, case.dtype))
     if grad:
         assert grads is not None and o_grads is not None and r_grads is not None
-        for name, g, og, rg in zip(("dq", "dk", "dv"), grads, o_grads, r_grads, strict=True):
+        names = GRAD_NAMES[:len(grads)]  # dsinks when the case has sinks
+        for name, g, og, rg in zip(names, grads, o_grads, r_grads, strict=True):
             checks.append(tolerance.check(name, g, og, rg, case.dtype))
     status = "pass" if all(c.ok for c in checks) else "fail"
     return CaseResult(backend, case, status, checks=checks)
+
+
+GRAD_NAMES = ("dq", "dk", "dv", "dsinks")
 
 
 def _shapes(*tensors: torch.Tensor) -> list[tuple[tuple[int, ...], torch.dtype]]:

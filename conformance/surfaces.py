@@ -39,12 +39,17 @@ def _flash_attn_call(case, kw, q, k, v):
     return out, None
 
 
+def _flash_attn_why_not(case: Case) -> list[str]:
+    return ["flash_attn 2.8's functions have no attention sinks"] if case.sinks else []
+
+
 def _paddle_why_not(case: Case) -> list[str]:
     reasons = []
     if case.seqlens_q != case.seqlens_k:
         reasons.append("Paddle's packed qkv holds equal q and k lengths")
     for name, used in (("windows", case.window is not None), ("softcap", bool(case.softcap)),
-                       ("ALiBi", case.alibi is not None), ("paged KV", case.page_size is not None)):
+                       ("ALiBi", case.alibi is not None), ("paged KV", case.page_size is not None),
+                       ("attention sinks", case.sinks)):
         if used:
             reasons.append(f"Paddle's flash_attn_varlen_qkvpacked has no {name}")
     return reasons
@@ -68,6 +73,8 @@ def _plus_why_not(case: Case) -> list[str]:
         reasons.append("FlashAttention-Plus's FlashAttention module has no softcap")
     if case.page_size is not None:
         reasons.append("FlashAttention-Plus's FlashAttention module has no paged KV")
+    if case.sinks:
+        reasons.append("FlashAttention-Plus's FlashAttention module has no attention sinks")
     return reasons
 
 
@@ -82,7 +89,7 @@ def _plus_call(case, kw, q, k, v):
 
 
 SURFACES: dict[str, Surface] = {
-    "flash_attn": Surface("flash_attn", lambda case: [], _flash_attn_call),
+    "flash_attn": Surface("flash_attn", _flash_attn_why_not, _flash_attn_call),
     "paddle": Surface("paddle", _paddle_why_not, _paddle_call),
     "flashattention_plus": Surface("flashattention_plus", _plus_why_not, _plus_call),
 }

@@ -32,7 +32,7 @@ class Double(attnhub.Backend):
     """The reference kernel run on ``bent(problem)``: the bug is a changed problem."""
 
     device_types = frozenset({"cpu"})
-    capabilities = attnhub.Capabilities(dtypes=ALL_DTYPES)
+    capabilities = attnhub.Capabilities(dtypes=ALL_DTYPES, sinks=True)
 
     def bent(self, problem: attnhub.VarlenProblem) -> attnhub.VarlenProblem:
         return problem
@@ -172,8 +172,29 @@ class DropoutWrongRate(Double):
         return dataclasses.replace(problem, dropout_p=problem.dropout_p / 2)
 
 
-DOUBLES = (WindowOffByOne, WrongScale, DroppedSoftcap, MissesLastRow, MissesSequenceLastRow,
-           MissesDqRow, ReadsPastEnd, DropoutIgnoresSeed, DropoutWrongRate)
+class IgnoresSinks(Double):
+    """Claims sinks and leaves them out of the forward's softmax (its backward is right)."""
+
+    name = "broken-sinks-ignored"
+
+    def forward(self, problem, inputs):
+        return kernel.forward(dataclasses.replace(problem, sinks=False), inputs)
+
+
+class ZeroDsinks(Double):
+    """Claims sinks, computes them, and hands back a zero gradient for them."""
+
+    name = "broken-dsinks"
+
+    def backward(self, problem, inputs, out, lse, dout, dlse=None):
+        grads = kernel.backward(problem, inputs, dout, dlse)
+        if grads.dsinks is None:
+            return grads
+        return grads._replace(dsinks=torch.zeros_like(grads.dsinks))
+
+
+DOUBLES = (IgnoresSinks, ZeroDsinks, WindowOffByOne, WrongScale, DroppedSoftcap, MissesLastRow,
+           MissesSequenceLastRow, MissesDqRow, ReadsPastEnd, DropoutIgnoresSeed, DropoutWrongRate)
 
 
 @pytest.fixture
@@ -261,6 +282,24 @@ def test_dropped_softcap_fails_softcap_cases(doubles):
         _assert_fails(_run(case, "broken-softcap"), "out")
     for case in _cases("gqa", dtype=torch.float32)[:2]:  # control: no softcap, no bug
         _assert_passes(_run(case, "broken-softcap"))
+
+
+def test_sink_bugs_fail_the_sinks_cases(doubles):
+    # Zero-length sequences (rows that see no key: lse = sink), paged, forward only: CI time
+    sinks_cases = _cases("sinks", where=lambda c: c.label in ("zeros", "paged", "forward-only")
+                         and (c.causal or not c.grad))
+    assert any(not c.grad for c in sinks_cases) and any(c.page_size for c in sinks_cases)
+    for case in sinks_cases:
+        result = _run(case, "broken-sinks-ignored")
+        _assert_fails(result, "out")
+        assert not next(c for c in result.checks if c.output == "lse").ok
+        if case.grad:
+            result = _run(case, "broken-dsinks")
+            _assert_fails(result, "dsinks")
+            assert all(c.ok for c in result.checks if c.output != "dsinks"), result.describe()
+    for case in _cases("gqa", dtype=torch.float32)[:1]:  # control: no sinks, no bug
+        _assert_passes(_run(case, "broken-sinks-ignored"))
+        _assert_passes(_run(case, "broken-dsinks"))
 
 
 def _one_per_feature() -> list[Case]:

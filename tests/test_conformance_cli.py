@@ -54,12 +54,12 @@ def test_paged_cases_on_the_reference_pass_and_write_both_reports(tmp_path, caps
     paged = [c.id for c in quick_cases() if "paged" in c.id]
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["tier"] == "quick" and data["environment"]["device"] == "cpu"
-    assert [r["case"] for r in data["results"]] == paged and len(paged) == 19
+    assert [r["case"] for r in data["results"]] == paged and len(paged) == 20  # 1: sinks
     assert {r["backend"] for r in data["results"]} == {"reference"}
     assert all(r["status"] == "pass" and r["checks"] for r in data["results"])
     md = (tmp_path / "report.md").read_text()
     assert md.startswith("# attnhub conformance: quick tier")
-    assert f"| reference | pass {len(paged)} | pass {len(paged)} |" in md
+    assert f"| reference | pass {len(paged) - 1} | pass 1 | pass {len(paged)} |" in md
     assert "## Failures" not in md
     out = capsys.readouterr().out
     assert f"{len(paged)} passed, 0 failed, 0 unsupported" in out

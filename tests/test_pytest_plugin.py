@@ -116,12 +116,15 @@ def test_example_package_one_liner(example_site):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     expected = _expected(("causal", "fp32"))
     dropout = [i for i in expected if i.startswith("dropout")]
-    assert len(expected) > 10 and len(dropout) == 1
-    # Every case runs and passes but the dropout one, which the backend declines (skipped);
-    # the 3 unit tests of tests/test_example_sdpa.py pass too.
-    assert _counts(proc.stdout) == {"passed": len(expected) - 1 + 3, "skipped": 1,
+    sinks = [i for i in expected if i.startswith("sinks")]
+    assert len(expected) > 10 and len(dropout) == 1 and len(sinks) >= 1
+    # Every case runs and passes but the dropout and sinks ones, which the backend declines
+    # (skipped); the 3 unit tests of tests/test_example_sdpa.py pass too.
+    declined = len(dropout) + len(sinks)
+    assert _counts(proc.stdout) == {"passed": len(expected) - declined + 3, "skipped": declined,
                                     "deselected": len(quick_cases()) - len(expected)}
     assert "dropout (p = 0.3) is not supported" in proc.stdout
+    assert "attention sinks (sinks=) are not supported" in proc.stdout
     assert not (EXAMPLE / ".pytest_cache").exists()
 
 
