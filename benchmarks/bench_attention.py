@@ -52,9 +52,12 @@ def _fa4():
     return flash_attn_varlen_func
 
 
-def prefill_impls(w: Workload, causal: bool, backward: bool, fa4):
-    """name -> zero-argument callable running one forward (+ backward) of the workload."""
+def prefill_impls(w: Workload, causal: bool, backward: bool, fa4, sinks: bool = False):
+    """name -> zero-argument callable running one forward (+ backward) of the workload;
+    ``sinks``: the Triton calls carry attention sinks (with their gradient in backward)."""
     q, k, v, dout = workload_inputs(w, backward)
+    sink_logits = (torch.zeros(NHEADS, device="cuda", requires_grad=backward) if sinks
+                   else None)
     info_q = attnhub.VarlenInfo.from_lengths(w.seqlens_q, "cuda")
     info_k = attnhub.VarlenInfo.from_lengths(w.seqlens_k, "cuda")
     mq, mk = info_q.max_seqlen, info_k.max_seqlen
@@ -64,9 +67,9 @@ def prefill_impls(w: Workload, causal: bool, backward: bool, fa4):
 
     def triton_run():
         out = attnhub.attention_forward_varlen(q, k, v, info_q, info_k, causal=causal,
-                                               backend="triton")
+                                               backend="triton", sinks=sink_logits)
         if backward:
-            torch.autograd.grad(out, (q, k, v), dout)
+            torch.autograd.grad(out, (q, k, v, sink_logits) if sinks else (q, k, v), dout)
         return out
 
     impls["triton"] = triton_run
@@ -127,6 +130,34 @@ def decode_impls(w: Workload):
     return {"triton": triton_run, "torch-fa2 (gathered kv)": fa2_packed_run}
 
 
+def triton_variant(w: Workload, causal: bool, backward: bool, *, gluon: bool = True,
+                   tma: bool = True, gluon_backward: bool = True, **features):
+    """A zero-argument callable running the Triton backend's launchers on the workload
+    directly (attnhub.normalize, then backends/triton forward.forward and backward.backward),
+    with the shipped kernel choices turned off where asked: how benchmarks compare variants
+    without patching the backend. ``features``: attnhub arguments (softcap=..., ...); a
+    dropout call uses a fixed seed so that runs compare. Returns (out[, dq, dk, dv])."""
+    from attnhub.backends.triton import backward as triton_backward
+    from attnhub.backends.triton import forward as triton_forward
+
+    q, k, v, dout = workload_inputs(w, False)
+    info_q = attnhub.VarlenInfo.from_lengths(w.seqlens_q, "cuda")
+    info_k = attnhub.VarlenInfo.from_lengths(w.seqlens_k, "cuda")
+    problem, inputs = attnhub.normalize(q, k, v, info_q, info_k, causal=causal, **features)
+    seed = (torch.zeros(2, dtype=torch.int64, device="cuda") if problem.dropout_p > 0
+            else None)
+
+    def run():
+        out, lse = triton_forward.forward(problem, inputs, seed, gluon=gluon, tma=tma)
+        if not backward:
+            return (out,)
+        grads = triton_backward.backward(problem, inputs, out, lse, dout, None, seed,
+                                         gluon=gluon_backward)
+        return (out, *grads[:3])
+
+    return run
+
+
 def autotune_picks() -> list[str]:
     """The Triton autotuner's choice per kernel and key, when it was allowed to choose."""
     if os.environ.get("ATTNHUB_TRITON_AUTOTUNE", "0") in ("", "0"):
@@ -147,6 +178,9 @@ def main() -> int:
     parser.add_argument("--workloads", default="W1,W2,W3,W4")
     parser.add_argument("--modes", default="fwd,fwd+bwd")
     parser.add_argument("--no-fa4", action="store_true")
+    parser.add_argument("--sinks", action="store_true",
+                        help="the Triton calls carry attention sinks (zero logits, with their "
+                             "gradient in fwd+bwd); FA2 and FA4 run the same calls without")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -157,7 +191,8 @@ def main() -> int:
     dev = torch.cuda.get_device_name()
     header = (f"device {dev}, date {datetime.date.today().isoformat()}, torch "
               f"{torch.__version__}, triton {triton.__version__}, flash-attn-4 "
-              f"{_version('flash-attn-4')}, attnhub {attnhub.__version__}")
+              f"{_version('flash-attn-4')}, attnhub {attnhub.__version__}"
+              + (", triton with attention sinks (W1-W3)" if args.sinks else ""))
     print(header)
     bw = copy_bandwidth_gbs()
     print(f"measured copy bandwidth: {bw:.0f} GB/s")
@@ -180,8 +215,8 @@ def main() -> int:
         for causal in (False, True):
             for mode in modes:
                 backward = mode == "fwd+bwd"
-                impls = prefill_impls(w, causal, backward, fa4)
-                if not backward:
+                impls = prefill_impls(w, causal, backward, fa4, args.sinks)
+                if not backward and not args.sinks:  # sinks change the output
                     ref = impls["torch-fa2"]()
                     err = (impls["triton"]() - ref).abs().max().item()
                     print(f"{w.name} causal={causal} max |triton - fa2| = {err:.2e}")

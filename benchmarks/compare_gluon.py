@@ -1,6 +1,8 @@
 """Time the Triton backend's tl kernels against its Gluon kernels for sm_90 (hopper_forward.py,
 hopper_backward.py) on the W1-W4 workloads, forward and forward + backward, beside torch's
-FA2 in the same run; each variant's output and gradients are checked against the tl build.
+FA2 in the same run; each variant's output and gradients are checked against the tl kernels.
+Variants run the backend's launchers directly (bench_attention.triton_variant), so the tl
+kernels are asked for by argument, not by patching the backend.
 
     python benchmarks/compare_gluon.py --workloads W1,W3 --variants tl,gluon,bwd-m64
 """
@@ -11,15 +13,13 @@ import argparse
 import pathlib
 import sys
 
-import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_attention import prefill_impls
-from workloads import workload_inputs, workloads
+from bench_attention import prefill_impls, triton_variant
+from workloads import workloads
 
-import attnhub
-from attnhub.backends.triton import backward, forward, hopper_backward, hopper_forward
+from attnhub.backends.triton import hopper_backward, hopper_forward
 
 # name -> (forward in Gluon, dK/dV in Gluon, forward config changes, backward config changes)
 VARIANTS = {
@@ -33,24 +33,12 @@ FWD_DEFAULT = dict(hopper_forward.CONFIG)
 BWD_DEFAULT = dict(hopper_backward.CONFIG)
 
 
-def set_variant(name: str) -> None:
-    forward.USE_GLUON, backward.USE_GLUON, fwd, bwd = VARIANTS[name]
+def variant_run(name: str, w, causal: bool, backward: bool):
+    """Sets the variant's Gluon launch tables (from the shipped ones) and returns its run."""
+    gluon, gluon_backward, fwd, bwd = VARIANTS[name]
     hopper_forward.CONFIG.update(FWD_DEFAULT, **fwd)
     hopper_backward.CONFIG.update(BWD_DEFAULT, **bwd)
-
-
-def grads_run(w, causal: bool):
-    """(out, dq, dk, dv) of the Triton backend on the workload."""
-    q, k, v, dout = workload_inputs(w, True)
-    info_q = attnhub.VarlenInfo.from_lengths(w.seqlens_q, "cuda")
-    info_k = attnhub.VarlenInfo.from_lengths(w.seqlens_k, "cuda")
-
-    def run():
-        out = attnhub.attention_forward_varlen(q, k, v, info_q, info_k, causal=causal,
-                                               backend="triton")
-        return (out, *torch.autograd.grad(out, (q, k, v), dout))
-
-    return run
+    return triton_variant(w, causal, backward, gluon=gluon, gluon_backward=gluon_backward)
 
 
 def main() -> int:
@@ -64,9 +52,7 @@ def main() -> int:
             "|---|---|---|---|---|---|---|---|"]
     for w in (x for x in workloads() if x.name in args.workloads.split(",")):
         for causal in (False, True):
-            check = grads_run(w, causal)
-            set_variant("tl")
-            ref = [t.float() for t in check()]
+            ref = [t.float() for t in variant_run("tl", w, causal, True)()]
             for mode in args.modes.split(","):
                 bwd = mode == "fwd+bwd"
                 impls = prefill_impls(w, causal, bwd, None)
@@ -75,10 +61,12 @@ def main() -> int:
                 rows.append(f"| {w.name} | {causal} | {mode} | torch-fa2 | {ms_fa2:.3f} | "
                             f"{flops / ms_fa2 / 1e9:.1f} | 1.00x | |")
                 for name in args.variants.split(","):
-                    set_variant(name)
+                    check = variant_run(name, w, causal, True)
                     diff = max((a.float() - b).abs().max().item()
                                for a, b in zip(check(), ref, strict=True))
-                    ms = do_bench(impls["triton"], warmup=25, rep=100, return_mode="median")
+                    del check
+                    run = variant_run(name, w, causal, bwd)
+                    ms = do_bench(run, warmup=25, rep=100, return_mode="median")
                     line = (f"| {w.name} | {causal} | {mode} | {name} | {ms:.3f} | "
                             f"{flops / ms / 1e9:.1f} | {ms_fa2 / ms:.2f}x | {diff:.1e} |")
                     print(line, flush=True)

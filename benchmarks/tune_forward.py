@@ -1,6 +1,6 @@
 """Sweep the Triton forward's query tile (BLOCK_M) on the W1-W4 workloads, letting the
 autotuner pick the key block, warps and stages for each; prints time, TFLOP/s against torch's
-FA2 in the same run, and the picks (how configs.forward_config / DEFAULTS were chosen).
+FA2 in the same run, and the picks (how configs.forward_block_m / DEFAULTS were chosen).
 
     ATTNHUB_TRITON_AUTOTUNE=1 python benchmarks/tune_forward.py --workloads W1,W2 --tiles 64,128
 """
@@ -35,8 +35,7 @@ def main() -> int:
             print(f"{w.name} causal={causal} torch-fa2 fwd {ms_fa2:.3f} ms "
                   f"{flops / ms_fa2 / 1e9:.1f} TFLOP/s")
             for tile in (int(x) for x in args.tiles.split(",")):
-                configs.forward_config = lambda head_dim, m=tile: configs.LaunchConfig(
-                    m, 64, 8, 3)
+                configs.forward_block_m = lambda head_dim, m=tile: m
                 forward._fwd_kernel.cache.clear()
                 ms = do_bench(base["triton"], warmup=25, rep=100, return_mode="median")
                 print(f"  BLOCK_M {tile}: {ms:.3f} ms {flops / ms / 1e9:.1f} TFLOP/s "

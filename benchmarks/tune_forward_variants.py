@@ -1,8 +1,9 @@
-"""Compare the Triton forward's loads of fully visible key blocks (TMA descriptors or
-pointers) and its launch configs (key block, stages, warps, register cap) on the W1-W4
-workloads, optionally with one feature on, against torch's FA2 in the same run; each output
-is checked against the pointer-load, uncapped baseline. How forward.USE_TMA and
-DEFAULTS["fwd"] were chosen (docs/performance.md v5).
+"""Compare the Triton forward's kernels and loads (the Gluon kernel, the tl kernel with TMA
+descriptors or pointer loads for fully visible key blocks) and launch configs (key block,
+stages, warps, register cap; Gluon key block and register split) on the W1-W4 workloads,
+optionally with one feature on, against torch's FA2 in the same run; each output is checked
+against the pointer-load baseline. How the TMA loads, the Gluon kernel and DEFAULTS["fwd"]
+were chosen (docs/performance.md, v5 and v7).
 
     python benchmarks/tune_forward_variants.py --workloads W1,W2 --configs 64:3,64:2:8:128
 """
@@ -18,11 +19,10 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import torch
-from bench_attention import prefill_impls
-from workloads import HEAD_DIM, NHEADS, workload_inputs, workloads
+from bench_attention import prefill_impls, triton_variant
+from workloads import HEAD_DIM, NHEADS, workloads
 
-import attnhub
-from attnhub.backends.triton import configs, forward, hopper_forward
+from attnhub.backends.triton import configs, hopper_forward
 
 FEATURES = {
     "none": {},
@@ -32,42 +32,38 @@ FEATURES = {
     "dropout": {"dropout_p": 0.1},
 }
 
-
-def feature_run(w, causal: bool, feature: str):
-    """The Triton forward of the workload with one feature on (seeded, so runs compare)."""
-    q, k, v, _ = workload_inputs(w, False)
-    info_q = attnhub.VarlenInfo.from_lengths(w.seqlens_q, "cuda")
-    kwargs = dict(FEATURES[feature])
-    if "alibi_slopes" in kwargs:
-        kwargs["alibi_slopes"] = torch.rand(NHEADS, device="cuda", dtype=torch.float32) * 0.1
-
-    def run():
-        torch.manual_seed(0)
-        return attnhub.attention_forward_varlen(q, k, v, info_q, info_q, causal=causal,
-                                                backend="triton", **kwargs)
-
-    return run
-
-# (USE_TMA, USE_GLUON, Gluon config changes): how K/V of fully visible blocks are read in the
-# tl kernel, or the warp-specialised Gluon kernel (hopper_forward.py; --configs do not apply)
+# name -> (forward.forward's tma and gluon arguments, Gluon config changes): how K/V of fully
+# visible blocks are read in the tl kernel, or the warp-specialised Gluon kernel
+# (hopper_forward.py; --configs do not apply to it). The Gluon schedules measured in v7 and
+# dropped (ping-pong turns, direct stores from the wgmma layout, 3 stages) left the kernel
+# with their results (docs/performance.md).
 VARIANTS = {
-    "pointers": (False, False, {}),
-    "tma": (True, False, {}),
-    "gluon": (True, True, {}),
-    "gluon-pingpong": (True, True, {"pingpong": True}),
-    "gluon-direct": (True, True, {"direct_store": True}),
-    "gluon-3stages": (True, True, {"stages": 3, "direct_store": True}),
-    "gluon-n64": (True, True, {"block_n": 64}),
-    "gluon-regs232": (True, True, {"consumer_regs": 232, "producer_regs": 40}),
+    "pointers": ({"tma": False, "gluon": False}, {}),
+    "tma": ({"tma": True, "gluon": False}, {}),
+    "gluon": ({"tma": True, "gluon": True}, {}),
+    "gluon-n64": ({"tma": True, "gluon": True}, {"block_n": 64}),
+    "gluon-regs232": ({"tma": True, "gluon": True}, {"consumer_regs": 232, "producer_regs": 40}),
 }
 GLUON_DEFAULT = dict(hopper_forward.CONFIG)
+FWD_DEFAULT = dict(configs.DEFAULTS["fwd"])
 
 
-def set_variant(name: str, block_n: int, stages: int, warps: int, maxnreg: int = 0) -> None:
-    forward.USE_TMA, forward.USE_GLUON, changes = VARIANTS[name]
+def features(name: str) -> dict:
+    kwargs = dict(FEATURES[name])
+    if "alibi_slopes" in kwargs:
+        kwargs["alibi_slopes"] = torch.rand(NHEADS, device="cuda", dtype=torch.float32) * 0.1
+    return kwargs
+
+
+def set_variant(name: str, block_n: int, stages: int, warps: int, maxnreg: int = 0) -> dict:
+    """Sets the variant's launch tables (restored from the shipped ones first) and returns
+    its forward.forward arguments."""
+    kernel_args, changes = VARIANTS[name]
     hopper_forward.CONFIG.update(GLUON_DEFAULT, **changes)
-    block_m = configs.forward_config(HEAD_DIM).block_m
-    configs.DEFAULTS["fwd"][(128, block_m)] = (block_n, warps, stages, maxnreg)
+    configs.DEFAULTS["fwd"].update(FWD_DEFAULT)
+    configs.DEFAULTS["fwd"][(128, configs.forward_block_m(HEAD_DIM))] = (block_n, warps,
+                                                                         stages, maxnreg)
+    return kernel_args
 
 
 def main() -> int:
@@ -86,27 +82,27 @@ def main() -> int:
         given = [int(x) for x in c.split(":")]
         pairs.append((*given, *(8, 0)[len(given) - 2:]))
     if args.block_m:
-        configs.forward_config = lambda head_dim: configs.LaunchConfig(args.block_m, 64, 8, 3)
+        configs.forward_block_m = lambda head_dim: args.block_m
     rows = ["| workload | causal | variant | key block | stages | warps | maxnreg | ms | TFLOP/s "
             "| vs torch-fa2 | max diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for w in (x for x in workloads() if x.name in names):
         for causal in (False, True):
             flops = w.flops(causal, backward=False)
-            impls = prefill_impls(w, causal, False, None)
-            if args.feature != "none":
-                impls["triton"] = feature_run(w, causal, args.feature)
-            ms_fa2 = do_bench(impls["torch-fa2"], warmup=25, rep=100, return_mode="median")
+            fa2 = prefill_impls(w, causal, False, None)["torch-fa2"]
+            kwargs = features(args.feature)
+            ms_fa2 = do_bench(fa2, warmup=25, rep=100, return_mode="median")
             print(f"{w.name} causal={causal} torch-fa2 {ms_fa2:.3f} ms "
                   f"{flops / ms_fa2 / 1e9:.1f} TFLOP/s", flush=True)
-            set_variant("pointers", 64, 3, 8)
-            ref = impls["triton"]().float()
+            base = set_variant("pointers", 64, 3, 8)
+            ref = triton_variant(w, causal, False, **base, **kwargs)()[0].float()
             for variant in args.variants.split(","):
                 for block_n, stages, warps, maxnreg in pairs:
-                    set_variant(variant, block_n, stages, warps, maxnreg)
+                    run = triton_variant(w, causal, False, **kwargs,
+                                         **set_variant(variant, block_n, stages, warps,
+                                                       maxnreg))
                     try:
-                        diff = (impls["triton"]().float() - ref).abs().max().item()
-                        ms = do_bench(impls["triton"], warmup=25, rep=100,
-                                      return_mode="median")
+                        diff = (run()[0].float() - ref).abs().max().item()
+                        ms = do_bench(run, warmup=25, rep=100, return_mode="median")
                     except Exception as exc:  # a variant Triton cannot compile: say so
                         traceback.print_exc(limit=1)
                         print(f"  {variant} {block_n}:{stages}:{warps}:{maxnreg} failed: "

@@ -64,8 +64,7 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_gluon_forward_matches_tl_kernel_and_reference(dtype, head_dim, case, gluon_calls,
-                                                       monkeypatch):
+def test_gluon_forward_matches_tl_kernel_and_reference(dtype, head_dim, case, gluon_calls):
     from attnhub.backends.triton import forward
 
     kw, lk = CASES[case]
@@ -75,9 +74,8 @@ def test_gluon_forward_matches_tl_kernel_and_reference(dtype, head_dim, case, gl
     out, lse = attnhub.attention_forward_varlen(q, k, v, iq, ik, return_lse=True,
                                                 backend="triton", **kw)
     assert gluon_calls, "the plain sm_90 call did not reach the Gluon kernel"
-    monkeypatch.setattr(forward, "USE_GLUON", False)
-    tl_out, tl_lse = attnhub.attention_forward_varlen(q, k, v, iq, ik, return_lse=True,
-                                                      backend="triton", **kw)
+    problem, inputs = attnhub.normalize(q, k, v, iq, ik, **kw)
+    tl_out, tl_lse = forward.forward(problem, inputs, None, gluon=False)
     assert len(gluon_calls) == 1
     ref, ref_lse = attnhub.attention_forward_varlen(q.double(), k.double(), v.double(), iq, ik,
                                                     return_lse=True, backend="reference", **kw)
@@ -90,6 +88,42 @@ def test_gluon_forward_matches_tl_kernel_and_reference(dtype, head_dim, case, gl
     finite = torch.isfinite(ref_lse)
     assert (lse.double() - ref_lse)[finite].abs().max() < 1e-3
     assert (lse - tl_lse)[finite].abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window_size": (40, 3)},
+                                {"causal": True, "mask_alignment": "top_left"}])
+def test_gluon_forward_with_sinks(head_dim, kw, gluon_calls):
+    """Sinks joined in the Gluon kernel's epilogue: against the tl kernel with the same sinks
+    and the float64 reference; rows that see no key (a sequence without keys; causal rows
+    before sk - sq) get out 0 and lse = the sink."""
+    from attnhub.backends.triton import forward
+
+    lk = [900, 1, 0, 200, 2048, 0, 129, 64]
+    q, k, v = _inputs(LENGTHS_Q, lk, torch.bfloat16, head_dim, seed=5)
+    sinks = torch.randn(8, device="cuda", generator=torch.Generator(device="cuda")
+                        .manual_seed(6)) * 2
+    sinks[0] = 30.0  # above every score: the sink takes nearly all of head 0's mass
+    iq = attnhub.VarlenInfo.from_lengths(LENGTHS_Q, "cuda")
+    ik = attnhub.VarlenInfo.from_lengths(lk, "cuda")
+    problem, inputs = attnhub.normalize(q, k, v, iq, ik, **kw)
+    out, lse = forward.forward(problem, inputs, None, sinks=sinks)
+    assert len(gluon_calls) == 1, "the plain sm_90 call with sinks did not reach Gluon"
+    tl_out, tl_lse = forward.forward(problem, inputs, None, sinks=sinks, gluon=False)
+    empty = torch.isneginf(attnhub.attention_forward_varlen(
+        q.double(), k.double(), v.double(), iq, ik, return_lse=True, backend="reference",
+        **kw)[1])
+    ref, ref_lse = attnhub.attention_forward_varlen(q.double(), k.double(), v.double(), iq, ik,
+                                                    return_lse=True, backend="reference",
+                                                    sinks=sinks, **kw)
+    assert (out.double() - ref).abs().max() < 2e-2
+    assert (out.double() - ref).abs().max() <= 1.5 * (tl_out.double() - ref).abs().max() + 1e-3
+    assert torch.isfinite(lse).all()
+    assert (lse.double() - ref_lse).abs().max() < 1e-3
+    assert (lse - tl_lse).abs().max() < 1e-3
+    assert empty.any()
+    assert (out.transpose(0, 1)[empty] == 0).all()
+    assert (lse[empty] - sinks[:, None].expand_as(lse)[empty]).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window_size": (40, 3)}])
@@ -149,9 +183,8 @@ def test_gluon_dkdv_serves_causal_calls_only(gluon_dkdv_calls):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("case", range(len(BWD_CASES)))
-def test_gluon_dkdv_matches_tl_kernel_and_reference(dtype, head_dim, case, gluon_dkdv_calls,
-                                                    monkeypatch):
-    from attnhub.backends.triton import backward
+def test_gluon_dkdv_matches_tl_kernel_and_reference(dtype, head_dim, case, gluon_dkdv_calls):
+    from attnhub.backends.triton import backward, forward
 
     kw, lk = BWD_CASES[case]
     q, k, v = (t.requires_grad_() for t in _inputs(LENGTHS_Q, lk, dtype, head_dim, seed=2))
@@ -165,8 +198,9 @@ def test_gluon_dkdv_matches_tl_kernel_and_reference(dtype, head_dim, case, gluon
 
     got = grads()
     assert gluon_dkdv_calls, "the plain sm_90 call did not reach the Gluon dK/dV kernel"
-    monkeypatch.setattr(backward, "USE_GLUON", False)
-    tl_got = grads()
+    problem, inputs = attnhub.normalize(q.detach(), k.detach(), v.detach(), iq, ik, **kw)
+    out, lse = forward.forward(problem, inputs, None)
+    tl_got = backward.backward(problem, inputs, out, lse, dout, None, None, gluon=False)[:3]
     assert len(gluon_dkdv_calls) == 1
     ref_in = tuple(t.detach().double().requires_grad_() for t in (q, k, v))
     ref = grads("reference", ref_in, dout.double())

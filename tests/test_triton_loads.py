@@ -16,18 +16,15 @@ LENGTHS = [70, 5, 0, 130, 33]
 
 @pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window_size": (40, 3)},
                                 {"softcap": 5.0}])
-def test_tma_and_pointer_loads_agree(kw, monkeypatch):
+def test_tma_and_pointer_loads_agree(kw):
     gen = torch.Generator().manual_seed(0)
     total = sum(LENGTHS)
     q = torch.randn(total, 6, 32, generator=gen)
     k, v = (torch.randn(total, 3, 32, generator=gen) for _ in range(2))
     info = attnhub.VarlenInfo.from_lengths(LENGTHS, "cpu")
     assert forward.tma_ready(32, k, v)
-    outs = []
-    for use_tma in (True, False):
-        monkeypatch.setattr(forward, "USE_TMA", use_tma)
-        outs.append(attnhub.attention_forward_varlen(q, k, v, info, info, backend="triton",
-                                                     **kw))
+    problem, inputs = attnhub.normalize(q, k, v, info, info, **kw)
+    outs = [forward.forward(problem, inputs, None, tma=tma)[0] for tma in (True, False)]
     ref = attnhub.attention_forward_varlen(q, k, v, info, info, backend="reference", **kw)
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     torch.testing.assert_close(outs[0], ref, rtol=1e-4, atol=1e-4)

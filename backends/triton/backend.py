@@ -30,6 +30,7 @@ class TritonBackend(Backend):
         page_size_multiple=1,  # per-key page lookups: any page size (FlashInfer uses 1)
         return_probs=False,
         custom_mask=True,  # bits read from the packed mask in the kernels (fwd and bwd)
+        sinks=True,  # joined in every forward's epilogue; dsinks from the delta pass
     )
 
     def __init__(self) -> None:
@@ -68,7 +69,7 @@ class TritonBackend(Backend):
 
         if not problem.lengths_known or decode.eligible(problem):
             return None
-        block_m = configs.forward_config(problem.head_dim).block_m
+        block_m = configs.forward_block_m(problem.head_dim)
         return tile_list(problem, inputs.cu_seqlens_q, block_m, True)
 
     def forward(self, problem: VarlenProblem, inputs: VarlenInputs) -> ForwardResult:
@@ -77,13 +78,13 @@ class TritonBackend(Backend):
 
         with configs.launch_guard():
             if decode.eligible(problem):
-                out, lse = decode.forward(problem, inputs)
+                out, lse = decode.forward(problem, inputs, sinks=inputs.sinks)
                 return ForwardResult(out, lse, None, None)
             seed = None
             if problem.dropout_p > 0:
                 seed = inputs.rng_state if inputs.rng_state is not None else torch.randint(
                     0, 2**31 - 1, (2,), dtype=torch.int64, device=inputs.q.device)
-            out, lse = forward(problem, inputs, seed)
+            out, lse = forward(problem, inputs, seed, sinks=inputs.sinks)
             return ForwardResult(out, lse, None, seed)
 
     def backward(self, problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
@@ -93,10 +94,12 @@ class TritonBackend(Backend):
 
         if problem.paged is not None:
             # No Triton backward reads page pools: the reference kernel's backward (it
-            # recomputes the softmax from q and the pools) gives these gradients, exactly.
+            # recomputes the softmax from q and the pools) gives these gradients (and
+            # dsinks), exactly.
             from attnhub.backends.reference import kernel
 
             return kernel.backward(problem, inputs, dout, dlse)
         with configs.launch_guard():
-            dq, dk, dv = backward(problem, inputs, out, lse, dout, dlse, inputs.rng_state)
-        return Gradients(dq, dk, dv)
+            dq, dk, dv, dsinks = backward(problem, inputs, out, lse, dout, dlse,
+                                          inputs.rng_state, sinks=inputs.sinks)
+        return Gradients(dq, dk, dv, dsinks)

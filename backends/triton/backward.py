@@ -4,7 +4,9 @@
   over the query blocks that can see its keys, so GQA gradients are reduced in registers.
 * dQ: one program per (query tile, query head) over the key blocks its rows can see.
 The softmax is recomputed from q, k and the forward's lse; delta = rowsum(dO * O) - dlse
-comes from one fused pass over O and dO.
+comes from one fused pass over O and dO. With attention sinks the lse includes the sink, so
+dQ/dK/dV need nothing more; the same pass sums the sinks' gradient,
+dsinks[h] = -sum_i exp(sinks[h] - lse_i) * delta_i.
 """
 
 from __future__ import annotations
@@ -27,11 +29,6 @@ from .forward import (
     tile_list,
 )
 from .tiles import program_tile
-
-# Plain causal (right-bounded) calls on an sm_90 GPU with host lengths compute dK/dV in the
-# warp-specialised Gluon kernel (hopper_backward.py, docs/performance.md v7); False keeps them
-# on the tl kernel.
-USE_GLUON = True
 
 
 @triton.jit
@@ -101,11 +98,14 @@ def _dkdv_blocks(dk, dv, k, v, Q, DO, Lse, Delta, b, h, q_start, sq, sk, offset,
 
 
 @triton.jit(do_not_specialize=["total_q"])
-def _delta_kernel(Out, DO, DLse, Delta, stride_ot, stride_oh, stride_dot, stride_doh,
-                  stride_lh, stride_lt, total_q, HEAD_DIM: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, HAS_DLSE: tl.constexpr):
+def _delta_kernel(Out, DO, DLse, Delta, Lse, Sinks, DSinkPart, stride_ot, stride_oh,
+                  stride_dot, stride_doh, stride_lh, stride_lt, total_q,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+                  HAS_DLSE: tl.constexpr, HAS_SINKS: tl.constexpr):
     """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] - dlse[h, t], float32 (nheads, total_q):
-    one pass over O and dO in their own dtype."""
+    one pass over O and dO in their own dtype. With HAS_SINKS, DSinkPart[h, program] =
+    -sum_t exp(sinks[h] - lse[h, t]) * delta[h, t] over the program's rows (a row with
+    lse -inf, possible only with a -inf sink, adds nothing)."""
     h = tl.program_id(1)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
@@ -121,6 +121,12 @@ def _delta_kernel(Out, DO, DLse, Delta, stride_ot, stride_oh, stride_dot, stride
         delta -= tl.load(DLse + h.to(tl.int64) * stride_lh + rows * stride_lt, mask=t_ok,
                          other=0.0)
     tl.store(Delta + h.to(tl.int64) * total_q + rows, delta, mask=t_ok)
+    if HAS_SINKS:
+        lse = tl.load(Lse + h.to(tl.int64) * total_q + rows, mask=t_ok, other=float("-inf"))
+        # lse >= sink, so lse = -inf means a -inf sink (or a row past the end): p_sink 0
+        p_sink = tl.exp(tl.load(Sinks + h) - tl.where(lse == float("-inf"), 0.0, lse))
+        tl.store(DSinkPart + h.to(tl.int64) * tl.num_programs(0) + tl.program_id(0),
+                 -tl.sum(p_sink * delta, 0))
 
 
 def _prune_dkdv(configs_, named_args, **kwargs):
@@ -320,9 +326,16 @@ def _dq_kernel(
 
 
 def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
-             dlse: torch.Tensor | None, seed: torch.Tensor | None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv with the shapes and dtypes of q, k, v (packed K/V only)."""
+             dlse: torch.Tensor | None, seed: torch.Tensor | None, *,
+             sinks: torch.Tensor | None = None, gluon: bool = True
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """dq, dk, dv with the shapes and dtypes of q, k, v (packed K/V only), and dsinks float32
+    (nheads,) when ``sinks`` (float32 (nheads,), the forward's) is given, else None. ``lse``:
+    the forward's (with the sinks in it).
+
+    ``gluon``: plain causal (right-bounded) calls on an sm_90 GPU with host lengths compute
+    dK/dV in the warp-specialised Gluon kernel (hopper_backward.py). Ships on; benchmarks and
+    tests turn it off to compare with the tl kernel."""
     q = _c(inputs.q)
     k, stride_kt, stride_kh = kv_layout(problem, _c(inputs.k))
     v, stride_vt, stride_vh = kv_layout(problem, _c(inputs.v))
@@ -330,14 +343,21 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
     out = _c(out)
     delta = torch.empty((problem.nheads, problem.total_q), dtype=torch.float32,
                         device=q.device)
+    block_t = 16 if configs.interpreting() else 64
+    delta_programs = triton.cdiv(problem.total_q, block_t)
+    # per (head, delta program) partial sums of dsinks: summed below, in a fixed order
+    dsink_part = (torch.zeros((problem.nheads, delta_programs), dtype=torch.float32,
+                              device=q.device) if sinks is not None else None)
     if problem.total_q and problem.nheads:
         dlse_arg = dlse.float() if dlse is not None else delta
-        block_t = 16 if configs.interpreting() else 64
-        _delta_kernel[(triton.cdiv(problem.total_q, block_t), problem.nheads)](
-            out, dout, dlse_arg, delta, out.stride(0), out.stride(1), dout.stride(0),
-            dout.stride(1), dlse_arg.stride(0), dlse_arg.stride(1), problem.total_q,
-            HEAD_DIM=problem.head_dim, BLOCK_D=configs.block_d(problem.head_dim),
-            BLOCK_T=block_t, HAS_DLSE=dlse is not None, num_warps=4)
+        _delta_kernel[(delta_programs, problem.nheads)](
+            out, dout, dlse_arg, delta, lse, sinks if sinks is not None else delta,
+            dsink_part if dsink_part is not None else delta, out.stride(0), out.stride(1),
+            dout.stride(0), dout.stride(1), dlse_arg.stride(0), dlse_arg.stride(1),
+            problem.total_q, HEAD_DIM=problem.head_dim,
+            BLOCK_D=configs.block_d(problem.head_dim), BLOCK_T=block_t,
+            HAS_DLSE=dlse is not None, HAS_SINKS=sinks is not None, num_warps=4)
+    dsinks = dsink_part.sum(1) if dsink_part is not None else None
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -361,11 +381,11 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
                  else (dummy, dummy))
 
     # the Gluon dK/dV kernel is faster than the tl one on causal (right-bounded) calls only
-    # (H200, docs/performance.md v7)
+    # (H200, docs/performance.md)
     plain = (not problem.custom_mask and problem.dropout_p == 0 and problem.softcap == 0
              and alibi is None and problem.paged is None and right >= 0)
     k_planned = None
-    if USE_GLUON and problem.nheads_k and hopper_backward.supports(problem, q, k, v, dout, plain):
+    if gluon and problem.nheads_k and hopper_backward.supports(problem, q, k, v, dout, plain):
         k_planned = tile_list(problem, inputs.cu_seqlens_k, hopper_backward.BLOCK_N, False)
     if k_planned is not None:
         hopper_backward.dkdv(problem, q, k, v, dout, lse, delta, dk, dv, inputs.cu_seqlens_q,
@@ -390,7 +410,7 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
             q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), alibi_stride,
             *scalars, BLOCK_M=query_tile, DEVICE_TILES=q_device, **common)
-    return dq, dk, dv
+    return dq, dk, dv, dsinks
 
 
 def _c(t: torch.Tensor) -> torch.Tensor:

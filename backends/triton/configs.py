@@ -11,13 +11,12 @@ import contextlib
 import functools
 import os
 import threading
-from dataclasses import dataclass
 
 # (inner block, num_warps, num_stages[, maxnreg]) per kernel, head-dim bucket and outer tile
 # (the rows a program owns: query rows for fwd and dq, key rows for dkdv): the config a launch
 # uses unless ATTNHUB_TRITON_AUTOTUNE=1 asks the autotuner to try them all. Chosen from
 # benchmarks on an H200 (docs/performance.md). maxnreg 128 on the head-dim-128 forward lets two
-# 8-warp programs share an SM, so one's softmax overlaps the other's matmuls (v5).
+# 8-warp programs share an SM, so one's softmax overlaps the other's matmuls.
 DEFAULTS: dict[str, dict[tuple[int, int], tuple[int, ...]]] = {
     "fwd": {(64, 128): (64, 4, 3), (128, 128): (64, 8, 2, 128), (256, 64): (32, 4, 2),
             (512, 32): (32, 4, 1)},
@@ -96,14 +95,6 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@dataclass(frozen=True)
-class LaunchConfig:
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
 _interpreter_lock = threading.Lock()
 
 
@@ -126,20 +117,20 @@ def block_d(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
-def forward_config(head_dim: int) -> LaunchConfig:
-    """BLOCK_M (query rows per program) is fixed so the tile list can be planned before launch;
-    BLOCK_N, warps and stages are autotuned (forward.py). block_n here: the interpreter's."""
-    if interpreting():  # BLOCK_M != BLOCK_N: the tests exercise both tile shapes
-        return LaunchConfig(32, 16, 1, 1)
+def forward_block_m(head_dim: int) -> int:
+    """BLOCK_M, the query rows per forward program: fixed per head dim so that the tile list
+    can be planned before launch (the key block, warps and stages come from DEFAULTS)."""
+    if interpreting():  # 32 rows against the interpreter's 16-key blocks: the tests
+        return 32       # exercise BLOCK_M != BLOCK_N
     d = block_d(head_dim)
     # head dims 257-512 (forward only): 32-row tiles keep the fp32 accumulator in registers
-    return LaunchConfig(128 if d <= 128 else 64 if d <= 256 else 32, 64, 8, 3)
+    return 128 if d <= 128 else 64 if d <= 256 else 32
 
 
 def backward_tiles(head_dim: int, causal: bool) -> tuple[int, int]:
     """(key rows per dK/dV program, query rows per dQ program); the inner block sizes come
     from DEFAULTS. Causal calls take 128-row key tiles for head dims up to 128 (faster on
-    W1 and W3, docs/performance.md v4); only DEFAULTS' configs are known correct with them."""
+    W1 and W3, docs/performance.md); only DEFAULTS' configs are known correct with them."""
     if interpreting():
         return 32, 32
     return (128 if causal and 64 < block_d(head_dim) <= 128 else 64), 64

@@ -2,7 +2,8 @@
 
 One program per (sequence, kv head, split) reads its slice of K/V once for all the query
 heads of the group: their rows (query head x query token) are packed into one tile. A second
-kernel combines the splits' partial softmax states. Memory-bound by design.
+kernel combines the splits' partial softmax states (and joins the sinks, when the call has
+them). Memory-bound by design.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import triton.language as tl
 from . import configs
 from .forward import (
     PER_BATCH_ARGS,
+    add_sink,
     key_bound,
     kv_layout,
     kv_rows,
@@ -101,9 +103,9 @@ def _decode_split_kernel(
 
 @triton.jit(do_not_specialize=PER_BATCH_ARGS)
 def _decode_combine_kernel(
-    OPart, MPart, LPart, Out, Lse, CuQ, stride_ot, stride_oh, total_q, batch, num_splits,
-    GROUP: tl.constexpr, Q_PAD: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    OPart, MPart, LPart, Out, Lse, CuQ, Sinks, stride_ot, stride_oh, total_q, batch,
+    num_splits, GROUP: tl.constexpr, Q_PAD: tl.constexpr, ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -127,6 +129,8 @@ def _decode_combine_kernel(
         l_sum += w * tl.load(LPart + (base + s) * ROWS + r)
         acc += w[:, None] * tl.load(OPart + ((base + s) * ROWS + r)[:, None] * BLOCK_D
                                     + offs_d[None, :])
+    if HAS_SINKS:  # the state is relative to m_all (-inf: nothing seen, l_sum and acc 0)
+        acc, l_sum, m_all = add_sink(acc, l_sum, m_all, Sinks, h, g < GROUP)
     seen = l_sum > 0.0
     out = acc / tl.where(seen, l_sum, 1.0)[:, None]
     lse = tl.where(seen, (m_all + tl.log2(tl.where(seen, l_sum, 1.0))) * 0.6931471805599453,
@@ -147,8 +151,10 @@ def num_splits(problem, device: torch.device) -> int:
     return max(1, min(-(-target // programs), -(-problem.max_seqlen_k // 512)))
 
 
-def forward(problem, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (total_q, nheads, d) and lse float32 (nheads, total_q), split-KV."""
+def forward(problem, inputs, *, sinks: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (total_q, nheads, d) and lse float32 (nheads, total_q), split-KV; ``sinks``:
+    float32 (nheads,) sink logits, or None."""
     q = inputs.q if inputs.q.stride(-1) == 1 else inputs.q.contiguous()
     k, stride_kt, stride_kh = kv_layout(problem, inputs.k if inputs.k.stride(-1) == 1
                                         else inputs.k.contiguous())
@@ -188,7 +194,8 @@ def forward(problem, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         num_warps=1 if configs.interpreting() else 4, num_stages=1 if configs.interpreting()
         else 3)
     _decode_combine_kernel[(problem.batch, problem.nheads_k)](
-        o_part, m_part, l_part, out, lse, inputs.cu_seqlens_q, out.stride(0), out.stride(1),
-        problem.total_q, problem.batch, splits, **common,
+        o_part, m_part, l_part, out, lse, inputs.cu_seqlens_q,
+        sinks if sinks is not None else dummy, out.stride(0), out.stride(1), problem.total_q,
+        problem.batch, splits, **common, HAS_SINKS=sinks is not None,
         num_warps=1 if configs.interpreting() else 4)
     return out, lse

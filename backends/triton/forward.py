@@ -2,7 +2,8 @@
 
 Online softmax in base 2 over the key blocks each tile can see (causal and window bands are
 skipped, not masked), fp32 accumulation, GQA by indexing (no expanded K/V), softcap, ALiBi,
-Philox dropout, paged K/V through the block table, lse in natural log. Fully visible key
+Philox dropout, paged K/V through the block table, attention sinks (one logit per query head
+that joins each row's softmax denominator), lse in natural log. Fully visible key
 blocks, and in plain calls the diagonal blocks inside the sequence, read K/V through TMA
 descriptors where the layout allows (docs/triton.md, Loads).
 """
@@ -25,14 +26,6 @@ except ImportError:  # triton < 3.4: pointer loads only
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-
-# Fully visible key blocks read K/V through TMA descriptors where the layout allows
-# (benchmarks/tune_forward_variants.py compares with pointer loads).
-USE_TMA = True
-
-# Plain calls on an sm_90 GPU with a host-planned tile list run the warp-specialised Gluon
-# kernel (hopper_forward.py, docs/performance.md v7); False keeps them on the tl kernel.
-USE_GLUON = True
 
 
 @triton.jit
@@ -140,6 +133,21 @@ def custom_mask_visible(MaskBits, mask_off, qi, kj, sq, sk):
 
 
 @triton.jit
+def add_sink(acc, l_i, m_i, Sinks, h, mask):
+    """The softmax state (acc, l_i, m_i in base 2, m_i -inf where a row saw nothing) with
+    head ``h``'s sink logit (natural units) joined to the denominator: rescaled to the larger
+    maximum so that neither exp2 overflows. A row that saw nothing ends with l = exp(0) = 1 at
+    m = sink (lse = sink, out = 0); a -inf sink changes nothing. ``mask``: rows that exist
+    (``h`` may be a tensor of heads)."""
+    sink2 = tl.load(Sinks + h, mask=mask, other=float("-inf")) * 1.4426950408889634
+    m_new = tl.maximum(m_i, sink2)
+    m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.exp2(sink2 - m_new)
+    return acc * alpha[:, None], l_i, m_new
+
+
+@triton.jit
 def dropout_keep(seed_ptr, b, h, nheads, qi, kj, max_seqlen_k, dropout_p):
     """Philox keep mask for the tile (positions ``qi`` / ``kj`` broadcast as in score_tile):
     one stream per (sequence, head), offset i * max_sk + j."""
@@ -176,7 +184,7 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, desc_k, desc_v, BlockTable, b, h, kvh, k
                 kmax, mask_from, RIGHT_EDGE: tl.constexpr):
     """Key blocks first, first + BLOCK_N, ... (split of them) then second, ... (count in all),
     masked when MASK; with RIGHT_EDGE (unmasked blocks inside the sequence), blocks from key
-    ``mask_from`` on mask keys past ``kmax``, each query row's last visible key (v6)."""
+    ``mask_from`` on mask keys past ``kmax``, each query row's last visible key."""
     for i in range(0, count):  # blocks first, first + BLOCK_N, ... then second, ...
         start_n = tl.where(i < split, first + i * BLOCK_N, second + (i - split) * BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -184,7 +192,7 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, desc_k, desc_v, BlockTable, b, h, kvh, k
                        PAGE_SIZE)
         k_ptrs = K + rows[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None]
         v_ptrs = V + rows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :]
-        if MASK:  # pointer loads here: TMA boxes were slower on the masked edge blocks (v5)
+        if MASK:  # pointer loads here: TMA boxes were slower on the masked edge blocks
             n_ok = offs_n < sk
             k = tl.load(k_ptrs, mask=n_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
             v = tl.load(v_ptrs, mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
@@ -257,7 +265,7 @@ def _fwd_plain_blocks(acc, l_i, m_i, q, K, V, desc_k, desc_v, k_start, kvh, stri
     call with no softcap, ALiBi, dropout, custom mask or pages: the scale is folded into the
     exponent's FMA, K/V come through TMA descriptors when USE_TMA. With RIGHT_EDGE, blocks
     from key ``mask_from`` on (the diagonal) mask keys past ``kmax``, each query row's last
-    visible key: the diagonal blocks run in the visible blocks' loop (v6)."""
+    visible key: the diagonal blocks run in the visible blocks' loop."""
     offs_n = tl.arange(0, BLOCK_N)
     row0 = k_start + first
     for i in range(0, count):
@@ -326,14 +334,14 @@ def _prune(configs_, named_args, **kwargs):
     configs=configs.candidates("fwd", "BLOCK_N",
                                pre_hook=descriptor_hook(("desc_k", "desc_v"), "BLOCK_N")),
     key=["HEAD_DIM", "GROUP", "BLOCK_M", "WINDOW_LEFT", "WINDOW_RIGHT", "HAS_SOFTCAP",
-         "HAS_ALIBI", "HAS_DROPOUT", "PAGED", "PAGE_SIZE", "HAS_CUSTOM_MASK"],
+         "HAS_ALIBI", "HAS_DROPOUT", "PAGED", "PAGE_SIZE", "HAS_CUSTOM_MASK", "HAS_SINKS"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit(do_not_specialize=PER_BATCH_ARGS)
 def _fwd_kernel(
     Q, K, V, Out, Lse, CuQ, CuK, TileSeq, TileBlk, BlockTable, Alibi, Seed, MaskBits, MaskOffsets,
-    desc_k, desc_v, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
-    stride_oh,
+    Sinks, desc_k, desc_v, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_ot, stride_oh,
     stride_bt_b, stride_ab, total_q, batch, nheads, max_seqlen_k,
     qk_scale, tanh_scale, softcap2, dropout_p, window_left, window_right,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -342,6 +350,7 @@ def _fwd_kernel(
     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr, HAS_CUSTOM_MASK: tl.constexpr,
     PLAIN: tl.constexpr, USE_TMA: tl.constexpr, DEVICE_TILES: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     h = tl.program_id(1)
     b, mblk = program_tile(TileSeq, TileBlk, CuQ, batch, BLOCK_M, DEVICE_TILES)
@@ -376,8 +385,8 @@ def _fwd_kernel(
     n_full = (bnd - a + BLOCK_N - 1) // BLOCK_N
     n_before = (a - lo + BLOCK_N - 1) // BLOCK_N
     # right-edge blocks inside the sequence (the causal diagonal) join the visible blocks' loop,
-    # masked from the edge on (v6); a custom mask masks every block anyway, and with ALiBi or
-    # dropout the joined loop was not faster (docs/performance.md v6)
+    # masked from the edge on; a custom mask masks every block anyway, and with ALiBi or
+    # dropout the joined loop was not faster (docs/performance.md)
     RIGHT_EDGE: tl.constexpr = (WINDOW_RIGHT and not HAS_CUSTOM_MASK and not HAS_ALIBI
                                 and not HAS_DROPOUT)
     n_edge = 0
@@ -409,6 +418,8 @@ def _fwd_kernel(
         HEAD_DIM, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PAGED,
         PAGE_SIZE, PRECISION, EVEN_D, USE_TMA, kmax, 0, False)
 
+    if HAS_SINKS:
+        acc, l_i, m_i = add_sink(acc, l_i, m_i, Sinks, h, True)
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
@@ -456,8 +467,15 @@ def kv_layout(problem, k: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return k, k.stride(0), k.stride(1)
 
 
-def forward(problem, inputs, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (total_q, nheads, d) in q's dtype and lse float32 (nheads, total_q)."""
+def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor | None = None,
+            gluon: bool = True, tma: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (total_q, nheads, d) in q's dtype and lse float32 (nheads, total_q); ``sinks``:
+    float32 (nheads,) sink logits, or None (lse then -inf on rows that see no key).
+
+    ``gluon``: plain calls on an sm_90 GPU with a host-planned tile list run the
+    warp-specialised Gluon kernel (hopper_forward.py); ``tma``: the tl kernel reads fully
+    visible K/V blocks through TMA descriptors where the layout allows. Both ship on;
+    benchmarks and tests turn them off to compare with the tl kernel and pointer loads."""
     q = inputs.q
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -465,10 +483,10 @@ def forward(problem, inputs, seed: torch.Tensor | None) -> tuple[torch.Tensor, t
     v, stride_vt, stride_vh = kv_layout(problem, _last_contiguous(inputs.v))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((problem.nheads, problem.total_q), dtype=torch.float32, device=q.device)
-    cfg = configs.forward_config(problem.head_dim)
+    block_m = configs.forward_block_m(problem.head_dim)
     planned = inputs.schedule  # attnhub.plan: the forward's (tile_seq, tile_block), or None
     programs, tile_seq, tile_blk, device_tiles = launch_tiles(
-        problem, inputs.cu_seqlens_q, cfg.block_m, True, planned)
+        problem, inputs.cu_seqlens_q, block_m, True, planned)
     if programs == 0 or problem.nheads == 0:
         return out, lse
     left, right = problem.window
@@ -478,16 +496,16 @@ def forward(problem, inputs, seed: torch.Tensor | None) -> tuple[torch.Tensor, t
     rows_exact = configs.block_d(problem.head_dim) == problem.head_dim and problem.paged is None
     plain = (rows_exact and not problem.custom_mask and problem.dropout_p == 0
              and problem.softcap == 0 and alibi is None)
-    if (USE_GLUON and not device_tiles and cfg.block_m == hopper_forward.BLOCK_M
+    if (gluon and not device_tiles and block_m == hopper_forward.BLOCK_M
             and hopper_forward.supports(problem, q, k, v, plain)):
         hopper_forward.forward(problem, q, k, v, out, lse, inputs.cu_seqlens_q,
                                inputs.cu_seqlens_k, tile_seq, tile_blk,
-                               score_scalars(problem)[0])
+                               score_scalars(problem)[0], sinks)
         return out, lse
-    use_tma = rows_exact and USE_TMA and tma_ready(problem.head_dim, k, v)
+    use_tma = rows_exact and tma and tma_ready(problem.head_dim, k, v)
     desc_k = desc_v = dummy
     if use_tma:
-        block_n = configs.default("fwd", problem.head_dim, cfg.block_m)[0]
+        block_n = configs.default("fwd", problem.head_dim, block_m)[0]
         desc_k, desc_v = (row_descriptor(t, problem.head_dim, block_n) for t in (k, v))
     grid = (programs, problem.nheads)
     configs.launch("fwd", _fwd_kernel, grid,
@@ -495,7 +513,8 @@ def forward(problem, inputs, seed: torch.Tensor | None) -> tuple[torch.Tensor, t
         block_table if block_table is not None else dummy,
         alibi if alibi is not None else dummy, seed if seed is not None else dummy,
         inputs.custom_mask if problem.custom_mask else dummy,
-        inputs.custom_mask_offsets if problem.custom_mask else dummy, desc_k, desc_v,
+        inputs.custom_mask_offsets if problem.custom_mask else dummy,
+        sinks if sinks is not None else dummy, desc_k, desc_v,
         q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
         out.stride(0), out.stride(1),
         block_table.stride(0) if block_table is not None else 0,
@@ -503,14 +522,14 @@ def forward(problem, inputs, seed: torch.Tensor | None) -> tuple[torch.Tensor, t
         problem.total_q, problem.batch, problem.nheads, key_bound(problem),
         *score_scalars(problem), problem.dropout_p, left, right,
         GROUP=problem.group_size, HEAD_DIM=problem.head_dim,
-        BLOCK_D=configs.block_d(problem.head_dim), BLOCK_M=cfg.block_m,
+        BLOCK_D=configs.block_d(problem.head_dim), BLOCK_M=block_m,
         TOP_LEFT=problem.mask_alignment == "top_left", WINDOW_LEFT=left >= 0,
         WINDOW_RIGHT=right >= 0, HAS_SOFTCAP=problem.softcap > 0,
         HAS_ALIBI=alibi is not None, HAS_DROPOUT=problem.dropout_p > 0,
         PAGED=problem.paged is not None,
         PAGE_SIZE=problem.paged.page_size if problem.paged is not None else 1,
         PRECISION=configs.dot_precision(q.dtype), HAS_CUSTOM_MASK=problem.custom_mask,
-        PLAIN=plain, USE_TMA=use_tma, DEVICE_TILES=device_tiles,
+        PLAIN=plain, USE_TMA=use_tma, DEVICE_TILES=device_tiles, HAS_SINKS=sinks is not None,
     )
     return out, lse
 

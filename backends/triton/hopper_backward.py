@@ -38,7 +38,7 @@ if gluon is not None:
 
 BLOCK_N = 128  # key rows per program (two warpgroups of 64)
 # (query block by head dim, stages, consumer registers, producer registers), from benchmarks
-# on an H200 (docs/performance.md v7); 64-row query blocks spill at head dim 128 (Triton 3.6)
+# on an H200 (docs/performance.md); 64-row query blocks spill at head dim 128 (Triton 3.6)
 CONFIG = {"block_m": {64: 64, 128: 32}, "stages": 3, "consumer_regs": 240, "producer_regs": 24}
 
 if gluon is not None:

@@ -1,8 +1,9 @@
 """Warp-specialised varlen forward for Hopper (sm_90), written in Gluon.
 
 The plain forward (no softcap, ALiBi, dropout, custom mask or pages; head dim 64 or 128;
-fp16/bf16; causal and windows allowed) of the Triton backend on an H100/H200. One program per
-(query tile of 128 rows, query head), as the tl kernel (forward.py), but scheduled by hand:
+fp16/bf16; causal, windows and attention sinks allowed) of the Triton backend on an
+H100/H200. One program per (query tile of 128 rows, query head), as the tl kernel
+(forward.py), but scheduled by hand:
 
 * a producer warp streams K and V blocks through TMA into a ring of STAGES shared buffers,
   one mbarrier per buffer and direction (ready / empty), K and V apart so QK^T starts before
@@ -12,10 +13,11 @@ fp16/bf16; causal and windows allowed) of the Triton backend on an H100/H200. On
   (FlashAttention-3's intra-warpgroup overlap, Shah et al. 2024, section 3.2).
 
 Semantics match forward.py exactly (bottom-right or top-left alignment, windows, lse in
-natural log, rows that see no key: zeros and lse -inf). Rows past a sequence's end that a
-K/V box reads are masked in the scores and zeroed in V before P V, so no sequence reads
-another's values (tests/test_triton_loads.py). Needs ``triton.experimental.gluon`` with
-Hopper's wgmma (Triton 3.5+); the tl kernel serves every other call.
+natural log, rows that see no key: zeros and lse -inf, or lse = the sink with sinks). Rows
+past a sequence's end that a K/V box reads are masked in the scores and zeroed in V before
+P V, so no sequence reads another's values (tests/test_triton_loads.py). Needs
+``triton.experimental.gluon`` with Hopper's wgmma (Triton 3.5+); the tl kernel serves every
+other call.
 """
 
 from __future__ import annotations
@@ -39,10 +41,9 @@ except ImportError:  # no Gluon (Triton < 3.5): the tl kernel serves every call
     gluon = None
 
 BLOCK_M = 128
-# (key block, stages, ping-pong, consumer registers, producer registers), from benchmarks on
-# an H200 (docs/performance.md v7)
-CONFIG = {"block_n": 128, "stages": 2, "pingpong": False, "direct_store": False,
-          "consumer_regs": 240, "producer_regs": 24}
+# (key block, stages, consumer registers, producer registers), from benchmarks on an H200
+# (docs/performance.md)
+CONFIG = {"block_n": 128, "stages": 2, "consumer_regs": 240, "producer_regs": 24}
 HEAD_DIMS = (64, 128)
 
 if gluon is not None:
@@ -113,17 +114,15 @@ if gluon is not None:
         return gl.where(visible, s, float("-inf"))
 
     @gluon.jit
-    def _consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
-                 v_zeroed, Out,
-                 Lse, q_start, sq, h, m0, sk, offset, lo, n_blocks, full_lo, full_hi, qk_scale,
-                 window_left, window_right, stride_ot, stride_oh, total_q,
+    def _consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, v_zeroed,
+                 Out, Lse, Sinks, q_start, sq, h, m0, sk, offset, lo, n_blocks, full_lo,
+                 full_hi, qk_scale, window_left, window_right, stride_ot, stride_oh, total_q,
                  WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-                 DIRECT_STORE: gl.constexpr, WINDOW_LEFT: gl.constexpr,
-                 WINDOW_RIGHT: gl.constexpr):
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr,
+                 WINDOW_RIGHT: gl.constexpr, HAS_SINKS: gl.constexpr):
         """Consumer warpgroup WG (0 or 1): query rows [m0 + WG * ROWS, + ROWS) of the tile,
-        online softmax over the key blocks, then O and lse. With PINGPONG the two warpgroups
-        take turns to issue their matmuls, so one's softmax runs under the other's."""
+        online softmax over the key blocks, then O and lse (with head h's sink logit joined
+        to the denominator when HAS_SINKS, as forward.add_sink)."""
         ROWS: gl.constexpr = BLOCK_M // 2
         dtype: gl.constexpr = q_smem.dtype
         S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
@@ -145,12 +144,8 @@ if gluon is not None:
         if n_blocks > 0:
             # block 0: QK^T and softmax, its P V waits for the next iteration
             mbarrier.wait(k_ready.index(0), 0)
-            if PINGPONG:
-                mbarrier.wait(turn.index(WG), 0, pred=WG == 1)
             s = warpgroup_mma(q_rows, k_smem.index(0).permute((1, 0)), s_init, use_acc=False,
                               is_async=True)
-            if PINGPONG:
-                mbarrier.arrive(turn.index(1 - WG))
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
             mbarrier.arrive(k_empty.index(0))
             if (lo < full_lo) | (lo + BLOCK_N > full_hi):
@@ -168,14 +163,9 @@ if gluon is not None:
                 pst = (j - 1) % STAGES
                 mbarrier.wait(k_ready.index(st), (j // STAGES) & 1)
                 mbarrier.wait(v_ready.index(pst), ((j - 1) // STAGES) & 1)
-                if PINGPONG:
-                    # turn j of WG 0 follows WG 1's turn j - 1; WG 1's follows WG 0's turn j
-                    mbarrier.wait(turn.index(WG), (j - 1 + WG) & 1)
                 s = warpgroup_mma(q_rows, k_smem.index(st).permute((1, 0)), s_init,
                                   use_acc=False, is_async=True)
                 acc = warpgroup_mma(p_op, v_smem.index(pst), acc, is_async=True)
-                if PINGPONG:
-                    mbarrier.arrive(turn.index(1 - WG))
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
                 mbarrier.arrive(k_empty.index(st))
                 if (ks < full_lo) | (ks + BLOCK_N > full_hi):
@@ -207,17 +197,23 @@ if gluon is not None:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(v_empty.index(lst))
 
+        if HAS_SINKS:
+            sink2 = gl.load(Sinks + h) * 1.4426950408889634
+            m_new = gl.maximum(m_i, sink2)
+            m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp2(m_i - m_new)
+            l_i = l_i * alpha + gl.exp2(sink2 - m_new)
+            acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
+            m_i = m_new
         seen = l_i > 0.0
         inv = gl.convert_layout(1.0 / gl.where(seen, l_i, 1.0), ROW_O)
         out = (acc * inv[:, None]).to(dtype)
         lse = gl.where(seen, (m_i + gl.log2(gl.where(seen, l_i, 1.0))) * 0.6931471805599453,
                        float("-inf"))
-        if DIRECT_STORE:  # 4-byte stores from the wgmma layout, no shared-memory staging
-            OUT_LAYOUT: gl.constexpr = O_LAYOUT
-        else:  # 16-byte stores after a layout change through shared memory
-            OUT_LAYOUT: gl.constexpr = gl.BlockedLayout(
-                [1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
-            out = gl.convert_layout(out, OUT_LAYOUT)
+        # 16-byte stores after a layout change through shared memory
+        OUT_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8],
+                                                    [4, 1], [1, 0])
+        out = gl.convert_layout(out, OUT_LAYOUT)
         rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, OUT_LAYOUT))
         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, OUT_LAYOUT))
         ptrs = Out + (q_start + rows).to(gl.int64)[:, None] * stride_ot + h * stride_oh \
@@ -227,15 +223,14 @@ if gluon is not None:
         gl.store(Lse + h.to(gl.int64) * total_q + q_start + lse_rows, lse, mask=lse_rows < sq)
 
     @gluon.jit(do_not_specialize=["total_q"])
-    def _hopper_fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, CuQ, CuK, TileSeq, TileBlk,
+    def _hopper_fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, CuQ, CuK, TileSeq, TileBlk, Sinks,
                            stride_ot, stride_oh, total_q, qk_scale, window_left, window_right,
                            GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                           STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-                           DIRECT_STORE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                           STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                            PRODUCER_REGS: gl.constexpr,
                            TOP_LEFT: gl.constexpr, WINDOW_LEFT: gl.constexpr,
-                           WINDOW_RIGHT: gl.constexpr):
+                           WINDOW_RIGHT: gl.constexpr, HAS_SINKS: gl.constexpr):
         pid = gl.program_id(0)
         h = gl.program_id(1)
         b = gl.load(TileSeq + pid)
@@ -266,7 +261,6 @@ if gluon is not None:
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         v_zeroed = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
         for i in gl.static_range(STAGES):
@@ -274,22 +268,20 @@ if gluon is not None:
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
             mbarrier.init(v_empty.index(i), count=2)
-        mbarrier.init(turn.index(0), count=1)
-        mbarrier.init(turn.index(1), count=1)
         mbarrier.init(v_zeroed, count=1)
         fence_async_shared()
 
         gl.warp_specialize([
-            (_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
-                        v_zeroed, Out, Lse, q_start, sq, h, m0, sk, offset, lo, n_blocks,
-                        full_lo, full_hi, qk_scale, window_left, window_right, stride_ot,
-                        stride_oh, total_q, 0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG,
-                        DIRECT_STORE, WINDOW_LEFT, WINDOW_RIGHT)),
-            (_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
-                        v_zeroed, Out, Lse, q_start, sq, h, m0, sk, offset, lo, n_blocks,
-                        full_lo, full_hi, qk_scale, window_left, window_right, stride_ot,
-                        stride_oh, total_q, 1, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG,
-                        DIRECT_STORE, WINDOW_LEFT, WINDOW_RIGHT)),
+            (_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                        v_zeroed, Out, Lse, Sinks, q_start, sq, h, m0, sk, offset, lo,
+                        n_blocks, full_lo, full_hi, qk_scale, window_left, window_right,
+                        stride_ot, stride_oh, total_q, 0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                        WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS)),
+            (_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                        v_zeroed, Out, Lse, Sinks, q_start, sq, h, m0, sk, offset, lo,
+                        n_blocks, full_lo, full_hi, qk_scale, window_left, window_right,
+                        stride_ot, stride_oh, total_q, 1, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                        WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS)),
             (_produce, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
                         k_empty, v_empty, q_start + m0, h * HEAD_DIM, k_start + lo,
                         (h // GROUP) * HEAD_DIM, n_blocks, BLOCK_N, STAGES)),
@@ -342,20 +334,22 @@ def descriptor(t: torch.Tensor, head_dim: int, rows: int):
 
 def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
             lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-            tile_seq: torch.Tensor, tile_blk: torch.Tensor, qk_scale: float) -> None:
+            tile_seq: torch.Tensor, tile_blk: torch.Tensor, qk_scale: float,
+            sinks: torch.Tensor | None = None) -> None:
     """Writes ``out`` (total_q, nheads, d) and ``lse`` (nheads, total_q) float32 for the tile
-    list (tile_seq, tile_blk) planned with BLOCK_M query rows."""
+    list (tile_seq, tile_blk) planned with BLOCK_M query rows; ``sinks``: float32 (nheads,)
+    sink logits, or None."""
     d = problem.head_dim
     left, right = problem.window
     block_n = CONFIG["block_n"]
     grid = (tile_seq.numel(), problem.nheads)
     _hopper_fwd_kernel[grid](
         descriptor(q, d, BLOCK_M), descriptor(k, d, block_n), descriptor(v, d, block_n),
-        out, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_blk, out.stride(0), out.stride(1),
+        out, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_blk,
+        sinks if sinks is not None else lse, out.stride(0), out.stride(1),
         problem.total_q, qk_scale, left, right,
         GROUP=problem.group_size, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-        STAGES=CONFIG["stages"], PINGPONG=CONFIG["pingpong"],
-        DIRECT_STORE=CONFIG["direct_store"],
-        CONSUMER_REGS=CONFIG["consumer_regs"], PRODUCER_REGS=CONFIG["producer_regs"],
+        STAGES=CONFIG["stages"], CONSUMER_REGS=CONFIG["consumer_regs"],
+        PRODUCER_REGS=CONFIG["producer_regs"],
         TOP_LEFT=problem.mask_alignment == "top_left", WINDOW_LEFT=left >= 0,
-        WINDOW_RIGHT=right >= 0, num_warps=4)
+        WINDOW_RIGHT=right >= 0, HAS_SINKS=sinks is not None, num_warps=4)

@@ -1,0 +1,118 @@
+"""Compile the Triton backend's kernels for a GPU architecture on a machine without a GPU.
+
+Runs the backend's own launchers (forward.forward, backward.backward, decode.forward, and
+the Gluon launchers hopper_forward.forward / hopper_backward.dkdv) with CPU tensors, with
+Triton's launch replaced by a compile for an explicit target, then reports each kernel's
+registers, spills and shared memory from ptxas, and writes its PTX (to diff two versions of
+a kernel: an edit that should not change the code shows up as parameter lists only).
+What the kernels compute is not checked here: the interpreter tests and the GPU tests do
+that. The Gluon kernels need the Triton version the GPU machine runs (its Gluon API moves
+between releases).
+
+    python tools/compile_kernels.py --out /tmp/ptx [--sinks] [--arch 90]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)  # real JIT functions, before triton is imported
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+COMPILED: list[tuple[str, object]] = []
+
+
+def compile_instead_of_launch(target: GPUTarget) -> None:
+    """JITFunction.run compiles for ``target`` and records the kernel; nothing launches."""
+    backend = make_backend(target)
+
+    def run(self, *args, grid, warmup, **kwargs):
+        binder = create_function_from_signature(self.signature, self.params, backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound,
+                                                                specialization, options)
+        source = ASTSource
+        if getattr(self, "is_gluon", lambda: False)():
+            from triton.experimental.gluon._runtime import GluonASTSource as source
+        kernel = triton.compile(source(self, signature, constexprs, attrs), target=target,
+                                options=options.__dict__)
+        COMPILED.append((self.__name__, kernel))
+        return kernel
+
+    JITFunction.run = run
+
+
+def launch_all(sinks: bool) -> None:
+    """One launch of every kernel family: tiled forward and backward (plain causal, and
+    softcap + window), the split-KV decode, and the Gluon forward and dK/dV."""
+    import attnhub
+    from attnhub.backends.triton import backward, decode, forward, hopper_backward, hopper_forward
+
+    decode.num_splits = lambda problem, device: 4  # reads the device's SM count otherwise
+    g = torch.Generator().manual_seed(0)
+    kw = {"sinks": torch.zeros(8)} if sinks else {}
+    lq, lk = [300, 5, 0, 129], [300, 0, 77, 600]
+    info_q, info_k = (attnhub.VarlenInfo.from_lengths(x) for x in (lq, lk))
+    k = torch.randn(sum(lk), 2, 128, dtype=torch.float16, generator=g)
+    for features in ({"causal": True}, {"softcap": 5.0, "window_size": (64, 0)}):
+        q = torch.randn(sum(lq), 8, 128, dtype=torch.float16, generator=g)
+        problem, inputs = attnhub.normalize(q, k, k, info_q, info_k, **features)
+        out, lse = forward.forward(problem, inputs, None, **kw)
+        backward.backward(problem, inputs, out, lse, q, None, None, **kw)
+        if features.get("causal") and hopper_forward.available():
+            tile_seq, tile_blk = forward.tile_list(problem, inputs.cu_seqlens_q,
+                                                   hopper_forward.BLOCK_M, True)
+            hopper_forward.forward(problem, q, k, k, out, lse, inputs.cu_seqlens_q,
+                                   inputs.cu_seqlens_k, tile_seq, tile_blk, 0.1,
+                                   kw.get("sinks"))
+            k_seq, k_blk = forward.tile_list(problem, inputs.cu_seqlens_k,
+                                             hopper_backward.BLOCK_N, False)
+            hopper_backward.dkdv(problem, q, k, k, q, lse, lse, k.clone(), k.clone(),
+                                 inputs.cu_seqlens_q, inputs.cu_seqlens_k, k_seq, k_blk, 0.1)
+    q = torch.randn(4, 8, 128, dtype=torch.float16, generator=g)
+    problem, inputs = attnhub.normalize(q, k, k, attnhub.VarlenInfo.from_lengths([1] * 4),
+                                        info_k)
+    decode.forward(problem, inputs, **kw)
+
+
+def ptxas_report(ptx: pathlib.Path, arch: str) -> str:
+    ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    res = subprocess.run([str(ptxas), f"--gpu-name={arch}", "-v", str(ptx), "-o", os.devnull],
+                         capture_output=True, text=True, check=True)
+    regs = re.findall(r"Used (\d+) registers", res.stderr)
+    spills = re.findall(r"(\d+) bytes spill stores", res.stderr)
+    return f"registers {max(map(int, regs), default=0)}, spill stores " \
+           f"{max(map(int, spills), default=0)} bytes"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder for the kernels' PTX")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability (90: sm_90a)")
+    parser.add_argument("--sinks", action="store_true", help="the launches carry sinks")
+    args = parser.parse_args()
+    compile_instead_of_launch(GPUTarget("cuda", args.arch, 32))
+    launch_all(args.sinks)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    arch = f"sm_{args.arch}a" if args.arch >= 90 else f"sm_{args.arch}"
+    for i, (name, kernel) in enumerate(COMPILED):
+        path = out / f"{i:02d}_{name}.ptx"
+        path.write_text(kernel.asm["ptx"])
+        print(f"{path.name}: shared {kernel.metadata.shared} bytes, "
+              f"{ptxas_report(path, arch)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
