@@ -1,7 +1,7 @@
 """attnhub's environment variables, read cheaply on every call.
 
 ``os.environ.get`` of an unset variable costs about a microsecond (it raises and catches a
-KeyError inside); the dispatch fast path reads three variables per call, so it reads the
+KeyError inside); the dispatch fast path reads four variables per call, so it reads the
 process environment's raw mapping (``os.environ._data``, which os.environ itself writes
 through) where CPython has one, and falls back to ``os.environ.get`` elsewhere.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-NAMES = ("ATTNHUB_BACKEND", "ATTNHUB_FALLBACK", "ATTNHUB_VALIDATE")
+NAMES = ("ATTNHUB_BACKEND", "ATTNHUB_FALLBACK", "ATTNHUB_VALIDATE", "ATTNHUB_SELECTION")
 
 _raw = getattr(os.environ, "_data", None)
 _encode = getattr(os.environ, "encodekey", None)
@@ -21,7 +21,7 @@ def snapshot() -> tuple:
     """The raw values of NAMES (None when unset), in a form only compared for equality."""
     if _RAW_KEYS is not None:
         get = _raw.get  # type: ignore[union-attr]
-        return get(_RAW_KEYS[0]), get(_RAW_KEYS[1]), get(_RAW_KEYS[2])
+        return get(_RAW_KEYS[0]), get(_RAW_KEYS[1]), get(_RAW_KEYS[2]), get(_RAW_KEYS[3])
     return tuple(os.environ.get(n) for n in NAMES)
 
 

@@ -116,7 +116,8 @@ def call_key(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal
             and type(window_size[0]) is int and type(window_size[1]) is int):
         return None
     env = _env() if _env_raw is None else (
-        _env_raw(_ENV_KEYS[0]), _env_raw(_ENV_KEYS[1]), _env_raw(_ENV_KEYS[2]))
+        _env_raw(_ENV_KEYS[0]), _env_raw(_ENV_KEYS[1]), _env_raw(_ENV_KEYS[2]),
+        _env_raw(_ENV_KEYS[3]))
     kq = _offsets_key(cu_q, max_q, env[2])
     if kq is None:
         return None
