@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_tune.add_argument("--match-name", default=None, metavar="REGEX",
                         help="write a shipped table: it applies to every device of this type "
                              "and compute capability whose name matches REGEX")
+    p_tune.add_argument("--full", action="store_true",
+                        help="measure every mask at every head dim and GQA ratio (about 5x "
+                             "the default list)")
     p_tune.add_argument("--rep-ms", type=float, default=40.0,
                         help="timing repeats per measurement, in ms (default %(default)s)")
     p_tune.add_argument("--list", action="store_true",
@@ -173,7 +176,7 @@ def _tune(args: argparse.Namespace) -> int:
 
         import torch
 
-        for case in tune.default_cases(torch.device(device).type):
+        for case in tune.default_cases(torch.device(device).type, args.full):
             key = case.intended().key()
             if not args.classes or any(fnmatch.fnmatchcase(key, p) for p in args.classes):
                 print(key)
@@ -181,7 +184,7 @@ def _tune(args: argparse.Namespace) -> int:
     try:
         result = tune.tune(device, backends=args.backend, patterns=args.classes,
                            output=args.output, budget_s=args.budget_s, resume=args.resume,
-                           match_name=args.match_name, rep_ms=args.rep_ms)
+                           match_name=args.match_name, full=args.full, rep_ms=args.rep_ms)
     except AttnhubError as exc:
         print(f"attnhub tune: {exc}", file=sys.stderr)
         return 2
