@@ -203,15 +203,15 @@ def explain_problem(problem: VarlenProblem, backend: str | None = None) -> Expla
                       key=lambda b: b.name)
     name, source = forced_backend(backend)
     mode = cost_tables.selection_mode()
+    size = size_bucket(problem) if _measured(problem.device_type, mode) else None
     cls = classify(problem, size_bucket(problem))
-    costs = _class_costs(problem.device_type, cls, mode) or {}
+    costs = (_class_costs(problem.device_type, cls, mode) if size is not None else None) or {}
     basis = f"forced by {source}" if name is not None else None
     try:  # decided as select() would, without caching or spending its one-time warning
         if name is not None:
             chosen: str | None = _select_forced(problem, name, source).name
         else:
-            picked, basis = _select_auto(problem, fallback_policy(), size_bucket(problem), mode,
-                                         warn=False)
+            picked, basis = _select_auto(problem, fallback_policy(), size, mode, warn=False)
             chosen = picked.name
     except (BackendUnavailableError, UnknownBackendError):
         chosen = None
