@@ -15,6 +15,7 @@ NAMES = ("ATTNHUB_BACKEND", "ATTNHUB_FALLBACK", "ATTNHUB_VALIDATE", "ATTNHUB_SEL
 _raw = getattr(os.environ, "_data", None)
 _encode = getattr(os.environ, "encodekey", None)
 _RAW_KEYS = tuple(_encode(n) for n in NAMES) if _raw is not None and _encode else None
+_ENCODED = dict(zip(NAMES, _RAW_KEYS, strict=True)) if _RAW_KEYS is not None else {}
 
 
 def snapshot() -> tuple:
@@ -46,5 +47,6 @@ def get(name: str) -> str | None:
     recompiles instead of being ignored."""
     if _raw is None or _encode is None:
         return os.environ.get(name)
-    value = _raw.get(_encode(name))
+    key = _ENCODED.get(name)
+    value = _raw.get(key if key is not None else _encode(name))
     return None if value is None else os.environ.decodevalue(value)  # type: ignore[attr-defined]
