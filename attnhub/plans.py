@@ -69,7 +69,7 @@ class Plan:
         self.pinned = pinned  # the VarlenInfo objects whose ids are in the key
         # Neither lse nor autograd: Backend.forward_out (torch.compile never gets here).
         self.out_only = not (problem.return_probs or problem.requires_grad)
-        self.run_out = checked_out_runner(backend, problem) if self.out_only else None
+        self.run_out = checked_out_runner(backend, problem, device) if self.out_only else None
 
     def offsets(self, cu_q, cu_k) -> tuple[torch.Tensor, torch.Tensor]:
         """int32 offsets on q's device for a call with this plan's key."""
