@@ -203,22 +203,23 @@ def explain_problem(problem: VarlenProblem, backend: str | None = None) -> Expla
     name, source = forced_backend(backend)
     mode = cost_tables.selection_mode()
     size = size_bucket(problem) if _measured(problem.device_type, mode) else None
-    cls = classify(problem, size_bucket(problem))
-    costs = (_class_costs(problem.device_type, cls, mode) if size is not None else None) or {}
-    basis = f"forced by {source}" if name is not None else None
+    costs = {}
+    if size is not None:
+        costs = _class_costs(problem.device_type, classify(problem, size), mode) or {}
     try:  # decided as select() would, without caching or spending its one-time warning
         if name is not None:
             chosen: str | None = _select_forced(problem, name, source).name
+            basis = f"forced by {source}"
         else:
             picked, basis = _select_auto(problem, fallback_policy(), size, mode, warn=False)
             chosen = picked.name
-    except (BackendUnavailableError, UnknownBackendError):
-        chosen = None
+    except (BackendUnavailableError, UnknownBackendError) as exc:
+        chosen, basis = None, f"none: {str(exc).splitlines()[0]}"
     explanation = Explanation(
         Verdict(b.name, b.priority, tuple(verdict(b, problem)), b.name == chosen,
                 costs.get(b.name)) for b in ordered
     )
-    explanation.basis = basis or f"none (class {cls.key()})"
+    explanation.basis = basis
     return explanation
 
 

@@ -357,3 +357,15 @@ def test_compile_ranks_without_the_tiny_bucket(install, tmp_path, monkeypatch):
     assert counter.frame_count == 1
     attnhub.attention_forward_varlen(q, k, v, cu, cu, 5, 5)
     assert high.calls == ["forward"]
+
+
+def test_explain_basis_for_forced_and_impossible_calls(install):
+    half = make_backend("half", 10, dtypes=(torch.float16,))
+    install(half, reference=False)
+    assert attnhub.explain(*_inputs()).basis.startswith(
+        "none: no registered backend can run this call")
+    assert attnhub.explain(*_inputs(), backend="half").basis.startswith(
+        "none: backend 'half' (forced by the backend= argument) cannot run this call")
+    install(half)
+    assert attnhub.explain(*_inputs(), backend="reference").basis == \
+        "forced by the backend= argument"
