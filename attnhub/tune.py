@@ -142,7 +142,8 @@ def build_call(case: TuneCase, device: torch.device, seed: int = 0) -> dict:
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen, device=device, dtype=case.dtype)
 
-    cu_q, cu_k = _offsets(seqlens_q, device), _offsets(seqlens_k, device)
+    cu_q = _offsets(seqlens_q, device)  # self-attention passes one tensor for both, as here
+    cu_k = cu_q if seqlens_k == seqlens_q else _offsets(seqlens_k, device)
     kwargs: dict = {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k,
                     "max_seqlen_q": max(seqlens_q), "max_seqlen_k": max(seqlens_k),
                     "causal": case.mask not in ("none", "custom")}
