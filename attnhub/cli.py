@@ -1,4 +1,4 @@
-"""The `attnhub` command: info, run."""
+"""The `attnhub` command: info, conformance, run, tune."""
 
 from __future__ import annotations
 
@@ -134,7 +134,61 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also check and time the backward pass")
     p_run.add_argument("--repeats", type=_positive, default=d.repeats)
     p_run.add_argument("--seed", type=int, default=d.seed)
+
+    p_tune = sub.add_parser(
+        "tune", help="measure every backend per problem class on this device and store the "
+                     "cost table that automatic selection then uses (docs/backends.md)")
+    p_tune.add_argument("--device", type=_device, default=None,
+                        help="default: the best device here")
+    p_tune.add_argument("--backend", action="append", default=None, metavar="NAME",
+                        help="backend to measure (repeatable; default: every available backend "
+                             "automatic selection can pick, the reference only on the CPU)")
+    p_tune.add_argument("--classes", action="append", default=None, metavar="PATTERN",
+                        help="only classes whose key matches this shell pattern, e.g. "
+                             "'bfloat16/d128/*/causal/*' (repeatable: any of them)")
+    p_tune.add_argument("--output", type=_output_file, default=None, metavar="FILE.json",
+                        help="where to write the table (default: the user-tuned table of this "
+                             "device in the cache directory, which selection reads)")
+    p_tune.add_argument("--budget-s", type=float, default=None, metavar="SECONDS",
+                        help="start no new class after this many seconds")
+    p_tune.add_argument("--resume", action="store_true",
+                        help="skip classes the output table already holds")
+    p_tune.add_argument("--match-name", default=None, metavar="REGEX",
+                        help="write a shipped table: it applies to every device of this type "
+                             "and compute capability whose name matches REGEX")
+    p_tune.add_argument("--full", action="store_true",
+                        help="measure every mask at every head dim and GQA ratio (about 5x "
+                             "the default list)")
+    p_tune.add_argument("--rep-ms", type=float, default=40.0,
+                        help="timing repeats per measurement, in ms (default %(default)s)")
+    p_tune.add_argument("--list", action="store_true",
+                        help="print the class keys that would be measured and exit")
     return parser
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from . import tune
+    from .errors import AttnhubError
+
+    device = args.device or str(main_job.best_device())
+    if args.list:
+        import fnmatch
+
+        import torch
+
+        for case in tune.default_cases(torch.device(device).type, args.full):
+            key = case.intended().key()
+            if not args.classes or any(fnmatch.fnmatchcase(key, p) for p in args.classes):
+                print(key)
+        return 0
+    try:
+        result = tune.tune(device, backends=args.backend, patterns=args.classes,
+                           output=args.output, budget_s=args.budget_s, resume=args.resume,
+                           match_name=args.match_name, full=args.full, rep_ms=args.rep_ms)
+    except AttnhubError as exc:
+        print(f"attnhub tune: {exc}", file=sys.stderr)
+        return 2
+    return 0 if result.measured or result.skipped else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         data = info_mod.collect()
         print(json.dumps(data, indent=2) if args.json else info_mod.render(data))
         return 0
+    if args.command == "tune":
+        return _tune(args)
     if args.command == "conformance":
         from .conformance.cli import run_conformance
 

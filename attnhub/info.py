@@ -9,10 +9,13 @@ from typing import Any
 
 import torch
 
+from . import cost_tables
+from .errors import InvalidEnvironmentError
 from .registry import get_registry
 
-ENV_VARS = ("ATTNHUB_BACKEND", "ATTNHUB_FALLBACK", "ATTNHUB_VALIDATE",
-            "ATTNHUB_REFERENCE_CHUNK_MB", "ATTNHUB_TRITON_AUTOTUNE", "TRITON_INTERPRET")
+ENV_VARS = ("ATTNHUB_BACKEND", "ATTNHUB_FALLBACK", "ATTNHUB_VALIDATE", "ATTNHUB_SELECTION",
+            "ATTNHUB_CACHE_DIR", "ATTNHUB_REFERENCE_CHUNK_MB", "ATTNHUB_TRITON_AUTOTUNE",
+            "TRITON_INTERPRET")
 
 
 def _version(package: str) -> str | None:
@@ -39,6 +42,30 @@ def devices() -> list[str]:
         except Exception:  # a half-installed device plugin must not break `info`
             continue
     return found
+
+
+def selection() -> dict[str, Any]:
+    """How automatic selection ranks backends here: the mode, and per device type of this
+    machine the cost tables in force (shipped, user-tuned) with their paths."""
+    try:
+        mode = cost_tables.selection_mode()
+    except InvalidEnvironmentError as exc:
+        mode = f"invalid ({exc})"
+    types = ["cpu"]
+    if torch.cuda.is_available():
+        types.append("cuda")
+    per_device = {}
+    for device_type in types:
+        identity = cost_tables.device_identity(device_type)
+        table = cost_tables.active(device_type)
+        per_device[device_type] = {
+            "device": identity.name,
+            "tables": [] if table is None else [
+                {"source": t.source, "path": t.path, "classes": len(t.classes)}
+                for t in table.tables],
+            "user_table": str(cost_tables.user_table_path(identity)),
+        }
+    return {"mode": mode, "cache_dir": str(cost_tables.cache_dir()), "devices": per_device}
 
 
 def collect() -> dict[str, Any]:
@@ -77,6 +104,7 @@ def collect() -> dict[str, Any]:
         "backends": backends,
         "plugin_failures": [{"plugin": f.plugin, "error": f.error}
                             for f in registry.failures],
+        "selection": selection(),
         "environment": {k: os.environ.get(k) for k in ENV_VARS},
     }
 
@@ -98,6 +126,16 @@ def render(data: dict[str, Any]) -> str:
     if data["plugin_failures"]:
         lines += ["", "plugins that failed to load (their backends are missing):"]
         lines.extend(f"  {f['plugin']}: {f['error']}" for f in data["plugin_failures"])
+    sel = data["selection"]
+    lines += ["", f"selection: {sel['mode']} (fastest measured backend per problem class, "
+                  "priority as tie-break and for classes never measured; docs/backends.md)"]
+    for device_type, d in sel["devices"].items():
+        if not d["tables"]:
+            lines.append(f"  {device_type} ({d['device']}): no cost table (`attnhub tune "
+                         f"--device {device_type}` writes {d['user_table']})")
+        for t in d["tables"]:
+            lines.append(f"  {device_type} ({d['device']}): {t['source']} table {t['path']} "
+                         f"({t['classes']} classes)")
     if data["backends"]:
         lines += ["", "capabilities:"]
         keys = list(data["backends"][0]["capabilities"])

@@ -69,7 +69,7 @@ class Plan:
         self.pinned = pinned  # the VarlenInfo objects whose ids are in the key
         # Neither lse nor autograd: Backend.forward_out (torch.compile never gets here).
         self.out_only = not (problem.return_probs or problem.requires_grad)
-        self.run_out = checked_out_runner(backend, problem) if self.out_only else None
+        self.run_out = checked_out_runner(backend, problem, device) if self.out_only else None
 
     def offsets(self, cu_q, cu_k) -> tuple[torch.Tensor, torch.Tensor]:
         """int32 offsets on q's device for a call with this plan's key."""
@@ -116,7 +116,8 @@ def call_key(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal
             and type(window_size[0]) is int and type(window_size[1]) is int):
         return None
     env = _env() if _env_raw is None else (
-        _env_raw(_ENV_KEYS[0]), _env_raw(_ENV_KEYS[1]), _env_raw(_ENV_KEYS[2]))
+        _env_raw(_ENV_KEYS[0]), _env_raw(_ENV_KEYS[1]), _env_raw(_ENV_KEYS[2]),
+        _env_raw(_ENV_KEYS[3]))
     kq = _offsets_key(cu_q, max_q, env[2])
     if kq is None:
         return None

@@ -18,14 +18,16 @@ from attnhub.backends.reference import kernel
 from attnhub.backends.reference import plugin as reference_plugin
 from attnhub.registry import Registry, reset_registry
 
-ENV_VARS = ("ATTNHUB_BACKEND", "ATTNHUB_FALLBACK", "ATTNHUB_VALIDATE")
+ENV_VARS = ("ATTNHUB_BACKEND", "ATTNHUB_FALLBACK", "ATTNHUB_VALIDATE", "ATTNHUB_SELECTION")
 
 
 @pytest.fixture(autouse=True)
-def _clean_attnhub_env(monkeypatch):
-    """No override or policy leaks in from the caller's environment or from another test."""
+def _clean_attnhub_env(monkeypatch, tmp_path_factory):
+    """No override or policy leaks in from the caller's environment or from another test, and
+    no user-tuned cost table from the caller's cache directory (an empty one is in force)."""
     for var in ENV_VARS:
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("ATTNHUB_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "no-cache"))
     dispatch.clear_cache()
     yield
     dispatch.clear_cache()

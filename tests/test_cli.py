@@ -29,6 +29,9 @@ def test_version(capsys):
     (["conformance", "--device", "foo"], "'foo' is not a device"),
     (["conformance", "--report", "/nonexistent/x.md"], "folder '/nonexistent' does not exist"),
     (["conformance", "--json", "."], "'.' is a folder"),
+    (["tune", "--device", "foo"], "'foo' is not a device"),
+    (["tune", "--output", "/nonexistent/x.json"], "folder '/nonexistent' does not exist"),
+    (["tune", "--budget-s", "soon"], "--budget-s: invalid float value"),
 ])
 def test_bad_arguments_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -39,7 +42,7 @@ def test_bad_arguments_are_usage_errors(argv, message, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.parametrize("command", ["run", "conformance"])
+@pytest.mark.parametrize("command", ["run", "conformance", "tune"])
 def test_missing_device_is_a_usage_error(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([command, "--device", "cuda"])
