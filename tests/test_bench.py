@@ -14,7 +14,7 @@ from attnhub.bench import command, direct, matrix
 from attnhub.bench.inputs import make_inputs
 from attnhub.bench.matrix import Cell, build_matrix, select_cells, visible_pairs
 from attnhub.bench.report import merge_reports, render_markdown
-from attnhub.bench.runner import BenchConfig, Progress, run_matrix
+from attnhub.bench.runner import BenchConfig, Progress, default_backends, run_matrix
 from attnhub.cli import main
 
 
@@ -150,6 +150,8 @@ def test_tiny_cpu_run_end_to_end(tmp_path, monkeypatch, capsys):
     capped = next(line for line in forward.splitlines() if line.startswith("| `capped` |"))
     assert capped.split(" | ")[2] == "n/a"          # columns: cell, reference, sdpa, auto
     assert "1.00x" in md and "ran reference" in md
+    against = md.split("## Against reference, forward (its time over each one's)")[1]
+    assert against.split("\n")[2] == "| cell | sdpa | auto |"
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -192,7 +194,9 @@ def test_reports_merge_and_render():
     merged = merge_reports([report(["a", "b"], "d1"), report(["b", "c"], "d2")])
     assert [c["name"] for c in merged["cells"]] == ["a", "b", "c"]
     assert len(merged["results"]) == 3 and merged["meta"]["wall_s"] == 2.0
-    assert "| `c` | 1 |" in render_markdown(merged)
+    md = render_markdown(merged)
+    assert "| `c` | 1 |" in md
+    assert "Merged (`attnhub bench --merge`) from 2 runs: `attnhub bench` (d1, 1 s)" in md
     other = report(["d"], "d3")
     other["meta"]["device_name"] = "y"
     with pytest.raises(ValueError, match="different device_name"):
@@ -305,3 +309,13 @@ def test_fa4_direct_passes_none_for_unbounded_window_sides(monkeypatch):
     assert seen == {"causal": False, "window_size": (3, None), "softcap": 8.0,
                     "max_seqlen_q": 6}
     assert "alibi" in kernel.unsupported(_cell(alibi=True))
+
+
+def test_default_backends_leave_out_the_unavailable_and_on_accelerators_the_fallback(install):
+    install(make_backend("fast", 5, device_types=("cpu", "cuda")),
+            make_backend("gone", 9, device_types=("cpu", "cuda"), unavailable=["no lib"]))
+    chosen, left_out = default_backends(torch.device("cpu"))
+    assert chosen == ["fast", "reference"] and left_out == {"gone": "no lib"}
+    chosen, left_out = default_backends(torch.device("cuda"))   # registry only, no GPU needed
+    assert chosen == ["fast"] and set(left_out) == {"gone", "reference"}
+    assert "the fallback" in left_out["reference"]

@@ -1,5 +1,6 @@
 """The bench report's figure: TFLOP/s per cell and implementation, forward and
-forward+backward (matplotlib, PNG). Tiny cells, timed on the host, are left out."""
+forward+backward (matplotlib, PNG; GFLOP/s when every figure is below 1 TFLOP/s, as on a
+CPU). Tiny cells, timed on the host, are left out."""
 
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ def draw(report: dict[str, Any], path: str) -> None:
     modes = [mode for mode in MODES if any(mode in c["modes"] for c in cells)]
     width = max(8.0, 0.45 * len(cells) * max(1, len(impls)) ** 0.5 + 2)
     fig, axes = plt.subplots(len(modes), 1, figsize=(width, 3.6 * len(modes)), squeeze=False)
+    peak = max((m["tflops"] for m in report["results"] if m["status"] == "ok"
+                and m["mode"] in modes), default=1.0)
+    unit, scale = ("TFLOP/s", 1.0) if peak >= 1.0 else ("GFLOP/s", 1e3)  # CPU figures
     bar = 0.8 / max(1, len(impls))
     colors = plt.get_cmap("tab10")
     for ax, mode in zip(axes[:, 0], modes, strict=True):
@@ -43,11 +47,11 @@ def draw(report: dict[str, Any], path: str) -> None:
                 m = by_key.get((c["name"], impl, mode))
                 if m is not None and m["status"] == "ok":
                     xs.append(i - 0.4 + bar * (j + 0.5))
-                    ys.append(m["tflops"])
+                    ys.append(m["tflops"] * scale)
             ax.bar(xs, ys, bar, label=impl, color=colors(j % 10))
         ax.set_xticks(range(len(mode_cells)))
         ax.set_xticklabels([c["name"] for c in mode_cells], rotation=45, ha="right")
-        ax.set_ylabel("TFLOP/s")
+        ax.set_ylabel(unit)
         ax.set_title(f"{'forward' if mode == 'fwd' else 'forward + backward'}")
         ax.grid(axis="y", alpha=0.3)
     axes[0, 0].legend(fontsize="small", ncol=min(4, max(1, len(impls))))

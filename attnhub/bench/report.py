@@ -103,8 +103,11 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
         implementations += [i for i in r["implementations"] if i not in implementations]
         for m in r["results"]:
             results[m["cell"], m["impl"], m["mode"]] = m
-    meta = {**first["meta"], "runs": [
-        {k: r["meta"].get(k) for k in ("date", "command", "wall_s")} for r in reports]}
+    runs = []
+    for r in reports:  # a report merged before contributes its runs
+        runs += r["meta"].get("runs") or [
+            {k: r["meta"].get(k) for k in ("date", "command", "wall_s")}]
+    meta = {**first["meta"], "runs": runs}
     meta["wall_s"] = sum(r["meta"].get("wall_s") or 0.0 for r in reports)
     return {
         "format": FORMAT,
@@ -147,6 +150,15 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
+def _provenance(meta: dict[str, Any]) -> str:
+    runs = meta.get("runs")
+    if runs:
+        return (f"Merged (`attnhub bench --merge`) from {len(runs)} runs: "
+                + "; ".join(f"`{r['command']}` ({r['date']}, {r.get('wall_s') or 0:.0f} s)"
+                            for r in runs) + ".")
+    return f"Produced by `{meta['command']}`." if meta.get("command") else ""
+
+
 def render_markdown(report: dict[str, Any], plot_file: str | None = None) -> str:
     """The markdown page of a report (``plot_file``: the PNG next to it, if drawn)."""
     meta, impls, anchors = report["meta"], report["implementations"], report["anchors"]
@@ -159,7 +171,7 @@ def render_markdown(report: dict[str, Any], plot_file: str | None = None) -> str
         f"Profile `{meta['profile']}`{' (quick subset)' if meta.get('quick') else ''}, "
         f"offsets passed as {meta['offsets']}, seed {meta['seed']}, "
         f"run time {meta.get('wall_s', 0.0):.0f} s.", "",
-        f"Produced by `{meta['command']}`." if meta.get("command") else "",
+        _provenance(meta),
         "",
         "How to read it. Each cell is one call shape (table below); each column an "
         "implementation: an attnhub backend forced with `backend=NAME`, `auto` (attnhub's "
@@ -208,6 +220,19 @@ def render_markdown(report: dict[str, Any], plot_file: str | None = None) -> str
         lines += [*_table(["cell", *impls], rows), ""]
     if plot_file:
         lines += [f"![TFLOP/s per cell and implementation]({plot_file})", ""]
+
+    for anchor in anchors:
+        for mode in MODES:
+            title = "forward" if mode == "fwd" else "forward + backward"
+            rows = []
+            for c in cells:
+                if mode not in c["modes"]:
+                    continue
+                base = by_key.get((c["name"], anchor, mode))
+                rows.append([f"`{c['name']}`"] + [_ratio(by_key.get((c["name"], i, mode)), base)
+                                                 for i in impls if i != anchor])
+            lines += [f"## Against {anchor}, {title} (its time over each one's)", ""]
+            lines += [*_table(["cell", *[i for i in impls if i != anchor]], rows), ""]
 
     lines += ["## Detail", ""]
     rows = []
