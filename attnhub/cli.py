@@ -113,7 +113,7 @@ def _add_bench(sub) -> None:
     p = sub.add_parser(
         "bench", help="time every backend side by side on a workload matrix (forward and "
                       "forward+backward); writes bench.md, bench.json and bench.png",
-        description="Runs the workload matrix (docs/benchmarks.md) on one device: every "
+        description="Runs the workload matrix (docs/bench.md) on one device: every "
                     "available backend forced by name, attnhub's automatic choice (auto) and "
                     "the external kernels the CUDA adapters wrap, called directly. Writes "
                     "bench.md, bench.json and bench.png (with matplotlib) into --output.")
