@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import os
 import platform
 from typing import Any
 
@@ -53,7 +54,10 @@ def environment(device: torch.device) -> dict[str, Any]:
     versions["torch"] = torch.__version__
     if device.type == "cuda":
         versions["cuda (torch build)"] = torch.version.cuda
+    from ..info import ENV_VARS
+
     return {
+        "environment": {k: os.environ[k] for k in ENV_VARS if os.environ.get(k)},
         "device": str(device),
         "device_type": device.type,
         "device_name": device_name(device),
@@ -172,6 +176,9 @@ def render_markdown(report: dict[str, Any], plot_file: str | None = None) -> str
         f"offsets passed as {meta['offsets']}, seed {meta['seed']}, "
         f"run time {meta.get('wall_s', 0.0):.0f} s.", "",
         _provenance(meta),
+        "",
+        ("Environment: " + ", ".join(f"`{k}={v}`" for k, v in meta["environment"].items())
+         + "." if meta.get("environment") else ""),
         "",
         "How to read it. Each cell is one call shape (table below); each column an "
         "implementation: an attnhub backend forced with `backend=NAME`, `auto` (attnhub's "

@@ -121,9 +121,10 @@ def _verdicts(x: CellInputs, offsets: str) -> tuple[dict[str, list[str]], str | 
 
 
 def _error(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
-    return first if len(first) <= 300 else first[:297] + "..."
+    """The exception's type and its first two non-empty lines, at most 300 characters."""
+    lines = [line.strip() for line in f"{type(exc).__name__}: {exc}".splitlines()]
+    text = " / ".join([line for line in lines if line][:2])
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _measure(cell: Cell, mode: str, impl: _Impl, x: CellInputs, reasons: dict[str, list[str]],
