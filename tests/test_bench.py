@@ -115,6 +115,16 @@ def test_cpu_profile_is_cpu_sized_and_quick_is_a_subset():
         select_cells(cells, patterns=["nosuch"])
 
 
+@pytest.fixture
+def one_thread():
+    """The run tests' shapes are tiny: one intra-op thread keeps them fast on a busy machine
+    (a 2-thread pool waiting on a loaded CPU costs ~100x on 33-token calls)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 SMALL = [
     _cell(name="small", seqlens_q=(24, 9), seqlens_k=(24, 9)),
     _cell(name="capped", seqlens_q=(16,), seqlens_k=(20,), softcap=20.0),
@@ -123,7 +133,7 @@ SMALL = [
 FAST = {"warmup_ms": 0.0, "rep_ms": 0.0, "host_calls": 2, "host_rounds": 1}
 
 
-def test_tiny_cpu_run_end_to_end(tmp_path, monkeypatch, capsys):
+def test_tiny_cpu_run_end_to_end(tmp_path, monkeypatch, capsys, one_thread):
     monkeypatch.setattr(command, "build_matrix", lambda profile, seed=0: SMALL)
     monkeypatch.setitem(command.TIMING, "cpu", FAST)
     out = tmp_path / "run"
@@ -166,7 +176,7 @@ class _Broken(make_backend("broken", 5).__class__):
         raise RuntimeError("kernel exploded")
 
 
-def test_a_failing_backend_is_reported_and_the_run_goes_on(install):
+def test_a_failing_backend_is_reported_and_the_run_goes_on(install, one_thread):
     install(_Broken())
     cfg = BenchConfig(device=torch.device("cpu"), backends=["broken", "reference"],
                       auto=False, direct=False, **FAST)
@@ -243,7 +253,7 @@ def test_plain_progress_lines_without_tqdm(monkeypatch, capsys):
 
 
 def test_without_matplotlib_the_reports_are_written_and_the_plot_explained(
-        tmp_path, monkeypatch, capsys):
+        tmp_path, monkeypatch, capsys, one_thread):
     monkeypatch.setattr(command, "build_matrix", lambda profile, seed=0: SMALL[:1])
     monkeypatch.setitem(command.TIMING, "cpu", FAST)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
