@@ -84,6 +84,9 @@ def test_gpu_matrix_covers_the_axes():
     extra = [k - q for q, k in zip(prefix.seqlens_q, prefix.seqlens_k, strict=True)]
     assert min(extra) >= 0 and max(extra) <= 4096 and prefix.total_k > prefix.total_q
     assert {cells["window-small"].window, cells["window-large"].window} == {(512, 0), (4096, 0)}
+    large = cells["window-large"]    # the window hides keys: fewer pairs than plain causal
+    assert large.visible_pairs() < _cell(seqlens_q=large.seqlens_q,
+                                         seqlens_k=large.seqlens_k).visible_pairs()
     assert cells["softcap"].softcap > 0 and cells["alibi"].alibi
     decode = cells["paged-decode"]
     assert decode.page_size and set(decode.seqlens_q) == {1} and decode.modes == ("fwd",)

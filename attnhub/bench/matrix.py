@@ -248,9 +248,12 @@ def build_matrix(profile: Profile, seed: int = 0) -> list[Cell]:
         cell("prefix-cache", "mask", f"causal prefill after a cached prefix: sk = sq + "
                                      f"0..{p.prefix}", seqlens_q=prefix_q,
              seqlens_k=with_prefix(prefix_q, p.prefix, seed + 6)),
-        cell("window-small", "mask", f"causal sliding window {p.windows[0]} (left)",
+        # On the long lengths: a window only changes the work on sequences longer than it.
+        cell("window-small", "mask", f"long lengths, causal sliding window {p.windows[0]} "
+                                     "(left)", seqlens_q=long, seqlens_k=long,
              window=(p.windows[0], 0)),
-        cell("window-large", "mask", f"causal sliding window {p.windows[1]} (left)",
+        cell("window-large", "mask", f"long lengths, causal sliding window {p.windows[1]} "
+                                     "(left)", seqlens_q=long, seqlens_k=long,
              window=(p.windows[1], 0)),
         cell("softcap", "features", f"base with softcap {p.softcap:g}", softcap=p.softcap),
         cell("alibi", "features", "base with ALiBi slopes", alibi=True),
