@@ -4,13 +4,13 @@ rendering; reports of runs split over several calls (``--cells``) merge into one
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import os
 import platform
 from typing import Any
 
 import torch
 
+from ..info import ENV_VARS, _version
 from .matrix import BACKWARD_FLOP_FACTOR, MODES, Cell
 
 FORMAT = 1
@@ -19,13 +19,6 @@ FORMAT = 1
 ANCHORS = {"cuda": ("torch-flash (direct)", "fa4 (direct)")}
 DEFAULT_ANCHORS = ("reference",)
 PACKAGES = ("torch", "triton", "flash-attn", "flash_attn_3", "flash-attn-4", "torch-npu")
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def device_name(device: torch.device) -> str:
@@ -54,8 +47,6 @@ def environment(device: torch.device) -> dict[str, Any]:
     versions["torch"] = torch.__version__
     if device.type == "cuda":
         versions["cuda (torch build)"] = torch.version.cuda
-    from ..info import ENV_VARS
-
     return {
         "environment": {k: os.environ[k] for k in ENV_VARS if os.environ.get(k)},
         "device": str(device),
