@@ -1,4 +1,4 @@
-"""The `attnhub` command: info, conformance, run, tune."""
+"""The `attnhub` command: info, conformance, run, bench, tune."""
 
 from __future__ import annotations
 
@@ -74,6 +74,79 @@ def _window(text: str) -> tuple[int, int]:
     if len(values) == 2:
         return values[0], values[1]
     raise argparse.ArgumentTypeError(f"expected LEFT,RIGHT or W, got {text!r}")
+
+
+def _names(text: str) -> list[str]:
+    names = [x for x in text.replace(" ", "").split(",") if x]
+    if not names:
+        raise argparse.ArgumentTypeError("expected one or more comma-separated names")
+    return names
+
+
+def _part(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N (e.g. 1/2), got {text!r}") from None
+    if not 1 <= k <= n:
+        raise argparse.ArgumentTypeError(f"expected 1 <= K <= N, got {text!r}")
+    return k, n
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
+    return value
+
+
+def _existing_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file")
+    return text
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="time every backend side by side on a workload matrix (forward and "
+                      "forward+backward); writes bench.md, bench.json and bench.png",
+        description="Runs the workload matrix (docs/bench.md) on one device: every "
+                    "available backend forced by name, attnhub's automatic choice (auto) and "
+                    "the external kernels the CUDA adapters wrap, called directly. Writes "
+                    "bench.md, bench.json and bench.png (with matplotlib) into --output.")
+    p.add_argument("--device", type=_device, default=None,
+                   help="default: cuda if available (else another accelerator, else cpu); "
+                        "the cpu profile scales the cells down to fp32 CPU sizes")
+    p.add_argument("--backends", type=_names, default=None, metavar="A,B",
+                   help="attnhub backends to measure, plus 'auto' for the automatic choice "
+                        "(default: every backend available for the device and auto)")
+    p.add_argument("--no-direct", dest="direct", action="store_false",
+                   help="do not call the wrapped kernels (torch's FA2, flash_attn, FA3, FA4) "
+                        "directly")
+    p.add_argument("--quick", action="store_true", help="the quick subset of cells")
+    p.add_argument("--cells", type=_names, default=None, metavar="PATTERN,...",
+                   help="only cells whose name matches one of these shell patterns "
+                        "(--list shows the names)")
+    p.add_argument("--part", type=_part, default=None, metavar="K/N",
+                   help="every N-th of the selected cells starting at the K-th: splits a run "
+                        "over N calls, merged afterwards with --merge")
+    p.add_argument("--output", default="attnhub-bench", metavar="DIR",
+                   help="folder for bench.md, bench.json, bench.png (default %(default)s)")
+    p.add_argument("--offsets", choices=("varlen-info", "tensors"), default="varlen-info",
+                   help="how attnhub receives cu_seqlens: a VarlenInfo (default) or device "
+                        "int32 tensors with max_seqlen, as the direct kernels do")
+    p.add_argument("--seed", type=int, default=0, help="length draws and input data")
+    p.add_argument("--time-limit", type=_seconds, default=None, metavar="S",
+                   help="start no cell after S seconds (the rest are reported as skipped)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar")
+    p.add_argument("--list", action="store_true", help="print the selected cells and exit")
+    p.add_argument("--merge", type=_existing_file, nargs="+", default=None,
+                   metavar="BENCH.json",
+                   help="run nothing: merge these earlier reports into --output")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="timing repeats per measurement, in ms (default %(default)s)")
     p_tune.add_argument("--list", action="store_true",
                         help="print the class keys that would be measured and exit")
+    _add_bench(sub)
     return parser
 
 
@@ -191,6 +265,49 @@ def _tune(args: argparse.Namespace) -> int:
     return 0 if result.measured or result.skipped else 1
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import command
+    from .registry import get_registry
+
+    if args.merge:
+        try:
+            report = command.merge_files(args.merge)
+        except (ValueError, KeyError, json.JSONDecodeError) as exc:
+            print(f"attnhub bench: --merge: {exc}", file=sys.stderr)
+            return 2
+    else:
+        known = set(get_registry().names()) | {"auto"}
+        unknown = [b for b in args.backends or [] if b not in known]
+        if unknown:
+            print(f"attnhub bench: --backends: unknown backend(s) {', '.join(unknown)}; "
+                  f"known: {', '.join(sorted(known))}", file=sys.stderr)
+            return 2
+        request = command.BenchRequest(
+            device=args.device or str(main_job.best_device()), output=args.output,
+            backends=args.backends, quick=args.quick, cells=args.cells, part=args.part,
+            direct=args.direct, offsets=args.offsets, seed=args.seed,
+            time_limit_s=args.time_limit, progress=args.progress,
+            command="attnhub " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"]
+            else "attnhub bench")
+        try:
+            cells = command.plan_cells(request)
+        except ValueError as exc:
+            print(f"attnhub bench: {exc}", file=sys.stderr)
+            return 2
+        if args.list:
+            for c in cells:
+                print(f"{c.name:14} {c.axis:9} {c.description}")
+            return 0
+        if not cells:
+            print("attnhub bench: no cell selected", file=sys.stderr)
+            return 2
+        report = command.run_bench(request)
+    for path in command.write_outputs(report, args.output):
+        print(f"wrote {path}")
+    print(command.summary(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "info":
@@ -199,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "tune":
         return _tune(args)
+    if args.command == "bench":
+        return _bench(args)
     if args.command == "conformance":
         from .conformance.cli import run_conformance
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
-import inspect
 import os
 import pathlib
 import sys
@@ -26,6 +25,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from workloads import HEAD_DIM, NHEADS, NHEADS_K, Workload, workload_inputs, workloads
 
 import attnhub
+from attnhub.bench.direct import direct_kernels_for
+from attnhub.bench.inputs import CellInputs, attnhub_runner
+from attnhub.bench.matrix import Cell
 
 
 def _version(name: str) -> str:
@@ -53,50 +55,32 @@ def _fa4():
 
 
 def prefill_impls(w: Workload, causal: bool, backward: bool, fa4, sinks: bool = False):
-    """name -> zero-argument callable running one forward (+ backward) of the workload;
-    ``sinks``: the Triton calls carry attention sinks (with their gradient in backward)."""
+    """name -> zero-argument callable running one forward (+ backward) of the workload: the
+    triton backend through attnhub, torch's FA2 and FA4 called directly (attnhub.bench's
+    direct calls). ``sinks``: the Triton calls carry attention sinks (with their gradient in
+    backward)."""
     q, k, v, dout = workload_inputs(w, backward)
-    sink_logits = (torch.zeros(NHEADS, device="cuda", requires_grad=backward) if sinks
+    sink_logits = (torch.randn(NHEADS, device="cuda").requires_grad_(backward) if sinks
                    else None)
     info_q = attnhub.VarlenInfo.from_lengths(w.seqlens_q, "cuda")
     info_k = attnhub.VarlenInfo.from_lengths(w.seqlens_k, "cuda")
-    mq, mk = info_q.max_seqlen, info_k.max_seqlen
-    cq, ck = info_q.cu_seqlens, info_k.cu_seqlens
-    scale = HEAD_DIM ** -0.5
-    impls = {}
-
-    def triton_run():
-        out = attnhub.attention_forward_varlen(q, k, v, info_q, info_k, causal=causal,
-                                               backend="triton", sinks=sink_logits)
-        if backward:
-            torch.autograd.grad(out, (q, k, v, sink_logits) if sinks else (q, k, v), dout)
-        return out
-
-    impls["triton"] = triton_run
-
-    def fa2_run():
-        out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cq, ck, mq, mk, 0.0, causal, False, scale=scale)
-        if backward:
-            torch.ops.aten._flash_attention_backward(
-                dout, q, k, v, out, lse, cq, ck, mq, mk, 0.0, causal, seed, offset, scale=scale)
-        return out
-
-    impls["torch-fa2"] = fa2_run
-    if fa4 is not None:
-        params = inspect.signature(fa4).parameters
-        kw = {"causal": causal, "softmax_scale": scale}
-        if "max_seqlen_q" in params:
-            kw.update(max_seqlen_q=mq, max_seqlen_k=mk)
-
-        def fa4_run():
-            res = fa4(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, **kw)
-            out = res[0] if isinstance(res, tuple) else res
+    cell = Cell(w.name, "workload", w.name, w.seqlens_q, w.seqlens_k, NHEADS, NHEADS_K,
+                HEAD_DIM, "bfloat16", causal=causal)
+    x = CellInputs(cell, q, k, v, dout, info_q, info_k, None, None, backward)
+    impls = {"triton": attnhub_runner(x, "triton", backward)}
+    if sinks:
+        def triton_run():
+            out = attnhub.attention_forward_varlen(q, k, v, info_q, info_k, causal=causal,
+                                                   backend="triton", sinks=sink_logits)
             if backward:
-                torch.autograd.grad(out, (q, k, v), dout)
+                torch.autograd.grad(out, (q, k, v, sink_logits), dout)
             return out
 
-        impls["fa4"] = fa4_run
+        impls["triton"] = triton_run
+    direct = {d.backend: d for d in direct_kernels_for(["torch-flash", "fa4"])}
+    impls["torch-fa2"] = direct["torch-flash"].build(x, backward)
+    if fa4 is not None:
+        impls["fa4"] = direct["fa4"].build(x, backward)
     return impls
 
 
@@ -179,7 +163,7 @@ def main() -> int:
     parser.add_argument("--modes", default="fwd,fwd+bwd")
     parser.add_argument("--no-fa4", action="store_true")
     parser.add_argument("--sinks", action="store_true",
-                        help="the Triton calls carry attention sinks (zero logits, with their "
+                        help="the Triton calls carry attention sinks (random logits, with their "
                              "gradient in fwd+bwd); FA2 and FA4 run the same calls without")
     args = parser.parse_args()
     if not torch.cuda.is_available():

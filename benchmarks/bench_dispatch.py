@@ -32,6 +32,9 @@ from workloads import HEAD_DIM, NHEADS, NHEADS_K, workload_inputs, workloads
 
 import attnhub
 from attnhub import plans
+from attnhub.bench.direct import direct_kernels_for
+from attnhub.bench.inputs import CellInputs, attnhub_runner
+from attnhub.bench.matrix import Cell
 
 TINY = (8, 64)  # sequences x tokens
 
@@ -255,12 +258,11 @@ def workload_rows(fa4, names: list[str]) -> list[str]:
              "|---|---|---|---|---|---|"]
     for w in (w for w in workloads() if w.name in names):
         info = attnhub.VarlenInfo.from_lengths(w.seqlens_q, "cuda")
-        cu, m = info.cu_seqlens, info.max_seqlen
         for causal in (False, True):
             for grad in (False, True):
                 q, k, v, dout = workload_inputs(w, grad)
                 flops = w.flops(causal, backward=grad)
-                impls = _impls(q, k, v, dout, cu, m, info, causal, grad, fa4)
+                impls = _impls(w, q, k, v, dout, info, causal, grad, fa4)
                 for kernel, (direct, through) in impls.items():
                     # Alternating rounds, median of each side: GPU clock drift over the
                     # seconds of one measurement (a few percent on W2) hits both alike.
@@ -277,34 +279,14 @@ def workload_rows(fa4, names: list[str]) -> list[str]:
     return lines
 
 
-def _impls(q, k, v, dout, cu, m, info, causal, grad, fa4):
-    scale = HEAD_DIM ** -0.5
-    aten_f = torch.ops.aten._flash_attention_forward.default
-    aten_b = torch.ops.aten._flash_attention_backward.default
-
-    def aten_direct():
-        out, lse, rng, unused, _ = aten_f(q, k, v, cu, cu, m, m, 0.0, causal, False, scale=scale)
-        if grad:
-            aten_b(dout, q, k, v, out, lse, cu, cu, m, m, 0.0, causal, rng, unused, scale=scale)
-
-    def through(backend):
-        def run():
-            out = attnhub.attention_forward_varlen(q, k, v, info, info, causal=causal,
-                                                   backend=backend)
-            if grad:
-                torch.autograd.grad(out, (q, k, v), dout)
-        return run
-
-    impls = {"torch-flash": (aten_direct, through("torch-flash"))}
-    if fa4 is not None:
-        def fa4_direct():
-            out = fa4(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=m,
-                      max_seqlen_k=m, causal=causal)
-            out = out[0] if isinstance(out, tuple) else out
-            if grad:
-                torch.autograd.grad(out, (q, k, v), dout)
-        impls["fa4"] = (fa4_direct, through("fa4"))
-    return impls
+def _impls(w, q, k, v, dout, info, causal, grad, fa4):
+    """kernel -> (called directly, through attnhub): the direct calls are attnhub.bench's."""
+    cell = Cell(w.name, "workload", w.name, w.seqlens_q, w.seqlens_k, NHEADS, NHEADS_K,
+                HEAD_DIM, "bfloat16", causal=causal)
+    x = CellInputs(cell, q, k, v, dout, info, info, None, None, grad)
+    kernels = ["torch-flash"] + (["fa4"] if fa4 is not None else [])
+    return {d.backend: (d.build(x, grad), attnhub_runner(x, d.backend, grad))
+            for d in direct_kernels_for(kernels)}
 
 
 def main() -> None:

@@ -7,13 +7,7 @@ export PYTHONUNBUFFERED=1
 tier=${1:-quick}
 out=${OUT:-/tmp/attnhub-out}
 mkdir -p "$out"
-python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 || exit 1
-if [ -d .fa4b ] && [ -f /root/fa4/part_aa ]; then
-  cat /root/fa4/part_aa .fa4b/part_ab > "/tmp/$(cat .fa4b/BIG_WHEEL_NAME)"
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/*.whl .fa4b/*.whl \
-    >> "$out/install.log" 2>&1
-  export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages
-fi
+source benchmarks/gpu_env.sh || exit 1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -25 | tee "$out/pytest-gpu.log"
 attnhub conformance --backend triton --device cuda --tier "$tier" \

@@ -1,0 +1,146 @@
+"""External kernels called directly, without attnhub, to measure attnhub's overhead.
+
+Each entry pairs an attnhub backend with the kernel it wraps: torch's bundled
+FlashAttention-2 (the aten op, forward and backward called explicitly, as a framework would),
+flash_attn 2.8's ``flash_attn_varlen_func``, FA3's ``flash_attn_interface`` and FA4's
+``flash_attn.cute.flash_attn_varlen_func`` (their own autograd functions). A direct kernel is
+measured only on cells its attnhub backend can run (the backend's reasons apply to it too)
+and whose features its public call takes; otherwise ``unsupported`` says why.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .inputs import CellInputs
+from .matrix import Cell
+
+Runner = Callable[[], object]
+
+
+@dataclass(frozen=True)
+class DirectKernel:
+    """``label``: the report's column (``<backend> (direct)``); ``backend``: the attnhub
+    backend that wraps the same kernel; ``lacks``: cell features the direct call cannot take
+    (``softcap``, ``alibi``, ``paged``); ``build(inputs, backward)``: a zero-argument
+    callable running one forward (and backward)."""
+
+    backend: str
+    lacks: frozenset[str]
+    build: Callable[[CellInputs, bool], Runner]
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend} (direct)"
+
+    def unsupported(self, cell: Cell) -> str | None:
+        """Why the direct call cannot express ``cell``, or None."""
+        wanted = {"softcap": bool(cell.softcap), "alibi": cell.alibi,
+                  "paged": bool(cell.page_size)}
+        missing = sorted(f for f, on in wanted.items() if on and f in self.lacks)
+        if missing:
+            return f"the direct call takes no {', '.join(missing)}"
+        return None
+
+
+def _window(cell: Cell) -> tuple[int, int]:
+    """attnhub's (left, right) for the cell, -1 = unbounded, causal -> right 0."""
+    left, right = cell.window if cell.window is not None else (-1, -1)
+    if cell.causal:
+        right = 0
+    return left, right
+
+
+def _first(result: object) -> torch.Tensor:
+    return result[0] if isinstance(result, tuple) else result  # type: ignore[return-value]
+
+
+def _grad(out: torch.Tensor, x: CellInputs) -> object:
+    return torch.autograd.grad(out, x.leaves, x.dout)
+
+
+def _torch_flash(x: CellInputs, backward: bool) -> Runner:
+    """torch.ops.aten._flash_attention_forward / _backward (torch's bundled FA2), the
+    overloads the torch-flash adapter resolves."""
+    from ..backends.cuda import torch_flash
+
+    fwd, bwd = torch_flash.aten_forward, torch_flash.aten_backward
+    cell = x.cell
+    q, k, v = (t.detach() for t in x.leaves)
+    left, right = _window(cell)
+    window = ({} if cell.window is None
+              else {"window_size_left": left, "window_size_right": right})
+    args = (x.cu_q, x.cu_k, x.max_q, x.max_k, 0.0, cell.causal)
+
+    def forward() -> tuple:
+        return fwd(q, k, v, *args, False, scale=x.scale, **window)
+
+    if not backward:
+        return lambda: forward()[0]
+
+    def run() -> object:
+        out, lse, seed, offset, _ = forward()
+        return bwd(x.dout, q, k, v, out, lse, *args, seed, offset, scale=x.scale, **window)
+
+    return run
+
+
+def _call_with_known(fn: Callable, /, *args: object, **kwargs: object) -> object:
+    """``fn`` with only the keyword arguments its signature names (versions differ)."""
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    return fn(*args, **kwargs)
+
+
+def _flash_attn_style(module: str, window_none: bool) -> Callable[[CellInputs, bool], Runner]:
+    """A builder for ``<module>.flash_attn_varlen_func`` (flash_attn 2.8, FA3 and FA4 share
+    the varlen call; FA4 spells an unbounded window side None instead of -1)."""
+
+    def build(x: CellInputs, backward: bool) -> Runner:
+        fn = importlib.import_module(module).flash_attn_varlen_func
+        cell = x.cell
+        left, right = _window(cell)
+        if window_none:
+            left, right = (None if left < 0 else left), (None if right < 0 else right)
+        kwargs: dict = {"cu_seqlens_q": x.cu_q, "cu_seqlens_k": x.cu_k, "max_seqlen_q": x.max_q,
+                        "max_seqlen_k": x.max_k, "softmax_scale": x.scale,
+                        "causal": cell.causal}
+        if cell.window is not None:
+            kwargs["window_size"] = (left, right)
+        if cell.softcap:
+            kwargs["softcap"] = cell.softcap
+        if x.alibi_slopes is not None:
+            kwargs["alibi_slopes"] = x.alibi_slopes
+        if x.block_table is not None:
+            kwargs["block_table"] = x.block_table
+
+        def forward() -> torch.Tensor:
+            return _first(_call_with_known(fn, x.q, x.k, x.v, **kwargs))
+
+        if not backward:
+            return forward
+        return lambda: _grad(forward(), x)
+
+    return build
+
+
+DIRECT_KERNELS: tuple[DirectKernel, ...] = (
+    DirectKernel("torch-flash", frozenset({"softcap", "alibi", "paged"}), _torch_flash),
+    DirectKernel("flash-attn", frozenset(), _flash_attn_style("flash_attn", False)),
+    DirectKernel("fa3", frozenset({"alibi", "paged"}),
+                 _flash_attn_style("flash_attn_interface", False)),
+    DirectKernel("fa4", frozenset({"alibi", "paged"}),
+                 _flash_attn_style("flash_attn.cute", True)),
+)
+
+
+def direct_kernels_for(backends: list[str]) -> list[DirectKernel]:
+    """The direct kernels whose attnhub backend is among ``backends``, in that order."""
+    by_backend = {d.backend: d for d in DIRECT_KERNELS}
+    return [by_backend[b] for b in backends if b in by_backend]
