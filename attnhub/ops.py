@@ -3,12 +3,20 @@
 Forward and backward are torch.library custom ops with fake implementations and a
 registered autograd formula, so torch.compile(fullgraph=True) traces calls without graph
 breaks. The op carries the backend's name: backward runs on the backend that ran forward.
-Eager calls that need no autograd skip the op wrapper and call the backend directly.
+Eager calls skip the op wrapper and call the backend directly: without autograd as a plain
+call, with autograd through ``_EagerVarlen`` (a torch.autograd.Function). A custom op's eager
+call imports torch._dynamo on its first use (1-2 s of a short program's start) and adds host
+time to every call; eager code gains nothing from the op. Traced calls (torch.compile,
+make_fx / non-strict export: a dispatch mode is active or q is a tensor subclass such as a
+FakeTensor) keep the op and its fake implementation.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .backend import Backend, ForwardResult
 from .inputs import VarlenInputs
@@ -21,9 +29,13 @@ Tensor = torch.Tensor
 
 def run_forward(problem: VarlenProblem, inputs: VarlenInputs, backend: Backend) -> ForwardResult:
     """Run ``backend`` on the call, through the custom op when autograd or tracing needs it."""
-    if not (problem.requires_grad or torch.compiler.is_compiling()):
-        return check_forward(backend.name, problem, inputs.q, backend.forward(problem, inputs))
     compiling = torch.compiler.is_compiling()
+    if not (problem.requires_grad or compiling):
+        return check_forward(backend.name, problem, inputs.q, backend.forward(problem, inputs))
+    if not compiling and type(inputs.q) is Tensor and _get_current_dispatch_mode() is None:
+        out, lse, probs, rng = _EagerVarlen.apply(problem, inputs, backend, inputs.q,
+                                                  inputs.k, inputs.v)
+        return ForwardResult(out, lse, probs, rng)
     out, lse, probs, rng = varlen_fwd(
         inputs.q, inputs.k, inputs.v, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
         inputs.alibi_slopes, inputs.block_table, inputs.rng_state,
@@ -38,6 +50,44 @@ def run_forward(problem: VarlenProblem, inputs: VarlenInputs, backend: Backend) 
     )
     return ForwardResult(out, lse, probs if problem.return_probs else None,
                          rng if problem.dropout_p > 0 else None)
+
+
+class _EagerVarlen(torch.autograd.Function):
+    """Eager autograd without the op: the same backend forward / backward and result checks
+    as attnhub::varlen_fwd / varlen_bwd. Returns (out, lse, probs or None, rng_state or
+    None); probs and rng_state are not differentiable."""
+
+    @staticmethod
+    def forward(ctx, problem: VarlenProblem, inputs: VarlenInputs, backend: Backend,
+                q: Tensor, k: Tensor, v: Tensor):
+        res = check_forward(backend.name, problem, q, backend.forward(problem, inputs))
+        probs = res.probs if problem.return_probs else None
+        rng = res.rng_state if problem.dropout_p > 0 else None
+        if rng is not None and rng is inputs.rng_state:  # an output may not be an input
+            rng = rng.clone()
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*(t for t in (probs, rng) if t is not None))
+        ctx.save_for_backward(q, k, v, res.out, res.lse)
+        ctx.call = (dataclasses.replace(problem, return_probs=False),
+                    dataclasses.replace(inputs, rng_state=rng, schedule=None), backend)
+        return res.out, res.lse, probs, rng
+
+    @staticmethod
+    def backward(ctx, dout, dlse, _dprobs, _drng):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None and dlse is None:
+            return (None,) * 6
+        problem, inputs, backend = ctx.call
+        if torch.is_grad_enabled():  # create_graph=True: gradients of gradients are wanted
+            raise RuntimeError(
+                "attnhub: double backward (create_graph=True) through attention is not "
+                f"supported: backend {backend.name!r} computes first-order gradients only")
+        if dout is None:
+            dout = torch.zeros_like(out)
+        grads = check_gradients(backend.name, backend.backward(
+            problem, dataclasses.replace(inputs, q=q, k=k, v=v), out, lse, dout, dlse),
+            q, k, v)
+        return None, None, None, grads.dq, grads.dk, grads.dv
 
 
 def _schedule_args(schedule: tuple | None) -> tuple:

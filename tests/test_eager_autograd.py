@@ -1,0 +1,60 @@
+"""Eager autograd runs the backend through a plain torch.autograd.Function (attnhub.ops), not
+through the attnhub::varlen_fwd custom op: same gradients, no torch._dynamo import (the op's
+first eager call costs 1-2 s of import), a clear error on double backward (as the op's).
+The op still serves traced calls (tests/test_compile.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from attnhub import VarlenInfo, attention_forward_varlen
+from attnhub.ops import varlen_fwd
+
+
+def _leaves(seed: int = 0) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(9, h, 8, generator=gen, dtype=torch.float64).requires_grad_(True)
+                 for h in (4, 2, 2))
+
+
+def test_eager_gradients_equal_the_custom_op_path():
+    info = VarlenInfo.from_lengths([4, 0, 5], torch.device("cpu"))
+    q, k, v = _leaves()
+    out, lse = attention_forward_varlen(q, k, v, info, info, causal=True, return_lse=True,
+                                        backend="reference")
+    assert out.grad_fn is not None and "EagerVarlen" in type(out.grad_fn).__name__
+    dout = torch.randn_like(out)
+    loss = (out * dout).sum() + lse[torch.isfinite(lse)].sum()
+    grads = torch.autograd.grad(loss, (q, k, v))
+    cu = torch.tensor([0, 4, 4, 9], dtype=torch.int32)
+    o2, l2, _, _ = varlen_fwd(q, k, v, cu, cu, None, None, None, 5, 5, 8 ** -0.5, -1, 0, 0.0,
+                              0.0, False, False, False, True, "reference", [4, 0, 5], [4, 0, 5])
+    grads2 = torch.autograd.grad((o2 * dout).sum() + l2[torch.isfinite(l2)].sum(), (q, k, v))
+    torch.testing.assert_close(out, o2, rtol=0, atol=0)
+    for g, g2 in zip(grads, grads2, strict=True):
+        torch.testing.assert_close(g, g2, rtol=1e-12, atol=1e-12)
+
+
+def test_double_backward_raises():
+    info = VarlenInfo.from_lengths([3, 6], torch.device("cpu"))
+    q, k, v = _leaves(1)
+    out = attention_forward_varlen(q, k, v, info, info, backend="reference")
+    with pytest.raises(RuntimeError, match=r"double backward .* not supported: "
+                       r"backend 'reference'"):
+        torch.autograd.grad(out.sum(), (q,), create_graph=True)
+
+
+def test_eager_forward_backward_does_not_import_dynamo():
+    code = ("import sys, torch, attnhub\n"
+            "info = attnhub.VarlenInfo.from_lengths([5, 3], torch.device('cpu'))\n"
+            "q, k, v = (torch.randn(8, 2, 8, requires_grad=True) for _ in range(3))\n"
+            "attnhub.attention_forward_varlen(q, k, v, info, info, causal=True).sum()"
+            ".backward()\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.strip() == "False", done.stderr
