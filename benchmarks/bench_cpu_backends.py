@@ -1,7 +1,7 @@
 """The reference vs the sdpa backend on the CPU, side by side in one process.
 
     python benchmarks/bench_cpu_backends.py [--repeats 3] [--threads N] [--clock wall|cpu]
-        [--quick] [--output docs/benchmarks/DATE-cpu-backends-v2.md]
+        [--quick] [--dtypes float32,bfloat16] [--output docs/benchmarks/DATE-cpu-backends-v2.md]
 
 A matrix of CPU-sized cells: lengths short (32 mixed sequences of 16..256 tokens), medium (6 of
 384..1024) and long-ish (2 of 1536 and 2048); head_dim 64 / 128; MHA (8/8 heads) / GQA (8/2);
@@ -143,6 +143,8 @@ def main() -> None:
                         help="wall: elapsed time; cpu: the process's CPU time (all threads)")
     parser.add_argument("--quick", action="store_true",
                         help="short and medium lengths, float32, GQA only (8 cells)")
+    parser.add_argument("--dtypes", default="float32,bfloat16",
+                        help="comma-separated: only the cells of these dtypes")
     parser.add_argument("--output", help="also write the markdown report to this file")
     args = parser.parse_args()
     if args.threads:
@@ -166,7 +168,9 @@ def main() -> None:
         "Produced by `python benchmarks/bench_cpu_backends.py"
         + (f" --threads {args.threads}" if args.threads else "")
         + (f" --clock {args.clock}" if args.clock != "wall" else "")
-        + (" --quick" if args.quick else "") + "`. GF/s: sdpa's attained rate (4 x head_dim "
+        + (" --quick" if args.quick else "")
+        + (f" --dtypes {args.dtypes}" if args.dtypes != "float32,bfloat16" else "")
+        + "`. GF/s: sdpa's attained rate (4 x head_dim "
         "x heads FLOP per visible (query, key) pair forward, 3.5x that forward+backward). "
         "ceiling: the ratio sdpa would reach at the matrix-product rate.",
         "",
@@ -177,7 +181,8 @@ def main() -> None:
     ]
     print("\n".join(lines), flush=True)
     ratios: dict[str, dict[str, list[float]]] = {}
-    for cell in matrix(args.quick):
+    dtypes = {getattr(torch, name.strip()) for name in args.dtypes.split(",")}
+    for cell in (c for c in matrix(args.quick) if c.dtype in dtypes):
         lengths = LENGTHS[cell.lengths]
         flops = 4 * cell.head_dim * cell.heads[0] * visible_pairs(lengths, cell.causal)
         t = bench_cell(cell, args.repeats)
