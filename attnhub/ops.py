@@ -67,26 +67,30 @@ class _EagerVarlen(torch.autograd.Function):
             rng = rng.clone()
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(*(t for t in (probs, rng) if t is not None))
-        ctx.save_for_backward(q, k, v, res.out, res.lse)
-        ctx.call = (dataclasses.replace(problem, return_probs=False),
-                    dataclasses.replace(inputs, rng_state=rng, schedule=None), backend)
+        # Every tensor through save_for_backward (version checks, saved-tensor hooks such as
+        # activation offloading): none is kept on ctx directly.
+        ctx.save_for_backward(q, k, v, res.out, res.lse, inputs.cu_seqlens_q,
+                              inputs.cu_seqlens_k, inputs.alibi_slopes, inputs.block_table, rng,
+                              inputs.custom_mask, inputs.custom_mask_offsets)
+        ctx.call = (dataclasses.replace(problem, return_probs=False), backend)
         return res.out, res.lse, probs, rng
 
     @staticmethod
     def backward(ctx, dout, dlse, _dprobs, _drng):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, cu_q, cu_k, alibi, block_table, rng, mask, mask_offsets = \
+            ctx.saved_tensors
         if dout is None and dlse is None:
             return (None,) * 6
-        problem, inputs, backend = ctx.call
+        problem, backend = ctx.call
         if torch.is_grad_enabled():  # create_graph=True: gradients of gradients are wanted
             raise RuntimeError(
                 "attnhub: double backward (create_graph=True) through attention is not "
                 f"supported: backend {backend.name!r} computes first-order gradients only")
         if dout is None:
             dout = torch.zeros_like(out)
+        inputs = VarlenInputs(q, k, v, cu_q, cu_k, alibi, block_table, rng, mask, mask_offsets)
         grads = check_gradients(backend.name, backend.backward(
-            problem, dataclasses.replace(inputs, q=q, k=k, v=v), out, lse, dout, dlse),
-            q, k, v)
+            problem, inputs, out, lse, dout, dlse), q, k, v)
         return None, None, None, grads.dq, grads.dk, grads.dv
 
 
