@@ -63,3 +63,23 @@ def test_eager_backward_and_main_job_import_neither_dynamo_nor_sympy():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, check=True)
     assert done.stdout.strip() == "[]", done.stderr
+
+
+def test_saved_tensor_hooks_see_every_saved_tensor():
+    """Activation offloading packs what autograd saves: the eager path keeps nothing beside."""
+    info = VarlenInfo.from_lengths([4, 5], torch.device("cpu"))
+    q, k, v = _leaves(2)
+    packed = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        packed.append(t)
+        return t.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = attention_forward_varlen(q, k, v, info, info, causal=True, backend="reference")
+    assert any(t is q for t in packed) and any(t is k for t in packed)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    ref = torch.autograd.grad(attention_forward_varlen(q, k, v, info, info, causal=True,
+                                                       backend="reference").sum(), (q, k, v))
+    for g, r in zip(grads, ref, strict=True):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
