@@ -84,6 +84,14 @@ def _time_ms(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(samples)
 
 
+def _grads(out: torch.Tensor, leaves: list[torch.Tensor], dout: torch.Tensor
+           ) -> tuple[torch.Tensor, ...]:
+    """Gradients of the scalar loss sum(out * dout): out's gradient is exactly dout. A scalar
+    loss, as in training, rather than grad_outputs=dout: torch.autograd.grad imports sympy
+    (about a second) the first time it checks a grad_outputs tensor's shape."""
+    return torch.autograd.grad((out * dout).sum(), leaves)
+
+
 def run_job(cfg: JobConfig) -> JobResult:
     """Run the configured batch through dispatch and through the reference in float64."""
     device = torch.device(cfg.device) if cfg.device else best_device()
@@ -124,20 +132,19 @@ def run_job(cfg: JobConfig) -> JobResult:
     result.times_ms["forward"] = _time_ms(lambda: run(q, k, v, cfg.backend), device, cfg.repeats)
 
     if cfg.grad:
-        ref_grads = torch.autograd.grad(ref_out, hi, dout.double())
+        ref_grads = _grads(ref_out, hi, dout.double())
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
         backends["forward+backward"] = select(
             normalize(*leaves, info, info, **kwargs)[0], cfg.backend).name
         low_leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        grads = torch.autograd.grad(run(*leaves, cfg.backend)[0], leaves, dout)
-        low_grads = torch.autograd.grad(run(*low_leaves, "reference")[0], low_leaves, dout)
+        grads = _grads(run(*leaves, cfg.backend)[0], leaves, dout)
+        low_grads = _grads(run(*low_leaves, "reference")[0], low_leaves, dout)
         for name, g, lg, rg in zip(("dq", "dk", "dv"), grads, low_grads, ref_grads,
                                    strict=True):
             result.checks[name] = check(name, g, rg, lg, dtype)
 
         def fwd_bwd() -> None:
-            o = run(*leaves, cfg.backend)[0]
-            torch.autograd.grad(o, leaves, dout)
+            _grads(run(*leaves, cfg.backend)[0], leaves, dout)
 
         result.times_ms["forward+backward"] = _time_ms(fwd_bwd, device, cfg.repeats)
     return result

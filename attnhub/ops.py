@@ -3,7 +3,12 @@
 Forward and backward are torch.library custom ops with fake implementations and a
 registered autograd formula, so torch.compile(fullgraph=True) traces calls without graph
 breaks. The op carries the backend's name: backward runs on the backend that ran forward.
-Eager calls that need no autograd skip the op wrapper and call the backend directly.
+Eager calls skip the op wrapper and call the backend directly: without autograd as a plain
+call, with autograd through ``_EagerVarlen`` (a torch.autograd.Function). A custom op's eager
+call imports torch._dynamo on its first use (1-2 s of a short program's start) and adds host
+time to every call; eager code gains nothing from the op. Traced calls (torch.compile,
+make_fx / non-strict export: a dispatch mode is active or q is a tensor subclass such as a
+FakeTensor) keep the op and its fake implementation.
 
 The ops' schemas are built from the feature table (attnhub.features): after the core
 tensors come every feature's tensors (optional tensors; a differentiable one gets its
@@ -14,10 +19,12 @@ as a scalar (a field without an op type is rebuilt inside the op by its feature'
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .backend import Backend, ForwardResult
 from .features import FEATURES, FIELDS, TENSORS
@@ -73,12 +80,65 @@ def pack(problem: VarlenProblem, inputs: VarlenInputs, backend: str) -> tuple:
 
 
 def run_forward(problem: VarlenProblem, inputs: VarlenInputs, backend: Backend) -> ForwardResult:
-    """Run ``backend`` on the call, through the custom op when autograd or tracing needs it."""
-    if not (problem.requires_grad or torch.compiler.is_compiling()):
+    """Run ``backend`` on the call: directly without autograd, through ``_EagerVarlen`` with
+    eager autograd, through the custom op when tracing."""
+    compiling = torch.compiler.is_compiling()
+    if not (problem.requires_grad or compiling):
         return check_forward(backend.name, problem, inputs.q, backend.forward(problem, inputs))
+    if not compiling and type(inputs.q) is Tensor and _get_current_dispatch_mode() is None:
+        out, lse, probs, rng = _EagerVarlen.apply(
+            problem, inputs, backend, inputs.q, inputs.k, inputs.v,
+            *[getattr(inputs, _TENSOR_NAMES[i]) for i in _GRAD_INPUTS])
+        return ForwardResult(out, lse, probs, rng)
     out, lse, probs, rng = varlen_fwd(*pack(problem, inputs, backend.name))
     return ForwardResult(out, lse, probs if problem.return_probs else None,
                          rng if problem.dropout_p > 0 else None)
+
+
+class _EagerVarlen(torch.autograd.Function):
+    """Eager autograd without the op: the same backend forward / backward and result checks
+    as attnhub::varlen_fwd / varlen_bwd. Differentiable inputs: q, k, v and the feature
+    tensors that have a gradient (e.g. sinks). Returns (out, lse, probs or None, rng_state
+    or None); probs and rng_state are not differentiable."""
+
+    @staticmethod
+    def forward(ctx, problem: VarlenProblem, inputs: VarlenInputs, backend: Backend,
+                q: Tensor, k: Tensor, v: Tensor, *_grad_tensors: Tensor | None):
+        res = check_forward(backend.name, problem, q, backend.forward(problem, inputs))
+        probs = res.probs if problem.return_probs else None
+        rng = res.rng_state if problem.dropout_p > 0 else None
+        if rng is not None and rng is inputs.rng_state:  # an output may not be an input
+            rng = rng.clone()
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*(t for t in (probs, rng) if t is not None))
+        tensors = [getattr(inputs, name) for name in _TENSOR_NAMES]
+        tensors[_RNG] = rng  # backward replays forward's dropout state
+        # Every tensor through save_for_backward (version checks, saved-tensor hooks such as
+        # activation offloading): none is kept on ctx directly.
+        ctx.save_for_backward(q, k, v, res.out, res.lse, inputs.cu_seqlens_q,
+                              inputs.cu_seqlens_k, *tensors)
+        ctx.call = (dataclasses.replace(problem, return_probs=False), backend)
+        return res.out, res.lse, probs, rng
+
+    @staticmethod
+    def backward(ctx, dout, dlse, _dprobs, _drng):
+        q, k, v, out, lse, cu_q, cu_k, *tensors = ctx.saved_tensors
+        if dout is None and dlse is None:
+            return (None,) * (6 + len(_GRAD_INPUTS))
+        problem, backend = ctx.call
+        if torch.is_grad_enabled():  # create_graph=True: gradients of gradients are wanted
+            raise RuntimeError(
+                "attnhub: double backward (create_graph=True) through attention is not "
+                f"supported: backend {backend.name!r} computes first-order gradients only")
+        if dout is None:
+            dout = torch.zeros_like(out)
+        named = dict(zip(_TENSOR_NAMES, tensors, strict=True))
+        grads = check_gradients(backend.name, backend.backward(
+            problem, VarlenInputs(q, k, v, cu_q, cu_k, **named), out, lse, dout, dlse),
+            q, k, v, named)
+        extra = tuple(getattr(grads, TENSORS[i].grad) if tensors[i] is not None else None
+                      for i in _GRAD_INPUTS)
+        return (None, None, None, grads.dq, grads.dk, grads.dv, *extra)
 
 
 def _schedule_args(schedule: tuple | None) -> tuple:

@@ -14,9 +14,11 @@ there, so such rows are fixed from the mask geometry.
 
 float16 / bfloat16 inputs are computed in float32 (as the reference does): the kernel's
 half-precision backward accumulates GQA's dk / dv near the edge of the conformance tolerance,
-and a bias (ALiBi) in half precision would not be exact. The backward recomputes out and lse
-in the compute dtype for every dtype but float32 (attnhub keeps out in the input dtype and lse
-in float32).
+and a bias (ALiBi) in half precision would not be exact. The backward takes the forward's lse
+(float32, the kernel's own) and out (for half inputs rounded to the input dtype, as every
+flash backward uses it in ``D_i = dout_i . out_i``: conformance quick tier, largest dk error
+0.49 of the tolerance, the reference's own 0.44); float64 recomputes both in float64, since
+attnhub keeps lse in float32.
 
 The backward takes no gradient of lse. attnhub's backward needs one (``dlse``): the kernel
 forms ``ds = p * (dp - D)`` with ``D_i = dout_i . out_i`` and ``dp_ij = dout_i . v_j``; the
@@ -190,10 +192,10 @@ def backward(problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
         qg, kg, vg = (_heads_first(q[rows], n, ctype), _heads_first(k[keys], n, ctype),
                       _heads_first(v[keys], n, ctype))
         dog = _heads_first(dout[rows], n, ctype)
-        if problem.dtype == torch.float32:
+        if ctype == torch.float32:  # lse is the kernel's own; out rounded for half inputs
             og = _heads_first(out[rows], n, ctype)
             lg = lse[:, rows].reshape(h, n, g.sq).transpose(0, 1)
-        else:  # out in a narrower dtype or lse in float32: both again in the compute dtype
+        else:  # float64: lse is kept in float32, so out and lse again in float64
             og, lg = _run_forward(problem, qg, kg, vg, m)
         if m.dead is not None:  # the kernel's own convention there: lse 0 (p = exp(-inf) = 0)
             lg = lg.clone()
