@@ -5,8 +5,10 @@
 * dQ: one program per (query tile, query head) over the key blocks its rows can see.
 The softmax is recomputed from q, k and the forward's lse; delta = rowsum(dO * O) - dlse
 comes from one fused pass over O and dO. With attention sinks the lse includes the sink, so
-dQ/dK/dV need nothing more; the same pass sums the sinks' gradient,
-dsinks[h] = -sum_i exp(sinks[h] - lse_i) * delta_i.
+dQ/dK/dV need nothing more; for the sinks' gradient
+dsinks[h] = sum_i exp(sinks[h] - lse_i) * (dlse_i - D_i), the dQ kernel also sums
+D_i = rowsum(P * dP) in fp32 (what rowsum(dO * O) is before O is rounded to q's dtype, which
+would cost dsinks about 1e-3 of accuracy in fp16).
 """
 
 from __future__ import annotations
@@ -98,14 +100,11 @@ def _dkdv_blocks(dk, dv, k, v, Q, DO, Lse, Delta, b, h, q_start, sq, sk, offset,
 
 
 @triton.jit(do_not_specialize=["total_q"])
-def _delta_kernel(Out, DO, DLse, Delta, Lse, Sinks, DSinkPart, stride_ot, stride_oh,
-                  stride_dot, stride_doh, stride_lh, stride_lt, total_q,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                  HAS_DLSE: tl.constexpr, HAS_SINKS: tl.constexpr):
+def _delta_kernel(Out, DO, DLse, Delta, stride_ot, stride_oh, stride_dot, stride_doh,
+                  stride_lh, stride_lt, total_q, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, HAS_DLSE: tl.constexpr):
     """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] - dlse[h, t], float32 (nheads, total_q):
-    one pass over O and dO in their own dtype. With HAS_SINKS, DSinkPart[h, program] =
-    -sum_t exp(sinks[h] - lse[h, t]) * delta[h, t] over the program's rows (a row with
-    lse -inf, possible only with a -inf sink, adds nothing)."""
+    one pass over O and dO in their own dtype."""
     h = tl.program_id(1)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
@@ -121,12 +120,6 @@ def _delta_kernel(Out, DO, DLse, Delta, Lse, Sinks, DSinkPart, stride_ot, stride
         delta -= tl.load(DLse + h.to(tl.int64) * stride_lh + rows * stride_lt, mask=t_ok,
                          other=0.0)
     tl.store(Delta + h.to(tl.int64) * total_q + rows, delta, mask=t_ok)
-    if HAS_SINKS:
-        lse = tl.load(Lse + h.to(tl.int64) * total_q + rows, mask=t_ok, other=float("-inf"))
-        # lse >= sink, so lse = -inf means a -inf sink (or a row past the end): p_sink 0
-        p_sink = tl.exp(tl.load(Sinks + h) - tl.where(lse == float("-inf"), 0.0, lse))
-        tl.store(DSinkPart + h.to(tl.int64) * tl.num_programs(0) + tl.program_id(0),
-                 -tl.sum(p_sink * delta, 0))
 
 
 def _prune_dkdv(configs_, named_args, **kwargs):
@@ -227,7 +220,7 @@ def _dkdv_kernel(
 
 
 @triton.jit
-def _dq_blocks(dq, q, do, lse2, delta, K, V, b, h, kvh, k_start, offs_m, offs_d, sk, offset,
+def _dq_blocks(dq, pdp, q, do, lse2, delta, K, V, b, h, kvh, k_start, offs_m, offs_d, sk, offset,
                stride_kt, stride_kh, stride_vt, stride_vh, nheads, max_seqlen_k, qk_scale,
                tanh_scale, softcap2, slope2, dropout_p, window_left, window_right, Seed,
                first, split, second, count, MaskBits, mask_off, sq,
@@ -235,7 +228,9 @@ def _dq_blocks(dq, q, do, lse2, delta, K, V, b, h, kvh, k_start, offs_m, offs_d,
                BLOCK_N: tl.constexpr,
                WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               PRECISION: tl.constexpr):
+               PRECISION: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """dq accumulated over the key blocks (as _fwd_blocks walks them), and with HAS_SINKS
+    pdp, the rows' sum of P * dP (dP after dropout: D_i = dO_i . O_i in fp32)."""
     d_ok = offs_d < HEAD_DIM
     for i in range(0, count):  # blocks first, first + BLOCK_N, ... then second, ...
         start_n = tl.where(i < split, first + i * BLOCK_N, second + (i - split) * BLOCK_N)
@@ -258,11 +253,13 @@ def _dq_blocks(dq, q, do, lse2, delta, K, V, b, h, kvh, k_start, offs_m, offs_d,
             keep = dropout_keep(Seed, b, h, nheads, offs_m[:, None], offs_n[None, :],
                                 max_seqlen_k, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        if HAS_SINKS:
+            pdp += tl.sum(p * dp, 1)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PRECISION)
-    return dq
+    return dq, pdp
 
 
 @triton.autotune(configs=configs.candidates("dq", "BLOCK_N"), key=[*_KEY, "BLOCK_M"],
@@ -270,14 +267,14 @@ def _dq_blocks(dq, q, do, lse2, delta, K, V, b, h, kvh, k_start, offs_m, offs_d,
 @triton.jit(do_not_specialize=PER_BATCH_ARGS)
 def _dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, CuQ, CuK, TileSeq, TileBlk, Alibi, Seed, MaskBits, MaskOffsets,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dqt, stride_dqh, stride_ab, total_q, batch, nheads, max_seqlen_k,
+    RowPdP, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot,
+    stride_doh, stride_dqt, stride_dqh, stride_ab, total_q, batch, nheads, max_seqlen_k,
     sm_scale, qk_scale, tanh_scale, softcap2, dropout_p, window_left, window_right,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOP_LEFT: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_CUSTOM_MASK: tl.constexpr, DEVICE_TILES: tl.constexpr,
+    HAS_CUSTOM_MASK: tl.constexpr, DEVICE_TILES: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     h = tl.program_id(1)
     b, mblk = program_tile(TileSeq, TileBlk, CuQ, batch, BLOCK_M, DEVICE_TILES)
@@ -308,21 +305,24 @@ def _dq_kernel(
     n_before = (a - lo + BLOCK_N - 1) // BLOCK_N
     n_masked = n_before + (hi - bnd + BLOCK_N - 1) // BLOCK_N
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _dq_blocks(dq, q, do, lse2, delta, K, V, b, h, kvh, k_start, offs_m, offs_d, sk,
+    pdp = tl.zeros([BLOCK_M], dtype=tl.float32)
+    dq, pdp = _dq_blocks(dq, pdp, q, do, lse2, delta, K, V, b, h, kvh, k_start, offs_m, offs_d, sk,
                     offset, stride_kt, stride_kh, stride_vt, stride_vh, nheads, max_seqlen_k,
                     qk_scale, tanh_scale, softcap2, slope2, dropout_p, window_left,
                     window_right, Seed, a, n_full, a, n_full, MaskBits, mask_off, sq, False,
                     HAS_CUSTOM_MASK, HEAD_DIM, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP,
-                    HAS_ALIBI, HAS_DROPOUT, PRECISION)
-    dq = _dq_blocks(dq, q, do, lse2, delta, K, V, b, h, kvh, k_start, offs_m, offs_d, sk,
+                    HAS_ALIBI, HAS_DROPOUT, PRECISION, HAS_SINKS)
+    dq, pdp = _dq_blocks(dq, pdp, q, do, lse2, delta, K, V, b, h, kvh, k_start, offs_m, offs_d, sk,
                     offset, stride_kt, stride_kh, stride_vt, stride_vh, nheads, max_seqlen_k,
                     qk_scale, tanh_scale, softcap2, slope2, dropout_p, window_left,
                     window_right, Seed, lo, n_before, bnd, n_masked, MaskBits, mask_off, sq,
                     True, HAS_CUSTOM_MASK, HEAD_DIM, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT,
-                    HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PRECISION)
+                    HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PRECISION, HAS_SINKS)
     dq = dq * sm_scale
     tl.store(DQ + rows_q[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    if HAS_SINKS:  # rows that see no key store 0 (their O is 0)
+        tl.store(RowPdP + h.to(tl.int64) * total_q + q_start + offs_m, pdp, mask=m_ok)
 
 
 def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
@@ -343,21 +343,14 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
     out = _c(out)
     delta = torch.empty((problem.nheads, problem.total_q), dtype=torch.float32,
                         device=q.device)
-    block_t = 16 if configs.interpreting() else 64
-    delta_programs = triton.cdiv(problem.total_q, block_t)
-    # per (head, delta program) partial sums of dsinks: summed below, in a fixed order
-    dsink_part = (torch.zeros((problem.nheads, delta_programs), dtype=torch.float32,
-                              device=q.device) if sinks is not None else None)
     if problem.total_q and problem.nheads:
         dlse_arg = dlse.float() if dlse is not None else delta
-        _delta_kernel[(delta_programs, problem.nheads)](
-            out, dout, dlse_arg, delta, lse, sinks if sinks is not None else delta,
-            dsink_part if dsink_part is not None else delta, out.stride(0), out.stride(1),
-            dout.stride(0), dout.stride(1), dlse_arg.stride(0), dlse_arg.stride(1),
-            problem.total_q, HEAD_DIM=problem.head_dim,
-            BLOCK_D=configs.block_d(problem.head_dim), BLOCK_T=block_t,
-            HAS_DLSE=dlse is not None, HAS_SINKS=sinks is not None, num_warps=4)
-    dsinks = dsink_part.sum(1) if dsink_part is not None else None
+        block_t = 16 if configs.interpreting() else 64
+        _delta_kernel[(triton.cdiv(problem.total_q, block_t), problem.nheads)](
+            out, dout, dlse_arg, delta, out.stride(0), out.stride(1), dout.stride(0),
+            dout.stride(1), dlse_arg.stride(0), dlse_arg.stride(1), problem.total_q,
+            HEAD_DIM=problem.head_dim, BLOCK_D=configs.block_d(problem.head_dim),
+            BLOCK_T=block_t, HAS_DLSE=dlse is not None, num_warps=4)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -403,14 +396,30 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
                 **common)
     q_programs, q_seq, q_blk, q_device = launch_tiles(problem, inputs.cu_seqlens_q, query_tile,
                                                       True)
+    # with sinks: rowsum(P * dP) per (head, query row), the dQ kernel's
+    row_pdp = (torch.empty((problem.nheads, problem.total_q), dtype=torch.float32,
+                           device=q.device) if sinks is not None else None)
     if q_programs and problem.nheads:
         configs.launch("dq", _dq_kernel, (q_programs, problem.nheads),
             q, k, v, dout, lse, delta, dq, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
             q_seq, q_blk, alibi_arg, seed_arg, *mask_args,
+            row_pdp if row_pdp is not None else dummy,
             q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), alibi_stride,
-            *scalars, BLOCK_M=query_tile, DEVICE_TILES=q_device, **common)
+            *scalars, BLOCK_M=query_tile, DEVICE_TILES=q_device, HAS_SINKS=sinks is not None,
+            **common)
+    dsinks = None if sinks is None else sink_gradient(sinks, lse, row_pdp, dlse)
     return dq, dk, dv, dsinks
+
+
+def sink_gradient(sinks: torch.Tensor, lse: torch.Tensor, row_pdp: torch.Tensor,
+                  dlse: torch.Tensor | None) -> torch.Tensor:
+    """dsinks[h] = sum_i exp(sinks[h] - lse_i) * (dlse_i - D_i), float32 (nheads,), with
+    D_i = rowsum(P * dP) (``row_pdp``) and lse, dlse (nheads, total_q). lse is -inf only
+    under a -inf sink, whose weight is then 0."""
+    weight = torch.exp(sinks[:, None] - lse.masked_fill(torch.isneginf(lse), 0.0))
+    grad = -row_pdp if dlse is None else dlse.float() - row_pdp
+    return (weight * grad).sum(1)
 
 
 def _c(t: torch.Tensor) -> torch.Tensor:
