@@ -230,13 +230,11 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                       **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention hook. query (batch, nheads, q_len, head_dim); key, value
     (batch, nheads_k, kv_len, head_dim); attention_mask None or (batch, kv_len) bool from
-    :func:`padding_mask`. Returns (out (batch, q_len, nheads, head_dim), None)."""
+    :func:`padding_mask`. s_aux: attention sinks, one logit per query head (nheads,), as
+    gpt-oss passes them. Returns (out (batch, q_len, nheads, head_dim), None)."""
     if kwargs.get("output_attentions"):
         raise InvalidArgumentError("output_attentions", "False (attnhub never materialises "
                                    "attention weights; use attn_implementation='eager')", True)
-    if s_aux is not None:
-        raise InvalidArgumentError("s_aux", "None (attention sinks are not an attnhub "
-                                   "feature)", f"a tensor {tuple(s_aux.shape)}")
     if kwargs.get("block_table") is not None:
         raise InvalidArgumentError("block_table", "None (transformers' paged continuous "
                                    "batching cache is not supported by this integration)",
@@ -264,7 +262,10 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     out = attention_forward_varlen(
         q, k, v, layout.info_q, layout.info_k, dropout_p=float(dropout), softmax_scale=scaling,
         causal=causal, window_size=window, softcap=softcap or None,
-        deterministic=kwargs.get("deterministic"))
+        deterministic=kwargs.get("deterministic"),
+        # gpt-oss's learned sinks (one logit per query head, in the model's dtype): the same
+        # math as attnhub's sinks, which take float32; the cast passes the gradient back.
+        sinks=None if s_aux is None else s_aux.float())
     if layout.indices_q is not None:
         return pad_input(out, layout.indices_q, batch, q_len), None
     return out.view(batch, q_len, *out.shape[1:]), None
