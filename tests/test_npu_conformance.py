@@ -10,7 +10,6 @@ import pytest
 from attnhub.backends.npu.simulation import simulated
 from attnhub.conformance.cases import quick_cases
 from attnhub.conformance.runner import run_case
-
 from attnhub.registry import get_registry
 
 CASES = quick_cases()
