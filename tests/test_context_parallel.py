@@ -171,3 +171,33 @@ def test_compile_aot_eager_around_the_call():
     torch.testing.assert_close(got, ref)
     for t, g in zip((q, k, v), expected, strict=True):
         torch.testing.assert_close(t.grad, g)
+
+
+def test_sinks_join_after_the_merge(monkeypatch):
+    """sinks= on one rank equals the single-device call with sinks (out, lse, dq/dk/dv,
+    dsinks), for the ring and the all-gather strategies."""
+    monkeypatch.setenv("ATTNHUB_FALLBACK", "allow")  # the steps run no sinks: sdpa or the
+    # reference, by measured cost; the call with sinks on one device needs the reference
+    shard = zigzag_shard(UNEVEN, world_size=1, rank=0)
+    gen = torch.Generator().manual_seed(3)
+    # float32: lse (which the sinks join) is float32 for every dtype
+    q, k, v = (torch.randn(shard.total, h, 8, generator=gen).requires_grad_(True)
+               for h in (4, 2, 2))
+    sinks = torch.randn(4, generator=gen).requires_grad_(True)
+    info = attnhub.VarlenInfo.from_lengths(UNEVEN)
+    leaves = (q, k, v, sinks)
+    ref, ref_lse = attnhub.attention_forward_varlen(
+        *(shard.shard(t) for t in (q, k, v)), info, info, causal=True, window_size=(5, 0),
+        sinks=sinks, return_lse=True, backend="reference")
+    dout = torch.randn_like(ref)
+    want = torch.autograd.grad((ref * dout).sum() + ref_lse[torch.isfinite(ref_lse)].sum(),
+                               leaves)
+    for strategy in ("ring", "all_gather"):
+        out, lse = context_parallel_attention(q, k, v, shard, causal=True, window_size=(5, 0),
+                                              sinks=sinks, return_lse=True, strategy=strategy)
+        torch.testing.assert_close(shard.shard(out), ref)
+        torch.testing.assert_close(shard.shard(lse.T).T, ref_lse)
+        got = torch.autograd.grad((shard.shard(out) * dout).sum()
+                                  + lse[torch.isfinite(lse)].sum(), leaves)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InvalidArgumentError
-from ..features import softcap_argument, window_argument
+from ..features import check_sinks, softcap_argument, window_argument
 from ..normalize import WindowSize, _scale
 from .all_gather import AllGatherAttention
 from .block_attention import AttentionOptions
@@ -48,6 +48,7 @@ def context_parallel_attention(
     softcap: float | None = None,
     softmax_scale: float | None = None,
     deterministic: bool | None = None,
+    sinks: torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str | None = None,
     strategy: str = "auto",
@@ -58,9 +59,11 @@ def context_parallel_attention(
 
     q: (shard.total, nheads, head_dim), k / v: (shard.total, nheads_k, head_dim): this rank's
     rows, in the order ``shard.shard`` gives them. causal / window_size / softcap /
-    softmax_scale / deterministic: as in attention_forward_varlen, applied to each whole
-    sequence (global positions). backend: force the backend of every step. strategy: "ring",
-    "all_gather" or "auto" (see choose_strategy).
+    softmax_scale / deterministic / sinks: as in attention_forward_varlen, applied to each
+    whole sequence (global positions); sinks (float32 (nheads,)) join each row's softmax
+    once, after the steps' results are merged (their gradient flows through lse, so the
+    steps' backend must take a gradient of lse). backend: force the backend of every step.
+    strategy: "ring", "all_gather" or "auto" (see choose_strategy).
 
     Returns out (q's shape and dtype), or (out, lse) with return_lse, lse float32
     (nheads, shard.total). Differentiable in q, k, v (and through lse where the backend takes
@@ -77,9 +80,25 @@ def context_parallel_attention(
         requires_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                                    or v.requires_grad),
         backend=backend)
+    if sinks is not None:
+        sinks = check_sinks(sinks, q.shape[1], q.device)
     chosen = choose_strategy(shard, k, strategy, all_gather_max_bytes)
     out, lse = _apply(chosen, q, k, v, shard, group, (left, right), opts)
+    if sinks is not None:
+        out, lse = add_sinks(out, lse, sinks)
     return (out, lse) if return_lse else out
+
+
+def add_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Join each query head's sink logit to the softmax that produced (out, lse): out
+    (total, nheads, head_dim), lse float32 (nheads, total) -> out scaled by
+    exp(lse - lse'), lse' = logaddexp(lse, sinks[h]). Rows that saw no key (lse -inf) get
+    out 0 and lse' = sink. Differentiable in out, lse and sinks."""
+    merged = torch.logaddexp(lse, sinks[:, None])
+    scale = torch.exp(lse - merged).transpose(0, 1)[..., None]
+    wide = torch.promote_types(out.dtype, torch.float32)
+    return (out.to(wide) * scale.to(wide)).to(out.dtype), merged
 
 
 @torch.compiler.disable
