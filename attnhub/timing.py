@@ -66,14 +66,20 @@ def _estimate_ms(fn: Callable[[], object], device: torch.device) -> float:
     return max((time.perf_counter() - t0) / 3 * 1e3, 1e-3)
 
 
-def _wall_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float,
-             rep_ms: float) -> float:
+def _warm_up(fn: Callable[[], object], device: torch.device, warmup_ms: float,
+             rep_ms: float) -> int:
+    """Run ``fn`` for about ``warmup_ms``; -> how many timed repeats fill ``rep_ms`` (>= 3)."""
     fn()
     estimate = _estimate_ms(fn, device)
     for _ in range(max(1, int(warmup_ms / estimate))):
         fn()
+    return max(3, int(rep_ms / estimate))
+
+
+def _wall_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float,
+             rep_ms: float) -> float:
     times = []
-    for _ in range(max(3, int(rep_ms / estimate))):
+    for _ in range(_warm_up(fn, device, warmup_ms, rep_ms)):
         synchronize(device)
         t0 = time.perf_counter()
         fn()
@@ -83,13 +89,8 @@ def _wall_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float,
 
 
 def _cuda_event_ms(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> float:
-    device = torch.device("cuda")
-    fn()
-    estimate = _estimate_ms(fn, device)
-    for _ in range(max(1, int(warmup_ms / estimate))):
-        fn()
     times = []
-    for _ in range(max(3, int(rep_ms / estimate))):
+    for _ in range(_warm_up(fn, torch.device("cuda"), warmup_ms, rep_ms)):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
