@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .inputs import CellInputs
+from .inputs import CellInputs, feature_kwargs
 from .matrix import Cell
 
 Runner = Callable[[], object]
@@ -110,15 +110,7 @@ def _flash_attn_style(module: str, window_none: bool) -> Callable[[CellInputs, b
             left, right = (None if left < 0 else left), (None if right < 0 else right)
         kwargs: dict = {"cu_seqlens_q": x.cu_q, "cu_seqlens_k": x.cu_k, "max_seqlen_q": x.max_q,
                         "max_seqlen_k": x.max_k, "softmax_scale": x.scale,
-                        "causal": cell.causal}
-        if cell.window is not None:
-            kwargs["window_size"] = (left, right)
-        if cell.softcap:
-            kwargs["softcap"] = cell.softcap
-        if x.alibi_slopes is not None:
-            kwargs["alibi_slopes"] = x.alibi_slopes
-        if x.block_table is not None:
-            kwargs["block_table"] = x.block_table
+                        "causal": cell.causal, **feature_kwargs(x, (left, right))}
 
         def forward() -> torch.Tensor:
             return _first(_call_with_known(fn, x.q, x.k, x.v, **kwargs))

@@ -116,16 +116,23 @@ def attnhub_call_args(x: CellInputs, offsets: str = "varlen-info") -> tuple[tupl
         args = (x.q, x.k, x.v, x.info_q, x.info_k)
     else:
         args = (x.q, x.k, x.v, x.cu_q, x.cu_k, x.max_q, x.max_k)
-    kwargs: dict = {"causal": cell.causal}
-    if cell.window is not None:
-        kwargs["window_size"] = cell.window
-    if cell.softcap:
-        kwargs["softcap"] = cell.softcap
+    return args, {"causal": cell.causal, **feature_kwargs(x, cell.window)}
+
+
+def feature_kwargs(x: CellInputs, window: tuple | None) -> dict:
+    """The cell's optional-feature keywords in flash_attn's spelling, which attnhub's call
+    shares: ``window_size`` (``window`` as the callee spells it; omitted when the cell has
+    none), ``softcap``, ``alibi_slopes``, ``block_table``, each only when the cell uses it."""
+    kwargs: dict = {}
+    if x.cell.window is not None:
+        kwargs["window_size"] = window
+    if x.cell.softcap:
+        kwargs["softcap"] = x.cell.softcap
     if x.alibi_slopes is not None:
         kwargs["alibi_slopes"] = x.alibi_slopes
     if x.block_table is not None:
         kwargs["block_table"] = x.block_table
-    return args, kwargs
+    return kwargs
 
 
 def attnhub_runner(x: CellInputs, backend: str | None, backward: bool,
