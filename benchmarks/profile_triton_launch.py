@@ -1,7 +1,14 @@
-"""Where the host time of a tiny Triton call goes (cProfile over a loop of calls on the GPU
-machine): attnhub's dispatch, the backend's launch preparation, Triton's launcher.
+"""Where the host time of a tiny Triton call goes, on the GPU machine: attnhub's dispatch, the
+backend's launch preparation, Triton's launch path (argument binding and specialisation, the
+cache key, the launcher), against the aten FlashAttention-2 op.
 
-    python benchmarks/profile_triton_launch.py [--device-offsets]
+    python benchmarks/profile_triton_launch.py              # breakdown table (markdown)
+    python benchmarks/profile_triton_launch.py --cprofile   # plus cProfile of both call kinds
+
+Each row is the best of several host loops (no device wait inside a loop), microseconds per
+call. The rows below "attnhub -> triton" replay the last launch of that call with the pieces
+of Triton's ``JITFunction.run`` taken apart: the binder and cache lookup alone
+(``warmup=True``), and the compiled kernel's launcher called with the bound arguments.
 """
 
 from __future__ import annotations
@@ -9,46 +16,141 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import time
 
 import torch
 
 import attnhub
 
+LENGTHS = [64] * 8
+
+
+def per_call_us(fn, calls: int = 2000, rounds: int = 5) -> float:
+    for _ in range(100):
+        fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+        torch.cuda.synchronize()
+    return best
+
+
+class LaunchRecorder:
+    """Records the last JITFunction.run call (the function, its arguments, the grid)."""
+
+    def __init__(self) -> None:
+        import triton.runtime.jit as jit
+
+        self.jit = jit
+        self.original = jit.JITFunction.run
+        self.last = None
+
+    def __enter__(self):
+        recorder = self
+
+        def run(fn, *args, grid, warmup, **kwargs):
+            recorder.last = (fn, args, grid, dict(kwargs))
+            return recorder.original(fn, *args, grid=grid, warmup=warmup, **kwargs)
+
+        self.jit.JITFunction.run = run
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.jit.JITFunction.run = self.original
+
+
+def replay_rows(label: str, record) -> list[tuple[str, float]]:
+    """The recorded launch re-run whole, binder only, and launcher only."""
+    import triton.runtime.jit as jit
+    from triton import knobs
+    from triton.runtime.driver import driver
+
+    fn, args, grid, kwargs = record
+    kernel = fn.run(*args, grid=grid, warmup=True, **kwargs)
+    device = driver.active.get_current_device()
+    stream = driver.active.get_current_stream(device)
+    binder = fn.device_caches[device][4]
+    bound, _, _ = binder(*args, **kwargs)
+    values = tuple(bound.values())
+    g = tuple(grid) + (1,) * (3 - len(grid))
+
+    def launcher():
+        kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None,
+                   knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *values)
+
+    def binder_only():
+        _bound, spec, opts = binder(*args, **kwargs)
+        return jit.compute_cache_key(fn.device_caches[device][1], spec, opts)
+
+    return [
+        (f"{label}: Triton launch replayed (JITFunction.run, {len(values)} arguments)",
+         per_call_us(lambda: fn.run(*args, grid=grid, warmup=False, **kwargs))),
+        (f"{label}: binder + cache key only", per_call_us(binder_only)),
+        (f"{label}: launcher only (compiled kernel, bound arguments)", per_call_us(launcher)),
+    ]
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device-offsets", action="store_true",
-                        help="pass cu_seqlens tensors and max_seqlen (no host lengths)")
+    parser.add_argument("--cprofile", action="store_true")
     parser.add_argument("--calls", type=int, default=2000)
     args = parser.parse_args()
-    lengths = [64] * 8
-    total = sum(lengths)
+    total = sum(LENGTHS)
+    torch.manual_seed(0)
     q = torch.randn(total, 32, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(total, 8, 128, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    if args.device_offsets:
-        cu = torch.arange(0, total + 1, 64, device="cuda", dtype=torch.int32)
-        call_args = (cu, cu, 64, 64)
-    else:
-        info = attnhub.VarlenInfo.from_lengths(lengths, "cuda")
-        call_args = (info, info)
+    cu = torch.arange(0, total + 1, 64, device="cuda", dtype=torch.int32)
+    info = attnhub.VarlenInfo.from_lengths(LENGTHS, "cuda")
+    scale = 128 ** -0.5
 
-    def call():
-        return attnhub.attention_forward_varlen(q, k, v, *call_args, causal=True,
-                                                backend="triton")
+    def aten():
+        return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, 64, 64, 0.0, True,
+                                                       False, scale=scale)
 
-    for _ in range(200):
-        call()
-    torch.cuda.synchronize()
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(args.calls):
-        call()
-    prof.disable()
-    torch.cuda.synchronize()
-    stats = pstats.Stats(prof)
-    stats.sort_stats("tottime").print_stats(25)
-    stats.sort_stats("cumtime").print_stats(30)
+    def call(offsets, backend):
+        extra = (64, 64) if offsets is cu else ()
+        return lambda: attnhub.attention_forward_varlen(q, k, v, offsets, offsets, *extra,
+                                                        causal=True, backend=backend)
+
+    rows = [("aten op (torch.ops.aten._flash_attention_forward)", per_call_us(aten)),
+            ("attnhub -> torch-flash, device cu_seqlens", per_call_us(call(cu, "torch-flash"))),
+            ("attnhub, automatic choice, device cu_seqlens", per_call_us(call(cu, None))),
+            ("attnhub, automatic choice, VarlenInfo", per_call_us(call(info, None)))]
+    for label, offsets in (("device cu_seqlens", cu), ("VarlenInfo", info)):
+        fn = call(offsets, "triton")
+        rows.append((f"attnhub -> triton, {label}", per_call_us(fn)))
+        with LaunchRecorder() as rec:
+            fn()
+        rows += replay_rows(label, rec.last)
+        torch.cuda.synchronize()
+    from attnhub.backends.triton import hopper_forward
+
+    if hopper_forward.available():
+        rows.append(("three Gluon TensorDescriptor objects (q, k, v)", per_call_us(
+            lambda: [hopper_forward.descriptor(t, 128, 128) for t in (q, k, v)])))
+    rows.append(("torch.empty of out and lse", per_call_us(
+        lambda: (torch.empty_like(q), torch.empty((32, total), device="cuda")))))
+    print(f"# Tiny-call host time on {torch.cuda.get_device_name()}: 8 x 64 tokens, bf16, "
+          f"32/8 heads, d 128, causal (torch {torch.__version__})\n")
+    print("| path | us per call |\n|---|---|")
+    for name, us in rows:
+        print(f"| {name} | {us:.1f} |")
+    if args.cprofile:
+        for label, offsets in (("device cu_seqlens", cu), ("VarlenInfo", info)):
+            fn = call(offsets, "triton")
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(args.calls):
+                fn()
+            prof.disable()
+            torch.cuda.synchronize()
+            print(f"\n## cProfile, attnhub -> triton, {label}\n")
+            pstats.Stats(prof).sort_stats("tottime").print_stats(22)
 
 
 if __name__ == "__main__":

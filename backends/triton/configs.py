@@ -53,16 +53,25 @@ def autotuning() -> bool:
     return os.environ.get("ATTNHUB_TRITON_AUTOTUNE", "0") not in ("", "0") and not interpreting()
 
 
-def launch(kernel: str, jit_kernel, grid: tuple, *args, **kwargs) -> None:
+def launch(kernel: str, jit_kernel, grid: tuple, *args, record: tuple[str, ...] = (),
+           **kwargs):
     """Launch ``jit_kernel`` (an autotuned Triton kernel): through the autotuner when
     autotuning (or interpreting), else straight with the head-dim bucket's default config,
-    so that no launch pays for the autotuner's benchmarking."""
+    so that no launch pays for the autotuner's benchmarking. With ``record`` (the names of
+    the arguments a replay replaces), returns the launch's ``replay.LaunchRecord``, or None
+    where it cannot be replayed (the autotuner's or the interpreter's launches)."""
     if autotuning() or interpreting():
         jit_kernel[grid](*args, **kwargs)
-        return
+        return None
     n, w, s, regs = default(kernel, kwargs["BLOCK_D"], kwargs[OUTER[kernel]])
-    jit_kernel.fn[grid](*args, **kwargs, **{INNER[kernel]: n}, num_warps=w, num_stages=s,
-                        **({"maxnreg": regs} if regs else {}))
+    kwargs.update({INNER[kernel]: n}, num_warps=w, num_stages=s,
+                  **({"maxnreg": regs} if regs else {}))
+    if record:
+        from .replay import LaunchRecord
+
+        return LaunchRecord.launch(jit_kernel.fn, grid, args, kwargs, record)
+    jit_kernel.fn[grid](*args, **kwargs)
+    return None
 
 
 def default(kernel: str, block_d_: int, outer: int) -> tuple[int, int, int, int]:

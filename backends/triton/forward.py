@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs, hopper_forward, tiles
+from . import configs, hopper_forward, replay, tiles
 from .tiles import program_tile
 
 try:
@@ -467,6 +467,35 @@ def kv_layout(problem, k: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return k, k.stride(0), k.stride(1)
 
 
+# The arguments a replay of the forward's launch replaces (replay.LaunchRecord): pointer loads,
+# plus the K and V descriptors when fully visible blocks are read through TMA.
+REPLAY_ARGS = ("Q", "K", "V", "Out", "Lse", "CuQ", "CuK")
+REPLAY_TMA_ARGS = (*REPLAY_ARGS, "desc_k", "desc_v")
+_replays = replay.ReplayCache()
+
+
+class ForwardReplay:
+    """A recorded forward launch (tl or Gluon kernel) and the descriptors its dynamic
+    arguments are rebuilt from."""
+
+    __slots__ = ("descriptors", "gluon", "record")
+
+    def __init__(self, record: replay.LaunchRecord, descriptors: tuple, gluon: bool) -> None:
+        self.record = record
+        self.descriptors = descriptors
+        self.gluon = gluon
+
+    def launch(self, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k) -> bool:
+        d = self.descriptors
+        if self.gluon:
+            return self.record(replay.rebased(d[0], q), replay.rebased(d[1], k),
+                               replay.rebased(d[2], v), out, lse, cu_seqlens_q, cu_seqlens_k)
+        if d:
+            return self.record(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                               replay.rebased(d[0], k), replay.rebased(d[1], v))
+        return self.record(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+
+
 def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor | None = None,
             gluon: bool = True, tma: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """out (total_q, nheads, d) in q's dtype and lse float32 (nheads, total_q); ``sinks``:
@@ -475,32 +504,60 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor |
     ``gluon``: plain calls on an sm_90 GPU with a host-planned tile list run the
     warp-specialised Gluon kernel (hopper_forward.py); ``tma``: the tl kernel reads fully
     visible K/V blocks through TMA descriptors where the layout allows. Both ship on;
-    benchmarks and tests turn them off to compare with the tl kernel and pointer loads."""
-    q = inputs.q
+    benchmarks and tests turn them off to compare with the tl kernel and pointer loads.
+
+    Repeats of a problem object (attnhub's call plans pass the same one) without dropout,
+    sinks, ALiBi, pages, custom masks or an attnhub.plan schedule replay the launch recorded
+    at its second call (replay.py) when q, k and v have the recorded strides and device and
+    every address is 16-byte aligned: none of the preparation below runs again."""
+    q, k, v = inputs.q, inputs.k, inputs.v
+    cu_q, cu_k = inputs.cu_seqlens_q, inputs.cu_seqlens_k
+    recording = False
+    if seed is None and sinks is None and inputs.schedule is None and problem.paged is None \
+            and not problem.custom_mask and inputs.alibi_slopes is None:
+        replay_key = (q.stride(), k.stride(), v.stride(), q.get_device(), gluon, tma)
+        found = _replays.get(problem, replay_key)
+        if found is not None and replay.aligned(q, k, v, cu_q, cu_k):
+            if found is True:
+                recording = q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+                if not recording:
+                    _replays.put(problem, replay_key, None)
+            else:
+                out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+                lse = torch.empty((problem.nheads, problem.total_q), dtype=torch.float32,
+                                  device=q.device)
+                if found.launch(q, k, v, out, lse, cu_q, cu_k):
+                    return out, lse
     if q.stride(-1) != 1:
         q = q.contiguous()
-    k, stride_kt, stride_kh = kv_layout(problem, _last_contiguous(inputs.k))
-    v, stride_vt, stride_vh = kv_layout(problem, _last_contiguous(inputs.v))
+    k, stride_kt, stride_kh = kv_layout(problem, _last_contiguous(k))
+    v, stride_vt, stride_vh = kv_layout(problem, _last_contiguous(v))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((problem.nheads, problem.total_q), dtype=torch.float32, device=q.device)
     block_m = configs.forward_block_m(problem.head_dim)
-    planned = inputs.schedule  # attnhub.plan: the forward's (tile_seq, tile_block), or None
+    planned = inputs.schedule  # attnhub.plan: the forward's (tile_seq, tile_blk), or None
     programs, tile_seq, tile_blk, device_tiles = launch_tiles(
-        problem, inputs.cu_seqlens_q, block_m, True, planned)
+        problem, cu_q, block_m, True, planned)
     if programs == 0 or problem.nheads == 0:
+        if recording:
+            _replays.put(problem, replay_key, None)
         return out, lse
     left, right = problem.window
     alibi = inputs.alibi_slopes
     block_table = inputs.block_table
-    dummy = inputs.cu_seqlens_q
+    dummy = cu_q
     rows_exact = configs.block_d(problem.head_dim) == problem.head_dim and problem.paged is None
     plain = (rows_exact and not problem.custom_mask and problem.dropout_p == 0
              and problem.softcap == 0 and alibi is None)
     if (gluon and not device_tiles and block_m == hopper_forward.BLOCK_M
             and hopper_forward.supports(problem, q, k, v, plain)):
-        hopper_forward.forward(problem, q, k, v, out, lse, inputs.cu_seqlens_q,
-                               inputs.cu_seqlens_k, tile_seq, tile_blk,
-                               score_scalars(problem)[0], sinks)
+        recorded = hopper_forward.forward(problem, q, k, v, out, lse, cu_q, cu_k, tile_seq,
+                                          tile_blk, score_scalars(problem)[0], sinks,
+                                          record=recording)
+        if recording:
+            record, descriptors = recorded
+            _replays.put(problem, replay_key,
+                         ForwardReplay(record, descriptors, True) if record else None)
         return out, lse
     use_tma = rows_exact and tma and tma_ready(problem.head_dim, k, v)
     desc_k = desc_v = dummy
@@ -508,8 +565,8 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor |
         block_n = configs.default("fwd", problem.head_dim, block_m)[0]
         desc_k, desc_v = (row_descriptor(t, problem.head_dim, block_n) for t in (k, v))
     grid = (programs, problem.nheads)
-    configs.launch("fwd", _fwd_kernel, grid,
-        q, k, v, out, lse, inputs.cu_seqlens_q, inputs.cu_seqlens_k, tile_seq, tile_blk,
+    record = configs.launch("fwd", _fwd_kernel, grid,
+        q, k, v, out, lse, cu_q, cu_k, tile_seq, tile_blk,
         block_table if block_table is not None else dummy,
         alibi if alibi is not None else dummy, seed if seed is not None else dummy,
         inputs.custom_mask if problem.custom_mask else dummy,
@@ -521,6 +578,7 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor |
         alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0,
         problem.total_q, problem.batch, problem.nheads, key_bound(problem),
         *score_scalars(problem), problem.dropout_p, left, right,
+        record=(REPLAY_TMA_ARGS if use_tma else REPLAY_ARGS) if recording else (),
         GROUP=problem.group_size, HEAD_DIM=problem.head_dim,
         BLOCK_D=configs.block_d(problem.head_dim), BLOCK_M=block_m,
         TOP_LEFT=problem.mask_alignment == "top_left", WINDOW_LEFT=left >= 0,
@@ -531,6 +589,9 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor |
         PRECISION=configs.dot_precision(q.dtype), HAS_CUSTOM_MASK=problem.custom_mask,
         PLAIN=plain, USE_TMA=use_tma, DEVICE_TILES=device_tiles, HAS_SINKS=sinks is not None,
     )
+    if recording:
+        _replays.put(problem, replay_key, ForwardReplay(
+            record, (desc_k, desc_v) if use_tma else (), False) if record else None)
     return out, lse
 
 

@@ -335,21 +335,35 @@ def descriptor(t: torch.Tensor, head_dim: int, rows: int):
 def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
             lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
             tile_seq: torch.Tensor, tile_blk: torch.Tensor, qk_scale: float,
-            sinks: torch.Tensor | None = None) -> None:
+            sinks: torch.Tensor | None = None, *, record: bool = False):
     """Writes ``out`` (total_q, nheads, d) and ``lse`` (nheads, total_q) float32 for the tile
     list (tile_seq, tile_blk) planned with BLOCK_M query rows; ``sinks``: float32 (nheads,)
-    sink logits, or None."""
+    sink logits, or None. With ``record``, returns (replay.LaunchRecord or None, the q, k, v
+    descriptors): replays take (desc_q, desc_k, desc_v, out, lse, cu_seqlens_q,
+    cu_seqlens_k)."""
     d = problem.head_dim
     left, right = problem.window
     block_n = CONFIG["block_n"]
     grid = (tile_seq.numel(), problem.nheads)
-    _hopper_fwd_kernel[grid](
-        descriptor(q, d, BLOCK_M), descriptor(k, d, block_n), descriptor(v, d, block_n),
-        out, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_blk,
-        sinks if sinks is not None else lse, out.stride(0), out.stride(1),
-        problem.total_q, qk_scale, left, right,
+    descriptors = (descriptor(q, d, BLOCK_M), descriptor(k, d, block_n),
+                   descriptor(v, d, block_n))
+    args = (*descriptors, out, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_blk,
+            sinks if sinks is not None else lse, out.stride(0), out.stride(1),
+            problem.total_q, qk_scale, left, right)
+    kwargs = dict(
         GROUP=problem.group_size, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
         STAGES=CONFIG["stages"], CONSUMER_REGS=CONFIG["consumer_regs"],
         PRODUCER_REGS=CONFIG["producer_regs"],
         TOP_LEFT=problem.mask_alignment == "top_left", WINDOW_LEFT=left >= 0,
         WINDOW_RIGHT=right >= 0, HAS_SINKS=sinks is not None, num_warps=4)
+    if record:
+        from .replay import LaunchRecord
+
+        return LaunchRecord.launch(_hopper_fwd_kernel, grid, args, kwargs, REPLAY_ARGS), \
+            descriptors
+    _hopper_fwd_kernel[grid](*args, **kwargs)
+    return None
+
+
+# The arguments a replay of the kernel's launch replaces (replay.LaunchRecord).
+REPLAY_ARGS = ("desc_q", "desc_k", "desc_v", "Out", "Lse", "CuQ", "CuK")

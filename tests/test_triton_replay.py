@@ -1,0 +1,146 @@
+"""Replayed Triton launches (backends/triton/replay.py): the cache's bookkeeping on the CPU;
+on a CUDA GPU, replays give the bitwise results of a fresh launch for each kernel (tl with
+pointer loads, tl with TMA, Gluon), with new tensors every call, and a call whose tensors
+differ in what the record assumed (strides, alignment) takes the full launch.
+
+Run the GPU part on the device machine: python -m pytest -m gpu tests/test_triton_replay.py
+"""
+
+import pytest
+import torch
+
+import attnhub
+from attnhub.backends.triton import forward as triton_forward
+from attnhub.backends.triton import replay
+
+
+class Problem:  # any object: the cache keys by identity
+    pass
+
+
+def test_a_problem_is_recorded_at_its_second_sighting_and_replayed_after():
+    cache = replay.ReplayCache()
+    p = Problem()
+    assert cache.get(p, ("k",)) is None  # first: noted only
+    assert cache.get(p, ("k",)) is True  # second: record now
+    cache.put(p, ("k",), "record")
+    assert cache.get(p, ("k",)) == "record"
+    assert cache.get(p, ("other",)) is True  # a new key of a known problem records at once
+    cache.put(p, ("other",), None)  # not replayable
+    assert cache.get(p, ("other",)) is None
+
+
+def test_the_cache_compares_problems_by_identity_and_forgets_the_oldest():
+    cache = replay.ReplayCache()
+    first = Problem()
+    cache.get(first, ())
+    assert cache.get(first, ()) is True
+    for _ in range(replay.MAX_PROBLEMS):
+        cache.get(Problem(), ())
+    assert cache.get(first, ()) is None  # evicted: a first sighting again
+    other = Problem()
+    cache.get(other, ())
+    cache.put(Problem(), (), "stray")  # an unknown problem stores nothing
+    assert cache.get(other, ()) is True
+
+
+def test_aligned_and_rebased_descriptor():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Descriptor:
+        base: object
+        shape: list
+        strides: list
+
+    t = torch.zeros(64, dtype=torch.float32)
+    assert replay.aligned(t, t[4:])
+    assert not replay.aligned(t, t[1:])
+    template = Descriptor(t, [8, 8], [8, 1])
+    copy = replay.rebased(template, t[4:])
+    assert copy.base.data_ptr() == t[4:].data_ptr() and copy.shape == [8, 8]
+    assert template.base is t
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _inputs(lengths, seed, head_dim=128):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    total = sum(lengths)
+    q = torch.randn(total, 8, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(total, 2, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(total, 2, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    return q, k, v
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("path", ["tl", "tl-tma", "gluon"])
+@pytest.mark.parametrize("offsets", ["varlen-info", "device"])
+def test_replayed_launches_match_fresh_launches(path, offsets, monkeypatch):
+    from attnhub.backends.triton import hopper_forward
+
+    if path == "gluon" and (offsets == "device" or not hopper_forward.available()
+                            or not hopper_forward.is_sm90(None)):
+        pytest.skip("the Gluon forward runs host-planned tile lists on sm_90")
+    gluon, tma = path == "gluon", path == "tl-tma"
+    original = triton_forward.forward
+    monkeypatch.setattr(triton_forward, "forward",
+                        lambda *a, **kw: original(*a, **{**kw, "gluon": gluon, "tma": tma}))
+    lengths = [64, 1, 200, 0, 130]
+    total = sum(lengths)
+    if offsets == "varlen-info":
+        info = attnhub.VarlenInfo.from_lengths(lengths, "cuda")
+        args = (info, info)
+    else:
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda",
+                          dtype=torch.int32)
+        args = (cu, cu, max(lengths), max(lengths))
+    calls = []
+    for seed in range(5):  # new tensors each call: 1st and 2nd launch fully, then replays
+        q, k, v = _inputs(lengths, seed)
+        out, lse = attnhub.attention_forward_varlen(q, k, v, *args, causal=True,
+                                                    return_lse=True, backend="triton")
+        calls.append(((q, k, v), out.clone(), lse.clone()))
+    records = [r for p, recs in triton_forward._replays._entries.values() if p.total_q == total
+               for r in recs.values()]
+    assert any(isinstance(r, triton_forward.ForwardReplay) for r in records)
+    triton_forward._replays.clear()  # fresh launches of the same calls
+    for (q, k, v), out, lse in calls:
+        fresh_out, fresh_lse = triton_forward.forward(
+            *_problem_and_inputs(q, k, v, args), None)
+        assert torch.equal(out, fresh_out)
+        assert torch.equal(lse, fresh_lse)
+
+
+def _problem_and_inputs(q, k, v, args):
+    from attnhub.normalize import normalize
+
+    return normalize(q, k, v, *args, causal=True)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_a_call_unlike_the_record_takes_the_full_launch():
+    lengths = [100, 37, 256]
+    info = attnhub.VarlenInfo.from_lengths(lengths, "cuda")
+    q, k, v = _inputs(lengths, 0)
+    ref = attnhub.attention_forward_varlen(q, k, v, info, info, causal=True,
+                                           backend="reference")
+    for _ in range(3):  # recorded and replayed
+        out = attnhub.attention_forward_varlen(q, k, v, info, info, causal=True,
+                                               backend="triton")
+    assert (out.float() - ref.float()).abs().max() < 2e-2
+    # k and v as views of one (total, 2, 2, d) tensor: other strides than the record's
+    kv = torch.stack((k, v), dim=1).contiguous()
+    out = attnhub.attention_forward_varlen(q, kv[:, 0], kv[:, 1], info, info, causal=True,
+                                           backend="triton")
+    assert (out.float() - ref.float()).abs().max() < 2e-2
+    # a q at an address that is not 16-byte aligned: same shape and strides
+    buf = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")
+    q_odd = buf[1:].view(q.shape)
+    q_odd.copy_(q)
+    out = attnhub.attention_forward_varlen(q_odd, k, v, info, info, causal=True,
+                                           backend="triton")
+    assert (out.float() - ref.float()).abs().max() < 2e-2
