@@ -144,3 +144,49 @@ def test_a_call_unlike_the_record_takes_the_full_launch():
     out = attnhub.attention_forward_varlen(q_odd, k, v, info, info, causal=True,
                                            backend="triton")
     assert (out.float() - ref.float()).abs().max() < 2e-2
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("causal", [True, False])  # causal: the Gluon dK/dV kernel on sm_90
+@pytest.mark.parametrize("offsets", ["varlen-info", "device"])
+@pytest.mark.parametrize("with_lse", [False, True])  # dlse reaches the delta kernel
+def test_replayed_backward_matches_fresh_backward(causal, offsets, with_lse):
+    from attnhub.backends.triton import backward as triton_backward
+
+    lengths = [64, 1, 200, 0, 130]
+    total = sum(lengths)
+    if offsets == "varlen-info":
+        info = attnhub.VarlenInfo.from_lengths(lengths, "cuda")
+        args = (info, info)
+    else:
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda",
+                          dtype=torch.int32)
+        args = (cu, cu, max(lengths), max(lengths))
+
+    def grads(q, k, v, seed):
+        g = torch.Generator(device="cuda").manual_seed(100 + seed)
+        q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+        out, lse = attnhub.attention_forward_varlen(q, k, v, *args, causal=causal,
+                                                    return_lse=True, backend="triton")
+        dout = torch.randn(out.shape, device="cuda", dtype=out.dtype, generator=g)
+        loss_terms = [(out, dout)]
+        if with_lse:
+            loss_terms.append((lse, torch.randn(lse.shape, device="cuda", generator=g)))
+        outputs, cotangents = zip(*loss_terms, strict=True)
+        return torch.autograd.grad(outputs, (q, k, v), cotangents)
+
+    inputs = [_inputs(lengths, seed) for seed in range(5)]
+    replayed = [grads(*qkv, seed) for seed, qkv in enumerate(inputs)]
+    records = [r for p, recs in triton_backward._replays._entries.values()
+               if p.total_q == total and p.causal == causal for r in recs.values()]
+    assert any(isinstance(r, triton_backward.BackwardReplay) for r in records)
+    triton_backward._replays.clear()
+    from attnhub import plans
+
+    plans.clear()  # new problem objects: every call launches in full
+    for seed, qkv in enumerate(inputs):
+        fresh = grads(*qkv, seed)
+        plans.clear()
+        for a, b in zip(replayed[seed], fresh, strict=True):
+            assert torch.equal(a, b)
