@@ -56,7 +56,14 @@ def launch_all(sinks: bool) -> None:
     """One launch of every kernel family: tiled forward and backward (plain causal, and
     softcap + window), the split-KV decode, and the Gluon forward and dK/dV."""
     import attnhub
-    from attnhub.backends.triton import backward, decode, forward, hopper_backward, hopper_forward
+    from attnhub.backends.triton import (
+        backward,
+        decode,
+        forward,
+        group_split,
+        hopper_backward,
+        hopper_forward,
+    )
 
     decode.num_splits = lambda problem, device: 4  # reads the device's SM count otherwise
     g = torch.Generator().manual_seed(0)
@@ -69,6 +76,10 @@ def launch_all(sinks: bool) -> None:
         problem, inputs = attnhub.normalize(q, k, k, info_q, info_k, **features)
         out, lse = forward.forward(problem, inputs, None, **kw)
         backward.backward(problem, inputs, out, lse, q, None, None, **kw)
+        if features.get("causal"):  # dK/dV with a group split: float32 partials
+            group_split.split_for, unsplit = (lambda problem, device: 2), group_split.split_for
+            backward.backward(problem, inputs, out, lse, q, None, None, **kw)
+            group_split.split_for = unsplit
         if features.get("causal") and hopper_forward.available():
             tile_seq, tile_blk = forward.tile_list(problem, inputs.cu_seqlens_q,
                                                    hopper_forward.BLOCK_M, True)
@@ -79,6 +90,9 @@ def launch_all(sinks: bool) -> None:
                                              hopper_backward.BLOCK_N, False)
             hopper_backward.dkdv(problem, q, k, k, q, lse, lse, k.clone(), k.clone(),
                                  inputs.cu_seqlens_q, inputs.cu_seqlens_k, k_seq, k_blk, 0.1)
+            dk, dv = group_split.partials(k, problem.nheads_k, 2)
+            hopper_backward.dkdv(problem, q, k, k, q, lse, lse, dk, dv, inputs.cu_seqlens_q,
+                                 inputs.cu_seqlens_k, k_seq, k_blk, 0.1, split=2)
     q = torch.randn(4, 8, 128, dtype=torch.float16, generator=g)
     problem, inputs = attnhub.normalize(q, k, k, attnhub.VarlenInfo.from_lengths([1] * 4),
                                         info_k)

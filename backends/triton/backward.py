@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs, hopper_backward, replay
+from . import configs, group_split, hopper_backward, replay
 from .forward import (
     PER_BATCH_ARGS,
     custom_mask_visible,
@@ -138,7 +138,7 @@ _KEY = ["HEAD_DIM", "GROUP", "WINDOW_LEFT", "WINDOW_RIGHT", "HAS_SOFTCAP", "HAS_
         "HAS_DROPOUT", "HAS_CUSTOM_MASK"]
 
 
-@triton.autotune(configs=configs.candidates("dkdv", "BLOCK_M"), key=[*_KEY, "BLOCK_N"],
+@triton.autotune(configs=configs.candidates("dkdv", "BLOCK_M"), key=[*_KEY, "BLOCK_N", "SPLIT"],
                  prune_configs_by={"early_config_prune": _prune_dkdv})
 @triton.jit(do_not_specialize=PER_BATCH_ARGS)
 def _dkdv_kernel(
@@ -151,9 +151,12 @@ def _dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOP_LEFT: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_CUSTOM_MASK: tl.constexpr, DEVICE_TILES: tl.constexpr,
+    HAS_CUSTOM_MASK: tl.constexpr, DEVICE_TILES: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    kvh = tl.program_id(1)
+    # GROUP query heads per program: program_id(1) = kv head * SPLIT + its share of the
+    # group's heads (group_split.py); DK/DV hold one row per share
+    share = tl.program_id(1)
+    kvh = share // SPLIT
     b, nblk = program_tile(TileSeq, TileBlk, CuK, batch, BLOCK_N, DEVICE_TILES)
     if b >= batch:
         return
@@ -196,7 +199,7 @@ def _dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(GROUP):
-        h = kvh * GROUP + g
+        h = share * GROUP + g
         slope2 = 0.0
         if HAS_ALIBI:
             slope2 = tl.load(Alibi + b * stride_ab + h) * 1.4426950408889634
@@ -213,8 +216,8 @@ def _dkdv_kernel(
             lo, n_before, bnd, n_masked, MaskBits, mask_off, True, HAS_CUSTOM_MASK, HEAD_DIM,
             BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, PRECISION)
     dk = dk * sm_scale
-    dk_ptrs = DK + rows_k[:, None] * stride_dkt + kvh * stride_dkh + offs_d[None, :]
-    dv_ptrs = DV + rows_k[:, None] * stride_dvt + kvh * stride_dvh + offs_d[None, :]
+    dk_ptrs = DK + rows_k[:, None] * stride_dkt + share * stride_dkh + offs_d[None, :]
+    dv_ptrs = DV + rows_k[:, None] * stride_dvt + share * stride_dvh + offs_d[None, :]
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -372,6 +375,7 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
     recorded strides too."""
     q, k, v = inputs.q, inputs.k, inputs.v
     cu_q, cu_k = inputs.cu_seqlens_q, inputs.cu_seqlens_k
+    split = group_split.split_for(problem, q.device)
     recording = False
     if seed is None and sinks is None and problem.paged is None and not problem.custom_mask \
             and inputs.alibi_slopes is None and problem.total_q and problem.nheads:
@@ -388,11 +392,10 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
                                     device=q.device)
                 dlse_arg = dlse.float() if dlse is not None else delta
                 dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-                dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-                dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+                dk, dv = _dkdv_buffers(problem, k, v, split)
                 if replay.aligned(dlse_arg) and found.launch(
                         q, k, v, out, dout, lse, dlse_arg, delta, dq, dk, dv, cu_q, cu_k):
-                    return dq, dk, dv, None
+                    return dq, *_dkdv_results(problem, k, v, dk, dv, split), None
     records: dict[str, object] = {}
     q = _c(q)
     k, stride_kt, stride_kh = kv_layout(problem, _c(k))
@@ -416,8 +419,7 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
         else:
             _delta_kernel[delta_grid](*delta_args, **delta_kwargs)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dk, dv = _dkdv_buffers(problem, k, v, split)
     key_tile, query_tile = configs.backward_tiles(problem.head_dim, problem.causal)
     left, right = problem.window
     alibi = inputs.alibi_slopes
@@ -447,20 +449,22 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
     descriptors = None
     if k_planned is not None:
         recorded = hopper_backward.dkdv(problem, q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k,
-                                        *k_planned, score_scalars(problem)[0],
+                                        *k_planned, score_scalars(problem)[0], split=split,
                                         record=recording)
         if recording:
             records["dkdv"], descriptors = recorded
     else:
         k_programs, k_seq, k_blk, k_device = launch_tiles(problem, cu_k, key_tile, False)
         if k_programs and problem.nheads_k:
-            records["dkdv"] = configs.launch("dkdv", _dkdv_kernel, (k_programs, problem.nheads_k),
+            records["dkdv"] = configs.launch(
+                "dkdv", _dkdv_kernel, (k_programs, problem.nheads_k * split),
                 q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k,
                 k_seq, k_blk, alibi_arg, seed_arg, *mask_args,
                 q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
                 dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0),
                 dv.stride(1), alibi_stride, *scalars, BLOCK_N=key_tile, DEVICE_TILES=k_device,
-                record=DKDV_REPLAY_ARGS if recording else (), **common)
+                record=DKDV_REPLAY_ARGS if recording else (),
+                **dict(common, GROUP=problem.group_size // split), SPLIT=split)
     q_programs, q_seq, q_blk, q_device = launch_tiles(problem, cu_q, query_tile, True)
     # with sinks: rowsum(P * dP) per (head, query row), the dQ kernel's
     row_pdp = (torch.empty((problem.nheads, problem.total_q), dtype=torch.float32,
@@ -479,7 +483,25 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
         _replays.put(problem, replay_key, BackwardReplay(
             records["delta"], records["dkdv"], descriptors, records["dq"]) if complete else None)
     dsinks = None if sinks is None else sink_gradient(sinks, lse, row_pdp, dlse)
-    return dq, dk, dv, dsinks
+    return dq, *_dkdv_results(problem, k, v, dk, dv, split), dsinks
+
+
+def _dkdv_buffers(problem, k: torch.Tensor, v: torch.Tensor, split: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the dK/dV kernel writes: dk, dv like k and v, or with a group split
+    (group_split.py) their float32 partials."""
+    if split > 1:
+        return group_split.partials(k, problem.nheads_k, split)
+    return (torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+
+
+def _dkdv_results(problem, k: torch.Tensor, v: torch.Tensor, dk: torch.Tensor,
+                  dv: torch.Tensor, split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if split == 1:
+        return dk, dv
+    return (group_split.reduce(dk, problem.nheads_k, split, k.dtype),
+            group_split.reduce(dv, problem.nheads_k, split, v.dtype))
 
 
 def sink_gradient(sinks: torch.Tensor, lse: torch.Tensor, row_pdp: torch.Tensor,

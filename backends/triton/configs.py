@@ -18,11 +18,11 @@ import threading
 # benchmarks on an H200 (docs/performance.md). maxnreg 128 on the head-dim-128 forward lets two
 # 8-warp programs share an SM, so one's softmax overlaps the other's matmuls.
 DEFAULTS: dict[str, dict[tuple[int, int], tuple[int, ...]]] = {
-    "fwd": {(64, 128): (64, 4, 3), (128, 128): (64, 8, 2, 128), (256, 64): (32, 4, 2),
+    "fwd": {(64, 128): (64, 4, 3), (128, 128): (64, 8, 2, 128), (256, 128): (64, 8, 2),
             (512, 32): (32, 4, 1)},
     "dkdv": {(64, 64): (64, 4, 2), (128, 64): (64, 4, 1), (128, 128): (64, 8, 1),
-             (256, 64): (16, 4, 1)},
-    "dq": {(64, 64): (64, 4, 2), (128, 64): (64, 4, 2), (256, 64): (16, 4, 1)},
+             (256, 64): (32, 8, 2)},
+    "dq": {(64, 64): (64, 4, 2), (128, 64): (64, 4, 2), (256, 64): (32, 4, 1)},
 }
 
 INNER = {"fwd": "BLOCK_N", "dkdv": "BLOCK_M", "dq": "BLOCK_N"}
@@ -133,7 +133,7 @@ def forward_block_m(head_dim: int) -> int:
         return 32       # exercise BLOCK_M != BLOCK_N
     d = block_d(head_dim)
     # head dims 257-512 (forward only): 32-row tiles keep the fp32 accumulator in registers
-    return 128 if d <= 128 else 64 if d <= 256 else 32
+    return 128 if d <= 256 else 32
 
 
 def backward_tiles(head_dim: int, causal: bool) -> tuple[int, int]:

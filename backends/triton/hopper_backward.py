@@ -45,7 +45,7 @@ if gluon is not None:
 
     @gluon.jit
     def _produce(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, kv_bar,
-                 ready, empty, k_row, kv_col, q_row, kvh, lo, n_blocks, GROUP: gl.constexpr,
+                 ready, empty, k_row, kv_col, q_row, share, lo, n_blocks, GROUP: gl.constexpr,
                  HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
         """Producer warp: K and V once, then Q and dO of every (head, query block)."""
         mbarrier.expect(kv_bar, 2 * desc_k.block_type.nbytes)
@@ -53,7 +53,7 @@ if gluon is not None:
         tma.async_copy_global_to_shared(desc_v, [k_row, kv_col], kv_bar, v_smem)
         c = 0
         for g in range(GROUP):
-            col = (kvh * GROUP + g) * HEAD_DIM
+            col = (share * GROUP + g) * HEAD_DIM
             for i in range(n_blocks):
                 st = c % STAGES
                 use = c // STAGES
@@ -68,7 +68,7 @@ if gluon is not None:
 
     @gluon.jit
     def _consume(k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, fixed, Lse, Delta, DK,
-                 DV, q_start, sq, k_start, sk, n0, offset, kvh, lo, n_blocks, full_lo,
+                 DV, q_start, sq, k_start, sk, n0, offset, share, lo, n_blocks, full_lo,
                  full_hi, qk_scale, sm_scale, window_left, window_right, total_q, stride_dkt,
                  stride_dkh, stride_dvt, stride_dvh, WG: gl.constexpr, GROUP: gl.constexpr,
                  HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
@@ -95,7 +95,7 @@ if gluon is not None:
         tail = sq - (lo + (n_blocks - 1) * BLOCK_M)
         c = 0
         for g in range(GROUP):
-            h = kvh * GROUP + g
+            h = share * GROUP + g
             for i in range(n_blocks):
                 st = c % STAGES
                 qs = lo + i * BLOCK_M
@@ -145,10 +145,10 @@ if gluon is not None:
         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, OUT_LAYOUT))
         ok = (rows < sk)[:, None]
         rows64 = (k_start + rows).to(gl.int64)[:, None]
-        dk_out = gl.convert_layout((dk * sm_scale).to(dtype), OUT_LAYOUT)
-        gl.store(DK + rows64 * stride_dkt + kvh * stride_dkh + cols[None, :], dk_out, mask=ok)
-        dv_out = gl.convert_layout(dv.to(dtype), OUT_LAYOUT)
-        gl.store(DV + rows64 * stride_dvt + kvh * stride_dvh + cols[None, :], dv_out, mask=ok)
+        dk_out = gl.convert_layout((dk * sm_scale).to(DK.dtype.element_ty), OUT_LAYOUT)
+        gl.store(DK + rows64 * stride_dkt + share * stride_dkh + cols[None, :], dk_out, mask=ok)
+        dv_out = gl.convert_layout(dv.to(DV.dtype.element_ty), OUT_LAYOUT)
+        gl.store(DV + rows64 * stride_dvt + share * stride_dvh + cols[None, :], dv_out, mask=ok)
 
     @gluon.jit(do_not_specialize=["total_q"])
     def _hopper_dkdv_kernel(desc_q, desc_k, desc_v, desc_do, Lse, Delta, DK, DV, CuQ, CuK,
@@ -158,9 +158,12 @@ if gluon is not None:
                             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                             STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                             PRODUCER_REGS: gl.constexpr, TOP_LEFT: gl.constexpr,
-                            WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
+                            WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr,
+                            SPLIT: gl.constexpr):
         pid = gl.program_id(0)
-        kvh = gl.program_id(1)
+        # GROUP query heads per program: the SPLIT-th share of kv head kvh's (group_split.py)
+        share = gl.program_id(1)
+        kvh = share // SPLIT
         b = gl.load(TileSeq + pid)
         n0 = gl.load(TileBlk + pid) * BLOCK_N
         q_start, sq, k_start, sk, offset = sequence_bounds(CuQ, CuK, b, TOP_LEFT)
@@ -198,17 +201,17 @@ if gluon is not None:
 
         gl.warp_specialize([
             (_consume, (k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, fixed, Lse,
-                        Delta, DK, DV, q_start, sq, k_start, sk, n0, offset, kvh, lo, n_blocks,
+                        Delta, DK, DV, q_start, sq, k_start, sk, n0, offset, share, lo, n_blocks,
                         full_lo, full_hi, qk_scale, sm_scale, window_left, window_right,
                         total_q, stride_dkt, stride_dkh, stride_dvt, stride_dvh, 0, GROUP,
                         HEAD_DIM, BLOCK_M, STAGES, WINDOW_LEFT, WINDOW_RIGHT)),
             (_consume, (k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, fixed, Lse,
-                        Delta, DK, DV, q_start, sq, k_start, sk, n0, offset, kvh, lo, n_blocks,
+                        Delta, DK, DV, q_start, sq, k_start, sk, n0, offset, share, lo, n_blocks,
                         full_lo, full_hi, qk_scale, sm_scale, window_left, window_right,
                         total_q, stride_dkt, stride_dkh, stride_dvt, stride_dvh, 1, GROUP,
                         HEAD_DIM, BLOCK_M, STAGES, WINDOW_LEFT, WINDOW_RIGHT)),
             (_produce, (desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem,
-                        kv_bar, ready, empty, k_start + n0, kvh * HEAD_DIM, q_start, kvh, lo,
+                        kv_bar, ready, empty, k_start + n0, kvh * HEAD_DIM, q_start, share, lo,
                         n_blocks, GROUP, HEAD_DIM, BLOCK_M, STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
@@ -224,7 +227,7 @@ def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: t
 def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
          lse: torch.Tensor, delta: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
          cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, tile_seq: torch.Tensor,
-         tile_blk: torch.Tensor, qk_scale: float, *, record: bool = False):
+         tile_blk: torch.Tensor, qk_scale: float, *, split: int = 1, record: bool = False):
     """Writes ``dk`` and ``dv`` (total_k, nheads_k, d) for the key tile list (tile_seq,
     tile_blk) planned with BLOCK_N key rows; lse and delta: float32 (nheads, total_q). With
     ``record``, returns (replay.LaunchRecord or None, the q, k, v, dout descriptors): replays
@@ -232,14 +235,15 @@ def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
     d = problem.head_dim
     left, right = problem.window
     block_m = CONFIG["block_m"][d]
-    grid = (tile_seq.numel(), problem.nheads_k)
+    grid = (tile_seq.numel(), problem.nheads_k * split)
     descriptors = (descriptor(q, d, block_m), descriptor(k, d, BLOCK_N),
                    descriptor(v, d, BLOCK_N), descriptor(dout, d, block_m))
     args = (*descriptors, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
             tile_seq, tile_blk, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             problem.total_q, qk_scale, problem.scale, left, right)
     kwargs = dict(
-        GROUP=problem.group_size, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+        GROUP=problem.group_size // split, SPLIT=split, HEAD_DIM=d, BLOCK_M=block_m,
+        BLOCK_N=BLOCK_N,
         STAGES=CONFIG["stages"], CONSUMER_REGS=CONFIG["consumer_regs"],
         PRODUCER_REGS=CONFIG["producer_regs"], TOP_LEFT=problem.mask_alignment == "top_left",
         WINDOW_LEFT=left >= 0, WINDOW_RIGHT=right >= 0, num_warps=4)

@@ -1,0 +1,152 @@
+"""Sweep the Triton kernels' launch configs and the dK/dV group split on cells of the bench
+matrix (attnhub/bench/matrix.py), against torch's FA2 in the same run: how configs.DEFAULTS,
+configs.forward_block_m / backward_tiles and group_split's threshold were chosen.
+
+Each trial is a '+'-joined list of overrides (an empty trial: the shipped settings):
+
+* ``fwd:BM:BN:W:S``   forward: BLOCK_M query rows, BLOCK_N keys, W warps, S stages
+* ``dkdv:BN:BM:W:S``  dK/dV: BLOCK_N key rows per program, BLOCK_M query block, warps, stages
+* ``dq:BM:BN:W:S``    dQ: BLOCK_M query rows per program, BLOCK_N key block, warps, stages
+* ``split:N``         the dK/dV group split (group_split.split_for)
+* ``tl``              the tl kernels only (no Gluon forward or dK/dV)
+
+    python benchmarks/sweep_configs.py --cells d192,d256 --mode fwd+bwd \
+        --trials "" "dkdv:32:32:4:1" "dkdv:64:32:8:1+dq:64:32:8:1"
+
+Prints one line per (cell, trial): median time, TFLOP/s, the ratio to torch's FA2 (direct),
+and the largest gradient (or output) error on a small batch of the cell's heads, head dim and
+mask against a float64 reference, next to FA2's on the same batch (``WRONG`` when above
+2x FA2's + 1e-3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+
+import torch
+from triton.testing import do_bench
+
+import attnhub
+from attnhub.backends.triton import (
+    backward,
+    configs,
+    forward,
+    group_split,
+    hopper_backward,
+    hopper_forward,
+)
+from attnhub.bench.direct import direct_kernels_for
+from attnhub.bench.inputs import attnhub_runner, make_inputs
+from attnhub.bench.matrix import build_matrix, profile_for
+
+
+@contextlib.contextmanager
+def overrides(trial: str, head_dim: int):
+    """Apply a trial's overrides to the Triton backend's modules, restore them after."""
+    saved_defaults = {name: dict(table) for name, table in configs.DEFAULTS.items()}
+    saved = [(configs, "forward_block_m"), (configs, "backward_tiles"),
+             (group_split, "split_for"), (hopper_forward, "supports"),
+             (hopper_backward, "supports")]
+    old = [(mod, name, getattr(mod, name)) for mod, name in saved]
+    bucket = {64: 64, 128: 128, 256: 256}.get(configs.block_d(head_dim), 512)
+    try:
+        for part in filter(None, trial.split("+")):
+            name, *nums = part.split(":")
+            vals = [int(x) for x in nums]
+            if name == "fwd":
+                bm, rest = vals[0], tuple(vals[1:])
+                configs.DEFAULTS["fwd"][(bucket, bm)] = rest
+                configs.forward_block_m = lambda d, bm=bm: bm
+            elif name in ("dkdv", "dq"):
+                outer, rest = vals[0], tuple(vals[1:])
+                configs.DEFAULTS[name][(bucket, outer)] = rest
+                if name == "dkdv":
+                    configs.backward_tiles = (lambda d, c, o=outer, prev=configs.backward_tiles:
+                                              (o, prev(d, c)[1]))
+                else:
+                    configs.backward_tiles = (lambda d, c, o=outer, prev=configs.backward_tiles:
+                                              (prev(d, c)[0], o))
+            elif name == "split":
+                group_split.split_for = lambda problem, device, n=vals[0]: n
+            elif name == "tl":
+                hopper_forward.supports = lambda *a, **k: False
+                hopper_backward.supports = lambda *a, **k: False
+            else:
+                raise SystemExit(f"unknown override {part!r}")
+        forward._replays.clear()
+        backward._replays.clear()
+        yield
+    finally:
+        for mod, name, value in old:
+            setattr(mod, name, value)
+        configs.DEFAULTS.clear()
+        configs.DEFAULTS.update(saved_defaults)
+        forward._replays.clear()
+        backward._replays.clear()
+
+
+def max_error(cell, backend: str, backward_: bool) -> float:
+    """Largest |backend - float64 reference| over out (forward) or dq, dk, dv on a small
+    mixed-length batch with the cell's heads, head dim, dtype and mask."""
+    lengths = [300, 1, 77, 0, 129, 520]
+    info = attnhub.VarlenInfo.from_lengths(lengths, "cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dtype = getattr(torch, cell.dtype)
+    q, k, v = (torch.randn(info.total, h, cell.head_dim, device="cuda", dtype=dtype,
+                           generator=g).requires_grad_() for h in (cell.nheads, cell.nheads_k,
+                                                                  cell.nheads_k))
+    kw = {"causal": cell.causal}
+    if cell.window is not None:
+        kw["window_size"] = cell.window
+    if cell.softcap:
+        kw["softcap"] = cell.softcap
+    out = attnhub.attention_forward_varlen(q, k, v, info, info, backend=backend, **kw)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = attnhub.attention_forward_varlen(*ref_in, info, info, backend="reference", **kw)
+    if not backward_:
+        return (out.double() - ref).abs().max().item()
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref, ref_in, dout.double())
+    return max((a.double() - b).abs().max().item() for a, b in zip(grads, ref_grads,
+                                                                    strict=True))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", default="d192,d256")
+    parser.add_argument("--mode", choices=("fwd", "fwd+bwd"), default="fwd+bwd")
+    parser.add_argument("--trials", nargs="*", default=[""])
+    args = parser.parse_args()
+    cells = {c.name: c for c in build_matrix(profile_for("cuda"))}
+    backward_ = args.mode == "fwd+bwd"
+    fa2 = next(d for d in direct_kernels_for(["torch-flash"]) if d.label == "torch-flash (direct)")
+    for name in args.cells.split(","):
+        cell = cells[name]
+        flops = cell.flops(args.mode)
+        x = make_inputs(cell, torch.device("cuda"), backward_)
+        ms_fa2 = do_bench(fa2.build(x, backward_), warmup=25, rep=100, return_mode="median")
+        err_fa2 = max_error(cell, "torch-flash", backward_)
+        print(f"{name} {args.mode}: torch-flash (direct) {ms_fa2:.3f} ms "
+              f"{flops / ms_fa2 / 1e9:.1f} TFLOP/s, error {err_fa2:.2e}", flush=True)
+        for trial in args.trials:
+            label = trial or "shipped"
+            try:
+                with overrides(trial, cell.head_dim):
+                    x = make_inputs(cell, torch.device("cuda"), backward_)  # fresh tile plans
+                    ms = do_bench(attnhub_runner(x, "triton", backward_), warmup=25, rep=100,
+                                  return_mode="median")
+                    err = max_error(cell, "triton", backward_)
+            except Exception as exc:  # out of shared memory or registers for this config
+                print(f"  {label}: failed: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+                continue
+            wrong = "  WRONG" if err > 2 * err_fa2 + 1e-3 else ""
+            print(f"  {label}: {ms:.3f} ms {flops / ms / 1e9:.1f} TFLOP/s "
+                  f"({ms_fa2 / ms:.2f}x torch-flash), error {err:.2e}{wrong}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
