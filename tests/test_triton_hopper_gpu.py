@@ -236,3 +236,48 @@ def test_gluon_dkdv_reads_no_other_sequence(gluon_dkdv_calls):
     others[start:stop] = False
     for a, b in zip(poisoned, clean, strict=True):
         assert torch.equal(a[others], b[others])
+
+
+# Features the Gluon forward serves beyond plain calls: (attnhub keywords, key lengths)
+FEATURE_CASES = [
+    ({"softcap": 30.0}, LENGTHS_K),
+    ({"softcap": 5.0, "causal": True}, LENGTHS_K_LONGER),
+    ({"softcap": 2.0, "causal": True, "mask_alignment": "top_left"}, LENGTHS_K_LONGER),
+    ({"softcap": 10.0, "window_size": (40, 3)}, LENGTHS_K_LONGER),
+]
+
+
+def _check_feature_call(q, k, v, cu_q, cu_k, kw, gluon_calls, sinks=None, tol=2e-2):
+    """The Gluon forward (through forward.forward, as the backend calls it) against the tl
+    kernel and the float64 reference for one call; asserts the Gluon kernel served it."""
+    from attnhub.backends.triton import forward
+
+    problem, inputs = attnhub.normalize(q, k, v, *cu_q, *cu_k, **kw)
+    out, lse = forward.forward(problem, inputs, None, sinks=sinks)
+    assert len(gluon_calls) == 1, f"{kw} did not reach the Gluon kernel"
+    tl_out, tl_lse = forward.forward(problem, inputs, None, sinks=sinks, gluon=False)
+    assert len(gluon_calls) == 1
+    ref_kw = dict(kw, sinks=sinks) if sinks is not None else kw
+    ref, ref_lse = attnhub.attention_forward_varlen(
+        q.double(), k.double(), v.double(), cu_q[0], cu_k[0], *cu_q[1:], *cu_k[1:],
+        return_lse=True, backend="reference", **ref_kw)
+    err = (out.double() - ref).abs().max().item()
+    tl_err = (tl_out.double() - ref).abs().max().item()
+    assert err < tol, err
+    assert err <= 1.5 * tl_err + 1e-3, (err, tl_err)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    assert (lse.double() - ref_lse)[finite].abs().max() < 1e-3
+    assert (lse - tl_lse)[finite].abs().max() < 1e-3
+    return out, lse
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("case", range(len(FEATURE_CASES)))
+def test_gluon_forward_features(head_dim, case, gluon_calls):
+    """Softcap (and the features added after it) in the Gluon kernel, with host lengths."""
+    kw, lk = FEATURE_CASES[case]
+    kw = dict(kw)
+    q, k, v = _inputs(LENGTHS_Q, lk, torch.bfloat16, head_dim, seed=7)
+    _check_feature_call(q, k, v, (attnhub.VarlenInfo.from_lengths(LENGTHS_Q, "cuda"),),
+                        (attnhub.VarlenInfo.from_lengths(lk, "cuda"),), kw, gluon_calls)

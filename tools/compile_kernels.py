@@ -30,6 +30,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 COMPILED: list[tuple[str, object]] = []
+LABEL = [""]  # the variant being launched, appended to the kernel's name
 
 
 def compile_instead_of_launch(target: GPUTarget) -> None:
@@ -46,7 +47,7 @@ def compile_instead_of_launch(target: GPUTarget) -> None:
             from triton.experimental.gluon._runtime import GluonASTSource as source
         kernel = triton.compile(source(self, signature, constexprs, attrs), target=target,
                                 options=options.__dict__)
-        COMPILED.append((self.__name__, kernel))
+        COMPILED.append((self.__name__ + LABEL[0], kernel))
         return kernel
 
     JITFunction.run = run
@@ -54,7 +55,8 @@ def compile_instead_of_launch(target: GPUTarget) -> None:
 
 def launch_all(sinks: bool) -> None:
     """One launch of every kernel family: tiled forward and backward (plain causal, and
-    softcap + window), the split-KV decode, and the Gluon forward and dK/dV."""
+    softcap + window), the split-KV decode, the Gluon dK/dV, and the Gluon forward in each
+    build of GLUON_FORWARDS."""
     import attnhub
     from attnhub.backends.triton import backward, decode, forward, hopper_backward, hopper_forward
 
@@ -70,11 +72,6 @@ def launch_all(sinks: bool) -> None:
         out, lse = forward.forward(problem, inputs, None, **kw)
         backward.backward(problem, inputs, out, lse, q, None, None, **kw)
         if features.get("causal") and hopper_forward.available():
-            tile_seq, tile_blk = forward.tile_list(problem, inputs.cu_seqlens_q,
-                                                   hopper_forward.BLOCK_M, True)
-            hopper_forward.forward(problem, q, k, k, out, lse, inputs.cu_seqlens_q,
-                                   inputs.cu_seqlens_k, tile_seq, tile_blk, 0.1,
-                                   kw.get("sinks"))
             k_seq, k_blk = forward.tile_list(problem, inputs.cu_seqlens_k,
                                              hopper_backward.BLOCK_N, False)
             hopper_backward.dkdv(problem, q, k, k, q, lse, lse, k.clone(), k.clone(),
@@ -83,6 +80,37 @@ def launch_all(sinks: bool) -> None:
     problem, inputs = attnhub.normalize(q, k, k, attnhub.VarlenInfo.from_lengths([1] * 4),
                                         info_k)
     decode.forward(problem, inputs, **kw)
+    if hopper_forward.available():
+        for label, features, head_dim in GLUON_FORWARDS:
+            LABEL[0] = f" [{label}]"
+            kq, kk = (torch.randn(sum(x), n, head_dim, dtype=torch.float16, generator=g)
+                      for x, n in ((lq, 8), (lk, 2)))
+            problem, inputs = attnhub.normalize(kq, kk, kk, info_q, info_k, **features)
+            gluon_forward(problem, inputs, kw.get("sinks"))
+        LABEL[0] = ""
+
+
+# (label, features, head dim) of the Gluon forward builds compiled
+GLUON_FORWARDS = [
+    ("causal d128", {"causal": True}, 128),
+    ("causal d64", {"causal": True}, 64),
+    ("softcap d128", {"softcap": 30.0}, 128),
+    ("softcap causal d64", {"softcap": 30.0, "causal": True}, 64),
+    ("softcap window d128", {"softcap": 30.0, "window_size": (64, 0)}, 128),
+]
+
+
+def gluon_forward(problem, inputs, sinks) -> None:
+    """The Gluon forward's launch for ``problem``, as forward.forward makes it on an H100."""
+    from attnhub.backends.triton import forward, hopper_forward
+
+    out = torch.empty_like(inputs.q)
+    lse = torch.empty(problem.nheads, problem.total_q)
+    tile_seq, tile_blk = forward.tile_list(problem, inputs.cu_seqlens_q, hopper_forward.BLOCK_M,
+                                           True)
+    hopper_forward.forward(problem, inputs.q, inputs.k, inputs.v, out, lse,
+                           inputs.cu_seqlens_q, inputs.cu_seqlens_k, tile_seq, tile_blk,
+                           forward.score_scalars(problem), sinks)
 
 
 def ptxas_report(ptx: pathlib.Path, arch: str) -> str:
@@ -107,7 +135,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     arch = f"sm_{args.arch}a" if args.arch >= 90 else f"sm_{args.arch}"
     for i, (name, kernel) in enumerate(COMPILED):
-        path = out / f"{i:02d}_{name}.ptx"
+        path = out / (f"{i:02d}_" + re.sub(r"[^A-Za-z0-9_]+", "-", name).strip("-") + ".ptx")
         path.write_text(kernel.asm["ptx"])
         print(f"{path.name}: shared {kernel.metadata.shared} bytes, "
               f"{ptxas_report(path, arch)}")

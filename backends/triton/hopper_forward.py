@@ -1,7 +1,7 @@
 """Warp-specialised varlen forward for Hopper (sm_90), written in Gluon.
 
-The plain forward (no softcap, ALiBi, dropout, custom mask or pages; head dim 64 or 128;
-fp16/bf16; causal, windows and attention sinks allowed) of the Triton backend on an
+The forward without ALiBi, dropout, custom mask or pages (head dim 64 or 128; fp16/bf16;
+causal, windows, softcap and attention sinks allowed) of the Triton backend on an
 H100/H200. One program per (query tile of 128 rows, query head), as the tl kernel
 (forward.py), but scheduled by hand:
 
@@ -12,7 +12,8 @@ H100/H200. One program per (query tile of 128 rows, query head), as the tl kerne
   block j - 1 as asynchronous wgmma, and compute block j's softmax while P V still runs
   (FlashAttention-3's intra-warpgroup overlap, Shah et al. 2024, section 3.2).
 
-Semantics match forward.py exactly (bottom-right or top-left alignment, windows, lse in
+Semantics match forward.py exactly (softcap through the same tanh, softcap.py, in the same
+base-2 units as forward.score_tile; bottom-right or top-left alignment, windows, lse in
 natural log, rows that see no key: zeros and lse -inf, or lse = the sink with sinks). Rows
 past a sequence's end that a K/V box reads are masked in the scores and zeroed in V before
 P V, so no sequence reads another's values (tests/test_triton_loads.py). Needs
@@ -37,6 +38,8 @@ try:
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from .softcap import tanh
 except ImportError:  # no Gluon (Triton < 3.5): the tl kernel serves every call
     gluon = None
 
@@ -114,16 +117,38 @@ if gluon is not None:
         return gl.where(visible, s, float("-inf"))
 
     @gluon.jit
+    def _in_base2(x, qk_scale, BASE2: gl.constexpr):
+        """Raw scores (or their row maxima) ``x`` in base-2 units: already there when BASE2
+        (softcap: _base2_scores made them), else x * qk_scale (the plain path folds the
+        scale into the exponent's FMA)."""
+        if BASE2:
+            return x
+        else:
+            return x * qk_scale
+
+    @gluon.jit
+    def _base2_scores(s, tanh_scale, softcap2, HAS_SOFTCAP: gl.constexpr):
+        """Raw q.k scores ``s`` in base-2 units as forward.score_tile makes them:
+        cap * tanh(scale * s / cap) * log2(e) with softcap (tanh_scale = scale / cap,
+        softcap2 = cap * log2(e))."""
+        if HAS_SOFTCAP:
+            s = tanh(s * tanh_scale) * softcap2
+        return s
+
+    @gluon.jit
     def _consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, v_zeroed,
                  Out, Lse, Sinks, q_start, sq, h, m0, sk, offset, lo, n_blocks, full_lo,
-                 full_hi, qk_scale, window_left, window_right, stride_ot, stride_oh, total_q,
-                 WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr,
-                 WINDOW_RIGHT: gl.constexpr, HAS_SINKS: gl.constexpr):
+                 full_hi, qk_scale, tanh_scale, softcap2, window_left, window_right, stride_ot,
+                 stride_oh, total_q, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr,
+                 HAS_SINKS: gl.constexpr, HAS_SOFTCAP: gl.constexpr):
         """Consumer warpgroup WG (0 or 1): query rows [m0 + WG * ROWS, + ROWS) of the tile,
         online softmax over the key blocks, then O and lse (with head h's sink logit joined
-        to the denominator when HAS_SINKS, as forward.add_sink)."""
+        to the denominator when HAS_SINKS, as forward.add_sink). Scores are softcapped
+        (HAS_SOFTCAP) before the mask, as in forward.score_tile."""
         ROWS: gl.constexpr = BLOCK_M // 2
+        BASE2: gl.constexpr = HAS_SOFTCAP  # scores turned into base-2 units before the max
         dtype: gl.constexpr = q_smem.dtype
         S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
@@ -148,12 +173,13 @@ if gluon is not None:
                               is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
             mbarrier.arrive(k_empty.index(0))
+            s = _base2_scores(s, tanh_scale, softcap2, HAS_SOFTCAP)
             if (lo < full_lo) | (lo + BLOCK_N > full_hi):
                 s = _masked(s, lo, r0, sk, offset, window_left, window_right, S_LAYOUT,
                             ROWS, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
-            m_blk = gl.max(s, 1) * qk_scale
+            m_blk = _in_base2(gl.max(s, 1), qk_scale, BASE2)
             m_use = gl.where(m_blk == float("-inf"), 0.0, m_blk)
-            p = gl.exp2(s * qk_scale - m_use[:, None])
+            p = gl.exp2(_in_base2(s, qk_scale, BASE2) - m_use[:, None])
             l_i = gl.sum(p, 1)
             m_i = m_blk
             p_op = gl.convert_layout(p.to(dtype), P_LAYOUT)
@@ -168,13 +194,14 @@ if gluon is not None:
                 acc = warpgroup_mma(p_op, v_smem.index(pst), acc, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
                 mbarrier.arrive(k_empty.index(st))
+                s = _base2_scores(s, tanh_scale, softcap2, HAS_SOFTCAP)
                 if (ks < full_lo) | (ks + BLOCK_N > full_hi):
                     s = _masked(s, ks, r0, sk, offset, window_left, window_right, S_LAYOUT,
                                 ROWS, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
-                m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+                m_new = gl.maximum(m_i, _in_base2(gl.max(s, 1), qk_scale, BASE2))
                 m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
                 alpha = gl.exp2(m_i - m_use)
-                p = gl.exp2(s * qk_scale - m_use[:, None])
+                p = gl.exp2(_in_base2(s, qk_scale, BASE2) - m_use[:, None])
                 l_i = l_i * alpha + gl.sum(p, 1)
                 m_i = m_new
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
@@ -224,13 +251,14 @@ if gluon is not None:
 
     @gluon.jit(do_not_specialize=["total_q"])
     def _hopper_fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, CuQ, CuK, TileSeq, TileBlk, Sinks,
-                           stride_ot, stride_oh, total_q, qk_scale, window_left, window_right,
-                           GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
+                           stride_ot, stride_oh, total_q, qk_scale, tanh_scale, softcap2,
+                           window_left, window_right, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                            STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                            PRODUCER_REGS: gl.constexpr,
                            TOP_LEFT: gl.constexpr, WINDOW_LEFT: gl.constexpr,
-                           WINDOW_RIGHT: gl.constexpr, HAS_SINKS: gl.constexpr):
+                           WINDOW_RIGHT: gl.constexpr, HAS_SINKS: gl.constexpr,
+                           HAS_SOFTCAP: gl.constexpr):
         pid = gl.program_id(0)
         h = gl.program_id(1)
         b = gl.load(TileSeq + pid)
@@ -274,14 +302,14 @@ if gluon is not None:
         gl.warp_specialize([
             (_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
                         v_zeroed, Out, Lse, Sinks, q_start, sq, h, m0, sk, offset, lo,
-                        n_blocks, full_lo, full_hi, qk_scale, window_left, window_right,
-                        stride_ot, stride_oh, total_q, 0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                        WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS)),
+                        n_blocks, full_lo, full_hi, qk_scale, tanh_scale, softcap2, window_left,
+                        window_right, stride_ot, stride_oh, total_q, 0, HEAD_DIM, BLOCK_M,
+                        BLOCK_N, STAGES, WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS, HAS_SOFTCAP)),
             (_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
                         v_zeroed, Out, Lse, Sinks, q_start, sq, h, m0, sk, offset, lo,
-                        n_blocks, full_lo, full_hi, qk_scale, window_left, window_right,
-                        stride_ot, stride_oh, total_q, 1, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                        WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS)),
+                        n_blocks, full_lo, full_hi, qk_scale, tanh_scale, softcap2, window_left,
+                        window_right, stride_ot, stride_oh, total_q, 1, HEAD_DIM, BLOCK_M,
+                        BLOCK_N, STAGES, WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS, HAS_SOFTCAP)),
             (_produce, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
                         k_empty, v_empty, q_start + m0, h * HEAD_DIM, k_start + lo,
                         (h // GROUP) * HEAD_DIM, n_blocks, BLOCK_N, STAGES)),
@@ -310,9 +338,10 @@ def tma_rows(t: torch.Tensor, head_dim: int) -> bool:
 
 
 def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plain: bool) -> bool:
-    """Whether this kernel serves a call with a host-planned tile list: a plain forward on
-    an sm_90 GPU with fp16/bf16, head dim 64 or 128, Q/K/V as packed rows whose heads lie
-    contiguous (TMA boxes)."""
+    """Whether this kernel serves a call with a host-planned tile list whose features the
+    caller has checked (``plain``: forward.forward's gluon_features, or the backward's own
+    conditions for hopper_backward): an sm_90 GPU, fp16/bf16, head dim 64 or 128, Q/K/V as
+    packed rows whose heads lie contiguous (TMA boxes)."""
     if gluon is None or not plain or q.device.type != "cuda":
         return False
     if problem.head_dim not in HEAD_DIMS or q.dtype not in (torch.float16, torch.bfloat16):
@@ -334,12 +363,14 @@ def descriptor(t: torch.Tensor, head_dim: int, rows: int):
 
 def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
             lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-            tile_seq: torch.Tensor, tile_blk: torch.Tensor, qk_scale: float,
-            sinks: torch.Tensor | None = None, *, record: bool = False):
+            tile_seq: torch.Tensor, tile_blk: torch.Tensor,
+            scalars: tuple[float, float, float], sinks: torch.Tensor | None = None, *,
+            record: bool = False):
     """Writes ``out`` (total_q, nheads, d) and ``lse`` (nheads, total_q) float32 for the tile
-    list (tile_seq, tile_blk) planned with BLOCK_M query rows; ``sinks``: float32 (nheads,)
-    sink logits, or None. With ``record``, returns (replay.LaunchRecord or None, the q, k, v
-    descriptors): replays take (desc_q, desc_k, desc_v, out, lse, cu_seqlens_q,
+    list (tile_seq, tile_blk) planned with BLOCK_M query rows; ``scalars``: (scale * log2 e,
+    scale / softcap, softcap * log2 e) as forward.score_scalars; ``sinks``: float32
+    (nheads,) sink logits, or None. With ``record``, returns (replay.LaunchRecord or None,
+    the q, k, v descriptors): replays take (desc_q, desc_k, desc_v, out, lse, cu_seqlens_q,
     cu_seqlens_k)."""
     d = problem.head_dim
     left, right = problem.window
@@ -349,13 +380,14 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
                    descriptor(v, d, block_n))
     args = (*descriptors, out, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_blk,
             sinks if sinks is not None else lse, out.stride(0), out.stride(1),
-            problem.total_q, qk_scale, left, right)
+            problem.total_q, *scalars, left, right)
     kwargs = dict(
         GROUP=problem.group_size, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
         STAGES=CONFIG["stages"], CONSUMER_REGS=CONFIG["consumer_regs"],
         PRODUCER_REGS=CONFIG["producer_regs"],
         TOP_LEFT=problem.mask_alignment == "top_left", WINDOW_LEFT=left >= 0,
-        WINDOW_RIGHT=right >= 0, HAS_SINKS=sinks is not None, num_warps=4)
+        WINDOW_RIGHT=right >= 0, HAS_SINKS=sinks is not None,
+        HAS_SOFTCAP=problem.softcap > 0, num_warps=4)
     if record:
         from .replay import LaunchRecord
 
