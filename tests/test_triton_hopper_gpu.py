@@ -244,7 +244,21 @@ FEATURE_CASES = [
     ({"softcap": 5.0, "causal": True}, LENGTHS_K_LONGER),
     ({"softcap": 2.0, "causal": True, "mask_alignment": "top_left"}, LENGTHS_K_LONGER),
     ({"softcap": 10.0, "window_size": (40, 3)}, LENGTHS_K_LONGER),
+    ({"alibi_slopes": "head"}, LENGTHS_K),
+    ({"alibi_slopes": "batch_head", "causal": True}, LENGTHS_K_LONGER),
+    ({"alibi_slopes": "head", "causal": True, "mask_alignment": "top_left"}, LENGTHS_K_LONGER),
+    ({"alibi_slopes": "batch_head", "window_size": (300, -1)}, LENGTHS_K_LONGER),
+    ({"alibi_slopes": "head", "softcap": 20.0, "window_size": (64, 0)}, LENGTHS_K),
 ]
+
+
+def _slopes(kind: str, batch: int, nheads: int = 8) -> torch.Tensor:
+    """ALiBi slopes (nheads,) for "head", (batch, nheads) for "batch_head": the usual
+    geometric series, different per sequence in the second form."""
+    base = 2.0 ** (-8.0 * torch.arange(1, nheads + 1, device="cuda") / nheads)
+    if kind == "head":
+        return base.float()
+    return (base[None, :] * torch.linspace(0.5, 2.0, batch, device="cuda")[:, None]).float()
 
 
 def _check_feature_call(q, k, v, cu_q, cu_k, kw, gluon_calls, sinks=None, tol=2e-2):
@@ -275,9 +289,11 @@ def _check_feature_call(q, k, v, cu_q, cu_k, kw, gluon_calls, sinks=None, tol=2e
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("case", range(len(FEATURE_CASES)))
 def test_gluon_forward_features(head_dim, case, gluon_calls):
-    """Softcap (and the features added after it) in the Gluon kernel, with host lengths."""
+    """Softcap and ALiBi (both slope shapes) in the Gluon kernel, with host lengths."""
     kw, lk = FEATURE_CASES[case]
     kw = dict(kw)
+    if "alibi_slopes" in kw:
+        kw["alibi_slopes"] = _slopes(kw["alibi_slopes"], len(LENGTHS_Q))
     q, k, v = _inputs(LENGTHS_Q, lk, torch.bfloat16, head_dim, seed=7)
     _check_feature_call(q, k, v, (attnhub.VarlenInfo.from_lengths(LENGTHS_Q, "cuda"),),
                         (attnhub.VarlenInfo.from_lengths(lk, "cuda"),), kw, gluon_calls)

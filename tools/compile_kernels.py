@@ -97,6 +97,10 @@ GLUON_FORWARDS = [
     ("softcap d128", {"softcap": 30.0}, 128),
     ("softcap causal d64", {"softcap": 30.0, "causal": True}, 64),
     ("softcap window d128", {"softcap": 30.0, "window_size": (64, 0)}, 128),
+    ("alibi d128", {"alibi_slopes": torch.rand(8)}, 128),
+    ("alibi causal d64", {"alibi_slopes": torch.rand(8), "causal": True}, 64),
+    ("alibi per-batch softcap window d128",
+     {"alibi_slopes": torch.rand(4, 8), "softcap": 30.0, "window_size": (64, 3)}, 128),
 ]
 
 
@@ -110,7 +114,7 @@ def gluon_forward(problem, inputs, sinks) -> None:
                                            True)
     hopper_forward.forward(problem, inputs.q, inputs.k, inputs.v, out, lse,
                            inputs.cu_seqlens_q, inputs.cu_seqlens_k, tile_seq, tile_blk,
-                           forward.score_scalars(problem), sinks)
+                           forward.score_scalars(problem), sinks, inputs.alibi_slopes)
 
 
 def ptxas_report(ptx: pathlib.Path, arch: str) -> str:
