@@ -5,6 +5,8 @@ sequence's reads inside the sequence, and compiles once for any lengths.
 Run on the device machine: python -m pytest -m gpu tests/test_triton_hopper_gpu.py
 """
 
+import itertools
+
 import pytest
 import torch
 
@@ -261,20 +263,21 @@ def _slopes(kind: str, batch: int, nheads: int = 8) -> torch.Tensor:
     return (base[None, :] * torch.linspace(0.5, 2.0, batch, device="cuda")[:, None]).float()
 
 
-def _check_feature_call(q, k, v, cu_q, cu_k, kw, gluon_calls, sinks=None, tol=2e-2):
+def _check_feature_call(q, k, v, offsets, kw, gluon_calls, sinks=None, tol=2e-2):
     """The Gluon forward (through forward.forward, as the backend calls it) against the tl
-    kernel and the float64 reference for one call; asserts the Gluon kernel served it."""
+    kernel and the float64 reference for one call; asserts the Gluon kernel served it.
+    ``offsets``: (info_q, info_k) or (cu_q, cu_k, max_q, max_k)."""
     from attnhub.backends.triton import forward
 
-    problem, inputs = attnhub.normalize(q, k, v, *cu_q, *cu_k, **kw)
+    problem, inputs = attnhub.normalize(q, k, v, *offsets, **kw)
     out, lse = forward.forward(problem, inputs, None, sinks=sinks)
     assert len(gluon_calls) == 1, f"{kw} did not reach the Gluon kernel"
     tl_out, tl_lse = forward.forward(problem, inputs, None, sinks=sinks, gluon=False)
     assert len(gluon_calls) == 1
     ref_kw = dict(kw, sinks=sinks) if sinks is not None else kw
     ref, ref_lse = attnhub.attention_forward_varlen(
-        q.double(), k.double(), v.double(), cu_q[0], cu_k[0], *cu_q[1:], *cu_k[1:],
-        return_lse=True, backend="reference", **ref_kw)
+        q.double(), k.double(), v.double(), *offsets, return_lse=True, backend="reference",
+        **ref_kw)
     err = (out.double() - ref).abs().max().item()
     tl_err = (tl_out.double() - ref).abs().max().item()
     assert err < tol, err
@@ -295,5 +298,84 @@ def test_gluon_forward_features(head_dim, case, gluon_calls):
     if "alibi_slopes" in kw:
         kw["alibi_slopes"] = _slopes(kw["alibi_slopes"], len(LENGTHS_Q))
     q, k, v = _inputs(LENGTHS_Q, lk, torch.bfloat16, head_dim, seed=7)
-    _check_feature_call(q, k, v, (attnhub.VarlenInfo.from_lengths(LENGTHS_Q, "cuda"),),
-                        (attnhub.VarlenInfo.from_lengths(lk, "cuda"),), kw, gluon_calls)
+    offsets = (attnhub.VarlenInfo.from_lengths(LENGTHS_Q, "cuda"),
+               attnhub.VarlenInfo.from_lengths(lk, "cuda"))
+    _check_feature_call(q, k, v, offsets, kw, gluon_calls)
+
+
+def _device_offsets(lq, lk):
+    """(cu_q, cu_k, max_q, max_k) with the offsets on the GPU: no host lengths."""
+    cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(x)], dtype=torch.int32, device="cuda")
+                  for x in (lq, lk))
+    return cu_q, cu_k, max(lq), max(lk)
+
+
+ODD_Q = [0, 1, 300, 5, 129, 1, 0, 1000, 64]
+ODD_K = [7, 1, 299, 0, 300, 2, 0, 1100, 1]
+# (attnhub keywords, query lengths, key lengths) of calls without host lengths
+DEVICE_CASES = [
+    ({}, ODD_Q, ODD_Q),
+    ({"causal": True}, ODD_Q, ODD_K),
+    ({"causal": True, "mask_alignment": "top_left"}, ODD_Q, ODD_K),
+    ({"window_size": (40, 3)}, ODD_Q, ODD_K),
+    ({"softcap": 10.0, "window_size": (-1, 0)}, ODD_Q, ODD_K),
+    ({"alibi_slopes": "batch_head", "causal": True}, ODD_Q, ODD_K),
+    ({"alibi_slopes": "head", "softcap": 5.0}, ODD_Q, ODD_Q),
+    ({"causal": True}, [0, 5, 130, 1] * 80, [3, 5, 129, 0] * 80),  # more than one chunk
+]
+
+
+@pytest.mark.parametrize("sinks", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("case", range(len(DEVICE_CASES)))
+def test_gluon_forward_finds_its_tiles_without_host_lengths(case, head_dim, sinks,
+                                                            gluon_calls):
+    """Device offsets and max_seqlen only: the Gluon kernel's programs find their (sequence,
+    block) from cu_seqlens_q (the extra programs of the upper-bound grid exit); lengths 0
+    and 1, sq != sk, windows, softcap, ALiBi and sinks, against the tl kernel and the
+    reference."""
+    kw, lq, lk = DEVICE_CASES[case]
+    kw = dict(kw)
+    if "alibi_slopes" in kw:
+        kw["alibi_slopes"] = _slopes(kw["alibi_slopes"], len(lq))
+    q, k, v = _inputs(lq, lk, torch.bfloat16, head_dim, seed=11)
+    offsets = _device_offsets(lq, lk)
+    problem, _ = attnhub.normalize(q, k, v, *offsets, **kw)
+    assert not problem.lengths_known
+    sink_logits = torch.randn(8, device="cuda") if sinks else None
+    _check_feature_call(q, k, v, offsets, kw, gluon_calls, sinks=sink_logits)
+
+
+def test_gluon_forward_device_tiles_compile_once_and_replay(gluon_calls):
+    """New batch sizes without host lengths compile nothing new, and the replayed launch
+    (same problem object, third call on) gives the bitwise result of a fresh launch."""
+    from attnhub.backends.triton import forward, hopper_forward
+
+    kernel = hopper_forward._hopper_fwd_kernel
+    before = None
+    for lengths in ([300, 0, 17], [1, 2, 3, 4, 5, 6, 7, 8, 9], [0, 5, 130, 1] * 80):
+        q, k, v = _inputs(lengths, lengths, torch.bfloat16, 128)
+        offsets = _device_offsets(lengths, lengths)
+        attnhub.attention_forward_varlen(q, k, v, *offsets, causal=True, backend="triton")
+        torch.cuda.synchronize()
+        now = sum(len(entry[0]) for entry in kernel.device_caches.values())
+        before = now if before is None else before
+        assert now == before, f"recompiled for batch {len(lengths)}"
+    assert len(gluon_calls) == 3
+    lengths = [64, 1, 200, 0, 130]
+    offsets = _device_offsets(lengths, lengths)
+    problem = None
+    results = []
+    for seed in range(4):  # launches 1 and 2 in full (the second records), then replays
+        q, k, v = _inputs(lengths, lengths, torch.bfloat16, 128, seed=seed)
+        p, inputs = attnhub.normalize(q, k, v, *offsets, causal=True)
+        problem = problem or p
+        results.append((inputs, forward.forward(problem, inputs, None)))
+    assert any(isinstance(r, forward.ForwardReplay) and r.gluon
+               for p, recs in forward._replays._entries.values() if p is problem
+               for r in recs.values())
+    forward._replays.clear()
+    for inputs, (out, lse) in results:
+        fresh_out, fresh_lse = forward.forward(problem, inputs, None)
+        assert torch.equal(out, fresh_out)
+        assert torch.equal(lse, fresh_lse)

@@ -85,8 +85,10 @@ def launch_all(sinks: bool) -> None:
             LABEL[0] = f" [{label}]"
             kq, kk = (torch.randn(sum(x), n, head_dim, dtype=torch.float16, generator=g)
                       for x, n in ((lq, 8), (lk, 2)))
+            features = dict(features)
+            device_tiles = features.pop("device_tiles", False)
             problem, inputs = attnhub.normalize(kq, kk, kk, info_q, info_k, **features)
-            gluon_forward(problem, inputs, kw.get("sinks"))
+            gluon_forward(problem, inputs, kw.get("sinks"), device_tiles)
         LABEL[0] = ""
 
 
@@ -101,19 +103,25 @@ GLUON_FORWARDS = [
     ("alibi causal d64", {"alibi_slopes": torch.rand(8), "causal": True}, 64),
     ("alibi per-batch softcap window d128",
      {"alibi_slopes": torch.rand(4, 8), "softcap": 30.0, "window_size": (64, 3)}, 128),
+    ("device-tiles causal d128", {"device_tiles": True, "causal": True}, 128),
+    ("device-tiles alibi softcap d64",
+     {"device_tiles": True, "alibi_slopes": torch.rand(8), "softcap": 30.0}, 64),
 ]
 
 
-def gluon_forward(problem, inputs, sinks) -> None:
-    """The Gluon forward's launch for ``problem``, as forward.forward makes it on an H100."""
+def gluon_forward(problem, inputs, sinks, device_tiles: bool) -> None:
+    """The Gluon forward's launch for ``problem``, as forward.forward makes it on an H100;
+    ``device_tiles``: as without host lengths (CPU offsets count as host lengths here)."""
     from attnhub.backends.triton import forward, hopper_forward
 
     out = torch.empty_like(inputs.q)
     lse = torch.empty(problem.nheads, problem.total_q)
-    tile_seq, tile_blk = forward.tile_list(problem, inputs.cu_seqlens_q, hopper_forward.BLOCK_M,
-                                           True)
+    tiles = forward.launch_tiles(problem, inputs.cu_seqlens_q, hopper_forward.BLOCK_M, True)
+    if device_tiles:  # the upper bound launch_tiles takes without host lengths
+        programs = -(-problem.total_q // hopper_forward.BLOCK_M) + problem.batch
+        tiles = (programs, inputs.cu_seqlens_q, inputs.cu_seqlens_q, True)
     hopper_forward.forward(problem, inputs.q, inputs.k, inputs.v, out, lse,
-                           inputs.cu_seqlens_q, inputs.cu_seqlens_k, tile_seq, tile_blk,
+                           inputs.cu_seqlens_q, inputs.cu_seqlens_k, tiles,
                            forward.score_scalars(problem), sinks, inputs.alibi_slopes)
 
 

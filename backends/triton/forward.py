@@ -490,8 +490,8 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor |
     """out (total_q, nheads, d) in q's dtype and lse float32 (nheads, total_q); ``sinks``:
     float32 (nheads,) sink logits, or None (lse then -inf on rows that see no key).
 
-    ``gluon``: calls on an sm_90 GPU with a host-planned tile list and no dropout, custom
-    mask or pages run the warp-specialised Gluon kernel (hopper_forward.py);
+    ``gluon``: calls on an sm_90 GPU without dropout, custom mask or pages (host or
+    device lengths) run the warp-specialised Gluon kernel (hopper_forward.py);
     ``tma``: the tl kernel reads fully visible K/V blocks through TMA descriptors where
     the layout allows. Both ship on; benchmarks and tests turn them off to compare with
     the tl kernel and pointer loads.
@@ -541,10 +541,11 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor |
              and problem.softcap == 0 and alibi is None)
     # the Gluon kernel's features: plain calls, softcap, ALiBi
     gluon_features = rows_exact and not problem.custom_mask and problem.dropout_p == 0
-    if (gluon and not device_tiles and block_m == hopper_forward.BLOCK_M
+    if (gluon and block_m == hopper_forward.BLOCK_M
             and hopper_forward.supports(problem, q, k, v, gluon_features)):
-        recorded = hopper_forward.forward(problem, q, k, v, out, lse, cu_q, cu_k, tile_seq,
-                                          tile_blk, score_scalars(problem), sinks, alibi,
+        recorded = hopper_forward.forward(problem, q, k, v, out, lse, cu_q, cu_k,
+                                          (programs, tile_seq, tile_blk, device_tiles),
+                                          score_scalars(problem), sinks, alibi,
                                           record=recording)
         if recording:
             record, descriptors = recorded

@@ -40,6 +40,7 @@ try:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .softcap import tanh
+    from .tiles import FIND_CHUNK, find_tile_in_chunks
 except ImportError:  # no Gluon (Triton < 3.5): the tl kernel serves every call
     gluon = None
 
@@ -269,9 +270,9 @@ if gluon is not None:
         lse_rows = r0 + gl.arange(0, ROWS, layout=ROW_S)
         gl.store(Lse + h.to(gl.int64) * total_q + q_start + lse_rows, lse, mask=lse_rows < sq)
 
-    @gluon.jit(do_not_specialize=["total_q"])
+    @gluon.jit(do_not_specialize=["total_q", "batch"])
     def _hopper_fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, CuQ, CuK, TileSeq, TileBlk, Sinks,
-                           Alibi, stride_ot, stride_oh, stride_ab, total_q, qk_scale,
+                           Alibi, stride_ot, stride_oh, stride_ab, total_q, batch, qk_scale,
                            tanh_scale, softcap2, window_left, window_right,
                            GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -279,11 +280,22 @@ if gluon is not None:
                            PRODUCER_REGS: gl.constexpr,
                            TOP_LEFT: gl.constexpr, WINDOW_LEFT: gl.constexpr,
                            WINDOW_RIGHT: gl.constexpr, HAS_SINKS: gl.constexpr,
-                           HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
+                           HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
+                           DEVICE_TILES: gl.constexpr):
         pid = gl.program_id(0)
         h = gl.program_id(1)
-        b = gl.load(TileSeq + pid)
-        m0 = gl.load(TileBlk + pid) * BLOCK_M
+        # the program's (sequence, query block), found before the partitions split, so that
+        # the producer and both consumers take the same one
+        if DEVICE_TILES:  # an upper bound of programs: each finds its tile, the extra exit
+            offs = gl.arange(0, FIND_CHUNK,
+                             layout=gl.BlockedLayout([1], [32], [gl.num_warps()], [0]))
+            b, blk = find_tile_in_chunks(CuQ, batch, pid, offs, BLOCK_M, FIND_CHUNK)
+            if b >= batch:
+                return
+        else:
+            b = gl.load(TileSeq + pid)
+            blk = gl.load(TileBlk + pid)
+        m0 = blk * BLOCK_M
         q_start, sq, k_start, sk, offset = sequence_bounds(CuQ, CuK, b, TOP_LEFT)
         if HAS_ALIBI:  # slopes (nheads,) (stride_ab 0) or (batch, nheads)
             slope2 = gl.load(Alibi + b * stride_ab + h) * 1.4426950408889634
@@ -394,11 +406,13 @@ def descriptor(t: torch.Tensor, head_dim: int, rows: int):
 
 def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
             lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-            tile_seq: torch.Tensor, tile_blk: torch.Tensor,
+            tiles: tuple[int, torch.Tensor, torch.Tensor, bool],
             scalars: tuple[float, float, float], sinks: torch.Tensor | None = None,
             alibi: torch.Tensor | None = None, *, record: bool = False):
-    """Writes ``out`` (total_q, nheads, d) and ``lse`` (nheads, total_q) float32 for the tile
-    list (tile_seq, tile_blk) planned with BLOCK_M query rows; ``scalars``: (scale * log2 e,
+    """Writes ``out`` (total_q, nheads, d) and ``lse`` (nheads, total_q) float32 over the
+    query tiles of BLOCK_M rows; ``tiles``: forward.launch_tiles' (programs, tile_seq,
+    tile_blk, device_tiles), a host-planned list or (device_tiles) an upper bound of programs
+    that find their tiles from cu_seqlens_q; ``scalars``: (scale * log2 e,
     scale / softcap, softcap * log2 e) as forward.score_scalars; ``sinks``: float32 (nheads,)
     sink logits, or None; ``alibi``: float32 slopes (nheads,) or (batch, nheads), or None
     (calls with ALiBi are never recorded: forward.forward does not replay them). With
@@ -407,21 +421,23 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     d = problem.head_dim
     left, right = problem.window
     block_n = CONFIG["block_n"]
-    grid = (tile_seq.numel(), problem.nheads)
+    programs, tile_seq, tile_blk, device_tiles = tiles
+    grid = (programs, problem.nheads)
     descriptors = (descriptor(q, d, BLOCK_M), descriptor(k, d, block_n),
                    descriptor(v, d, block_n))
     args = (*descriptors, out, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_blk,
             sinks if sinks is not None else lse, alibi if alibi is not None else cu_seqlens_q,
             out.stride(0), out.stride(1),
             alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0,
-            problem.total_q, *scalars, left, right)
+            problem.total_q, problem.batch, *scalars, left, right)
     kwargs = dict(
         GROUP=problem.group_size, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
         STAGES=CONFIG["stages"], CONSUMER_REGS=CONFIG["consumer_regs"],
         PRODUCER_REGS=CONFIG["producer_regs"],
         TOP_LEFT=problem.mask_alignment == "top_left", WINDOW_LEFT=left >= 0,
         WINDOW_RIGHT=right >= 0, HAS_SINKS=sinks is not None,
-        HAS_SOFTCAP=problem.softcap > 0, HAS_ALIBI=alibi is not None, num_warps=4)
+        HAS_SOFTCAP=problem.softcap > 0, HAS_ALIBI=alibi is not None,
+        DEVICE_TILES=device_tiles, num_warps=4)
     if record:
         from .replay import LaunchRecord
 
@@ -431,5 +447,7 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     return None
 
 
-# The arguments a replay of the kernel's launch replaces (replay.LaunchRecord).
+# The arguments a replay of the kernel's launch replaces (replay.LaunchRecord). With
+# DEVICE_TILES the tile arguments are unread placeholders; batch and the scalars come from
+# the problem, the same at every replay.
 REPLAY_ARGS = ("desc_q", "desc_k", "desc_v", "Out", "Lse", "CuQ", "CuK")
