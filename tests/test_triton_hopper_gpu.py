@@ -1,6 +1,8 @@
 """The warp-specialised Gluon forward (backends/triton/hopper_forward.py) on an sm_90 GPU: it
-serves plain calls, agrees with the tl kernel and the float64 reference, keeps every
-sequence's reads inside the sequence, and compiles once for any lengths.
+serves plain, softcap and ALiBi calls at head dims 64, 128 and 256, with host lengths or
+device offsets only, agrees with the tl kernel and the float64 reference, keeps every
+sequence's reads inside the sequence, and compiles once for any lengths; the Gluon dK/dV
+kernel likewise.
 
 Run on the device machine: python -m pytest -m gpu tests/test_triton_hopper_gpu.py
 """
@@ -64,7 +66,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_gluon_forward_matches_tl_kernel_and_reference(dtype, head_dim, case, gluon_calls):
     from attnhub.backends.triton import forward
@@ -92,7 +94,7 @@ def test_gluon_forward_matches_tl_kernel_and_reference(dtype, head_dim, case, gl
     assert (lse - tl_lse)[finite].abs().max() < 1e-3
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window_size": (40, 3)},
                                 {"causal": True, "mask_alignment": "top_left"}])
 def test_gluon_forward_with_sinks(head_dim, kw, gluon_calls):
@@ -128,12 +130,17 @@ def test_gluon_forward_with_sinks(head_dim, kw, gluon_calls):
     assert (lse[empty] - sinks[:, None].expand_as(lse)[empty]).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window_size": (40, 3)}])
-def test_gluon_forward_reads_no_other_sequence(kw, gluon_calls):
+@pytest.mark.parametrize("head_dim", [128, 256])
+@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window_size": (40, 3)},
+                                {"alibi_slopes": "head", "softcap": 5.0}])
+def test_gluon_forward_reads_no_other_sequence(kw, head_dim, gluon_calls):
     """inf keys and NaN values in one sequence change no other sequence's output, although
     TMA boxes at a sequence's end cover the next sequence's rows."""
     lengths = [300, 77, 130, 1000, 64]
-    q, k, v = _inputs(lengths, lengths, torch.bfloat16, 128, seed=1)
+    kw = dict(kw)
+    if "alibi_slopes" in kw:
+        kw["alibi_slopes"] = _slopes(kw["alibi_slopes"], len(lengths))
+    q, k, v = _inputs(lengths, lengths, torch.bfloat16, head_dim, seed=1)
     info = attnhub.VarlenInfo.from_lengths(lengths, "cuda")
     clean = attnhub.attention_forward_varlen(q, k, v, info, info, backend="triton", **kw)
     start, stop = 377, 507  # the third sequence
@@ -289,7 +296,7 @@ def _check_feature_call(q, k, v, offsets, kw, gluon_calls, sinks=None, tol=2e-2)
     return out, lse
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("case", range(len(FEATURE_CASES)))
 def test_gluon_forward_features(head_dim, case, gluon_calls):
     """Softcap and ALiBi (both slope shapes) in the Gluon kernel, with host lengths."""
@@ -326,7 +333,7 @@ DEVICE_CASES = [
 
 
 @pytest.mark.parametrize("sinks", [False, True])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("case", range(len(DEVICE_CASES)))
 def test_gluon_forward_finds_its_tiles_without_host_lengths(case, head_dim, sinks,
                                                             gluon_calls):

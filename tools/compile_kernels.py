@@ -104,6 +104,9 @@ GLUON_FORWARDS = [
     ("alibi per-batch softcap window d128",
      {"alibi_slopes": torch.rand(4, 8), "softcap": 30.0, "window_size": (64, 3)}, 128),
     ("device-tiles causal d128", {"device_tiles": True, "causal": True}, 128),
+    ("causal d256", {"causal": True}, 256),
+    ("softcap alibi window d256",
+     {"softcap": 30.0, "alibi_slopes": torch.rand(8), "window_size": (64, 0)}, 256),
     ("device-tiles alibi softcap d64",
      {"device_tiles": True, "alibi_slopes": torch.rand(8), "softcap": 30.0}, 64),
 ]

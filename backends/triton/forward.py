@@ -524,14 +524,6 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor |
     v, stride_vt, stride_vh = kv_layout(problem, _last_contiguous(v))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((problem.nheads, problem.total_q), dtype=torch.float32, device=q.device)
-    block_m = configs.forward_block_m(problem.head_dim)
-    planned = inputs.schedule  # attnhub.plan: the forward's (tile_seq, tile_blk), or None
-    programs, tile_seq, tile_blk, device_tiles = launch_tiles(
-        problem, cu_q, block_m, True, planned)
-    if programs == 0 or problem.nheads == 0:
-        if recording:
-            _replays.put(problem, replay_key, None)
-        return out, lse
     left, right = problem.window
     alibi = inputs.alibi_slopes
     block_table = inputs.block_table
@@ -541,8 +533,19 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor |
              and problem.softcap == 0 and alibi is None)
     # the Gluon kernel's features: plain calls, softcap, ALiBi
     gluon_features = rows_exact and not problem.custom_mask and problem.dropout_p == 0
-    if (gluon and block_m == hopper_forward.BLOCK_M
-            and hopper_forward.supports(problem, q, k, v, gluon_features)):
+    use_gluon = gluon and hopper_forward.supports(problem, q, k, v, gluon_features)
+    block_m = configs.forward_block_m(problem.head_dim)
+    # attnhub.plan: the forward's (tile_seq, tile_blk) planned with block_m rows, or None
+    planned = inputs.schedule
+    if use_gluon and block_m != hopper_forward.BLOCK_M:  # head dim 256: Gluon's 128 rows
+        block_m, planned = hopper_forward.BLOCK_M, None
+    programs, tile_seq, tile_blk, device_tiles = launch_tiles(
+        problem, cu_q, block_m, True, planned)
+    if programs == 0 or problem.nheads == 0:
+        if recording:
+            _replays.put(problem, replay_key, None)
+        return out, lse
+    if use_gluon:
         recorded = hopper_forward.forward(problem, q, k, v, out, lse, cu_q, cu_k,
                                           (programs, tile_seq, tile_blk, device_tiles),
                                           score_scalars(problem), sinks, alibi,

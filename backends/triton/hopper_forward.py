@@ -1,7 +1,7 @@
 """Warp-specialised varlen forward for Hopper (sm_90), written in Gluon.
 
-The forward without dropout, custom mask or pages (head dim 64 or 128; fp16/bf16; causal,
-windows, softcap, ALiBi and attention sinks allowed) of the Triton backend on an
+The forward without dropout, custom mask or pages (head dim 64, 128 or 256; fp16/bf16;
+causal, windows, softcap, ALiBi and attention sinks allowed) of the Triton backend on an
 H100/H200. One program per (query tile of 128 rows, query head), as the tl kernel
 (forward.py), but scheduled by hand:
 
@@ -11,6 +11,11 @@ H100/H200. One program per (query tile of 128 rows, query head), as the tl kerne
 * two consumer warpgroups (8 warps, 64 query rows each) issue QK^T of block j and P V of
   block j - 1 as asynchronous wgmma, and compute block j's softmax while P V still runs
   (FlashAttention-3's intra-warpgroup overlap, Shah et al. 2024, section 3.2).
+
+Without host lengths (device cu_seqlens and max_seqlen only) the launch takes the tl kernel's
+upper bound of programs: each finds its (sequence, block) from cu_seqlens_q before the
+partitions split (tiles.find_tile_in_chunks), so producer and consumers share it, and the
+extra programs exit. Head dim 256 streams 64-key blocks (CONFIG).
 
 Semantics match forward.py exactly (softcap through the same tanh, softcap.py, in the same
 base-2 units as forward.score_tile, ALiBi on every block; bottom-right or top-left
@@ -45,10 +50,13 @@ except ImportError:  # no Gluon (Triton < 3.5): the tl kernel serves every call
     gluon = None
 
 BLOCK_M = 128
-# (key block, stages, consumer registers, producer registers), from benchmarks on an H200
-# (docs/performance.md)
-CONFIG = {"block_n": 128, "stages": 2, "consumer_regs": 240, "producer_regs": 24}
-HEAD_DIMS = (64, 128)
+# (key block per head dim, stages, consumer registers, producer registers), from benchmarks
+# on an H200 (docs/performance.md); head dim 256 takes 64-key blocks so that the 64 x 256
+# fp32 accumulator (128 registers a thread) and the scores fit the consumers' registers and
+# Q plus two K and V stages fit shared memory (192 KiB) -- not yet timed on a GPU
+CONFIG = {"block_n": {64: 128, 128: 128, 256: 64}, "stages": 2, "consumer_regs": 240,
+          "producer_regs": 24}
+HEAD_DIMS = (64, 128, 256)
 # ALiBi's distances |i + sk - sq - j| are formed from float32 positions, exact (equal to the
 # tl kernel's integer distances) while every sequence is at most this long
 ALIBI_MAX_SEQLEN = 1 << 24
@@ -96,14 +104,20 @@ if gluon is not None:
             visible = visible & (rel >= -window_right)
         return visible
 
+    @gluon.constexpr_function
+    def row_layout(head_dim):
+        """One warpgroup's blocked layout over (rows, head_dim): 8 contiguous elements (16
+        bytes) a thread, a warp across at most 256 columns."""
+        cols = min(head_dim // 8, 32)
+        return gl.BlockedLayout([1, 8], [32 // cols, cols], [4, 1], [1, 0])
+
     @gluon.jit
     def zero_rows_from(buf, valid, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr):
         """Rows ``valid``.. of a (ROWS, HEAD_DIM) shared buffer set to zero, by one warpgroup
         (each thread rewrites what it read). They belong to the next sequence: the matmul
         that reduces over them multiplies them by 0, but 0 * inf or NaN would not be 0. The
         caller fences (fence_async_shared) and synchronises before wgmma reads them."""
-        layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8],
-                                                [4, 1], [1, 0])
+        layout: gl.constexpr = row_layout(HEAD_DIM)
         x = buf.load(layout)
         rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
         buf.store(gl.where((rows < valid)[:, None], x, gl.zeros_like(x)))
@@ -259,8 +273,7 @@ if gluon is not None:
         lse = gl.where(seen, (m_i + gl.log2(gl.where(seen, l_i, 1.0))) * 0.6931471805599453,
                        float("-inf"))
         # 16-byte stores after a layout change through shared memory
-        OUT_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8],
-                                                    [4, 1], [1, 0])
+        OUT_LAYOUT: gl.constexpr = row_layout(HEAD_DIM)
         out = gl.convert_layout(out, OUT_LAYOUT)
         rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, OUT_LAYOUT))
         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, OUT_LAYOUT))
@@ -379,7 +392,7 @@ def tma_rows(t: torch.Tensor, head_dim: int) -> bool:
 def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plain: bool) -> bool:
     """Whether this kernel serves a call with a host-planned tile list whose features the
     caller has checked (``plain``: forward.forward's gluon_features, or the backward's own
-    conditions for hopper_backward): an sm_90 GPU, fp16/bf16, head dim 64 or 128, Q/K/V as
+    conditions for hopper_backward): an sm_90 GPU, fp16/bf16, head dim in HEAD_DIMS, Q/K/V as
     packed rows whose heads lie contiguous (TMA boxes); with ALiBi, sequences of at most
     ALIBI_MAX_SEQLEN tokens."""
     if gluon is None or not plain or q.device.type != "cuda":
@@ -420,7 +433,7 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     (desc_q, desc_k, desc_v, out, lse, cu_seqlens_q, cu_seqlens_k)."""
     d = problem.head_dim
     left, right = problem.window
-    block_n = CONFIG["block_n"]
+    block_n = CONFIG["block_n"][d]
     programs, tile_seq, tile_blk, device_tiles = tiles
     grid = (programs, problem.nheads)
     descriptors = (descriptor(q, d, BLOCK_M), descriptor(k, d, block_n),
