@@ -376,7 +376,8 @@ def test_gluon_forward_device_tiles_compile_once_and_replay(gluon_calls):
     for seed in range(4):  # launches 1 and 2 in full (the second records), then replays
         q, k, v = _inputs(lengths, lengths, torch.bfloat16, 128, seed=seed)
         p, inputs = attnhub.normalize(q, k, v, *offsets, causal=True)
-        problem = problem or p
+        if problem is None:
+            problem = p
         results.append((inputs, forward.forward(problem, inputs, None)))
     assert any(isinstance(r, forward.ForwardReplay) and r.gluon
                for p, recs in forward._replays._entries.values() if p is problem

@@ -10,11 +10,15 @@ that. The Gluon kernels need the Triton version the GPU machine runs (its Gluon 
 between releases).
 
     python tools/compile_kernels.py --out /tmp/ptx [--sinks] [--arch 90]
+
+attnhub is imported from this checkout (backends/ included), whatever other checkout an
+editable install in the environment points to.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import pathlib
 import re
@@ -29,8 +33,28 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMPILED: list[tuple[str, object]] = []
 LABEL = [""]  # the variant being launched, appended to the kernel's name
+
+
+def use_this_checkout() -> None:
+    """Imports attnhub and the folders pyproject maps into it (backends/, conformance/) from
+    the checkout this script lives in: an editable install of another checkout in the same
+    environment would otherwise supply attnhub.backends, and the kernels compiled would not
+    be the ones beside this script."""
+    sys.path.insert(0, str(ROOT))
+    import attnhub
+
+    if pathlib.Path(attnhub.__file__).resolve().parent != ROOT / "attnhub":
+        raise SystemExit(f"attnhub is imported from {attnhub.__file__}, not from {ROOT}")
+    for name, folder in (("attnhub.backends", "backends"),
+                         ("attnhub.conformance", "conformance")):
+        spec = importlib.util.spec_from_file_location(
+            name, ROOT / folder / "__init__.py", submodule_search_locations=[str(ROOT / folder)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
 
 
 def compile_instead_of_launch(target: GPUTarget) -> None:
@@ -144,6 +168,7 @@ def main() -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability (90: sm_90a)")
     parser.add_argument("--sinks", action="store_true", help="the launches carry sinks")
     args = parser.parse_args()
+    use_this_checkout()
     compile_instead_of_launch(GPUTarget("cuda", args.arch, 32))
     launch_all(args.sinks)
     out = pathlib.Path(args.out)
