@@ -390,7 +390,7 @@ def tma_rows(t: torch.Tensor, head_dim: int) -> bool:
 
 
 def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plain: bool) -> bool:
-    """Whether this kernel serves a call with a host-planned tile list whose features the
+    """Whether this kernel serves a call (host lengths or device offsets) whose features the
     caller has checked (``plain``: forward.forward's gluon_features, or the backward's own
     conditions for hopper_backward): an sm_90 GPU, fp16/bf16, head dim in HEAD_DIMS, Q/K/V as
     packed rows whose heads lie contiguous (TMA boxes); with ALiBi, sequences of at most
