@@ -117,7 +117,8 @@ class _EagerVarlen(torch.autograd.Function):
         # activation offloading): none is kept on ctx directly.
         ctx.save_for_backward(q, k, v, res.out, res.lse, inputs.cu_seqlens_q,
                               inputs.cu_seqlens_k, *tensors)
-        ctx.call = (dataclasses.replace(problem, return_probs=False), backend)
+        ctx.call = (dataclasses.replace(problem, return_probs=False) if problem.return_probs
+                    else problem, backend)
         return res.out, res.lse, probs, rng
 
     @staticmethod

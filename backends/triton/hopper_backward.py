@@ -226,19 +226,33 @@ def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: t
 def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
          lse: torch.Tensor, delta: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
          cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, tile_seq: torch.Tensor,
-         tile_blk: torch.Tensor, qk_scale: float) -> None:
+         tile_blk: torch.Tensor, qk_scale: float, *, record: bool = False):
     """Writes ``dk`` and ``dv`` (total_k, nheads_k, d) for the key tile list (tile_seq,
-    tile_blk) planned with BLOCK_N key rows; lse and delta: float32 (nheads, total_q)."""
+    tile_blk) planned with BLOCK_N key rows; lse and delta: float32 (nheads, total_q). With
+    ``record``, returns (replay.LaunchRecord or None, the q, k, v, dout descriptors): replays
+    take REPLAY_ARGS."""
     d = problem.head_dim
     left, right = problem.window
     block_m = CONFIG["block_m"][d]
     grid = (tile_seq.numel(), problem.nheads_k)
-    _hopper_dkdv_kernel[grid](
-        descriptor(q, d, block_m), descriptor(k, d, BLOCK_N), descriptor(v, d, BLOCK_N),
-        descriptor(dout, d, block_m), lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
-        tile_seq, tile_blk, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        problem.total_q, qk_scale, problem.scale, left, right,
+    descriptors = (descriptor(q, d, block_m), descriptor(k, d, BLOCK_N),
+                   descriptor(v, d, BLOCK_N), descriptor(dout, d, block_m))
+    args = (*descriptors, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
+            tile_seq, tile_blk, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            problem.total_q, qk_scale, problem.scale, left, right)
+    kwargs = dict(
         GROUP=problem.group_size, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
         STAGES=CONFIG["stages"], CONSUMER_REGS=CONFIG["consumer_regs"],
         PRODUCER_REGS=CONFIG["producer_regs"], TOP_LEFT=problem.mask_alignment == "top_left",
         WINDOW_LEFT=left >= 0, WINDOW_RIGHT=right >= 0, num_warps=4)
+    if record:
+        from .replay import LaunchRecord
+
+        return LaunchRecord.launch(_hopper_dkdv_kernel, grid, args, kwargs, REPLAY_ARGS), \
+            descriptors
+    _hopper_dkdv_kernel[grid](*args, **kwargs)
+    return None
+
+
+# The arguments a replay of the kernel's launch replaces (replay.LaunchRecord).
+REPLAY_ARGS = ("desc_q", "desc_k", "desc_v", "desc_do", "Lse", "Delta", "DK", "DV", "CuQ", "CuK")
