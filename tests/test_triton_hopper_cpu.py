@@ -1,6 +1,7 @@
 """The Gluon Hopper kernels stay out of calls they cannot serve: the modules import with any
 Triton, and CPU tensors (or a Triton without Gluon) take the tl kernels."""
 
+import pytest
 import torch
 
 import attnhub
@@ -16,3 +17,108 @@ def test_cpu_calls_never_reach_the_gluon_kernels():
     problem, _ = normalize(q, k, v, info, info, causal=True)
     assert not hopper_forward.supports(problem, q, k, v, True)
     assert not hopper_backward.supports(problem, q, k, v, q, True)
+
+
+def test_forward_hands_softcap_alibi_and_head_dim_256_calls_to_the_gluon_kernel(monkeypatch):
+    """forward.forward's dispatch, with the Gluon launcher replaced by a recorder (Gluon
+    cannot run here): softcap and ALiBi calls count as the Gluon kernel's features, dropout
+    does not; at head dim 256 the tiles are planned with Gluon's 128 rows, not the tl
+    kernel's; the score scalars and slopes reach the launcher."""
+    from attnhub.backends.triton import forward
+
+    asked, launched = [], []
+    monkeypatch.setattr(hopper_forward, "supports",
+                        lambda problem, q, k, v, plain: asked.append(plain) or plain)
+
+    def recorder(problem, q, k, v, out, lse, cu_q, cu_k, tiles, scalars, sinks=None,
+                 alibi=None, *, record=False):
+        launched.append((tiles, scalars, alibi))
+        return (None, ()) if record else None
+
+    monkeypatch.setattr(hopper_forward, "forward", recorder)
+    lengths = [5, 0, 300]
+    info = attnhub.VarlenInfo.from_lengths(lengths, "cpu")
+    q = torch.randn(305, 4, 256, dtype=torch.float16)
+    k = v = torch.randn(305, 2, 256, dtype=torch.float16)
+    slopes = torch.rand(4)
+    for kw in ({"softcap": 5.0, "causal": True}, {"alibi_slopes": slopes}):
+        problem, inputs = normalize(q, k, v, info, info, **kw)
+        forward.forward(problem, inputs, None)
+        assert asked.pop() is True
+        (programs, tile_seq, tile_blk, device_tiles), scalars, alibi = launched.pop()
+        assert (programs, device_tiles) == (1 + 3, False)  # cdiv(5, 128) + cdiv(300, 128)
+        tiles = sorted(zip(tile_seq.tolist(), tile_blk.tolist(), strict=True))
+        assert tiles == [(0, 0), (2, 0), (2, 1), (2, 2)]
+        assert scalars == forward.score_scalars(problem)
+        assert alibi is inputs.alibi_slopes
+    one = attnhub.VarlenInfo.from_lengths([5], "cpu")
+    problem, inputs = normalize(q[:5], k[:5], v[:5], one, one, dropout_p=0.5)
+    forward.forward(problem, inputs, torch.zeros(2, dtype=torch.int64))  # the tl kernel
+    assert asked == [False] and not launched  # dropout: not one of Gluon's features
+
+
+def test_gluon_launches_are_recorded_and_replayed_with_the_calls_tensors(monkeypatch):
+    """forward.forward's replay of the Gluon launch, with the launcher replaced by a recorder
+    that hands back a fake record: a softcap call (host lengths) and a device-offset call are
+    recorded at their problem's second call and replayed from the third with that call's
+    q / k / v (in rebased descriptors), out, lse and offsets; an ALiBi call is never
+    recorded (the slopes are not among the replayed arguments)."""
+    from attnhub.backends.triton import forward
+
+    class Descriptor:
+        def __init__(self, base):
+            self.base = base
+
+    replayed, flags = [], []
+
+    def fake(*tensors):  # the LaunchRecord: what a replay launches with
+        replayed.append(tensors)
+        return True
+
+    def launcher(problem, q, k, v, out, lse, cu_q, cu_k, tiles, scalars, sinks=None,
+                 alibi=None, *, record=False):
+        flags.append(record)
+        return (fake, (Descriptor(q), Descriptor(k), Descriptor(v))) if record else None
+
+    monkeypatch.setattr(hopper_forward, "supports", lambda problem, q, k, v, plain: plain)
+    monkeypatch.setattr(hopper_forward, "forward", launcher)
+    forward._replays.clear()
+    lengths = [5, 0, 30]
+    host = attnhub.VarlenInfo.from_lengths(lengths, "cpu")
+    cu = torch.tensor([0, 5, 5, 35], dtype=torch.int32)
+    for offsets, kw in (((host, host), {"softcap": 5.0, "causal": True}),
+                        ((cu, cu, 30, 30), {"causal": True}),
+                        ((host, host), {"alibi_slopes": torch.rand(4)})):
+        problem = None
+        for _ in range(4):
+            q = torch.randn(35, 4, 64, dtype=torch.float16)
+            k = v = torch.randn(35, 2, 64, dtype=torch.float16)
+            p, inputs = normalize(q, k, v, *offsets, **kw)
+            problem = p if problem is None else problem
+            out, lse = forward.forward(problem, inputs, None)
+        if "alibi_slopes" in kw:
+            assert flags == [False] * 4 and not replayed
+            continue
+        assert flags == [False, True]  # the third and fourth calls replay
+        assert len(replayed) == 2
+        desc_q, desc_k, desc_v, r_out, r_lse, r_cu_q, r_cu_k = replayed[-1]
+        assert desc_q.base is inputs.q and desc_k.base is inputs.k and desc_v.base is inputs.v
+        assert r_out is out and r_lse is lse
+        assert r_cu_q is inputs.cu_seqlens_q and r_cu_k is inputs.cu_seqlens_k
+        flags.clear()
+        replayed.clear()
+    forward._replays.clear()
+
+
+def test_replayed_argument_names_are_the_gluon_kernels_parameters():
+    """A replay puts the call's tensors into the parameters REPLAY_ARGS names (a name the
+    kernel lacks would silently disable replay); the kernel's other tensor parameters are
+    fixed per problem: the host tile list, or placeholders (sinks and ALiBi calls, which
+    carry per-call tensors there, are never replayed)."""
+    if not hopper_forward.available():
+        pytest.skip("this Triton has no Gluon")
+    names = hopper_forward._hopper_fwd_kernel.arg_names
+    assert names[:len(hopper_forward.REPLAY_ARGS)] == list(hopper_forward.REPLAY_ARGS)
+    assert names[7:11] == ["TileSeq", "TileBlk", "Sinks", "Alibi"]
+    names = hopper_backward._hopper_dkdv_kernel.arg_names
+    assert names[:len(hopper_backward.REPLAY_ARGS)] == list(hopper_backward.REPLAY_ARGS)

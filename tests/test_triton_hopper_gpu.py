@@ -1,9 +1,13 @@
 """The warp-specialised Gluon forward (backends/triton/hopper_forward.py) on an sm_90 GPU: it
-serves plain calls, agrees with the tl kernel and the float64 reference, keeps every
-sequence's reads inside the sequence, and compiles once for any lengths.
+serves plain, softcap and ALiBi calls at head dims 64, 128 and 256, with host lengths or
+device offsets only, agrees with the tl kernel and the float64 reference, keeps every
+sequence's reads inside the sequence, and compiles once for any lengths; the Gluon dK/dV
+kernel likewise.
 
 Run on the device machine: python -m pytest -m gpu tests/test_triton_hopper_gpu.py
 """
+
+import itertools
 
 import pytest
 import torch
@@ -62,7 +66,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_gluon_forward_matches_tl_kernel_and_reference(dtype, head_dim, case, gluon_calls):
     from attnhub.backends.triton import forward
@@ -90,7 +94,7 @@ def test_gluon_forward_matches_tl_kernel_and_reference(dtype, head_dim, case, gl
     assert (lse - tl_lse)[finite].abs().max() < 1e-3
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window_size": (40, 3)},
                                 {"causal": True, "mask_alignment": "top_left"}])
 def test_gluon_forward_with_sinks(head_dim, kw, gluon_calls):
@@ -126,12 +130,17 @@ def test_gluon_forward_with_sinks(head_dim, kw, gluon_calls):
     assert (lse[empty] - sinks[:, None].expand_as(lse)[empty]).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window_size": (40, 3)}])
-def test_gluon_forward_reads_no_other_sequence(kw, gluon_calls):
+@pytest.mark.parametrize("head_dim", [128, 256])
+@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window_size": (40, 3)},
+                                {"alibi_slopes": "head", "softcap": 5.0}])
+def test_gluon_forward_reads_no_other_sequence(kw, head_dim, gluon_calls):
     """inf keys and NaN values in one sequence change no other sequence's output, although
     TMA boxes at a sequence's end cover the next sequence's rows."""
     lengths = [300, 77, 130, 1000, 64]
-    q, k, v = _inputs(lengths, lengths, torch.bfloat16, 128, seed=1)
+    kw = dict(kw)
+    if "alibi_slopes" in kw:
+        kw["alibi_slopes"] = _slopes(kw["alibi_slopes"], len(lengths))
+    q, k, v = _inputs(lengths, lengths, torch.bfloat16, head_dim, seed=1)
     info = attnhub.VarlenInfo.from_lengths(lengths, "cuda")
     clean = attnhub.attention_forward_varlen(q, k, v, info, info, backend="triton", **kw)
     start, stop = 377, 507  # the third sequence
@@ -236,3 +245,146 @@ def test_gluon_dkdv_reads_no_other_sequence(gluon_dkdv_calls):
     others[start:stop] = False
     for a, b in zip(poisoned, clean, strict=True):
         assert torch.equal(a[others], b[others])
+
+
+# Features the Gluon forward serves beyond plain calls: (attnhub keywords, key lengths)
+FEATURE_CASES = [
+    ({"softcap": 30.0}, LENGTHS_K),
+    ({"softcap": 5.0, "causal": True}, LENGTHS_K_LONGER),
+    ({"softcap": 2.0, "causal": True, "mask_alignment": "top_left"}, LENGTHS_K_LONGER),
+    ({"softcap": 10.0, "window_size": (40, 3)}, LENGTHS_K_LONGER),
+    ({"alibi_slopes": "head"}, LENGTHS_K),
+    ({"alibi_slopes": "batch_head", "causal": True}, LENGTHS_K_LONGER),
+    ({"alibi_slopes": "head", "causal": True, "mask_alignment": "top_left"}, LENGTHS_K_LONGER),
+    ({"alibi_slopes": "batch_head", "window_size": (300, -1)}, LENGTHS_K_LONGER),
+    ({"alibi_slopes": "head", "softcap": 20.0, "window_size": (64, 0)}, LENGTHS_K),
+]
+
+
+def _slopes(kind: str, batch: int, nheads: int = 8) -> torch.Tensor:
+    """ALiBi slopes (nheads,) for "head", (batch, nheads) for "batch_head": the usual
+    geometric series, different per sequence in the second form."""
+    base = 2.0 ** (-8.0 * torch.arange(1, nheads + 1, device="cuda") / nheads)
+    if kind == "head":
+        return base.float()
+    return (base[None, :] * torch.linspace(0.5, 2.0, batch, device="cuda")[:, None]).float()
+
+
+def _check_feature_call(q, k, v, offsets, kw, gluon_calls, sinks=None, tol=2e-2):
+    """The Gluon forward (through forward.forward, as the backend calls it) against the tl
+    kernel and the float64 reference for one call; asserts the Gluon kernel served it.
+    ``offsets``: (info_q, info_k) or (cu_q, cu_k, max_q, max_k)."""
+    from attnhub.backends.triton import forward
+
+    problem, inputs = attnhub.normalize(q, k, v, *offsets, **kw)
+    out, lse = forward.forward(problem, inputs, None, sinks=sinks)
+    assert len(gluon_calls) == 1, f"{kw} did not reach the Gluon kernel"
+    tl_out, tl_lse = forward.forward(problem, inputs, None, sinks=sinks, gluon=False)
+    assert len(gluon_calls) == 1
+    ref_kw = dict(kw, sinks=sinks) if sinks is not None else kw
+    ref, ref_lse = attnhub.attention_forward_varlen(
+        q.double(), k.double(), v.double(), *offsets, return_lse=True, backend="reference",
+        **ref_kw)
+    err = (out.double() - ref).abs().max().item()
+    tl_err = (tl_out.double() - ref).abs().max().item()
+    assert err < tol, err
+    assert tl_err < tol, tl_err  # the tl kernel's path for the same call (device tiles too)
+    assert err <= 1.5 * tl_err + 1e-3, (err, tl_err)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    assert (lse.double() - ref_lse)[finite].abs().max() < 1e-3
+    assert (lse - tl_lse)[finite].abs().max() < 1e-3
+    return out, lse
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("case", range(len(FEATURE_CASES)))
+def test_gluon_forward_features(head_dim, case, gluon_calls):
+    """Softcap and ALiBi (both slope shapes) in the Gluon kernel, with host lengths."""
+    kw, lk = FEATURE_CASES[case]
+    kw = dict(kw)
+    if "alibi_slopes" in kw:
+        kw["alibi_slopes"] = _slopes(kw["alibi_slopes"], len(LENGTHS_Q))
+    q, k, v = _inputs(LENGTHS_Q, lk, torch.bfloat16, head_dim, seed=7)
+    offsets = (attnhub.VarlenInfo.from_lengths(LENGTHS_Q, "cuda"),
+               attnhub.VarlenInfo.from_lengths(lk, "cuda"))
+    _check_feature_call(q, k, v, offsets, kw, gluon_calls)
+
+
+def _device_offsets(lq, lk):
+    """(cu_q, cu_k, max_q, max_k) with the offsets on the GPU: no host lengths."""
+    cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(x)], dtype=torch.int32, device="cuda")
+                  for x in (lq, lk))
+    return cu_q, cu_k, max(lq), max(lk)
+
+
+ODD_Q = [0, 1, 300, 5, 129, 1, 0, 1000, 64]
+ODD_K = [7, 1, 299, 0, 300, 2, 0, 1100, 1]
+# (attnhub keywords, query lengths, key lengths) of calls without host lengths
+DEVICE_CASES = [
+    ({}, ODD_Q, ODD_Q),
+    ({"causal": True}, ODD_Q, ODD_K),
+    ({"causal": True, "mask_alignment": "top_left"}, ODD_Q, ODD_K),
+    ({"window_size": (40, 3)}, ODD_Q, ODD_K),
+    ({"softcap": 10.0, "window_size": (-1, 0)}, ODD_Q, ODD_K),
+    ({"alibi_slopes": "batch_head", "causal": True}, ODD_Q, ODD_K),
+    ({"alibi_slopes": "head", "softcap": 5.0}, ODD_Q, ODD_Q),
+    ({"causal": True}, [0, 5, 130, 1] * 80, [3, 5, 129, 0] * 80),  # more than one chunk
+]
+
+
+@pytest.mark.parametrize("sinks", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("case", range(len(DEVICE_CASES)))
+def test_gluon_forward_finds_its_tiles_without_host_lengths(case, head_dim, sinks,
+                                                            gluon_calls):
+    """Device offsets and max_seqlen only: the Gluon kernel's programs find their (sequence,
+    block) from cu_seqlens_q (the extra programs of the upper-bound grid exit); lengths 0
+    and 1, sq != sk, windows, softcap, ALiBi and sinks, against the tl kernel and the
+    reference."""
+    kw, lq, lk = DEVICE_CASES[case]
+    kw = dict(kw)
+    if "alibi_slopes" in kw:
+        kw["alibi_slopes"] = _slopes(kw["alibi_slopes"], len(lq))
+    q, k, v = _inputs(lq, lk, torch.bfloat16, head_dim, seed=11)
+    offsets = _device_offsets(lq, lk)
+    problem, _ = attnhub.normalize(q, k, v, *offsets, **kw)
+    assert not problem.lengths_known
+    sink_logits = torch.randn(8, device="cuda") if sinks else None
+    _check_feature_call(q, k, v, offsets, kw, gluon_calls, sinks=sink_logits)
+
+
+def test_gluon_forward_device_tiles_compile_once_and_replay(gluon_calls):
+    """New batch sizes without host lengths compile nothing new, and the replayed launch
+    (same problem object, third call on) gives the bitwise result of a fresh launch."""
+    from attnhub.backends.triton import forward, hopper_forward
+
+    kernel = hopper_forward._hopper_fwd_kernel
+    before = None
+    for lengths in ([300, 0, 17], [1, 2, 3, 4, 5, 6, 7, 8, 9], [0, 5, 130, 1] * 80):
+        q, k, v = _inputs(lengths, lengths, torch.bfloat16, 128)
+        offsets = _device_offsets(lengths, lengths)
+        attnhub.attention_forward_varlen(q, k, v, *offsets, causal=True, backend="triton")
+        torch.cuda.synchronize()
+        now = sum(len(entry[0]) for entry in kernel.device_caches.values())
+        before = now if before is None else before
+        assert now == before, f"recompiled for batch {len(lengths)}"
+    assert len(gluon_calls) == 3
+    lengths = [64, 1, 200, 0, 130]
+    offsets = _device_offsets(lengths, lengths)
+    problem = None
+    results = []
+    for seed in range(4):  # launches 1 and 2 in full (the second records), then replays
+        q, k, v = _inputs(lengths, lengths, torch.bfloat16, 128, seed=seed)
+        p, inputs = attnhub.normalize(q, k, v, *offsets, causal=True)
+        if problem is None:
+            problem = p
+        results.append((inputs, forward.forward(problem, inputs, None)))
+    assert any(isinstance(r, forward.ForwardReplay) and r.gluon
+               for p, recs in forward._replays._entries.values() if p is problem
+               for r in recs.values())
+    forward._replays.clear()
+    for inputs, (out, lse) in results:
+        fresh_out, fresh_lse = forward.forward(problem, inputs, None)
+        assert torch.equal(out, fresh_out)
+        assert torch.equal(lse, fresh_lse)

@@ -1,7 +1,8 @@
 """Replayed Triton launches (backends/triton/replay.py): the cache's bookkeeping on the CPU;
 on a CUDA GPU, replays give the bitwise results of a fresh launch for each kernel (tl with
-pointer loads, tl with TMA, Gluon), with new tensors every call, and a call whose tensors
-differ in what the record assumed (strides, alignment) takes the full launch.
+pointer loads, tl with TMA, Gluon; host lengths or device offsets; plain, softcap and head
+dim 256 calls), with new tensors every call, and a call whose tensors differ in what the
+record assumed (strides, alignment) takes the full launch.
 
 Run the GPU part on the device machine: python -m pytest -m gpu tests/test_triton_replay.py
 """
@@ -78,12 +79,12 @@ def _inputs(lengths, seed, head_dim=128):
 @needs_gpu
 @pytest.mark.parametrize("path", ["tl", "tl-tma", "gluon"])
 @pytest.mark.parametrize("offsets", ["varlen-info", "device"])
-def test_replayed_launches_match_fresh_launches(path, offsets, monkeypatch):
+@pytest.mark.parametrize("feature", ["plain", "softcap", "d256"])
+def test_replayed_launches_match_fresh_launches(path, offsets, feature, monkeypatch):
     from attnhub.backends.triton import hopper_forward
 
-    if path == "gluon" and (offsets == "device" or not hopper_forward.available()
-                            or not hopper_forward.is_sm90(None)):
-        pytest.skip("the Gluon forward runs host-planned tile lists on sm_90")
+    if path == "gluon" and (not hopper_forward.available() or not hopper_forward.is_sm90(None)):
+        pytest.skip("the Gluon forward runs on sm_90")
     gluon, tma = path == "gluon", path == "tl-tma"
     original = triton_forward.forward
     monkeypatch.setattr(triton_forward, "forward",
@@ -97,27 +98,31 @@ def test_replayed_launches_match_fresh_launches(path, offsets, monkeypatch):
         cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda",
                           dtype=torch.int32)
         args = (cu, cu, max(lengths), max(lengths))
+    kw = {"softcap": 20.0} if feature == "softcap" else {}
+    head_dim = 256 if feature == "d256" else 128
     calls = []
     for seed in range(5):  # new tensors each call: 1st and 2nd launch fully, then replays
-        q, k, v = _inputs(lengths, seed)
+        q, k, v = _inputs(lengths, seed, head_dim)
         out, lse = attnhub.attention_forward_varlen(q, k, v, *args, causal=True,
-                                                    return_lse=True, backend="triton")
+                                                    return_lse=True, backend="triton", **kw)
         calls.append(((q, k, v), out.clone(), lse.clone()))
-    records = [r for p, recs in triton_forward._replays._entries.values() if p.total_q == total
+    records = [r for p, recs in triton_forward._replays._entries.values()
+               if (p.total_q, p.head_dim, p.softcap) == (total, head_dim, kw.get("softcap", 0))
                for r in recs.values()]
-    assert any(isinstance(r, triton_forward.ForwardReplay) for r in records)
+    assert any(isinstance(r, triton_forward.ForwardReplay) and r.gluon == gluon
+               for r in records)
     triton_forward._replays.clear()  # fresh launches of the same calls
     for (q, k, v), out, lse in calls:
         fresh_out, fresh_lse = triton_forward.forward(
-            *_problem_and_inputs(q, k, v, args), None)
+            *_problem_and_inputs(q, k, v, args, **kw), None)
         assert torch.equal(out, fresh_out)
         assert torch.equal(lse, fresh_lse)
 
 
-def _problem_and_inputs(q, k, v, args):
+def _problem_and_inputs(q, k, v, args, **kw):
     from attnhub.normalize import normalize
 
-    return normalize(q, k, v, *args, causal=True)
+    return normalize(q, k, v, *args, causal=True, **kw)
 
 
 @pytest.mark.gpu

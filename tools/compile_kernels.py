@@ -10,11 +10,15 @@ that. The Gluon kernels need the Triton version the GPU machine runs (its Gluon 
 between releases).
 
     python tools/compile_kernels.py --out /tmp/ptx [--sinks] [--arch 90]
+
+attnhub is imported from this checkout (backends/ included), whatever other checkout an
+editable install in the environment points to.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import pathlib
 import re
@@ -29,7 +33,28 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMPILED: list[tuple[str, object]] = []
+LABEL = [""]  # the variant being launched, appended to the kernel's name
+
+
+def use_this_checkout() -> None:
+    """Imports attnhub and the folders pyproject maps into it (backends/, conformance/) from
+    the checkout this script lives in: an editable install of another checkout in the same
+    environment would otherwise supply attnhub.backends, and the kernels compiled would not
+    be the ones beside this script."""
+    sys.path.insert(0, str(ROOT))
+    import attnhub
+
+    if pathlib.Path(attnhub.__file__).resolve().parent != ROOT / "attnhub":
+        raise SystemExit(f"attnhub is imported from {attnhub.__file__}, not from {ROOT}")
+    for name, folder in (("attnhub.backends", "backends"),
+                         ("attnhub.conformance", "conformance")):
+        spec = importlib.util.spec_from_file_location(
+            name, ROOT / folder / "__init__.py", submodule_search_locations=[str(ROOT / folder)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
 
 
 def compile_instead_of_launch(target: GPUTarget) -> None:
@@ -46,7 +71,7 @@ def compile_instead_of_launch(target: GPUTarget) -> None:
             from triton.experimental.gluon._runtime import GluonASTSource as source
         kernel = triton.compile(source(self, signature, constexprs, attrs), target=target,
                                 options=options.__dict__)
-        COMPILED.append((self.__name__, kernel))
+        COMPILED.append((self.__name__ + LABEL[0], kernel))
         return kernel
 
     JITFunction.run = run
@@ -54,7 +79,8 @@ def compile_instead_of_launch(target: GPUTarget) -> None:
 
 def launch_all(sinks: bool) -> None:
     """One launch of every kernel family: tiled forward and backward (plain causal, and
-    softcap + window), the split-KV decode, and the Gluon forward and dK/dV."""
+    softcap + window), the split-KV decode, the Gluon dK/dV, and the Gluon forward in each
+    build of GLUON_FORWARDS."""
     import attnhub
     from attnhub.backends.triton import (
         backward,
@@ -81,11 +107,6 @@ def launch_all(sinks: bool) -> None:
             backward.backward(problem, inputs, out, lse, q, None, None, **kw)
             group_split.split_for = unsplit
         if features.get("causal") and hopper_forward.available():
-            tile_seq, tile_blk = forward.tile_list(problem, inputs.cu_seqlens_q,
-                                                   hopper_forward.BLOCK_M, True)
-            hopper_forward.forward(problem, q, k, k, out, lse, inputs.cu_seqlens_q,
-                                   inputs.cu_seqlens_k, tile_seq, tile_blk, 0.1,
-                                   kw.get("sinks"))
             k_seq, k_blk = forward.tile_list(problem, inputs.cu_seqlens_k,
                                              hopper_backward.BLOCK_N, False)
             hopper_backward.dkdv(problem, q, k, k, q, lse, lse, k.clone(), k.clone(),
@@ -97,6 +118,52 @@ def launch_all(sinks: bool) -> None:
     problem, inputs = attnhub.normalize(q, k, k, attnhub.VarlenInfo.from_lengths([1] * 4),
                                         info_k)
     decode.forward(problem, inputs, **kw)
+    if hopper_forward.available():
+        for label, features, head_dim in GLUON_FORWARDS:
+            LABEL[0] = f" [{label}]"
+            kq, kk = (torch.randn(sum(x), n, head_dim, dtype=torch.float16, generator=g)
+                      for x, n in ((lq, 8), (lk, 2)))
+            features = dict(features)
+            device_tiles = features.pop("device_tiles", False)
+            problem, inputs = attnhub.normalize(kq, kk, kk, info_q, info_k, **features)
+            gluon_forward(problem, inputs, kw.get("sinks"), device_tiles)
+        LABEL[0] = ""
+
+
+# (label, features, head dim) of the Gluon forward builds compiled
+GLUON_FORWARDS = [
+    ("causal d128", {"causal": True}, 128),
+    ("causal d64", {"causal": True}, 64),
+    ("softcap d128", {"softcap": 30.0}, 128),
+    ("softcap causal d64", {"softcap": 30.0, "causal": True}, 64),
+    ("softcap window d128", {"softcap": 30.0, "window_size": (64, 0)}, 128),
+    ("alibi d128", {"alibi_slopes": torch.rand(8)}, 128),
+    ("alibi causal d64", {"alibi_slopes": torch.rand(8), "causal": True}, 64),
+    ("alibi per-batch softcap window d128",
+     {"alibi_slopes": torch.rand(4, 8), "softcap": 30.0, "window_size": (64, 3)}, 128),
+    ("device-tiles causal d128", {"device_tiles": True, "causal": True}, 128),
+    ("causal d256", {"causal": True}, 256),
+    ("softcap alibi window d256",
+     {"softcap": 30.0, "alibi_slopes": torch.rand(8), "window_size": (64, 0)}, 256),
+    ("device-tiles alibi softcap d64",
+     {"device_tiles": True, "alibi_slopes": torch.rand(8), "softcap": 30.0}, 64),
+]
+
+
+def gluon_forward(problem, inputs, sinks, device_tiles: bool) -> None:
+    """The Gluon forward's launch for ``problem``, as forward.forward makes it on an H100;
+    ``device_tiles``: as without host lengths (CPU offsets count as host lengths here)."""
+    from attnhub.backends.triton import forward, hopper_forward
+
+    out = torch.empty_like(inputs.q)
+    lse = torch.empty(problem.nheads, problem.total_q)
+    tiles = forward.launch_tiles(problem, inputs.cu_seqlens_q, hopper_forward.BLOCK_M, True)
+    if device_tiles:  # the upper bound launch_tiles takes without host lengths
+        programs = -(-problem.total_q // hopper_forward.BLOCK_M) + problem.batch
+        tiles = (programs, inputs.cu_seqlens_q, inputs.cu_seqlens_q, True)
+    hopper_forward.forward(problem, inputs.q, inputs.k, inputs.v, out, lse,
+                           inputs.cu_seqlens_q, inputs.cu_seqlens_k, tiles,
+                           forward.score_scalars(problem), sinks, inputs.alibi_slopes)
 
 
 def ptxas_report(ptx: pathlib.Path, arch: str) -> str:
@@ -115,13 +182,14 @@ def main() -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability (90: sm_90a)")
     parser.add_argument("--sinks", action="store_true", help="the launches carry sinks")
     args = parser.parse_args()
+    use_this_checkout()
     compile_instead_of_launch(GPUTarget("cuda", args.arch, 32))
     launch_all(args.sinks)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     arch = f"sm_{args.arch}a" if args.arch >= 90 else f"sm_{args.arch}"
     for i, (name, kernel) in enumerate(COMPILED):
-        path = out / f"{i:02d}_{name}.ptx"
+        path = out / (f"{i:02d}_" + re.sub(r"[^A-Za-z0-9_]+", "-", name).strip("-") + ".ptx")
         path.write_text(kernel.asm["ptx"])
         print(f"{path.name}: shared {kernel.metadata.shared} bytes, "
               f"{ptxas_report(path, arch)}")

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from . import configs, hopper_forward, replay, tiles
+from .softcap import tanh as _tanh
 from .tiles import program_tile
 
 try:
@@ -26,18 +27,6 @@ except ImportError:  # triton < 3.4: pointer loads only
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-
-
-@triton.jit
-def _tanh(x):
-    """tanh without libdevice (absent in the interpreter), relative error < 2e-7 in fp32.
-    |x| > 0.625: 1 - 2 / (exp(2x) + 1); below, where that form cancels (its error is
-    absolute, ~1e-7, and softcap multiplies t by the cap), Cephes tanhf's odd polynomial."""
-    z = x * x
-    small = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z
-              + 1.33314422036e-1) * z - 3.33332819422e-1) * z * x + x
-    large = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-    return tl.where(tl.abs(x) > 0.625, large, small)
 
 
 @triton.jit
@@ -501,10 +490,11 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor |
     """out (total_q, nheads, d) in q's dtype and lse float32 (nheads, total_q); ``sinks``:
     float32 (nheads,) sink logits, or None (lse then -inf on rows that see no key).
 
-    ``gluon``: plain calls on an sm_90 GPU with a host-planned tile list run the
-    warp-specialised Gluon kernel (hopper_forward.py); ``tma``: the tl kernel reads fully
-    visible K/V blocks through TMA descriptors where the layout allows. Both ship on;
-    benchmarks and tests turn them off to compare with the tl kernel and pointer loads.
+    ``gluon``: calls on an sm_90 GPU without dropout, custom mask or pages (host or
+    device lengths) run the warp-specialised Gluon kernel (hopper_forward.py);
+    ``tma``: the tl kernel reads fully visible K/V blocks through TMA descriptors where
+    the layout allows. Both ship on; benchmarks and tests turn them off to compare with
+    the tl kernel and pointer loads.
 
     Repeats of a problem object (attnhub's call plans pass the same one) without dropout,
     sinks, ALiBi, pages, custom masks or an attnhub.plan schedule replay the launch recorded
@@ -534,14 +524,6 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor |
     v, stride_vt, stride_vh = kv_layout(problem, _last_contiguous(v))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((problem.nheads, problem.total_q), dtype=torch.float32, device=q.device)
-    block_m = configs.forward_block_m(problem.head_dim)
-    planned = inputs.schedule  # attnhub.plan: the forward's (tile_seq, tile_blk), or None
-    programs, tile_seq, tile_blk, device_tiles = launch_tiles(
-        problem, cu_q, block_m, True, planned)
-    if programs == 0 or problem.nheads == 0:
-        if recording:
-            _replays.put(problem, replay_key, None)
-        return out, lse
     left, right = problem.window
     alibi = inputs.alibi_slopes
     block_table = inputs.block_table
@@ -549,10 +531,24 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor |
     rows_exact = configs.block_d(problem.head_dim) == problem.head_dim and problem.paged is None
     plain = (rows_exact and not problem.custom_mask and problem.dropout_p == 0
              and problem.softcap == 0 and alibi is None)
-    if (gluon and not device_tiles and block_m == hopper_forward.BLOCK_M
-            and hopper_forward.supports(problem, q, k, v, plain)):
-        recorded = hopper_forward.forward(problem, q, k, v, out, lse, cu_q, cu_k, tile_seq,
-                                          tile_blk, score_scalars(problem)[0], sinks,
+    # the Gluon kernel's features: plain calls, softcap, ALiBi
+    gluon_features = rows_exact and not problem.custom_mask and problem.dropout_p == 0
+    use_gluon = gluon and hopper_forward.supports(problem, q, k, v, gluon_features)
+    block_m = configs.forward_block_m(problem.head_dim)
+    # attnhub.plan: the forward's (tile_seq, tile_blk) planned with block_m rows, or None
+    planned = inputs.schedule
+    if use_gluon and block_m != hopper_forward.BLOCK_M:  # head dim 256: Gluon's 128 rows
+        block_m, planned = hopper_forward.BLOCK_M, None
+    programs, tile_seq, tile_blk, device_tiles = launch_tiles(
+        problem, cu_q, block_m, True, planned)
+    if programs == 0 or problem.nheads == 0:
+        if recording:
+            _replays.put(problem, replay_key, None)
+        return out, lse
+    if use_gluon:
+        recorded = hopper_forward.forward(problem, q, k, v, out, lse, cu_q, cu_k,
+                                          (programs, tile_seq, tile_blk, device_tiles),
+                                          score_scalars(problem), sinks, alibi,
                                           record=recording)
         if recording:
             record, descriptors = recorded

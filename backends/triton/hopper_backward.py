@@ -219,8 +219,10 @@ if gluon is not None:
 def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
              plain: bool) -> bool:
     """Whether this kernel computes dK/dV of a call with host lengths: the conditions of
-    hopper_forward.supports, and dO laid out like Q."""
-    return (hopper_forward.supports(problem, q, k, v, plain)
+    hopper_forward.supports, a head dim of its own CONFIG (64 or 128), and dO laid out like
+    Q."""
+    return (problem.head_dim in CONFIG["block_m"]
+            and hopper_forward.supports(problem, q, k, v, plain)
             and tma_rows(dout, problem.head_dim))
 
 

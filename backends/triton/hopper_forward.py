@@ -1,7 +1,7 @@
 """Warp-specialised varlen forward for Hopper (sm_90), written in Gluon.
 
-The plain forward (no softcap, ALiBi, dropout, custom mask or pages; head dim 64 or 128;
-fp16/bf16; causal, windows and attention sinks allowed) of the Triton backend on an
+The forward without dropout, custom mask or pages (head dim 64, 128 or 256; fp16/bf16;
+causal, windows, softcap, ALiBi and attention sinks allowed) of the Triton backend on an
 H100/H200. One program per (query tile of 128 rows, query head), as the tl kernel
 (forward.py), but scheduled by hand:
 
@@ -12,12 +12,18 @@ H100/H200. One program per (query tile of 128 rows, query head), as the tl kerne
   block j - 1 as asynchronous wgmma, and compute block j's softmax while P V still runs
   (FlashAttention-3's intra-warpgroup overlap, Shah et al. 2024, section 3.2).
 
-Semantics match forward.py exactly (bottom-right or top-left alignment, windows, lse in
-natural log, rows that see no key: zeros and lse -inf, or lse = the sink with sinks). Rows
-past a sequence's end that a K/V box reads are masked in the scores and zeroed in V before
-P V, so no sequence reads another's values (tests/test_triton_loads.py). Needs
-``triton.experimental.gluon`` with Hopper's wgmma (Triton 3.5+); the tl kernel serves every
-other call.
+Without host lengths (device cu_seqlens and max_seqlen only) the launch takes the tl kernel's
+upper bound of programs: each finds its (sequence, block) from cu_seqlens_q before the
+partitions split (tiles.find_tile_in_chunks), so producer and consumers share it, and the
+extra programs exit. Head dim 256 streams 64-key blocks (CONFIG).
+
+Semantics match forward.py exactly (softcap through the same tanh, softcap.py, in the same
+base-2 units as forward.score_tile, ALiBi on every block; bottom-right or top-left
+alignment, windows, lse in natural log, rows that see no key: zeros and lse -inf, or lse =
+the sink with sinks). Rows past a sequence's end that a K/V box reads are masked in the
+scores and zeroed in V before P V, so no sequence reads another's values
+(tests/test_triton_loads.py). Needs ``triton.experimental.gluon`` with Hopper's wgmma
+(Triton 3.5+); the tl kernel serves every other call.
 """
 
 from __future__ import annotations
@@ -37,14 +43,23 @@ try:
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from .softcap import tanh
+    from .tiles import FIND_CHUNK, find_tile_in_chunks
 except ImportError:  # no Gluon (Triton < 3.5): the tl kernel serves every call
     gluon = None
 
 BLOCK_M = 128
-# (key block, stages, consumer registers, producer registers), from benchmarks on an H200
-# (docs/performance.md)
-CONFIG = {"block_n": 128, "stages": 2, "consumer_regs": 240, "producer_regs": 24}
-HEAD_DIMS = (64, 128)
+# (key block per head dim, stages, consumer registers, producer registers), from benchmarks
+# on an H200 (docs/performance.md); head dim 256 takes 64-key blocks so that the 64 x 256
+# fp32 accumulator (128 registers a thread) and the scores fit the consumers' registers and
+# Q plus two K and V stages fit shared memory (192 KiB) -- not yet timed on a GPU
+CONFIG = {"block_n": {64: 128, 128: 128, 256: 64}, "stages": 2, "consumer_regs": 240,
+          "producer_regs": 24}
+HEAD_DIMS = (64, 128, 256)
+# ALiBi's distances |i + sk - sq - j| are formed from float32 positions, exact (equal to the
+# tl kernel's integer distances) while every sequence is at most this long
+ALIBI_MAX_SEQLEN = 1 << 24
 
 if gluon is not None:
 
@@ -89,14 +104,20 @@ if gluon is not None:
             visible = visible & (rel >= -window_right)
         return visible
 
+    @gluon.constexpr_function
+    def row_layout(head_dim):
+        """One warpgroup's blocked layout over (rows, head_dim): 8 contiguous elements (16
+        bytes) a thread, a warp across at most 256 columns."""
+        cols = min(head_dim // 8, 32)
+        return gl.BlockedLayout([1, 8], [32 // cols, cols], [4, 1], [1, 0])
+
     @gluon.jit
     def zero_rows_from(buf, valid, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr):
         """Rows ``valid``.. of a (ROWS, HEAD_DIM) shared buffer set to zero, by one warpgroup
         (each thread rewrites what it read). They belong to the next sequence: the matmul
         that reduces over them multiplies them by 0, but 0 * inf or NaN would not be 0. The
         caller fences (fence_async_shared) and synchronises before wgmma reads them."""
-        layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8],
-                                                [4, 1], [1, 0])
+        layout: gl.constexpr = row_layout(HEAD_DIM)
         x = buf.load(layout)
         rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
         buf.store(gl.where((rows < valid)[:, None], x, gl.zeros_like(x)))
@@ -114,16 +135,53 @@ if gluon is not None:
         return gl.where(visible, s, float("-inf"))
 
     @gluon.jit
+    def _in_base2(x, qk_scale, BASE2: gl.constexpr):
+        """Raw scores (or their row maxima) ``x`` in base-2 units: already there when BASE2
+        (softcap or ALiBi: _base2_scores made them), else x * qk_scale (the plain path folds
+        the scale into the exponent's FMA)."""
+        if BASE2:
+            return x
+        else:
+            return x * qk_scale
+
+    @gluon.jit
+    def _base2_scores(s, ks, r0, offset, qk_scale, tanh_scale, softcap2, slope2,
+                      S_LAYOUT: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+                      HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
+        """Raw q.k scores ``s`` of query rows r0.. and keys ks.. in base-2 units as
+        forward.score_tile makes them: cap * tanh(scale * s / cap) * log2(e) with softcap
+        (tanh_scale = scale / cap, softcap2 = cap * log2(e)), else s * qk_scale; with ALiBi
+        minus slope2 * |i + offset - j| (slope2 = slope * log2(e)) on every block."""
+        if HAS_SOFTCAP:
+            s = tanh(s * tanh_scale) * softcap2
+        elif HAS_ALIBI:
+            s = s * qk_scale
+        if HAS_ALIBI:
+            # |i + offset - j| from float positions, exact while sequences are at most
+            # ALIBI_MAX_SEQLEN long (supports() asks for it): per element one float
+            # subtraction instead of an integer subtraction and a conversion
+            kj = (ks + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_LAYOUT))).to(gl.float32)
+            qi = (r0 + offset + gl.arange(0, ROWS, layout=gl.SliceLayout(1, S_LAYOUT))).to(
+                gl.float32)
+            s = s - slope2 * gl.abs(qi[:, None] - kj[None, :])
+        return s
+
+    @gluon.jit
     def _consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, v_zeroed,
                  Out, Lse, Sinks, q_start, sq, h, m0, sk, offset, lo, n_blocks, full_lo,
-                 full_hi, qk_scale, window_left, window_right, stride_ot, stride_oh, total_q,
-                 WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr,
-                 WINDOW_RIGHT: gl.constexpr, HAS_SINKS: gl.constexpr):
+                 full_hi, qk_scale, tanh_scale, softcap2, slope2, window_left, window_right,
+                 stride_ot, stride_oh, total_q, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr,
+                 HAS_SINKS: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
         """Consumer warpgroup WG (0 or 1): query rows [m0 + WG * ROWS, + ROWS) of the tile,
         online softmax over the key blocks, then O and lse (with head h's sink logit joined
-        to the denominator when HAS_SINKS, as forward.add_sink)."""
+        to the denominator when HAS_SINKS, as forward.add_sink). Scores are softcapped
+        (HAS_SOFTCAP) and biased (HAS_ALIBI: every block) before the mask, as in
+        forward.score_tile."""
         ROWS: gl.constexpr = BLOCK_M // 2
+        # scores turned into base-2 units before the max
+        BASE2: gl.constexpr = HAS_SOFTCAP or HAS_ALIBI
         dtype: gl.constexpr = q_smem.dtype
         S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
@@ -148,12 +206,14 @@ if gluon is not None:
                               is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
             mbarrier.arrive(k_empty.index(0))
+            s = _base2_scores(s, lo, r0, offset, qk_scale, tanh_scale, softcap2, slope2,
+                              S_LAYOUT, ROWS, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI)
             if (lo < full_lo) | (lo + BLOCK_N > full_hi):
                 s = _masked(s, lo, r0, sk, offset, window_left, window_right, S_LAYOUT,
                             ROWS, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
-            m_blk = gl.max(s, 1) * qk_scale
+            m_blk = _in_base2(gl.max(s, 1), qk_scale, BASE2)
             m_use = gl.where(m_blk == float("-inf"), 0.0, m_blk)
-            p = gl.exp2(s * qk_scale - m_use[:, None])
+            p = gl.exp2(_in_base2(s, qk_scale, BASE2) - m_use[:, None])
             l_i = gl.sum(p, 1)
             m_i = m_blk
             p_op = gl.convert_layout(p.to(dtype), P_LAYOUT)
@@ -168,13 +228,15 @@ if gluon is not None:
                 acc = warpgroup_mma(p_op, v_smem.index(pst), acc, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
                 mbarrier.arrive(k_empty.index(st))
+                s = _base2_scores(s, ks, r0, offset, qk_scale, tanh_scale, softcap2, slope2,
+                                  S_LAYOUT, ROWS, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI)
                 if (ks < full_lo) | (ks + BLOCK_N > full_hi):
                     s = _masked(s, ks, r0, sk, offset, window_left, window_right, S_LAYOUT,
                                 ROWS, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
-                m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+                m_new = gl.maximum(m_i, _in_base2(gl.max(s, 1), qk_scale, BASE2))
                 m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
                 alpha = gl.exp2(m_i - m_use)
-                p = gl.exp2(s * qk_scale - m_use[:, None])
+                p = gl.exp2(_in_base2(s, qk_scale, BASE2) - m_use[:, None])
                 l_i = l_i * alpha + gl.sum(p, 1)
                 m_i = m_new
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
@@ -211,8 +273,7 @@ if gluon is not None:
         lse = gl.where(seen, (m_i + gl.log2(gl.where(seen, l_i, 1.0))) * 0.6931471805599453,
                        float("-inf"))
         # 16-byte stores after a layout change through shared memory
-        OUT_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8],
-                                                    [4, 1], [1, 0])
+        OUT_LAYOUT: gl.constexpr = row_layout(HEAD_DIM)
         out = gl.convert_layout(out, OUT_LAYOUT)
         rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, OUT_LAYOUT))
         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, OUT_LAYOUT))
@@ -222,20 +283,37 @@ if gluon is not None:
         lse_rows = r0 + gl.arange(0, ROWS, layout=ROW_S)
         gl.store(Lse + h.to(gl.int64) * total_q + q_start + lse_rows, lse, mask=lse_rows < sq)
 
-    @gluon.jit(do_not_specialize=["total_q"])
+    @gluon.jit(do_not_specialize=["total_q", "batch"])
     def _hopper_fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, CuQ, CuK, TileSeq, TileBlk, Sinks,
-                           stride_ot, stride_oh, total_q, qk_scale, window_left, window_right,
+                           Alibi, stride_ot, stride_oh, stride_ab, total_q, batch, qk_scale,
+                           tanh_scale, softcap2, window_left, window_right,
                            GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                            STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                            PRODUCER_REGS: gl.constexpr,
                            TOP_LEFT: gl.constexpr, WINDOW_LEFT: gl.constexpr,
-                           WINDOW_RIGHT: gl.constexpr, HAS_SINKS: gl.constexpr):
+                           WINDOW_RIGHT: gl.constexpr, HAS_SINKS: gl.constexpr,
+                           HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
+                           DEVICE_TILES: gl.constexpr):
         pid = gl.program_id(0)
         h = gl.program_id(1)
-        b = gl.load(TileSeq + pid)
-        m0 = gl.load(TileBlk + pid) * BLOCK_M
+        # the program's (sequence, query block), found before the partitions split, so that
+        # the producer and both consumers take the same one
+        if DEVICE_TILES:  # an upper bound of programs: each finds its tile, the extra exit
+            offs = gl.arange(0, FIND_CHUNK,
+                             layout=gl.BlockedLayout([1], [32], [gl.num_warps()], [0]))
+            b, blk = find_tile_in_chunks(CuQ, batch, pid, offs, BLOCK_M, FIND_CHUNK)
+            if b >= batch:
+                return
+        else:
+            b = gl.load(TileSeq + pid)
+            blk = gl.load(TileBlk + pid)
+        m0 = blk * BLOCK_M
         q_start, sq, k_start, sk, offset = sequence_bounds(CuQ, CuK, b, TOP_LEFT)
+        if HAS_ALIBI:  # slopes (nheads,) (stride_ab 0) or (batch, nheads)
+            slope2 = gl.load(Alibi + b * stride_ab + h) * 1.4426950408889634
+        else:
+            slope2 = qk_scale * 0.0
 
         # key range [lo, hi) of rows [m0, m0 + BLOCK_M), and [full_lo, full_hi): the keys
         # every row of the tile sees (blocks inside it need no mask)
@@ -274,14 +352,16 @@ if gluon is not None:
         gl.warp_specialize([
             (_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
                         v_zeroed, Out, Lse, Sinks, q_start, sq, h, m0, sk, offset, lo,
-                        n_blocks, full_lo, full_hi, qk_scale, window_left, window_right,
-                        stride_ot, stride_oh, total_q, 0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                        WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS)),
+                        n_blocks, full_lo, full_hi, qk_scale, tanh_scale, softcap2, slope2,
+                        window_left, window_right, stride_ot, stride_oh, total_q, 0, HEAD_DIM,
+                        BLOCK_M, BLOCK_N, STAGES, WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS,
+                        HAS_SOFTCAP, HAS_ALIBI)),
             (_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
                         v_zeroed, Out, Lse, Sinks, q_start, sq, h, m0, sk, offset, lo,
-                        n_blocks, full_lo, full_hi, qk_scale, window_left, window_right,
-                        stride_ot, stride_oh, total_q, 1, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                        WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS)),
+                        n_blocks, full_lo, full_hi, qk_scale, tanh_scale, softcap2, slope2,
+                        window_left, window_right, stride_ot, stride_oh, total_q, 1, HEAD_DIM,
+                        BLOCK_M, BLOCK_N, STAGES, WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS,
+                        HAS_SOFTCAP, HAS_ALIBI)),
             (_produce, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
                         k_empty, v_empty, q_start + m0, h * HEAD_DIM, k_start + lo,
                         (h // GROUP) * HEAD_DIM, n_blocks, BLOCK_N, STAGES)),
@@ -310,14 +390,19 @@ def tma_rows(t: torch.Tensor, head_dim: int) -> bool:
 
 
 def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plain: bool) -> bool:
-    """Whether this kernel serves a call with a host-planned tile list: a plain forward on
-    an sm_90 GPU with fp16/bf16, head dim 64 or 128, Q/K/V as packed rows whose heads lie
-    contiguous (TMA boxes)."""
+    """Whether this kernel serves a call (host lengths or device offsets) whose features the
+    caller has checked (``plain``: forward.forward's gluon_features, or the backward's own
+    conditions for hopper_backward): an sm_90 GPU, fp16/bf16, head dim in HEAD_DIMS, Q/K/V as
+    packed rows whose heads lie contiguous (TMA boxes); with ALiBi, sequences of at most
+    ALIBI_MAX_SEQLEN tokens."""
     if gluon is None or not plain or q.device.type != "cuda":
         return False
     if problem.head_dim not in HEAD_DIMS or q.dtype not in (torch.float16, torch.bfloat16):
         return False
     if problem.total_k == 0 or problem.total_q == 0 or not is_sm90(q.device.index):
+        return False
+    if problem.alibi is not None and max(problem.max_seqlen_q,
+                                         problem.max_seqlen_k) > ALIBI_MAX_SEQLEN:
         return False
     return all(tma_rows(t, problem.head_dim) for t in (q, k, v))
 
@@ -334,28 +419,38 @@ def descriptor(t: torch.Tensor, head_dim: int, rows: int):
 
 def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
             lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-            tile_seq: torch.Tensor, tile_blk: torch.Tensor, qk_scale: float,
-            sinks: torch.Tensor | None = None, *, record: bool = False):
-    """Writes ``out`` (total_q, nheads, d) and ``lse`` (nheads, total_q) float32 for the tile
-    list (tile_seq, tile_blk) planned with BLOCK_M query rows; ``sinks``: float32 (nheads,)
-    sink logits, or None. With ``record``, returns (replay.LaunchRecord or None, the q, k, v
-    descriptors): replays take (desc_q, desc_k, desc_v, out, lse, cu_seqlens_q,
-    cu_seqlens_k)."""
+            tiles: tuple[int, torch.Tensor, torch.Tensor, bool],
+            scalars: tuple[float, float, float], sinks: torch.Tensor | None = None,
+            alibi: torch.Tensor | None = None, *, record: bool = False):
+    """Writes ``out`` (total_q, nheads, d) and ``lse`` (nheads, total_q) float32 over the
+    query tiles of BLOCK_M rows; ``tiles``: forward.launch_tiles' (programs, tile_seq,
+    tile_blk, device_tiles), a host-planned list or (device_tiles) an upper bound of programs
+    that find their tiles from cu_seqlens_q; ``scalars``: (scale * log2 e,
+    scale / softcap, softcap * log2 e) as forward.score_scalars; ``sinks``: float32 (nheads,)
+    sink logits, or None; ``alibi``: float32 slopes (nheads,) or (batch, nheads), or None
+    (calls with ALiBi are never recorded: forward.forward does not replay them). With
+    ``record``, returns (replay.LaunchRecord or None, the q, k, v descriptors): replays take
+    (desc_q, desc_k, desc_v, out, lse, cu_seqlens_q, cu_seqlens_k)."""
     d = problem.head_dim
     left, right = problem.window
-    block_n = CONFIG["block_n"]
-    grid = (tile_seq.numel(), problem.nheads)
+    block_n = CONFIG["block_n"][d]
+    programs, tile_seq, tile_blk, device_tiles = tiles
+    grid = (programs, problem.nheads)
     descriptors = (descriptor(q, d, BLOCK_M), descriptor(k, d, block_n),
                    descriptor(v, d, block_n))
     args = (*descriptors, out, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_blk,
-            sinks if sinks is not None else lse, out.stride(0), out.stride(1),
-            problem.total_q, qk_scale, left, right)
+            sinks if sinks is not None else lse, alibi if alibi is not None else cu_seqlens_q,
+            out.stride(0), out.stride(1),
+            alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0,
+            problem.total_q, problem.batch, *scalars, left, right)
     kwargs = dict(
         GROUP=problem.group_size, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
         STAGES=CONFIG["stages"], CONSUMER_REGS=CONFIG["consumer_regs"],
         PRODUCER_REGS=CONFIG["producer_regs"],
         TOP_LEFT=problem.mask_alignment == "top_left", WINDOW_LEFT=left >= 0,
-        WINDOW_RIGHT=right >= 0, HAS_SINKS=sinks is not None, num_warps=4)
+        WINDOW_RIGHT=right >= 0, HAS_SINKS=sinks is not None,
+        HAS_SOFTCAP=problem.softcap > 0, HAS_ALIBI=alibi is not None,
+        DEVICE_TILES=device_tiles, num_warps=4)
     if record:
         from .replay import LaunchRecord
 
@@ -365,5 +460,7 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     return None
 
 
-# The arguments a replay of the kernel's launch replaces (replay.LaunchRecord).
+# The arguments a replay of the kernel's launch replaces (replay.LaunchRecord). With
+# DEVICE_TILES the tile arguments are unread placeholders; batch and the scalars come from
+# the problem, the same at every replay.
 REPLAY_ARGS = ("desc_q", "desc_k", "desc_v", "Out", "Lse", "CuQ", "CuK")

@@ -75,7 +75,13 @@ def find_tile(Cu, batch, pid, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     """(b, blk) of program ``pid`` when the tiles of sequences 0..batch-1 (cdiv(length,
     BLOCK) each, offsets ``Cu``: batch + 1 ints) are numbered in sequence order; b == batch
     past the last tile. Reads the offsets CHUNK sequences at a time."""
-    offs = tl.arange(0, CHUNK)
+    return find_tile_in_chunks(Cu, batch, pid, tl.arange(0, CHUNK), BLOCK, CHUNK)
+
+
+@triton.jit
+def find_tile_in_chunks(Cu, batch, pid, offs, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """find_tile with the chunk's positions ``offs`` (0..CHUNK-1) given: a Gluon kernel
+    passes them with its layout (gl.arange), and this body then compiles as Gluon."""
     zero = pid * 0  # the loop-carried values must be int32 tensors from the start
     b = batch + zero
     blk = zero
