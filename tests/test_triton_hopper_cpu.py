@@ -22,8 +22,8 @@ def test_cpu_calls_never_reach_the_gluon_kernels():
 def test_forward_hands_softcap_alibi_and_head_dim_256_calls_to_the_gluon_kernel(monkeypatch):
     """forward.forward's dispatch, with the Gluon launcher replaced by a recorder (Gluon
     cannot run here): softcap and ALiBi calls count as the Gluon kernel's features, dropout
-    does not; at head dim 256 the tiles are planned with Gluon's 128 rows, not the tl
-    kernel's; the score scalars and slopes reach the launcher."""
+    does not; at head dim 256 the tiles are planned with Gluon's 128 rows; the score
+    scalars and slopes reach the launcher."""
     from attnhub.backends.triton import forward
 
     asked, launched = [], []
