@@ -94,6 +94,54 @@ def replay_rows(label: str, record) -> list[tuple[str, float]]:
     ]
 
 
+def attnhub_replay_rows(label: str, offsets, q, k, v) -> list[tuple[str, float]]:
+    """attnhub's own replay (backends/triton/replay.py) of the call's forward launch, and its
+    parts: the launcher with the descriptors expanded by Triton (CUtensorMap encoded per
+    call), and one CUtensorMap encoding."""
+    from triton.backends.nvidia import driver as nvidia_driver
+
+    from attnhub.backends.triton import forward, replay
+
+    records = [r for _problem, entry in forward._replays._entries.values()
+               for r in entry.values() if isinstance(r, forward.ForwardReplay)]
+    if not records:
+        return [(f"{label}: attnhub replay", float("nan"))]
+    found = records[-1]
+    problem = next(p for p, entry in forward._replays._entries.values() if found in
+                   entry.values())
+    _, inputs = attnhub.normalize(q, k, v, offsets, offsets,
+                                  *((64, 64) if isinstance(offsets, torch.Tensor) else ()),
+                                  causal=True)
+    cu_q, cu_k = inputs.cu_seqlens_q, inputs.cu_seqlens_k
+    out = torch.empty_like(q)
+    lse = torch.empty((problem.nheads, problem.total_q), device="cuda")
+    rows = [(f"{label}: attnhub replay (ForwardReplay.launch, direct entry point: "
+             f"{found.record._direct is not None})",
+             per_call_us(lambda: found.launch(q, k, v, out, lse, cu_q, cu_k)))]
+    record = found.record
+    if record._direct is not None:
+        rows.append((f"{label}: Triton's launcher (CudaLauncher, descriptors encoded per call)",
+                     per_call_us(lambda: _triton_launcher(record, q, k, v, out, lse, cu_q,
+                                                          cu_k, found.tma))))
+    templates = [t for t in record._templates if t is not None]
+    meta = getattr(record._kernel.metadata, "tensordesc_meta", None)
+    if templates and meta:
+        descs = [replay.rebased(t, x) for t, x in zip(templates, (q, k, v), strict=False)]
+        rows.append((f"{label}: CUtensorMap encodings of the {len(descs)} descriptors",
+                     per_call_us(lambda: [nvidia_driver.make_tensordesc_arg(d, m) for d, m in
+                                          zip(descs, meta, strict=False)])))
+    return rows
+
+
+def _triton_launcher(record, q, k, v, out, lse, cu_q, cu_k, tma: bool) -> None:
+    """The record replayed through Triton's own launcher (no direct entry point)."""
+    direct, record._direct = record._direct, None
+    try:
+        record(q, k, v, out, lse, cu_q, cu_k, *((k, v) if tma else ()))
+    finally:
+        record._direct = direct
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cprofile", action="store_true")
@@ -121,9 +169,13 @@ def main() -> None:
             ("attnhub -> torch-flash, device cu_seqlens", per_call_us(call(cu, "torch-flash"))),
             ("attnhub, automatic choice, device cu_seqlens", per_call_us(call(cu, None))),
             ("attnhub, automatic choice, VarlenInfo", per_call_us(call(info, None)))]
+    from attnhub.backends.triton import forward
+
     for label, offsets in (("device cu_seqlens", cu), ("VarlenInfo", info)):
         fn = call(offsets, "triton")
         rows.append((f"attnhub -> triton, {label}", per_call_us(fn)))
+        rows += attnhub_replay_rows(label, offsets, q, k, v)
+        forward._replays.clear()  # the next call goes through Triton's own launch path
         with LaunchRecorder() as rec:
             fn()
         rows += replay_rows(label, rec.last)

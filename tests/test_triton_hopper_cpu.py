@@ -33,7 +33,7 @@ def test_forward_hands_softcap_alibi_and_head_dim_256_calls_to_the_gluon_kernel(
     def recorder(problem, q, k, v, out, lse, cu_q, cu_k, tiles, scalars, sinks=None,
                  alibi=None, *, record=False):
         launched.append((tiles, scalars, alibi))
-        return (None, ()) if record else None
+        return None
 
     monkeypatch.setattr(hopper_forward, "forward", recorder)
     lengths = [5, 0, 300]
@@ -61,13 +61,9 @@ def test_gluon_launches_are_recorded_and_replayed_with_the_calls_tensors(monkeyp
     """forward.forward's replay of the Gluon launch, with the launcher replaced by a recorder
     that hands back a fake record: a softcap call (host lengths) and a device-offset call are
     recorded at their problem's second call and replayed from the third with that call's
-    q / k / v (in rebased descriptors), out, lse and offsets; an ALiBi call is never
-    recorded (the slopes are not among the replayed arguments)."""
+    q / k / v (the bases of the record's descriptors), out, lse and offsets; an ALiBi call
+    is never recorded (the slopes are not among the replayed arguments)."""
     from attnhub.backends.triton import forward
-
-    class Descriptor:
-        def __init__(self, base):
-            self.base = base
 
     replayed, flags = [], []
 
@@ -78,7 +74,7 @@ def test_gluon_launches_are_recorded_and_replayed_with_the_calls_tensors(monkeyp
     def launcher(problem, q, k, v, out, lse, cu_q, cu_k, tiles, scalars, sinks=None,
                  alibi=None, *, record=False):
         flags.append(record)
-        return (fake, (Descriptor(q), Descriptor(k), Descriptor(v))) if record else None
+        return fake if record else None
 
     monkeypatch.setattr(hopper_forward, "supports", lambda problem, q, k, v, plain: plain)
     monkeypatch.setattr(hopper_forward, "forward", launcher)
@@ -101,8 +97,8 @@ def test_gluon_launches_are_recorded_and_replayed_with_the_calls_tensors(monkeyp
             continue
         assert flags == [False, True]  # the third and fourth calls replay
         assert len(replayed) == 2
-        desc_q, desc_k, desc_v, r_out, r_lse, r_cu_q, r_cu_k = replayed[-1]
-        assert desc_q.base is inputs.q and desc_k.base is inputs.k and desc_v.base is inputs.v
+        r_q, r_k, r_v, r_out, r_lse, r_cu_q, r_cu_k = replayed[-1]
+        assert r_q is inputs.q and r_k is inputs.k and r_v is inputs.v
         assert r_out is out and r_lse is lse
         assert r_cu_q is inputs.cu_seqlens_q and r_cu_k is inputs.cu_seqlens_k
         flags.clear()

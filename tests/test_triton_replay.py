@@ -63,6 +63,43 @@ def test_aligned_and_rebased_descriptor():
     assert template.base is t
 
 
+def test_the_out_only_runner_replays_the_recorded_launch_first(monkeypatch):
+    """A plan's out-only runner launches the forward recorded for its problem, with the
+    call's tensors, and a problem without a record falls through without being marked seen
+    (peek)."""
+    from attnhub.backends.triton import configs
+    from attnhub.backends.triton.backend import TritonBackend
+
+    lengths = [5, 0, 30]
+    info = attnhub.VarlenInfo.from_lengths(lengths, "cpu")
+    q = torch.randn(35, 4, 64, dtype=torch.float16)
+    k = v = torch.randn(35, 2, 64, dtype=torch.float16)
+    problem, inputs = attnhub.normalize(q, k, v, info, info, causal=True)
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    run = TritonBackend().out_only_runner(problem)
+    cu_q, cu_k = inputs.cu_seqlens_q, inputs.cu_seqlens_k
+    triton_forward._replays.clear()
+    assert triton_forward.replay_out(problem, q, k, v, cu_q, cu_k) is None
+    assert triton_forward._replays.peek(problem, ()) is None  # still never seen
+    launched = []
+
+    class Record:
+        def launch(self, *tensors):
+            launched.append(tensors)
+            return True
+
+    key = (q.stride(), k.stride(), v.stride(), q.get_device(), True, True)
+    triton_forward._replays.get(problem, key)
+    assert triton_forward._replays.peek(problem, key) is True  # seen, not recorded
+    triton_forward._replays.put(problem, key, Record())
+    out = run(q, k, v, cu_q, cu_k)
+    (r_q, r_k, r_v, r_out, r_lse, r_cu_q, r_cu_k), = launched
+    assert r_q is q and r_k is k and r_v is v and r_out is out
+    assert out.shape == q.shape and r_lse.shape == (4, 35)
+    assert r_cu_q is cu_q and r_cu_k is cu_k
+    triton_forward._replays.clear()
+
+
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

@@ -87,6 +87,25 @@ class TritonBackend(Backend):
             out, lse = forward(problem, inputs, seed, sinks=inputs.sinks)
             return ForwardResult(out, lse, None, seed)
 
+    def out_only_runner(self, problem: VarlenProblem):
+        """Repeats of a plan's call replay the recorded launch first (forward.replay_out):
+        none of the generic path's per-call objects or checks (about half of a tiny call's
+        host time on the H200 machine, docs/performance.md)."""
+        from . import decode
+        from .forward import replay_out
+
+        generic = super().out_only_runner(problem)
+        if configs.interpreting() or problem.dropout_p > 0 or problem.paged is not None \
+                or problem.custom_mask or problem.alibi is not None or problem.sinks \
+                or decode.eligible(problem):
+            return generic
+
+        def run(q, k, v, cu_seqlens_q, cu_seqlens_k):
+            out = replay_out(problem, q, k, v, cu_seqlens_q, cu_seqlens_k)
+            return generic(q, k, v, cu_seqlens_q, cu_seqlens_k) if out is None else out
+
+        return run
+
     def backward(self, problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
                  lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None = None
                  ) -> Gradients:

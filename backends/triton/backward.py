@@ -336,24 +336,17 @@ _replays = replay.ReplayCache()
 
 
 class BackwardReplay:
-    """The recorded launches of one backward (delta, dK/dV in the tl or Gluon kernel, dQ)
-    and the Gluon kernel's descriptors (None: the tl dK/dV kernel)."""
+    """The recorded launches of one backward (delta, dK/dV in the tl or Gluon kernel, dQ)."""
 
-    __slots__ = ("delta", "descriptors", "dkdv", "dq")
+    __slots__ = ("delta", "dkdv", "dq")
 
-    def __init__(self, delta, dkdv, descriptors, dq) -> None:
-        self.delta, self.dkdv, self.descriptors, self.dq = delta, dkdv, descriptors, dq
+    def __init__(self, delta, dkdv, dq) -> None:
+        self.delta, self.dkdv, self.dq = delta, dkdv, dq
 
     def launch(self, q, k, v, out, dout, lse, dlse_arg, delta, dq, dk, dv, cu_q, cu_k) -> bool:
         if not self.delta(out, dout, dlse_arg, delta):
             return False
-        d = self.descriptors
-        if d is None:
-            self.dkdv(q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k)
-        else:
-            rebased = replay.rebased
-            self.dkdv(rebased(d[0], q), rebased(d[1], k), rebased(d[2], v),
-                      rebased(d[3], dout), lse, delta, dk, dv, cu_q, cu_k)
+        self.dkdv(q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k)
         self.dq(q, k, v, dout, lse, delta, dq, cu_q, cu_k)
         return True
 
@@ -446,13 +439,12 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
     k_planned = None
     if gluon and problem.nheads_k and hopper_backward.supports(problem, q, k, v, dout, plain):
         k_planned = tile_list(problem, cu_k, hopper_backward.BLOCK_N, False)
-    descriptors = None
     if k_planned is not None:
         recorded = hopper_backward.dkdv(problem, q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k,
                                         *k_planned, score_scalars(problem)[0], split=split,
                                         record=recording)
         if recording:
-            records["dkdv"], descriptors = recorded
+            records["dkdv"] = recorded
     else:
         k_programs, k_seq, k_blk, k_device = launch_tiles(problem, cu_k, key_tile, False)
         if k_programs and problem.nheads_k:
@@ -481,7 +473,7 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
     if recording:
         complete = all(records.get(name) for name in ("delta", "dkdv", "dq"))
         _replays.put(problem, replay_key, BackwardReplay(
-            records["delta"], records["dkdv"], descriptors, records["dq"]) if complete else None)
+            records["delta"], records["dkdv"], records["dq"]) if complete else None)
     dsinks = None if sinks is None else sink_gradient(sinks, lse, row_pdp, dlse)
     return dq, *_dkdv_results(problem, k, v, dk, dv, split), dsinks
 

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from . import configs, hopper_forward, replay, tiles
 from .softcap import tanh as _tanh
+from .softcap import tanh_half as _tanh_half
 from .tiles import program_tile
 
 try:
@@ -67,10 +68,14 @@ def score_tile(a, b, qi, kj, sk, offset, qk_scale, tanh_scale, softcap2, slope2,
     softcap tanh for backward. ``qi`` / ``kj``: query and key positions broadcast to the
     tile's shape (``offs_m[:, None]``, ``offs_n[None, :]`` for q @ k^T; the transpose for
     k @ q^T). qk_scale = scale * log2(e); tanh_scale = scale / cap; softcap2 = cap * log2(e);
-    slope2 = slope * log2(e)."""
+    slope2 = slope * log2(e). The tanh: softcap.tanh for fp32 inputs, softcap.tanh_half for
+    fp16 / bf16."""
     s = tl.dot(a, b, input_precision=PRECISION)
     if HAS_SOFTCAP:
-        t = _tanh(s * tanh_scale)
+        if PRECISION == "ieee":  # noqa: SIM108 (fp32 inputs; a constexpr branch)
+            t = _tanh(s * tanh_scale)
+        else:
+            t = _tanh_half(s * tanh_scale)
         s = t * softcap2
     else:
         t = s
@@ -464,25 +469,35 @@ _replays = replay.ReplayCache()
 
 
 class ForwardReplay:
-    """A recorded forward launch (tl or Gluon kernel) and the descriptors its dynamic
-    arguments are rebuilt from."""
+    """A recorded forward launch (tl or Gluon kernel); ``tma``: the tl kernel's record also
+    takes K and V for its TMA descriptors."""
 
-    __slots__ = ("descriptors", "gluon", "record")
+    __slots__ = ("record", "tma")
 
-    def __init__(self, record: replay.LaunchRecord, descriptors: tuple, gluon: bool) -> None:
+    def __init__(self, record: replay.LaunchRecord, tma: bool) -> None:
         self.record = record
-        self.descriptors = descriptors
-        self.gluon = gluon
+        self.tma = tma
 
     def launch(self, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k) -> bool:
-        d = self.descriptors
-        if self.gluon:
-            return self.record(replay.rebased(d[0], q), replay.rebased(d[1], k),
-                               replay.rebased(d[2], v), out, lse, cu_seqlens_q, cu_seqlens_k)
-        if d:
-            return self.record(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                               replay.rebased(d[0], k), replay.rebased(d[1], v))
+        if self.tma:
+            return self.record(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, k, v)
         return self.record(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+
+
+def replay_out(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> torch.Tensor | None:
+    """out from the forward launch ``forward`` recorded for this problem (shipped gluon and
+    tma settings) with these tensors' strides and device, or None (nothing recorded, or not
+    aligned): the out-only path of attnhub's call plans, which then calls ``forward``. The
+    problem has no dropout, sinks, ALiBi, pages or custom mask (the caller checks)."""
+    found = _replays.peek(problem, (q.stride(), k.stride(), v.stride(), q.get_device(), True,
+                                    True))
+    if found is None or found is True or not replay.aligned(q, k, v, cu_seqlens_q,
+                                                            cu_seqlens_k):
+        return None
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((problem.nheads, problem.total_q), dtype=torch.float32, device=q.device)
+    return out if found.launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k) else None
 
 
 def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor | None = None,
@@ -551,9 +566,7 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor |
                                           score_scalars(problem), sinks, alibi,
                                           record=recording)
         if recording:
-            record, descriptors = recorded
-            _replays.put(problem, replay_key,
-                         ForwardReplay(record, descriptors, True) if record else None)
+            _replays.put(problem, replay_key, ForwardReplay(recorded, False) if recorded else None)
         return out, lse
     use_tma = rows_exact and tma and tma_ready(problem.head_dim, k, v)
     desc_k = desc_v = dummy
@@ -586,8 +599,7 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor |
         PLAIN=plain, USE_TMA=use_tma, DEVICE_TILES=device_tiles, HAS_SINKS=sinks is not None,
     )
     if recording:
-        _replays.put(problem, replay_key, ForwardReplay(
-            record, (desc_k, desc_v) if use_tma else (), False) if record else None)
+        _replays.put(problem, replay_key, ForwardReplay(record, use_tma) if record else None)
     return out, lse
 
 

@@ -232,8 +232,8 @@ def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
          tile_blk: torch.Tensor, qk_scale: float, *, split: int = 1, record: bool = False):
     """Writes ``dk`` and ``dv`` (total_k, nheads_k, d) for the key tile list (tile_seq,
     tile_blk) planned with BLOCK_N key rows; lse and delta: float32 (nheads, total_q). With
-    ``record``, returns (replay.LaunchRecord or None, the q, k, v, dout descriptors): replays
-    take REPLAY_ARGS."""
+    ``record``, returns the replay.LaunchRecord or None: replays take REPLAY_ARGS, with q, k,
+    v and dout for the descriptors."""
     d = problem.head_dim
     left, right = problem.window
     block_m = CONFIG["block_m"][d]
@@ -252,8 +252,7 @@ def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
     if record:
         from .replay import LaunchRecord
 
-        return LaunchRecord.launch(_hopper_dkdv_kernel, grid, args, kwargs, REPLAY_ARGS), \
-            descriptors
+        return LaunchRecord.launch(_hopper_dkdv_kernel, grid, args, kwargs, REPLAY_ARGS)
     _hopper_dkdv_kernel[grid](*args, **kwargs)
     return None
 

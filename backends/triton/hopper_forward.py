@@ -44,7 +44,7 @@ try:
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .softcap import tanh
+    from .softcap import tanh_half
     from .tiles import FIND_CHUNK, find_tile_in_chunks
 except ImportError:  # no Gluon (Triton < 3.5): the tl kernel serves every call
     gluon = None
@@ -153,7 +153,7 @@ if gluon is not None:
         (tanh_scale = scale / cap, softcap2 = cap * log2(e)), else s * qk_scale; with ALiBi
         minus slope2 * |i + offset - j| (slope2 = slope * log2(e)) on every block."""
         if HAS_SOFTCAP:
-            s = tanh(s * tanh_scale) * softcap2
+            s = tanh_half(s * tanh_scale) * softcap2
         elif HAS_ALIBI:
             s = s * qk_scale
         if HAS_ALIBI:
@@ -429,8 +429,8 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     scale / softcap, softcap * log2 e) as forward.score_scalars; ``sinks``: float32 (nheads,)
     sink logits, or None; ``alibi``: float32 slopes (nheads,) or (batch, nheads), or None
     (calls with ALiBi are never recorded: forward.forward does not replay them). With
-    ``record``, returns (replay.LaunchRecord or None, the q, k, v descriptors): replays take
-    (desc_q, desc_k, desc_v, out, lse, cu_seqlens_q, cu_seqlens_k)."""
+    ``record``, returns the replay.LaunchRecord or None: replays take (q, k, v, out, lse,
+    cu_seqlens_q, cu_seqlens_k), q, k and v for their descriptors."""
     d = problem.head_dim
     left, right = problem.window
     block_n = CONFIG["block_n"][d]
@@ -454,8 +454,7 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     if record:
         from .replay import LaunchRecord
 
-        return LaunchRecord.launch(_hopper_fwd_kernel, grid, args, kwargs, REPLAY_ARGS), \
-            descriptors
+        return LaunchRecord.launch(_hopper_fwd_kernel, grid, args, kwargs, REPLAY_ARGS)
     _hopper_fwd_kernel[grid](*args, **kwargs)
     return None
 
