@@ -469,14 +469,15 @@ _replays = replay.ReplayCache()
 
 
 class ForwardReplay:
-    """A recorded forward launch (tl or Gluon kernel); ``tma``: the tl kernel's record also
-    takes K and V for its TMA descriptors."""
+    """A recorded forward launch of the tl (``gluon`` False) or Gluon kernel; ``tma``: the
+    tl kernel's record also takes K and V for its TMA descriptors."""
 
-    __slots__ = ("record", "tma")
+    __slots__ = ("gluon", "record", "tma")
 
-    def __init__(self, record: replay.LaunchRecord, tma: bool) -> None:
+    def __init__(self, record: replay.LaunchRecord, tma: bool, gluon: bool) -> None:
         self.record = record
         self.tma = tma
+        self.gluon = gluon
 
     def launch(self, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k) -> bool:
         if self.tma:
@@ -566,7 +567,8 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor |
                                           score_scalars(problem), sinks, alibi,
                                           record=recording)
         if recording:
-            _replays.put(problem, replay_key, ForwardReplay(recorded, False) if recorded else None)
+            _replays.put(problem, replay_key, ForwardReplay(recorded, False, True) if recorded
+                         else None)
         return out, lse
     use_tma = rows_exact and tma and tma_ready(problem.head_dim, k, v)
     desc_k = desc_v = dummy
@@ -599,7 +601,8 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor |
         PLAIN=plain, USE_TMA=use_tma, DEVICE_TILES=device_tiles, HAS_SINKS=sinks is not None,
     )
     if recording:
-        _replays.put(problem, replay_key, ForwardReplay(record, use_tma) if record else None)
+        _replays.put(problem, replay_key, ForwardReplay(record, use_tma, False) if record
+                         else None)
     return out, lse
 
 
