@@ -4,6 +4,7 @@ cache key, the launcher), against the aten FlashAttention-2 op.
 
     python benchmarks/profile_triton_launch.py              # breakdown table (markdown)
     python benchmarks/profile_triton_launch.py --cprofile   # plus cProfile of both call kinds
+    python benchmarks/profile_triton_launch.py --backward   # plus forward+backward rows
 
 Each row is the best of several host loops (no device wait inside a loop), microseconds per
 call. The rows below "attnhub -> triton" replay the last launch of that call with the pieces
@@ -142,10 +143,60 @@ def _triton_launcher(record, q, k, v, out, lse, cu_q, cu_k, tma: bool) -> None:
         record._direct = direct
 
 
+def backward_rows(q, k, v, cu, info, scale: float, calls: int) -> None:
+    """Host time of a tiny forward+backward: the aten ops called in a row, the autograd
+    engine alone, attnhub -> torch-flash and -> triton through torch.autograd.grad; then a
+    cProfile of each attnhub path."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    dout = torch.randn_like(q)
+    fwd = torch.ops.aten._flash_attention_forward
+    bwd = torch.ops.aten._flash_attention_backward
+
+    def aten():
+        out, lse, seed, offset, _ = fwd(q, k, v, cu, cu, 64, 64, 0.0, True, False, scale=scale)
+        return bwd(dout, q, k, v, out, lse, cu, cu, 64, 64, 0.0, True, seed, offset,
+                   scale=scale)
+
+    def engine():  # autograd's own cost over one cheap op per leaf
+        out = leaves[0] * 2.0 + leaves[1].sum() + leaves[2].sum()
+        return torch.autograd.grad(out, leaves, dout)
+
+    def through(backend):
+        def run():
+            out = attnhub.attention_forward_varlen(*leaves, info, info, causal=True,
+                                                   backend=backend)
+            return torch.autograd.grad(out, leaves, dout)
+        return run
+
+    rows = [("aten forward + backward ops, no autograd", per_call_us(aten, calls // 4)),
+            ("autograd engine over a cheap op (torch.autograd.grad)",
+             per_call_us(engine, calls // 4)),
+            ("attnhub -> torch-flash, forward + autograd.grad",
+             per_call_us(through("torch-flash"), calls // 4)),
+            ("attnhub -> triton, forward + autograd.grad",
+             per_call_us(through("triton"), calls // 4))]
+    print("\n## Forward + backward, inputs requiring grad\n")
+    print("| path | us per call |\n|---|---|")
+    for name, us in rows:
+        print(f"| {name} | {us:.1f} |")
+    for backend in ("torch-flash", "triton"):
+        fn = through(backend)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls // 4):
+            fn()
+        prof.disable()
+        torch.cuda.synchronize()
+        print(f"\n## cProfile, attnhub -> {backend}, forward + backward\n")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cprofile", action="store_true")
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--backward", action="store_true",
+                        help="forward+backward rows (inputs requiring grad) and their cProfile")
     args = parser.parse_args()
     total = sum(LENGTHS)
     torch.manual_seed(0)
@@ -192,6 +243,8 @@ def main() -> None:
     print("| path | us per call |\n|---|---|")
     for name, us in rows:
         print(f"| {name} | {us:.1f} |")
+    if args.backward:
+        backward_rows(q, k, v, cu, info, scale, args.calls)
     if args.cprofile:
         for label, offsets in (("device cu_seqlens", cu), ("VarlenInfo", info)):
             fn = call(offsets, "triton")

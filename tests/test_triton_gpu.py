@@ -51,8 +51,10 @@ def test_triton_matches_reference(dtype, kw):
 
 
 def _compiled_variants(kernel) -> int:
-    if not hasattr(kernel, "device_caches") and not hasattr(kernel, "cache"):
-        kernel = kernel.fn  # the JITFunction under an Autotuner
+    from triton.runtime.autotuner import Autotuner
+
+    if isinstance(kernel, Autotuner):
+        kernel = kernel.fn  # the JITFunction under it
     caches = getattr(kernel, "device_caches", None)
     if caches is not None:  # triton >= 3.2: device -> (kernel cache, ...)
         return sum(len(entry[0]) for entry in caches.values())
