@@ -461,7 +461,7 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
     # with sinks: rowsum(P * dP) per (head, query row), the tl dQ kernel's
     row_pdp = (torch.empty((problem.nheads, problem.total_q), dtype=torch.float32,
                            device=q.device) if sinks is not None else None)
-    if k_planned is not None and sinks is None:  # the Gluon dK/dV's calls: Gluon dQ too
+    if k_planned is not None and sinks is None and hopper_dq.supports(problem):
         q_tiles = launch_tiles(problem, cu_q, hopper_dq.BLOCK_M, True)
         if q_tiles[0] and problem.nheads:
             records["dq"] = hopper_dq.dq(problem, q, k, v, dout, lse, delta, dq, cu_q, cu_k,

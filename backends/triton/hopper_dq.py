@@ -200,6 +200,12 @@ if gluon is not None:
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
+def supports(problem) -> bool:
+    """Whether this kernel computes dQ of a call that hopper_backward's dK/dV kernel serves
+    (backward.py checks that, and that there are no sinks): a head dim of CONFIG."""
+    return problem.head_dim in CONFIG["block_n"]
+
+
 def dq(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
        lse: torch.Tensor, delta: torch.Tensor, dq_out: torch.Tensor,
        cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
