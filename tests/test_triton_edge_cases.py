@@ -1,5 +1,6 @@
 """Triton kernels on edge inputs, on the CPU (TRITON_INTERPRET=1), against the float64 oracle:
-softcap precision over the whole range of caps, and batches where no sequence has a key."""
+softcap precision over the whole range of caps (fp32 and fp16), and batches where no sequence
+has a key."""
 
 from __future__ import annotations
 
@@ -32,6 +33,34 @@ def test_softcap_fp32_accuracy_does_not_degrade_with_the_cap(cap):
     ref = torch.autograd.grad(want.out, (q, k), grad.double())
     for g, r in zip(got, ref, strict=True):
         assert (g.double() - r).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("cap", [30.0, 1e4, 1e6])
+def test_softcap_fp16_error_stays_at_the_references_own_with_any_cap(cap):
+    """fp16 / bf16 inputs take softcap.tanh_half: below |x| = 0.1 (every score once the cap
+    is large) its exp form alone cancelled to an absolute error of ~1e-7, which the cap
+    multiplied into a logit error of 0.1 at cap 1e6. Forward and gradients must stay at the
+    error the reference itself makes in fp16."""
+    gen = torch.Generator().manual_seed(0)
+    cu = [0, 37, 101]
+    q, k, v = (torch.randn(101, h, 32, generator=gen) for h in (2, 1, 1))
+    q = (q * 3).half().requires_grad_()
+    k, v = (t.half().requires_grad_() for t in (k, v))
+    out = attnhub.attention_forward_varlen(q, k, v, cu, cu, causal=True, softcap=cap,
+                                           backend="triton")
+    half = attnhub.attention_forward_varlen(q, k, v, cu, cu, causal=True, softcap=cap,
+                                            backend="reference")
+    want = naive_attention(q, k, v, cu, cu, causal=True, softcap=cap)
+    own = (half.double() - want.out).abs().max().item()
+    assert (out.double() - want.out).abs().max().item() <= 1.5 * own
+    grad = torch.randn(out.shape, generator=gen).half()
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    ref = torch.autograd.grad(want.out, (q, k, v), grad.double())
+    ref_half = torch.autograd.grad(half, (q, k, v), grad)
+    for g, r, h in zip(got, ref, ref_half, strict=True):  # the conformance rule's bound
+        own = (h.double() - r).abs().max().item()
+        rounding = 2.0 ** -11 * r.abs().max().item()
+        assert (g.double() - r).abs().max().item() <= 2 * own + 2 * rounding
 
 
 @pytest.mark.parametrize("total_q", [5, 40])
