@@ -485,20 +485,33 @@ class ForwardReplay:
         return self.record(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
 
 
+def _replay_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gluon: bool,
+                tma: bool) -> tuple:
+    """What a forward record depends on beyond its problem object."""
+    return (q.stride(), k.stride(), v.stride(), q.get_device(), gluon, tma)
+
+
+def _replayed(found: ForwardReplay, problem, q: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(out, lse) of ``found`` launched again with these tensors, or None (another device)."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((problem.nheads, problem.total_q), dtype=torch.float32, device=q.device)
+    return (out, lse) if found.launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k) else None
+
+
 def replay_out(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> torch.Tensor | None:
     """out from the forward launch ``forward`` recorded for this problem (shipped gluon and
     tma settings) with these tensors' strides and device, or None (nothing recorded, or not
     aligned): the out-only path of attnhub's call plans, which then calls ``forward``. The
     problem has no dropout, sinks, ALiBi, pages or custom mask (the caller checks)."""
-    found = _replays.peek(problem, (q.stride(), k.stride(), v.stride(), q.get_device(), True,
-                                    True))
+    found = _replays.peek(problem, _replay_key(q, k, v, gluon=True, tma=True))
     if found is None or found is True or not replay.aligned(q, k, v, cu_seqlens_q,
                                                             cu_seqlens_k):
         return None
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((problem.nheads, problem.total_q), dtype=torch.float32, device=q.device)
-    return out if found.launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k) else None
+    result = _replayed(found, problem, q, k, v, cu_seqlens_q, cu_seqlens_k)
+    return None if result is None else result[0]
 
 
 def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor | None = None,
@@ -521,7 +534,7 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor |
     recording = False
     if seed is None and sinks is None and inputs.schedule is None and problem.paged is None \
             and not problem.custom_mask and inputs.alibi_slopes is None:
-        replay_key = (q.stride(), k.stride(), v.stride(), q.get_device(), gluon, tma)
+        replay_key = _replay_key(q, k, v, gluon, tma)
         found = _replays.get(problem, replay_key)
         if found is not None and replay.aligned(q, k, v, cu_q, cu_k):
             if found is True:
@@ -529,11 +542,9 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor |
                 if not recording:
                     _replays.put(problem, replay_key, None)
             else:
-                out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-                lse = torch.empty((problem.nheads, problem.total_q), dtype=torch.float32,
-                                  device=q.device)
-                if found.launch(q, k, v, out, lse, cu_q, cu_k):
-                    return out, lse
+                result = _replayed(found, problem, q, k, v, cu_q, cu_k)
+                if result is not None:
+                    return result
     if q.stride(-1) != 1:
         q = q.contiguous()
     k, stride_kt, stride_kh = kv_layout(problem, _last_contiguous(k))
