@@ -8,7 +8,9 @@ Each trial is a '+'-joined list of overrides (an empty trial: the shipped settin
 * ``dkdv:BN:BM:W:S``  dK/dV: BLOCK_N key rows per program, BLOCK_M query block, warps, stages
 * ``dq:BM:BN:W:S``    dQ: BLOCK_M query rows per program, BLOCK_N key block, warps, stages
 * ``split:N``         the dK/dV group split (group_split.split_for)
-* ``tl``              the tl kernels only (no Gluon forward or dK/dV)
+* ``tl``              the tl kernels only (no Gluon forward, dK/dV or dQ)
+* ``tldq``            the tl dQ kernel with the Gluon dK/dV
+* ``gdq:BN:S``        the Gluon dQ kernel: BN keys per block, S stages
 
     python benchmarks/sweep_configs.py --cells d192,d256 --mode fwd+bwd \
         --trials "" "dkdv:32:32:4:1" "dkdv:64:32:8:1+dq:64:32:8:1"
@@ -35,6 +37,7 @@ from attnhub.backends.triton import (
     forward,
     group_split,
     hopper_backward,
+    hopper_dq,
     hopper_forward,
 )
 from attnhub.bench.direct import direct_kernels_for
@@ -46,9 +49,10 @@ from attnhub.bench.matrix import build_matrix, profile_for
 def overrides(trial: str, head_dim: int):
     """Apply a trial's overrides to the Triton backend's modules, restore them after."""
     saved_defaults = {name: dict(table) for name, table in configs.DEFAULTS.items()}
+    saved_dq = {**hopper_dq.CONFIG, "block_n": dict(hopper_dq.CONFIG["block_n"])}
     saved = [(configs, "forward_block_m"), (configs, "backward_tiles"),
              (group_split, "split_for"), (hopper_forward, "supports"),
-             (hopper_backward, "supports")]
+             (hopper_backward, "supports"), (hopper_dq, "supports")]
     old = [(mod, name, getattr(mod, name)) for mod, name in saved]
     bucket = {64: 64, 128: 128, 256: 256}.get(configs.block_d(head_dim), 512)
     try:
@@ -73,6 +77,11 @@ def overrides(trial: str, head_dim: int):
             elif name == "tl":
                 hopper_forward.supports = lambda *a, **k: False
                 hopper_backward.supports = lambda *a, **k: False
+            elif name == "tldq":
+                hopper_dq.supports = lambda *a, **k: False
+            elif name == "gdq":
+                hopper_dq.CONFIG["block_n"][head_dim] = vals[0]
+                hopper_dq.CONFIG["stages"] = vals[1]
             else:
                 raise SystemExit(f"unknown override {part!r}")
         forward._replays.clear()
@@ -83,6 +92,8 @@ def overrides(trial: str, head_dim: int):
             setattr(mod, name, value)
         configs.DEFAULTS.clear()
         configs.DEFAULTS.update(saved_defaults)
+        hopper_dq.CONFIG.clear()
+        hopper_dq.CONFIG.update(saved_dq)
         forward._replays.clear()
         backward._replays.clear()
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import attnhub
-from attnhub.backends.triton import hopper_backward, hopper_forward
+from attnhub.backends.triton import hopper_backward, hopper_dq, hopper_forward
 from attnhub.normalize import normalize
 
 
@@ -118,3 +118,6 @@ def test_replayed_argument_names_are_the_gluon_kernels_parameters():
     assert names[7:11] == ["TileSeq", "TileBlk", "Sinks", "Alibi"]
     names = hopper_backward._hopper_dkdv_kernel.arg_names
     assert names[:len(hopper_backward.REPLAY_ARGS)] == list(hopper_backward.REPLAY_ARGS)
+    names = hopper_dq._hopper_dq_kernel.arg_names  # REPLAY_ARGS in the tl dQ kernel's order
+    assert sorted(names[:len(hopper_dq.REPLAY_ARGS)]) == sorted(hopper_dq.REPLAY_ARGS)
+    assert names[9:11] == ["TileSeq", "TileBlk"]

@@ -1,8 +1,8 @@
 """The warp-specialised Gluon forward (backends/triton/hopper_forward.py) on an sm_90 GPU: it
 serves plain, softcap and ALiBi calls at head dims 64, 128 and 256, with host lengths or
 device offsets only, agrees with the tl kernel and the float64 reference, keeps every
-sequence's reads inside the sequence, and compiles once for any lengths; the Gluon dK/dV
-kernel likewise.
+sequence's reads inside the sequence, and compiles once for any lengths; the Gluon dK/dV and
+dQ kernels likewise.
 
 Run on the device machine: python -m pytest -m gpu tests/test_triton_hopper_gpu.py
 """
@@ -176,6 +176,14 @@ def gluon_dkdv_calls(monkeypatch):
     return _count_calls(monkeypatch, hopper_backward, "dkdv")
 
 
+@pytest.fixture
+def gluon_dq_calls(monkeypatch):
+    """Counts the Gluon dQ kernel's launches."""
+    from attnhub.backends.triton import hopper_dq
+
+    return _count_calls(monkeypatch, hopper_dq, "dq")
+
+
 BWD_CASES = [CASES[i] for i in (1, 2, 3, 5, 6)]  # causal or right window: backward.py
 
 
@@ -192,7 +200,8 @@ def test_gluon_dkdv_serves_causal_calls_only(gluon_dkdv_calls):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("case", range(len(BWD_CASES)))
-def test_gluon_dkdv_matches_tl_kernel_and_reference(dtype, head_dim, case, gluon_dkdv_calls):
+def test_gluon_dkdv_matches_tl_kernel_and_reference(dtype, head_dim, case, gluon_dkdv_calls,
+                                                    gluon_dq_calls):
     from attnhub.backends.triton import backward, forward
 
     kw, lk = BWD_CASES[case]
@@ -207,6 +216,7 @@ def test_gluon_dkdv_matches_tl_kernel_and_reference(dtype, head_dim, case, gluon
 
     got = grads()
     assert gluon_dkdv_calls, "the plain sm_90 call did not reach the Gluon dK/dV kernel"
+    assert gluon_dq_calls, "the plain sm_90 call did not reach the Gluon dQ kernel"
     problem, inputs = attnhub.normalize(q.detach(), k.detach(), v.detach(), iq, ik, **kw)
     out, lse = forward.forward(problem, inputs, None)
     tl_got = backward.backward(problem, inputs, out, lse, dout, None, None, gluon=False)[:3]
@@ -245,6 +255,31 @@ def test_gluon_dkdv_reads_no_other_sequence(gluon_dkdv_calls):
     others[start:stop] = False
     for a, b in zip(poisoned, clean, strict=True):
         assert torch.equal(a[others], b[others])
+
+
+def test_gluon_dq_reads_no_other_sequence(gluon_dq_calls):
+    """NaN queries, keys, values and output gradients in one sequence change no other
+    sequence's dQ, although K/V boxes at a sequence's end cover the next one's rows."""
+    lengths = [300, 77, 130, 1000, 64]
+    q, k, v = _inputs(lengths, lengths, torch.bfloat16, 128, seed=4)
+    dout = torch.randn_like(q)
+    info = attnhub.VarlenInfo.from_lengths(lengths, "cuda")
+
+    def dq():
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attnhub.attention_forward_varlen(*inputs, info, info, causal=True,
+                                               backend="triton")
+        return torch.autograd.grad(out, inputs[0], dout)[0]
+
+    clean = dq()
+    start, stop = 377, 507  # the third sequence
+    for t in (q, k, v, dout):
+        t[start:stop] = float("nan")
+    poisoned = dq()
+    assert len(gluon_dq_calls) == 2
+    others = torch.ones(sum(lengths), dtype=torch.bool, device="cuda")
+    others[start:stop] = False
+    assert torch.equal(poisoned[others], clean[others])
 
 
 # Features the Gluon forward serves beyond plain calls: (attnhub keywords, key lengths)

@@ -1,7 +1,8 @@
 """Compile the Triton backend's kernels for a GPU architecture on a machine without a GPU.
 
 Runs the backend's own launchers (forward.forward, backward.backward, decode.forward, and
-the Gluon launchers hopper_forward.forward / hopper_backward.dkdv) with CPU tensors, with
+the Gluon launchers hopper_forward.forward / hopper_backward.dkdv / hopper_dq.dq) with CPU
+tensors, with
 Triton's launch replaced by a compile for an explicit target, then reports each kernel's
 registers, spills and shared memory from ptxas, and writes its PTX (to diff two versions of
 a kernel: an edit that should not change the code shows up as parameter lists only).
@@ -88,6 +89,7 @@ def launch_all(sinks: bool) -> None:
         forward,
         group_split,
         hopper_backward,
+        hopper_dq,
         hopper_forward,
     )
 
@@ -114,6 +116,16 @@ def launch_all(sinks: bool) -> None:
             dk, dv = group_split.partials(k, problem.nheads_k, 2)
             hopper_backward.dkdv(problem, q, k, k, q, lse, lse, dk, dv, inputs.cu_seqlens_q,
                                  inputs.cu_seqlens_k, k_seq, k_blk, 0.1, split=2)
+            for device_tiles in (False, True):
+                LABEL[0] = " [device tiles]" if device_tiles else ""
+                tiles = forward.launch_tiles(problem, inputs.cu_seqlens_q, hopper_dq.BLOCK_M,
+                                             True)
+                if device_tiles:
+                    programs = -(-problem.total_q // hopper_dq.BLOCK_M) + problem.batch
+                    tiles = (programs, inputs.cu_seqlens_q, inputs.cu_seqlens_q, True)
+                hopper_dq.dq(problem, q, k, k, q, lse, lse, q.clone(), inputs.cu_seqlens_q,
+                             inputs.cu_seqlens_k, tiles, 0.1)
+            LABEL[0] = ""
     q = torch.randn(4, 8, 128, dtype=torch.float16, generator=g)
     problem, inputs = attnhub.normalize(q, k, k, attnhub.VarlenInfo.from_lengths([1] * 4),
                                         info_k)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs, group_split, hopper_backward, replay
+from . import configs, group_split, hopper_backward, hopper_dq, replay
 from .forward import (
     PER_BATCH_ARGS,
     custom_mask_visible,
@@ -360,8 +360,9 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
     the forward's (with the sinks in it).
 
     ``gluon``: plain causal (right-bounded) calls on an sm_90 GPU with host lengths compute
-    dK/dV in the warp-specialised Gluon kernel (hopper_backward.py). Ships on; benchmarks and
-    tests turn it off to compare with the tl kernel.
+    dK/dV and (without sinks) dQ in the warp-specialised Gluon kernels (hopper_backward.py,
+    hopper_dq.py). Ships on; benchmarks and tests turn it off to compare with the tl
+    kernels.
 
     Repeats of a problem object replay the launches recorded at its second backward, under
     the conditions of forward.forward's replays (replay.py), with out, dout and dlse of the
@@ -457,10 +458,17 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
                 dv.stride(1), alibi_stride, *scalars, BLOCK_N=key_tile, DEVICE_TILES=k_device,
                 record=DKDV_REPLAY_ARGS if recording else (),
                 **dict(common, GROUP=problem.group_size // split), SPLIT=split)
-    q_programs, q_seq, q_blk, q_device = launch_tiles(problem, cu_q, query_tile, True)
-    # with sinks: rowsum(P * dP) per (head, query row), the dQ kernel's
+    # with sinks: rowsum(P * dP) per (head, query row), the tl dQ kernel's
     row_pdp = (torch.empty((problem.nheads, problem.total_q), dtype=torch.float32,
                            device=q.device) if sinks is not None else None)
+    if k_planned is not None and sinks is None and hopper_dq.supports(problem):
+        q_tiles = launch_tiles(problem, cu_q, hopper_dq.BLOCK_M, True)
+        if q_tiles[0] and problem.nheads:
+            records["dq"] = hopper_dq.dq(problem, q, k, v, dout, lse, delta, dq, cu_q, cu_k,
+                                         q_tiles, score_scalars(problem)[0], record=recording)
+        q_programs = 0
+    else:
+        q_programs, q_seq, q_blk, q_device = launch_tiles(problem, cu_q, query_tile, True)
     if q_programs and problem.nheads:
         records["dq"] = configs.launch("dq", _dq_kernel, (q_programs, problem.nheads),
             q, k, v, dout, lse, delta, dq, cu_q, cu_k,

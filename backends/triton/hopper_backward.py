@@ -13,8 +13,8 @@ reduced in registers and nothing is written twice (deterministic). Scheduled by 
   asynchronous wgmma, then dV += P^T dO while dS^T is computed, then dK += dS^T Q.
 
 Query rows past the sequence's end that a Q/dO box reads are zeroed in shared memory before
-use (they are the reduction dimension of dV and dK, where 0 * NaN would leak). dQ stays with
-the tl kernel (backward.py).
+use (they are the reduction dimension of dV and dK, where 0 * NaN would leak). The same calls
+take dQ from the Gluon dQ kernel (hopper_dq.py).
 """
 
 from __future__ import annotations

@@ -104,6 +104,25 @@ if gluon is not None:
             visible = visible & (rel >= -window_right)
         return visible
 
+    @gluon.jit
+    def key_range(m0, sk, offset, window_left, window_right, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr, WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
+        """(lo, n_blocks, full_lo, full_hi) of query rows [m0, m0 + BLOCK_M): they see key
+        blocks lo, lo + BLOCK_N, ... (n_blocks of them), and every row sees the keys
+        [full_lo, full_hi) (blocks inside need no mask)."""
+        lo = sk * 0  # tensors, not Python ints: the partitions take them as arguments
+        hi = sk
+        full_lo = sk * 0
+        full_hi = sk
+        if WINDOW_RIGHT:
+            hi = gl.minimum(sk, m0 + BLOCK_M + offset + window_right)
+            full_hi = gl.minimum(sk, gl.maximum(m0 + offset + window_right + 1, 0))
+        if WINDOW_LEFT:
+            lo = gl.maximum(0, m0 + offset - window_left) // BLOCK_N * BLOCK_N
+            full_lo = gl.maximum(m0 + BLOCK_M - 1 + offset - window_left, 0)
+        n_blocks = (gl.maximum(hi - lo, 0) + BLOCK_N - 1) // BLOCK_N
+        return lo, n_blocks, full_lo, full_hi
+
     @gluon.constexpr_function
     def row_layout(head_dim):
         """One warpgroup's blocked layout over (rows, head_dim): 8 contiguous elements (16
@@ -315,19 +334,9 @@ if gluon is not None:
         else:
             slope2 = qk_scale * 0.0
 
-        # key range [lo, hi) of rows [m0, m0 + BLOCK_M), and [full_lo, full_hi): the keys
-        # every row of the tile sees (blocks inside it need no mask)
-        lo = sk * 0  # tensors, not Python ints: the partitions take them as arguments
-        hi = sk
-        full_lo = sk * 0
-        full_hi = sk
-        if WINDOW_RIGHT:
-            hi = gl.minimum(sk, m0 + BLOCK_M + offset + window_right)
-            full_hi = gl.minimum(sk, gl.maximum(m0 + offset + window_right + 1, 0))
-        if WINDOW_LEFT:
-            lo = gl.maximum(0, m0 + offset - window_left) // BLOCK_N * BLOCK_N
-            full_lo = gl.maximum(m0 + BLOCK_M - 1 + offset - window_left, 0)
-        n_blocks = (gl.maximum(hi - lo, 0) + BLOCK_N - 1) // BLOCK_N
+        lo, n_blocks, full_lo, full_hi = key_range(m0, sk, offset, window_left, window_right,
+                                                   BLOCK_M, BLOCK_N, WINDOW_LEFT,
+                                                   WINDOW_RIGHT)
 
         q_smem = gl.allocate_shared_memory(desc_q.dtype, [BLOCK_M, HEAD_DIM], desc_q.layout)
         k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES, BLOCK_N, HEAD_DIM],

@@ -1,0 +1,245 @@
+"""Warp-specialised dQ kernel of the varlen backward for Hopper (sm_90), written in Gluon.
+
+Serves the calls hopper_backward.py serves (plain calls: no softcap, ALiBi, dropout or
+custom mask; head dim 64 or 128; fp16/bf16; host lengths or device offsets). One program per
+(query tile of BLOCK_M rows, query head), as the forward: it loops over the key blocks its
+rows see, so dQ is reduced in registers and written once (deterministic). Scheduled as the
+Gluon forward (hopper_forward.py):
+
+* a producer warp loads the tile's Q and dO once, then streams K and V blocks through TMA into
+  a ring of STAGES buffers (ready / empty mbarriers);
+* two consumer warpgroups own BLOCK_M / 2 query rows each and issue S = Q K^T and
+  dP = dO V^T as asynchronous wgmma, form P = exp2(S log2 e scale - lse log2 e) and
+  dS = P (dP - delta) in registers, then dQ += dS K.
+
+Key rows past the sequence's end that a K/V box reads are masked out of dS with a select
+(never a product: they may hold inf or NaN) and zeroed in K's shared buffer before dS K
+reduces over them (0 * NaN would leak). Query rows past the end compute garbage that stays
+in their own rows of dQ, which are not stored.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .hopper_forward import descriptor, gluon
+
+if gluon is not None:
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+
+    from .hopper_forward import (
+        in_window,
+        key_range,
+        row_layout,
+        sequence_bounds,
+        zero_rows_from,
+    )
+    from .tiles import FIND_CHUNK, find_tile_in_chunks
+
+BLOCK_M = 128  # query rows per program (two warpgroups of 64)
+# (key block by head dim, stages, consumer registers, producer registers): first settings,
+# to be swept on an H200 (benchmarks/sweep_configs.py)
+CONFIG = {"block_n": {64: 64, 128: 64}, "stages": 2, "consumer_regs": 240, "producer_regs": 24}
+
+if gluon is not None:
+
+    @gluon.jit
+    def _produce(desc_q, desc_do, desc_k, desc_v, q_smem, do_smem, k_smem, v_smem, q_bar,
+                 ready, empty, q_row, q_col, k_row, kv_col, n_blocks, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr):
+        """Producer warp: Q and dO once, then K and V of blocks 0..n_blocks-1 into the ring."""
+        mbarrier.expect(q_bar, 2 * desc_q.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc_q, [q_row, q_col], q_bar, q_smem)
+        tma.async_copy_global_to_shared(desc_do, [q_row, q_col], q_bar, do_smem)
+        for j in range(n_blocks):
+            st = j % STAGES
+            use = j // STAGES
+            row = k_row + j * BLOCK_N
+            mbarrier.wait(empty.index(st), (use & 1) ^ 1, pred=use > 0)
+            mbarrier.expect(ready.index(st), 2 * desc_k.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc_k, [row, kv_col], ready.index(st),
+                                            k_smem.index(st))
+            tma.async_copy_global_to_shared(desc_v, [row, kv_col], ready.index(st),
+                                            v_smem.index(st))
+
+    @gluon.jit
+    def _consume(q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty, k_zeroed, Lse, Delta,
+                 DQ, q_start, sq, h, m0, sk, offset, lo, n_blocks, full_lo, full_hi, qk_scale,
+                 sm_scale, window_left, window_right, stride_dqt, stride_dqh, total_q,
+                 WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr,
+                 WINDOW_RIGHT: gl.constexpr):
+        """Consumer warpgroup WG (0 or 1): dQ of query rows [m0 + WG * ROWS, + ROWS)."""
+        ROWS: gl.constexpr = BLOCK_M // 2
+        dtype: gl.constexpr = q_smem.dtype
+        S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+        G_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+        A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=G_LAYOUT,
+                                                     k_width=2)
+        ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
+        COL_S: gl.constexpr = gl.SliceLayout(0, S_LAYOUT)
+        r0 = m0 + WG * ROWS
+        q_rows = q_smem.slice(WG * ROWS, ROWS)
+        do_rows = do_smem.slice(WG * ROWS, ROWS)
+        qi = r0 + gl.arange(0, ROWS, layout=ROW_S)
+        q_ok = qi < sq
+        lse = gl.load(Lse + h.to(gl.int64) * total_q + q_start + qi, mask=q_ok, other=0.0)
+        delta = gl.load(Delta + h.to(gl.int64) * total_q + q_start + qi, mask=q_ok, other=0.0)
+        # rows that see no key (lse -inf) get P = 0
+        lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        s_init = gl.zeros([ROWS, BLOCK_N], gl.float32, S_LAYOUT)
+        dq = gl.zeros([ROWS, HEAD_DIM], gl.float32, G_LAYOUT)
+        mbarrier.wait(q_bar, 0)
+        tail = sk - (lo + (n_blocks - 1) * BLOCK_N)
+        for j in range(n_blocks):
+            st = j % STAGES
+            ks = lo + j * BLOCK_N
+            mbarrier.wait(ready.index(st), (j // STAGES) & 1)
+            k_buf = k_smem.index(st)
+            if (j == n_blocks - 1) & (tail < BLOCK_N):  # warpgroup 0 zeroes, 1 waits
+                if WG == 0:
+                    zero_rows_from(k_buf, tail, BLOCK_N, HEAD_DIM)
+                    fence_async_shared()
+                    gl.thread_barrier()
+                    mbarrier.arrive(k_zeroed)
+                else:
+                    mbarrier.wait(k_zeroed, 0)
+            s = warpgroup_mma(q_rows, k_buf.permute((1, 0)), s_init, use_acc=False,
+                              is_async=True)
+            dp = warpgroup_mma(do_rows, v_smem.index(st).permute((1, 0)), s_init,
+                               use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+            p = gl.exp2(s * qk_scale - lse2[:, None])
+            dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
+            ds = p * (dp - delta[:, None])
+            if (ks < full_lo) | (ks + BLOCK_N > full_hi):
+                kj = ks + gl.arange(0, BLOCK_N, layout=COL_S)
+                visible = in_window((kj < sk)[None, :], qi[:, None] + offset - kj[None, :],
+                                    window_left, window_right, WINDOW_LEFT, WINDOW_RIGHT)
+                ds = gl.where(visible, ds, 0.0)
+            dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), A_LAYOUT), k_buf, dq,
+                               is_async=True)
+            dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ))
+            mbarrier.arrive(empty.index(st))
+
+        OUT_LAYOUT: gl.constexpr = row_layout(HEAD_DIM)
+        out = gl.convert_layout((dq * sm_scale).to(DQ.dtype.element_ty), OUT_LAYOUT)
+        rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, OUT_LAYOUT))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, OUT_LAYOUT))
+        ptrs = DQ + (q_start + rows).to(gl.int64)[:, None] * stride_dqt + h * stride_dqh \
+            + cols[None, :]
+        gl.store(ptrs, out, mask=(rows < sq)[:, None])
+
+    @gluon.jit(do_not_specialize=["total_q", "batch"])
+    def _hopper_dq_kernel(desc_q, desc_do, desc_k, desc_v, Lse, Delta, DQ, CuQ, CuK, TileSeq,
+                          TileBlk, stride_dqt, stride_dqh, total_q, batch, qk_scale, sm_scale,
+                          window_left, window_right, GROUP: gl.constexpr,
+                          HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                          BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                          CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                          TOP_LEFT: gl.constexpr, WINDOW_LEFT: gl.constexpr,
+                          WINDOW_RIGHT: gl.constexpr, DEVICE_TILES: gl.constexpr):
+        pid = gl.program_id(0)
+        h = gl.program_id(1)
+        if DEVICE_TILES:  # an upper bound of programs: each finds its tile, the extra exit
+            offs = gl.arange(0, FIND_CHUNK,
+                             layout=gl.BlockedLayout([1], [32], [gl.num_warps()], [0]))
+            b, blk = find_tile_in_chunks(CuQ, batch, pid, offs, BLOCK_M, FIND_CHUNK)
+            if b >= batch:
+                return
+        else:
+            b = gl.load(TileSeq + pid)
+            blk = gl.load(TileBlk + pid)
+        m0 = blk * BLOCK_M
+        q_start, sq, k_start, sk, offset = sequence_bounds(CuQ, CuK, b, TOP_LEFT)
+        lo, n_blocks, full_lo, full_hi = key_range(m0, sk, offset, window_left, window_right,
+                                                   BLOCK_M, BLOCK_N, WINDOW_LEFT,
+                                                   WINDOW_RIGHT)
+
+        q_smem = gl.allocate_shared_memory(desc_q.dtype, [BLOCK_M, HEAD_DIM], desc_q.layout)
+        do_smem = gl.allocate_shared_memory(desc_do.dtype, [BLOCK_M, HEAD_DIM],
+                                            desc_do.layout)
+        k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES, BLOCK_N, HEAD_DIM],
+                                           desc_k.layout)
+        v_smem = gl.allocate_shared_memory(desc_v.dtype, [STAGES, BLOCK_N, HEAD_DIM],
+                                           desc_v.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_zeroed = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
+        mbarrier.init(k_zeroed, count=1)
+        fence_async_shared()
+
+        gl.warp_specialize([
+            (_consume, (q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty, k_zeroed, Lse,
+                        Delta, DQ, q_start, sq, h, m0, sk, offset, lo, n_blocks, full_lo,
+                        full_hi, qk_scale, sm_scale, window_left, window_right, stride_dqt,
+                        stride_dqh, total_q, 0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                        WINDOW_LEFT, WINDOW_RIGHT)),
+            (_consume, (q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty, k_zeroed, Lse,
+                        Delta, DQ, q_start, sq, h, m0, sk, offset, lo, n_blocks, full_lo,
+                        full_hi, qk_scale, sm_scale, window_left, window_right, stride_dqt,
+                        stride_dqh, total_q, 1, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                        WINDOW_LEFT, WINDOW_RIGHT)),
+            (_produce, (desc_q, desc_do, desc_k, desc_v, q_smem, do_smem, k_smem, v_smem,
+                        q_bar, ready, empty, q_start + m0, h * HEAD_DIM, k_start + lo,
+                        (h // GROUP) * HEAD_DIM, n_blocks, BLOCK_N, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def supports(problem) -> bool:
+    """Whether this kernel computes dQ of a call that hopper_backward's dK/dV kernel serves
+    (backward.py checks that, and that there are no sinks): a head dim of CONFIG."""
+    return problem.head_dim in CONFIG["block_n"]
+
+
+def dq(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
+       lse: torch.Tensor, delta: torch.Tensor, dq_out: torch.Tensor,
+       cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+       tiles: tuple[int, torch.Tensor, torch.Tensor, bool], qk_scale: float, *,
+       record: bool = False):
+    """Writes ``dq_out`` (total_q, nheads, d) over the query tiles of BLOCK_M rows;
+    ``tiles``: forward.launch_tiles' (programs, tile_seq, tile_blk, device_tiles) with
+    BLOCK_M rows; lse and delta: float32 (nheads, total_q); qk_scale = scale * log2 e. With
+    ``record``, returns the replay.LaunchRecord or None: replays take REPLAY_ARGS, with q,
+    k, v and dout for the descriptors."""
+    d = problem.head_dim
+    left, right = problem.window
+    block_n = CONFIG["block_n"][d]
+    programs, tile_seq, tile_blk, device_tiles = tiles
+    grid = (programs, problem.nheads)
+    args = (descriptor(q, d, BLOCK_M), descriptor(dout, d, BLOCK_M),
+            descriptor(k, d, block_n), descriptor(v, d, block_n), lse, delta, dq_out,
+            cu_seqlens_q, cu_seqlens_k, tile_seq, tile_blk, dq_out.stride(0),
+            dq_out.stride(1), problem.total_q, problem.batch, qk_scale, problem.scale,
+            left, right)
+    kwargs = dict(
+        GROUP=problem.group_size, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+        STAGES=CONFIG["stages"], CONSUMER_REGS=CONFIG["consumer_regs"],
+        PRODUCER_REGS=CONFIG["producer_regs"], TOP_LEFT=problem.mask_alignment == "top_left",
+        WINDOW_LEFT=left >= 0, WINDOW_RIGHT=right >= 0, DEVICE_TILES=device_tiles,
+        num_warps=4)
+    if record:
+        from .replay import LaunchRecord
+
+        return LaunchRecord.launch(_hopper_dq_kernel, grid, args, kwargs, REPLAY_ARGS)
+    _hopper_dq_kernel[grid](*args, **kwargs)
+    return None
+
+
+# The arguments a replay of the kernel's launch replaces (replay.LaunchRecord).
+# In the tl dQ kernel's order (backward.DQ_REPLAY_ARGS), which BackwardReplay launches with.
+REPLAY_ARGS = ("desc_q", "desc_k", "desc_v", "desc_do", "Lse", "Delta", "DQ", "CuQ", "CuK")
