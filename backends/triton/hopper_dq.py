@@ -44,9 +44,9 @@ if gluon is not None:
     from .tiles import FIND_CHUNK, find_tile_in_chunks
 
 BLOCK_M = 128  # query rows per program (two warpgroups of 64)
-# (key block by head dim, stages, consumer registers, producer registers): first settings,
-# to be swept on an H200 (benchmarks/sweep_configs.py)
-CONFIG = {"block_n": {64: 64, 128: 64}, "stages": 2, "consumer_regs": 240, "producer_regs": 24}
+# (key block by head dim, stages, consumer registers, producer registers): swept on an H200
+# (benchmarks/sweep_configs.py, docs/performance.md v11)
+CONFIG = {"block_n": {64: 64, 128: 128}, "stages": 2, "consumer_regs": 240, "producer_regs": 24}
 
 if gluon is not None:
 
