@@ -35,12 +35,14 @@ def test_softcap_fp32_accuracy_does_not_degrade_with_the_cap(cap):
         assert (g.double() - r).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("cap", [30.0, 1e4, 1e6])
+@pytest.mark.parametrize("cap", [30.0, 256.0, 300.0, 1e4, 1e6])
 def test_softcap_fp16_error_stays_at_the_references_own_with_any_cap(cap):
     """fp16 / bf16 inputs take softcap.tanh_half: below |x| = 0.1 (every score once the cap
-    is large) its exp form alone cancelled to an absolute error of ~1e-7, which the cap
-    multiplied into a logit error of 0.1 at cap 1e6. Forward and gradients must stay at the
-    error the reference itself makes in fp16."""
+    is large) its exp form alone cancels to an absolute error of ~1e-7, which the cap
+    multiplies into the logit (0.1 at cap 1e6), so caps above softcap.SMALL_ARGUMENT_CAP
+    (256: the largest cap without the branch, and 300: the smallest with it here) take its
+    small-argument branch. Forward and gradients must stay at the error the reference
+    itself makes in fp16."""
     gen = torch.Generator().manual_seed(0)
     cu = [0, 37, 101]
     q, k, v = (torch.randn(101, h, 32, generator=gen) for h in (2, 1, 1))

@@ -30,6 +30,7 @@ from .forward import (
     sequence_bounds,
     tile_list,
 )
+from .softcap import mode as softcap_mode
 from .tiles import program_tile
 
 
@@ -422,7 +423,8 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
         GROUP=problem.group_size, HEAD_DIM=problem.head_dim,
         BLOCK_D=configs.block_d(problem.head_dim),
         TOP_LEFT=problem.mask_alignment == "top_left", WINDOW_LEFT=left >= 0,
-        WINDOW_RIGHT=right >= 0, HAS_SOFTCAP=problem.softcap > 0, HAS_ALIBI=alibi is not None,
+        WINDOW_RIGHT=right >= 0, HAS_SOFTCAP=softcap_mode(problem.softcap),
+        HAS_ALIBI=alibi is not None,
         HAS_DROPOUT=problem.dropout_p > 0, PRECISION=configs.dot_precision(q.dtype),
         HAS_CUSTOM_MASK=problem.custom_mask)
     scalars = (problem.total_q, problem.batch, problem.nheads, max(problem.max_seqlen_k, 1),

@@ -22,6 +22,7 @@ from .forward import (
     score_scalars,
     score_tile,
 )
+from .softcap import mode as softcap_mode
 
 MAX_ROWS = 64  # query heads per kv head x query tokens that one tile holds
 
@@ -187,7 +188,8 @@ def forward(problem, inputs, *, sinks: torch.Tensor | None = None
         problem.total_q, problem.batch, key_bound(problem), splits,
         *score_scalars(problem), left, right, **common, BLOCK_N=block_n,
         TOP_LEFT=problem.mask_alignment == "top_left", WINDOW_LEFT=left >= 0,
-        WINDOW_RIGHT=right >= 0, HAS_SOFTCAP=problem.softcap > 0, HAS_ALIBI=alibi is not None,
+        WINDOW_RIGHT=right >= 0, HAS_SOFTCAP=softcap_mode(problem.softcap),
+        HAS_ALIBI=alibi is not None,
         PAGED=problem.paged is not None,
         PAGE_SIZE=problem.paged.page_size if problem.paged is not None else 1,
         PRECISION=configs.dot_precision(q.dtype),

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from . import configs, hopper_forward, replay, tiles
+from .softcap import mode as softcap_mode
 from .softcap import tanh as _tanh
 from .softcap import tanh_half as _tanh_half
 from .tiles import program_tile
@@ -69,13 +70,13 @@ def score_tile(a, b, qi, kj, sk, offset, qk_scale, tanh_scale, softcap2, slope2,
     tile's shape (``offs_m[:, None]``, ``offs_n[None, :]`` for q @ k^T; the transpose for
     k @ q^T). qk_scale = scale * log2(e); tanh_scale = scale / cap; softcap2 = cap * log2(e);
     slope2 = slope * log2(e). The tanh: softcap.tanh for fp32 inputs, softcap.tanh_half for
-    fp16 / bf16."""
+    fp16 / bf16; HAS_SOFTCAP: softcap.mode of the cap."""
     s = tl.dot(a, b, input_precision=PRECISION)
     if HAS_SOFTCAP:
-        if PRECISION == "ieee":  # noqa: SIM108 (fp32 inputs; a constexpr branch)
+        if PRECISION == "ieee":
             t = _tanh(s * tanh_scale)
         else:
-            t = _tanh_half(s * tanh_scale)
+            t = _tanh_half(s * tanh_scale, HAS_SOFTCAP == 2)
         s = t * softcap2
     else:
         t = s
@@ -604,7 +605,7 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor |
         GROUP=problem.group_size, HEAD_DIM=problem.head_dim,
         BLOCK_D=configs.block_d(problem.head_dim), BLOCK_M=block_m,
         TOP_LEFT=problem.mask_alignment == "top_left", WINDOW_LEFT=left >= 0,
-        WINDOW_RIGHT=right >= 0, HAS_SOFTCAP=problem.softcap > 0,
+        WINDOW_RIGHT=right >= 0, HAS_SOFTCAP=softcap_mode(problem.softcap),
         HAS_ALIBI=alibi is not None, HAS_DROPOUT=problem.dropout_p > 0,
         PAGED=problem.paged is not None,
         PAGE_SIZE=problem.paged.page_size if problem.paged is not None else 1,

@@ -32,6 +32,8 @@ import functools
 
 import torch
 
+from .softcap import mode as softcap_mode
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -172,7 +174,7 @@ if gluon is not None:
         (tanh_scale = scale / cap, softcap2 = cap * log2(e)), else s * qk_scale; with ALiBi
         minus slope2 * |i + offset - j| (slope2 = slope * log2(e)) on every block."""
         if HAS_SOFTCAP:
-            s = tanh_half(s * tanh_scale) * softcap2
+            s = tanh_half(s * tanh_scale, HAS_SOFTCAP == 2) * softcap2
         elif HAS_ALIBI:
             s = s * qk_scale
         if HAS_ALIBI:
@@ -458,7 +460,7 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
         PRODUCER_REGS=CONFIG["producer_regs"],
         TOP_LEFT=problem.mask_alignment == "top_left", WINDOW_LEFT=left >= 0,
         WINDOW_RIGHT=right >= 0, HAS_SINKS=sinks is not None,
-        HAS_SOFTCAP=problem.softcap > 0, HAS_ALIBI=alibi is not None,
+        HAS_SOFTCAP=softcap_mode(problem.softcap), HAS_ALIBI=alibi is not None,
         DEVICE_TILES=device_tiles, num_warps=4)
     if record:
         from .replay import LaunchRecord
