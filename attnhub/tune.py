@@ -246,7 +246,8 @@ def tune(device: str | torch.device, *, backends: list[str] | None = None,
     one of ``patterns`` (fnmatch, e.g. ``"*/d128/*/causal/*"``; all when None) with
     ``backends`` (default: ``default_backends``) and write the table to ``output`` (default:
     the user-tuned table of this device in the cache directory), merged into the table
-    already there. ``match_name``:
+    already there (``merge_costs``: a class keeps the entries of backends this run does not
+    measure, so that one backend can be re-measured after an upgrade). ``match_name``:
     write a shipped-table match block (this device's type and capability, that regular
     expression on the device name) instead of naming this device only. Stops starting new
     classes after ``budget_s`` seconds."""
@@ -271,6 +272,9 @@ def tune(device: str | torch.device, *, backends: list[str] | None = None,
         "versions": _versions(),
         "settings": {"warmup_ms": warmup_ms, "rep_ms": rep_ms, "host_bound_ms": HOST_BOUND_MS,
                      "backends": list(backends)},
+        "measured_backends": {**table.extra.get("measured_backends", {}), **{
+            name: datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+            for name in backends}},
     })
     shapes = table.extra.setdefault("shapes", {})
     failures = table.extra.setdefault("failures", {})
@@ -318,7 +322,7 @@ def tune(device: str | torch.device, *, backends: list[str] | None = None,
                      + (f" ({'; '.join(f'{b}: {m}' for b, m in failed.items())})" if failed
                         else ""))
             continue
-        table.classes[key] = costs
+        table.classes[key] = merge_costs(table.classes.get(key, {}), costs, backends)
         shapes[key] = _describe(problem)
         measured.append(key)
         winner = cost_tables.choose(
@@ -334,6 +338,14 @@ def tune(device: str | torch.device, *, backends: list[str] | None = None,
     progress(f"measured {len(measured)} classes in {time.perf_counter() - start:.0f} s; "
              f"table: {path}")
     return TuneResult(path, table, measured, skipped, stopped)
+
+
+def merge_costs(old: dict[str, float], costs: dict[str, float], backends: list[str]
+                ) -> dict[str, float]:
+    """A class's entry after a run that measured ``backends`` and got ``costs`` (ms): the
+    old entries of backends the run did not measure, then the new ones (a measured backend
+    that declined or failed this time loses its old entry)."""
+    return {**{b: ms for b, ms in old.items() if b not in backends}, **costs}
 
 
 def _existing(path: pathlib.Path, identity: cost_tables.DeviceIdentity

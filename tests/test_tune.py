@@ -106,3 +106,24 @@ def test_shipped_table_from_match_name(cache, tmp_path, capsys):
 def test_tune_unknown_backend_is_an_error(cache, capsys):
     assert cli.main(["tune", "--device", "cpu", "--backend", "nope", "--classes", CLASS]) == 2
     assert "unknown attnhub backend 'nope' (from attnhub tune --backend)" in capsys.readouterr().err
+
+
+def test_remeasuring_one_backend_keeps_the_others_entries(cache, capsys):
+    """`--backend sdpa` into a table that holds sdpa and reference figures: sdpa's entry is
+    re-measured, reference's kept (its date too), a backend the run measured but could not
+    run loses its old entry."""
+    path = cost_tables.user_table_path(cost_tables.device_identity("cpu"))
+    assert cli.main(["tune", "--device", "cpu", "--classes", CLASS, "--rep-ms", "5"]) == 0
+    first = cost_tables.read_table(path)
+    first.classes[CLASS] = {"sdpa": 1e6, "reference": 123.0}
+    first.extra["measured_backends"]["reference"] = "2000-01-01"
+    cost_tables.write_table(first, path)
+    capsys.readouterr()
+    assert cli.main(["tune", "--device", "cpu", "--classes", CLASS, "--rep-ms", "5",
+                     "--backend", "sdpa"]) == 0
+    table = cost_tables.read_table(path)
+    assert table.classes[CLASS]["reference"] == 123.0
+    assert 0 < table.classes[CLASS]["sdpa"] < 1e6
+    assert table.extra["measured_backends"]["reference"] == "2000-01-01"
+    assert table.extra["measured_backends"]["sdpa"] != "2000-01-01"
+    assert tune.merge_costs({"a": 1.0, "b": 2.0}, {"a": 3.0}, ["a", "b"]) == {"a": 3.0}
