@@ -332,3 +332,32 @@ def test_default_backends_leave_out_the_unavailable_and_on_accelerators_the_fall
     chosen, left_out = default_backends(torch.device("cuda"))   # registry only, no GPU needed
     assert chosen == ["fast"] and set(left_out) == {"gone", "reference"}
     assert "the fallback" in left_out["reference"]
+
+
+def test_implementations_are_timed_in_interleaved_rounds(install, one_thread, monkeypatch):
+    """Each round times every implementation, the order alternating, so that drift over a
+    cell (clocks, temperature) weighs on all alike; a device time is the rounds' median."""
+    from attnhub.bench import runner
+
+    install(make_backend("fast", 5), make_backend("slow", 4))
+    order: list[str] = []
+    calls = iter(range(100))
+
+    def fake_time(fn, cell, cfg):
+        order.append(fn.label)
+        return 1.0 + next(calls)  # later rounds take longer: drift
+
+    def build(x, backend, backward, offsets):
+        def fn():
+            return None
+        fn.label = backend
+        return fn
+
+    monkeypatch.setattr(runner, "_time_once", fake_time)
+    monkeypatch.setattr(runner, "attnhub_runner", build)
+    cfg = BenchConfig(device=torch.device("cpu"), backends=["fast", "slow"], auto=False,
+                      direct=False, **FAST)
+    results = run_matrix(SMALL[:1], cfg, progress=False)
+    fwd = [m for m in results if m.mode == "fwd"]
+    assert order[:6] == ["fast", "slow", "slow", "fast", "fast", "slow"]
+    assert {m.impl: m.ms for m in fwd} == {"fast": 4.0, "slow": 3.0}  # medians of 1,4,5 / 2,3,6

@@ -8,6 +8,7 @@ time; an exception in one measurement is recorded and the run goes on.
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 import warnings
@@ -53,8 +54,9 @@ class BenchConfig:
     """What to run. ``backends``: attnhub backend names (None: every backend available for
     the device, the fallback reference left out on accelerators), ``auto``: also measure the
     automatic choice, ``direct``: also call the wrapped kernels directly. ``warmup_ms`` /
-    ``rep_ms``: device_time_ms's budget per measurement; ``host_calls`` / ``host_rounds``:
-    host_time_us's loop for tiny cells."""
+    ``rep_ms``: device_time_ms's budget per measurement, split over ``rounds`` interleaved
+    rounds; ``host_calls`` / ``host_rounds``: host_time_us's loop for tiny cells (its rounds
+    split the same way)."""
 
     device: torch.device
     backends: list[str] | None = None
@@ -66,6 +68,7 @@ class BenchConfig:
     rep_ms: float = 100.0
     host_calls: int = 200
     host_rounds: int = 5
+    rounds: int = 3
     deadline: float | None = None  # time.monotonic() after which no cell is started
     left_out: dict[str, str] = field(default_factory=dict)
 
@@ -127,38 +130,75 @@ def _error(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _measure(cell: Cell, mode: str, impl: _Impl, x: CellInputs, reasons: dict[str, list[str]],
-             selected: str | None, cfg: BenchConfig) -> Measurement:
+def _prepare(cell: Cell, mode: str, impl: _Impl, x: CellInputs,
+             reasons: dict[str, list[str]], selected: str | None
+             ) -> tuple[Measurement, Callable[[], object] | None]:
+    """The measurement record of one implementation on a cell, and the call to time (None
+    when the implementation declines the cell: the record then says why)."""
     m = Measurement(cell.name, impl.label, mode, "n/a")
     if impl.backend is None:
         if selected is None:
             m.reason = "no backend can run this call"
-            return m
+            return m, None
         m.selected = selected
     else:
         why = reasons.get(impl.backend, ["not registered"])
         if why:
             m.reason = "; ".join(why)
-            return m
+            return m, None
     if impl.direct is not None:
         lacking = impl.direct.unsupported(cell)
         if lacking:
             m.reason = lacking
-            return m
+            return m, None
     try:
-        fn = impl.build(x, mode == "fwd+bwd")
-        if cell.tiny:  # both timers make one untimed call first (compilation, autotuning)
-            m.host_us = host_time_us(fn, cfg.device, calls=cfg.host_calls,
-                                     rounds=cfg.host_rounds)
-            m.ms = m.host_us / 1e3
-        else:
-            m.ms = device_time_ms(fn, cfg.device, warmup_ms=cfg.warmup_ms, rep_ms=cfg.rep_ms)
-        m.tflops = cell.flops(mode) / (m.ms * 1e-3) / 1e12
-        m.status = "ok"
+        return m, impl.build(x, mode == "fwd+bwd")
     except Exception as exc:  # one backend's failure must not end the run
         m.status, m.reason = "error", _error(exc)
-        m.ms = m.host_us = m.tflops = None
-    return m
+        return m, None
+
+
+def _time_once(fn: Callable[[], object], cell: Cell, cfg: BenchConfig) -> float:
+    """One round's time of ``fn`` in ms: host time per call for tiny cells (both timers
+    make one untimed call first: compilation, autotuning), else device time over
+    rep_ms / rounds of repeats."""
+    if cell.tiny:
+        rounds = max(1, cfg.host_rounds // cfg.rounds)
+        return host_time_us(fn, cfg.device, calls=cfg.host_calls, rounds=rounds) / 1e3
+    return device_time_ms(fn, cfg.device, warmup_ms=cfg.warmup_ms,
+                          rep_ms=cfg.rep_ms / cfg.rounds)
+
+
+def _measure_side_by_side(cell: Cell, mode: str, impls: list[_Impl], x: CellInputs,
+                          reasons: dict[str, list[str]], selected: str | None,
+                          cfg: BenchConfig, bar: Progress) -> list[Measurement]:
+    """Every implementation of one cell and mode, timed in ``cfg.rounds`` interleaved rounds
+    whose order alternates (forward, then reversed), so that the card's clock and
+    temperature drift over a cell weigh on every implementation alike: per implementation,
+    the median of its rounds (device time) or the best (host time)."""
+    prepared = [_prepare(cell, mode, impl, x, reasons, selected) for impl in impls]
+    times: list[list[float]] = [[] for _ in impls]
+    for r in range(cfg.rounds):
+        order = range(len(impls)) if r % 2 == 0 else reversed(range(len(impls)))
+        for i in order:
+            m, fn = prepared[i]
+            if fn is None or m.status == "error":
+                continue
+            try:
+                times[i].append(_time_once(fn, cell, cfg))
+            except Exception as exc:  # one backend's failure must not end the run
+                m.status, m.reason = "error", _error(exc)
+    out = []
+    for (m, fn), ts in zip(prepared, times, strict=True):
+        if fn is not None and m.status != "error" and ts:
+            m.ms = min(ts) if cell.tiny else statistics.median(ts)
+            if cell.tiny:
+                m.host_us = m.ms * 1e3
+            m.tflops = cell.flops(mode) / (m.ms * 1e-3) / 1e12
+            m.status = "ok"
+        out.append(m)
+        bar.step(f"{cell.name} {mode} {m.impl}")
+    return out
 
 
 class Progress:
@@ -230,9 +270,7 @@ def _run_cell_mode(cell: Cell, mode: str, impls: list[_Impl], cfg: BenchConfig,
         return out
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # fallback notices: reported per cell
-        for impl in impls:
-            out.append(_measure(cell, mode, impl, x, reasons, selected, cfg))
-            bar.step(f"{cell.name} {mode} {impl.label}")
+        out += _measure_side_by_side(cell, mode, impls, x, reasons, selected, cfg, bar)
     del x
     synchronize(cfg.device)
     if cfg.device.type == "cuda":
