@@ -121,3 +121,12 @@ def test_replayed_argument_names_are_the_gluon_kernels_parameters():
     names = hopper_dq._hopper_dq_kernel.arg_names  # REPLAY_ARGS in the tl dQ kernel's order
     assert sorted(names[:len(hopper_dq.REPLAY_ARGS)]) == sorted(hopper_dq.REPLAY_ARGS)
     assert names[9:11] == ["TileSeq", "TileBlk"]
+
+
+def test_head_dims_the_gluon_forward_reads_padded():
+    """Head dims 64 / 128 / 256 as they are; other multiples of 8 between 64 and 256 read
+    zero-padded to the next of them (16-byte rows for TMA); the rest go to the tl kernel."""
+    widths = {d: hopper_forward.block_d(d) for d in (32, 64, 72, 96, 100, 128, 136, 192,
+                                                      248, 256, 264)}
+    assert widths == {32: None, 64: 64, 72: 128, 96: 128, 100: None, 128: 128, 136: 256,
+                      192: 256, 248: 256, 256: 256, 264: None}

@@ -66,7 +66,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("head_dim", [64, 128, 256, 96, 192, 80])  # the last three padded
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_gluon_forward_matches_tl_kernel_and_reference(dtype, head_dim, case, gluon_calls):
     from attnhub.backends.triton import forward
@@ -130,7 +130,7 @@ def test_gluon_forward_with_sinks(head_dim, kw, gluon_calls):
     assert (lse[empty] - sinks[:, None].expand_as(lse)[empty]).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("head_dim", [128, 256])
+@pytest.mark.parametrize("head_dim", [128, 256, 96])
 @pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window_size": (40, 3)},
                                 {"alibi_slopes": "head", "softcap": 5.0}])
 def test_gluon_forward_reads_no_other_sequence(kw, head_dim, gluon_calls):
@@ -151,6 +151,25 @@ def test_gluon_forward_reads_no_other_sequence(kw, head_dim, gluon_calls):
     others = torch.ones(sum(lengths), dtype=torch.bool, device="cuda")
     others[start:stop] = False
     assert torch.equal(out[others], clean[others])
+
+
+@pytest.mark.parametrize("head_dim", [96, 192])
+def test_gluon_padded_head_dim_reads_no_other_head(head_dim, gluon_calls):
+    """A head dim read zero-padded (96 as 128, 192 as 256): the columns past it come from
+    TMA's zero fill, not the next head's values, so NaN keys and values of kv head 1 change
+    no output of the query heads of kv head 0."""
+    lengths = [300, 77, 130]
+    q, k, v = _inputs(lengths, lengths, torch.bfloat16, head_dim, seed=4)
+    info = attnhub.VarlenInfo.from_lengths(lengths, "cuda")
+    clean = attnhub.attention_forward_varlen(q, k, v, info, info, causal=True,
+                                             backend="triton")
+    k[:, 1] = float("nan")
+    v[:, 1] = float("nan")
+    out = attnhub.attention_forward_varlen(q, k, v, info, info, causal=True, backend="triton")
+    assert len(gluon_calls) == 2
+    group = q.shape[1] // k.shape[1]
+    assert torch.equal(out[:, :group], clean[:, :group])
+    assert out[:, group:2 * group].isnan().all()
 
 
 def test_gluon_forward_compiles_once_for_new_lengths(gluon_calls):

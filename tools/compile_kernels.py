@@ -159,6 +159,10 @@ GLUON_FORWARDS = [
      {"softcap": 30.0, "alibi_slopes": torch.rand(8), "window_size": (64, 0)}, 256),
     ("device-tiles alibi softcap d64",
      {"device_tiles": True, "alibi_slopes": torch.rand(8), "softcap": 30.0}, 64),
+    ("causal d96 (padded to 128)", {"causal": True}, 96),
+    ("causal d192 (padded to 256)", {"causal": True}, 192),
+    ("device-tiles softcap window d80 (padded to 128)",
+     {"device_tiles": True, "softcap": 30.0, "window_size": (64, 0)}, 80),
 ]
 
 

@@ -560,7 +560,9 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor |
     plain = (rows_exact and not problem.custom_mask and problem.dropout_p == 0
              and problem.softcap == 0 and alibi is None)
     # the Gluon kernel's features: plain calls, softcap, ALiBi
-    gluon_features = rows_exact and not problem.custom_mask and problem.dropout_p == 0
+    # (any head dim it reads: hopper_forward.block_d)
+    gluon_features = (problem.paged is None and not problem.custom_mask
+                      and problem.dropout_p == 0)
     use_gluon = gluon and hopper_forward.supports(problem, q, k, v, gluon_features)
     block_m = configs.forward_block_m(problem.head_dim)
     # attnhub.plan: the forward's (tile_seq, tile_blk) planned with block_m rows, or None

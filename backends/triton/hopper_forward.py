@@ -52,13 +52,13 @@ except ImportError:  # no Gluon (Triton < 3.5): the tl kernel serves every call
     gluon = None
 
 BLOCK_M = 128
-# (key block per head dim, stages, consumer registers, producer registers), from benchmarks
-# on an H200 (docs/performance.md); head dim 256 takes 64-key blocks so that the 64 x 256
-# fp32 accumulator (128 registers a thread) and the scores fit the consumers' registers and
-# Q plus two K and V stages fit shared memory (192 KiB) -- not yet timed on a GPU
+# (key block per padded head dim, stages, consumer registers, producer registers), from
+# benchmarks on an H200 (docs/performance.md); head dim 256 takes 64-key blocks so that the
+# 64 x 256 fp32 accumulator (128 registers a thread) and the scores fit the consumers'
+# registers and Q plus two K and V stages fit shared memory (192 KiB)
 CONFIG = {"block_n": {64: 128, 128: 128, 256: 64}, "stages": 2, "consumer_regs": 240,
           "producer_regs": 24}
-HEAD_DIMS = (64, 128, 256)
+HEAD_DIMS = (64, 128, 256)  # other head dims are read zero-padded to the next of these
 # ALiBi's distances |i + sk - sq - j| are formed from float32 positions, exact (equal to the
 # tl kernel's integer distances) while every sequence is at most this long
 ALIBI_MAX_SEQLEN = 1 << 24
@@ -66,24 +66,34 @@ ALIBI_MAX_SEQLEN = 1 << 24
 if gluon is not None:
 
     @gluon.jit
+    def _box(row, head, HEAD_DIM: gl.constexpr, PADDED: gl.constexpr):
+        """A TMA box's coordinates: (row, head * HEAD_DIM) in the (rows, heads * HEAD_DIM)
+        view, or (row, head, 0) in the (rows, heads, HEAD_DIM) view when PADDED."""
+        if PADDED:
+            return [row, head, 0]
+        else:
+            return [row, head * HEAD_DIM]
+
+    @gluon.jit
     def _produce(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                 k_empty, v_empty, q_row, q_col, k_row, kv_col, n_blocks,
-                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """Producer warp: Q once, then K and V of blocks 0..n_blocks-1 into the ring."""
+                 k_empty, v_empty, q_row, q_head, k_row, kv_head, n_blocks,
+                 HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 PADDED: gl.constexpr):
+        """Producer warp: Q once, then K and V of blocks 0..n_blocks-1 into the ring (buffers
+        shaped as the descriptors' boxes)."""
         mbarrier.expect(q_bar, desc_q.block_type.nbytes)
-        tma.async_copy_global_to_shared(desc_q, [q_row, q_col], q_bar, q_smem)
+        tma.async_copy_global_to_shared(desc_q, _box(q_row, q_head, HEAD_DIM, PADDED), q_bar,
+                                        q_smem)
         for j in range(n_blocks):
             st = j % STAGES
             use = j // STAGES
-            row = k_row + j * BLOCK_N
+            box = _box(k_row + j * BLOCK_N, kv_head, HEAD_DIM, PADDED)
             mbarrier.wait(k_empty.index(st), (use & 1) ^ 1, pred=use > 0)
             mbarrier.expect(k_ready.index(st), desc_k.block_type.nbytes)
-            tma.async_copy_global_to_shared(desc_k, [row, kv_col], k_ready.index(st),
-                                            k_smem.index(st))
+            tma.async_copy_global_to_shared(desc_k, box, k_ready.index(st), k_smem.index(st))
             mbarrier.wait(v_empty.index(st), (use & 1) ^ 1, pred=use > 0)
             mbarrier.expect(v_ready.index(st), desc_v.block_type.nbytes)
-            tma.async_copy_global_to_shared(desc_v, [row, kv_col], v_ready.index(st),
-                                            v_smem.index(st))
+            tma.async_copy_global_to_shared(desc_v, box, v_ready.index(st), v_smem.index(st))
 
     @gluon.jit
     def sequence_bounds(CuQ, CuK, b, TOP_LEFT: gl.constexpr):
@@ -192,14 +202,16 @@ if gluon is not None:
                  Out, Lse, Sinks, q_start, sq, h, m0, sk, offset, lo, n_blocks, full_lo,
                  full_hi, qk_scale, tanh_scale, softcap2, slope2, window_left, window_right,
                  stride_ot, stride_oh, total_q, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr,
+                 BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr,
                  HAS_SINKS: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
         """Consumer warpgroup WG (0 or 1): query rows [m0 + WG * ROWS, + ROWS) of the tile,
         online softmax over the key blocks, then O and lse (with head h's sink logit joined
         to the denominator when HAS_SINKS, as forward.add_sink). Scores are softcapped
         (HAS_SOFTCAP) and biased (HAS_ALIBI: every block) before the mask, as in
-        forward.score_tile."""
+        forward.score_tile. Q, K and V rows are BLOCK_D wide, HEAD_DIM of them data and the
+        rest zeros (TMA's fill past the head dim), so scores and O's first HEAD_DIM columns
+        are exact."""
         ROWS: gl.constexpr = BLOCK_M // 2
         # scores turned into base-2 units before the max
         BASE2: gl.constexpr = HAS_SOFTCAP or HAS_ALIBI
@@ -207,7 +219,7 @@ if gluon is not None:
         S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_D, 16])
         P_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT,
                                                      k_width=2)
         ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
@@ -217,7 +229,7 @@ if gluon is not None:
 
         m_i = gl.full([ROWS], float("-inf"), gl.float32, ROW_S)
         l_i = gl.zeros([ROWS], gl.float32, ROW_S)
-        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, O_LAYOUT)
+        acc = gl.zeros([ROWS, BLOCK_D], gl.float32, O_LAYOUT)
         s_init = gl.zeros([ROWS, BLOCK_N], gl.float32, S_LAYOUT)
         mbarrier.wait(q_bar, 0)
         if n_blocks > 0:
@@ -270,7 +282,7 @@ if gluon is not None:
             tail = sk - (lo + last * BLOCK_N)
             if tail < BLOCK_N:  # warpgroup 0 zeroes the rows past the end, 1 waits for it
                 if WG == 0:
-                    zero_rows_from(v_smem.index(lst), tail, BLOCK_N, HEAD_DIM)
+                    zero_rows_from(v_smem.index(lst), tail, BLOCK_N, BLOCK_D)
                     fence_async_shared()
                     gl.thread_barrier()
                     mbarrier.arrive(v_zeroed)
@@ -294,13 +306,16 @@ if gluon is not None:
         lse = gl.where(seen, (m_i + gl.log2(gl.where(seen, l_i, 1.0))) * 0.6931471805599453,
                        float("-inf"))
         # 16-byte stores after a layout change through shared memory
-        OUT_LAYOUT: gl.constexpr = row_layout(HEAD_DIM)
+        OUT_LAYOUT: gl.constexpr = row_layout(BLOCK_D)
         out = gl.convert_layout(out, OUT_LAYOUT)
         rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, OUT_LAYOUT))
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, OUT_LAYOUT))
+        cols = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, OUT_LAYOUT))
         ptrs = Out + (q_start + rows).to(gl.int64)[:, None] * stride_ot + h * stride_oh \
             + cols[None, :]
-        gl.store(ptrs, out, mask=(rows < sq)[:, None])
+        if BLOCK_D == HEAD_DIM:
+            gl.store(ptrs, out, mask=(rows < sq)[:, None])
+        else:
+            gl.store(ptrs, out, mask=(rows < sq)[:, None] & (cols < HEAD_DIM)[None, :])
         lse_rows = r0 + gl.arange(0, ROWS, layout=ROW_S)
         gl.store(Lse + h.to(gl.int64) * total_q + q_start + lse_rows, lse, mask=lse_rows < sq)
 
@@ -309,8 +324,9 @@ if gluon is not None:
                            Alibi, stride_ot, stride_oh, stride_ab, total_q, batch, qk_scale,
                            tanh_scale, softcap2, window_left, window_right,
                            GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
-                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                           STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                           BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
+                           BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                           CONSUMER_REGS: gl.constexpr,
                            PRODUCER_REGS: gl.constexpr,
                            TOP_LEFT: gl.constexpr, WINDOW_LEFT: gl.constexpr,
                            WINDOW_RIGHT: gl.constexpr, HAS_SINKS: gl.constexpr,
@@ -340,11 +356,32 @@ if gluon is not None:
                                                    BLOCK_M, BLOCK_N, WINDOW_LEFT,
                                                    WINDOW_RIGHT)
 
-        q_smem = gl.allocate_shared_memory(desc_q.dtype, [BLOCK_M, HEAD_DIM], desc_q.layout)
-        k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES, BLOCK_N, HEAD_DIM],
-                                           desc_k.layout)
-        v_smem = gl.allocate_shared_memory(desc_v.dtype, [STAGES, BLOCK_N, HEAD_DIM],
-                                           desc_v.layout)
+        # (rows, BLOCK_D) buffers for the consumers; the producer's copies see them shaped
+        # as the descriptors' boxes, (rows, 1, BLOCK_D) when the head dim is padded (the same
+        # bytes: a unit dimension changes nothing in the swizzled layout)
+        PADDED: gl.constexpr = BLOCK_D != HEAD_DIM
+        if PADDED:
+            ROWS_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128,
+                                                             element_bitwidth=16, rank=2)
+            q_smem = gl.allocate_shared_memory(desc_q.dtype, [BLOCK_M, BLOCK_D], ROWS_LAYOUT)
+            k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES, BLOCK_N, BLOCK_D],
+                                               ROWS_LAYOUT)
+            v_smem = gl.allocate_shared_memory(desc_v.dtype, [STAGES, BLOCK_N, BLOCK_D],
+                                               ROWS_LAYOUT)
+            q_box = q_smem._reinterpret(desc_q.dtype, [BLOCK_M, 1, BLOCK_D], desc_q.layout)
+            k_box = k_smem._reinterpret(desc_k.dtype, [STAGES, BLOCK_N, 1, BLOCK_D],
+                                        desc_k.layout)
+            v_box = v_smem._reinterpret(desc_v.dtype, [STAGES, BLOCK_N, 1, BLOCK_D],
+                                        desc_v.layout)
+        else:
+            q_smem = gl.allocate_shared_memory(desc_q.dtype, [BLOCK_M, BLOCK_D], desc_q.layout)
+            k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES, BLOCK_N, BLOCK_D],
+                                               desc_k.layout)
+            v_smem = gl.allocate_shared_memory(desc_v.dtype, [STAGES, BLOCK_N, BLOCK_D],
+                                               desc_v.layout)
+            q_box = q_smem
+            k_box = k_smem
+            v_box = v_smem
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -365,17 +402,17 @@ if gluon is not None:
                         v_zeroed, Out, Lse, Sinks, q_start, sq, h, m0, sk, offset, lo,
                         n_blocks, full_lo, full_hi, qk_scale, tanh_scale, softcap2, slope2,
                         window_left, window_right, stride_ot, stride_oh, total_q, 0, HEAD_DIM,
-                        BLOCK_M, BLOCK_N, STAGES, WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS,
-                        HAS_SOFTCAP, HAS_ALIBI)),
+                        BLOCK_D, BLOCK_M, BLOCK_N, STAGES, WINDOW_LEFT, WINDOW_RIGHT,
+                        HAS_SINKS, HAS_SOFTCAP, HAS_ALIBI)),
             (_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
                         v_zeroed, Out, Lse, Sinks, q_start, sq, h, m0, sk, offset, lo,
                         n_blocks, full_lo, full_hi, qk_scale, tanh_scale, softcap2, slope2,
                         window_left, window_right, stride_ot, stride_oh, total_q, 1, HEAD_DIM,
-                        BLOCK_M, BLOCK_N, STAGES, WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS,
-                        HAS_SOFTCAP, HAS_ALIBI)),
-            (_produce, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                        k_empty, v_empty, q_start + m0, h * HEAD_DIM, k_start + lo,
-                        (h // GROUP) * HEAD_DIM, n_blocks, BLOCK_N, STAGES)),
+                        BLOCK_D, BLOCK_M, BLOCK_N, STAGES, WINDOW_LEFT, WINDOW_RIGHT,
+                        HAS_SINKS, HAS_SOFTCAP, HAS_ALIBI)),
+            (_produce, (desc_q, desc_k, desc_v, q_box, k_box, v_box, q_bar, k_ready, v_ready,
+                        k_empty, v_empty, q_start + m0, h, k_start + lo, h // GROUP, n_blocks,
+                        HEAD_DIM, BLOCK_N, STAGES, PADDED)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -400,15 +437,26 @@ def tma_rows(t: torch.Tensor, head_dim: int) -> bool:
             and head_dim * size >= 16)
 
 
+def block_d(head_dim: int) -> int | None:
+    """The width the forward reads a head dim at: itself in HEAD_DIMS, else the next of
+    them (TMA fills the columns past the head dim with zeros), for multiples of 8 (16-byte
+    rows) between 64 and 256; None for the others."""
+    if head_dim in HEAD_DIMS:
+        return head_dim
+    if 64 < head_dim < 256 and head_dim % 8 == 0:
+        return 128 if head_dim < 128 else 256
+    return None
+
+
 def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plain: bool) -> bool:
     """Whether this kernel serves a call (host lengths or device offsets) whose features the
     caller has checked (``plain``: forward.forward's gluon_features, or the backward's own
-    conditions for hopper_backward): an sm_90 GPU, fp16/bf16, head dim in HEAD_DIMS, Q/K/V as
-    packed rows whose heads lie contiguous (TMA boxes); with ALiBi, sequences of at most
-    ALIBI_MAX_SEQLEN tokens."""
+    conditions for hopper_backward): an sm_90 GPU, fp16/bf16, a head dim ``block_d`` reads,
+    Q/K/V as packed rows whose heads lie contiguous (TMA boxes); with ALiBi, sequences of at
+    most ALIBI_MAX_SEQLEN tokens."""
     if gluon is None or not plain or q.device.type != "cuda":
         return False
-    if problem.head_dim not in HEAD_DIMS or q.dtype not in (torch.float16, torch.bfloat16):
+    if block_d(problem.head_dim) is None or q.dtype not in (torch.float16, torch.bfloat16):
         return False
     if problem.total_k == 0 or problem.total_q == 0 or not is_sm90(q.device.index):
         return False
@@ -418,11 +466,16 @@ def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plain: 
     return all(tma_rows(t, problem.head_dim) for t in (q, k, v))
 
 
-def descriptor(t: torch.Tensor, head_dim: int, rows: int):
+def descriptor(t: torch.Tensor, head_dim: int, rows: int, width: int | None = None):
     """Gluon TMA descriptor of (rows, heads, head_dim) ``t`` as (rows, heads * head_dim),
-    loading (rows, head_dim) boxes into the default NVMMA shared layout."""
-    flat = t.as_strided((t.shape[0], t.shape[1] * head_dim), (t.stride(0), 1))
+    loading (rows, head_dim) boxes into the default NVMMA shared layout; with a ``width``
+    above head_dim, of ``t`` itself, loading (rows, 1, width) boxes whose columns past the
+    head dim TMA fills with zeros."""
     gl_dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    if width is not None and width != head_dim:
+        layout = gl.NVMMASharedLayout.get_default_for([rows, 1, width], gl_dtype)
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), [rows, 1, width], layout)
+    flat = t.as_strided((t.shape[0], t.shape[1] * head_dim), (t.stride(0), 1))
     layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl_dtype)
     return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [rows, head_dim],
                             layout)
@@ -443,20 +496,21 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     ``record``, returns the replay.LaunchRecord or None: replays take (q, k, v, out, lse,
     cu_seqlens_q, cu_seqlens_k), q, k and v for their descriptors."""
     d = problem.head_dim
+    width = block_d(d)
     left, right = problem.window
-    block_n = CONFIG["block_n"][d]
+    block_n = CONFIG["block_n"][width]
     programs, tile_seq, tile_blk, device_tiles = tiles
     grid = (programs, problem.nheads)
-    descriptors = (descriptor(q, d, BLOCK_M), descriptor(k, d, block_n),
-                   descriptor(v, d, block_n))
+    descriptors = (descriptor(q, d, BLOCK_M, width), descriptor(k, d, block_n, width),
+                   descriptor(v, d, block_n, width))
     args = (*descriptors, out, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_blk,
             sinks if sinks is not None else lse, alibi if alibi is not None else cu_seqlens_q,
             out.stride(0), out.stride(1),
             alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0,
             problem.total_q, problem.batch, *scalars, left, right)
     kwargs = dict(
-        GROUP=problem.group_size, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-        STAGES=CONFIG["stages"], CONSUMER_REGS=CONFIG["consumer_regs"],
+        GROUP=problem.group_size, HEAD_DIM=d, BLOCK_D=width, BLOCK_M=BLOCK_M,
+        BLOCK_N=block_n, STAGES=CONFIG["stages"], CONSUMER_REGS=CONFIG["consumer_regs"],
         PRODUCER_REGS=CONFIG["producer_regs"],
         TOP_LEFT=problem.mask_alignment == "top_left", WINDOW_LEFT=left >= 0,
         WINDOW_RIGHT=right >= 0, HAS_SINKS=sinks is not None,
