@@ -250,55 +250,31 @@ def test_gluon_dkdv_matches_tl_kernel_and_reference(dtype, head_dim, case, gluon
         assert err <= 1.5 * tl_err + 1e-3, f"d{name}: {err} against the tl kernel's {tl_err}"
 
 
-def test_gluon_dkdv_reads_no_other_sequence(gluon_dkdv_calls):
+def test_gluon_backward_reads_no_other_sequence(gluon_dkdv_calls, gluon_dq_calls):
     """NaN queries, keys, values and output gradients in one sequence change no other
-    sequence's dK/dV, although Q/dO boxes at a sequence's end cover the next one's rows."""
+    sequence's dQ, dK or dV, although the Gluon kernels' boxes at a sequence's end cover the
+    next one's rows (Q/dO in dK/dV, K/V in dQ)."""
     lengths = [300, 77, 130, 1000, 64]
     q, k, v = _inputs(lengths, lengths, torch.bfloat16, 128, seed=3)
     dout = torch.randn_like(q)
     info = attnhub.VarlenInfo.from_lengths(lengths, "cuda")
 
-    def dkdv():
+    def grads():
         inputs = [t.clone().requires_grad_() for t in (q, k, v)]
         out = attnhub.attention_forward_varlen(*inputs, info, info, causal=True,
                                                backend="triton")
-        return torch.autograd.grad(out, inputs[1:], dout)
+        return torch.autograd.grad(out, inputs, dout)
 
-    clean = dkdv()
+    clean = grads()
     start, stop = 377, 507  # the third sequence
     for t in (q, k, v, dout):
         t[start:stop] = float("nan")
-    poisoned = dkdv()
-    assert len(gluon_dkdv_calls) == 2
+    poisoned = grads()
+    assert len(gluon_dkdv_calls) == 2 and len(gluon_dq_calls) == 2
     others = torch.ones(sum(lengths), dtype=torch.bool, device="cuda")
     others[start:stop] = False
     for a, b in zip(poisoned, clean, strict=True):
         assert torch.equal(a[others], b[others])
-
-
-def test_gluon_dq_reads_no_other_sequence(gluon_dq_calls):
-    """NaN queries, keys, values and output gradients in one sequence change no other
-    sequence's dQ, although K/V boxes at a sequence's end cover the next one's rows."""
-    lengths = [300, 77, 130, 1000, 64]
-    q, k, v = _inputs(lengths, lengths, torch.bfloat16, 128, seed=4)
-    dout = torch.randn_like(q)
-    info = attnhub.VarlenInfo.from_lengths(lengths, "cuda")
-
-    def dq():
-        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = attnhub.attention_forward_varlen(*inputs, info, info, causal=True,
-                                               backend="triton")
-        return torch.autograd.grad(out, inputs[0], dout)[0]
-
-    clean = dq()
-    start, stop = 377, 507  # the third sequence
-    for t in (q, k, v, dout):
-        t[start:stop] = float("nan")
-    poisoned = dq()
-    assert len(gluon_dq_calls) == 2
-    others = torch.ones(sum(lengths), dtype=torch.bool, device="cuda")
-    others[start:stop] = False
-    assert torch.equal(poisoned[others], clean[others])
 
 
 # Features the Gluon forward serves beyond plain calls: (attnhub keywords, key lengths)

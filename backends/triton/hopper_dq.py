@@ -37,11 +37,11 @@ if gluon is not None:
     from .hopper_forward import (
         in_window,
         key_range,
+        program_tile,
         row_layout,
         sequence_bounds,
         zero_rows_from,
     )
-    from .tiles import FIND_CHUNK, find_tile_in_chunks
 
 BLOCK_M = 128  # query rows per program (two warpgroups of 64)
 # (key block by head dim, stages, consumer registers, producer registers): swept on an H200
@@ -148,17 +148,12 @@ if gluon is not None:
                           CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                           TOP_LEFT: gl.constexpr, WINDOW_LEFT: gl.constexpr,
                           WINDOW_RIGHT: gl.constexpr, DEVICE_TILES: gl.constexpr):
-        pid = gl.program_id(0)
         h = gl.program_id(1)
-        if DEVICE_TILES:  # an upper bound of programs: each finds its tile, the extra exit
-            offs = gl.arange(0, FIND_CHUNK,
-                             layout=gl.BlockedLayout([1], [32], [gl.num_warps()], [0]))
-            b, blk = find_tile_in_chunks(CuQ, batch, pid, offs, BLOCK_M, FIND_CHUNK)
+        b, blk = program_tile(CuQ, TileSeq, TileBlk, batch, gl.program_id(0), BLOCK_M,
+                              DEVICE_TILES)
+        if DEVICE_TILES:  # noqa: SIM102 (a constexpr branch: host tiles have no extra programs)
             if b >= batch:
                 return
-        else:
-            b = gl.load(TileSeq + pid)
-            blk = gl.load(TileBlk + pid)
         m0 = blk * BLOCK_M
         q_start, sq, k_start, sk, offset = sequence_bounds(CuQ, CuK, b, TOP_LEFT)
         lo, n_blocks, full_lo, full_hi = key_range(m0, sk, offset, window_left, window_right,

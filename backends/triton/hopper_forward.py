@@ -96,6 +96,22 @@ if gluon is not None:
             tma.async_copy_global_to_shared(desc_v, box, v_ready.index(st), v_smem.index(st))
 
     @gluon.jit
+    def program_tile(CuQ, TileSeq, TileBlk, batch, pid, BLOCK_M: gl.constexpr,
+                     DEVICE_TILES: gl.constexpr):
+        """(sequence, query block) of program ``pid``: from the host-planned list, or
+        (DEVICE_TILES: an upper bound of programs) found from cu_seqlens_q, where the extra
+        programs get sequence ``batch`` (the caller returns). Called before the partitions
+        split, so that the producer and both consumers take the same tile."""
+        if DEVICE_TILES:
+            offs = gl.arange(0, FIND_CHUNK,
+                             layout=gl.BlockedLayout([1], [32], [gl.num_warps()], [0]))
+            b, blk = find_tile_in_chunks(CuQ, batch, pid, offs, BLOCK_M, FIND_CHUNK)
+        else:
+            b = gl.load(TileSeq + pid)
+            blk = gl.load(TileBlk + pid)
+        return b, blk
+
+    @gluon.jit
     def sequence_bounds(CuQ, CuK, b, TOP_LEFT: gl.constexpr):
         """(first query row, sq, first key row, sk, mask offset) of sequence b; the offset
         aligns the mask bottom-right (sk - sq) or top-left (0)."""
@@ -332,19 +348,12 @@ if gluon is not None:
                            WINDOW_RIGHT: gl.constexpr, HAS_SINKS: gl.constexpr,
                            HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
                            DEVICE_TILES: gl.constexpr):
-        pid = gl.program_id(0)
         h = gl.program_id(1)
-        # the program's (sequence, query block), found before the partitions split, so that
-        # the producer and both consumers take the same one
-        if DEVICE_TILES:  # an upper bound of programs: each finds its tile, the extra exit
-            offs = gl.arange(0, FIND_CHUNK,
-                             layout=gl.BlockedLayout([1], [32], [gl.num_warps()], [0]))
-            b, blk = find_tile_in_chunks(CuQ, batch, pid, offs, BLOCK_M, FIND_CHUNK)
+        b, blk = program_tile(CuQ, TileSeq, TileBlk, batch, gl.program_id(0), BLOCK_M,
+                              DEVICE_TILES)
+        if DEVICE_TILES:  # noqa: SIM102 (a constexpr branch: host tiles have no extra programs)
             if b >= batch:
                 return
-        else:
-            b = gl.load(TileSeq + pid)
-            blk = gl.load(TileBlk + pid)
         m0 = blk * BLOCK_M
         q_start, sq, k_start, sk, offset = sequence_bounds(CuQ, CuK, b, TOP_LEFT)
         if HAS_ALIBI:  # slopes (nheads,) (stride_ab 0) or (batch, nheads)
