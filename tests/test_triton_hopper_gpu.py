@@ -172,6 +172,32 @@ def test_gluon_padded_head_dim_reads_no_other_head(head_dim, gluon_calls):
     assert out[:, group:2 * group].isnan().all()
 
 
+def test_gluon_padded_backward_reads_no_other_head(gluon_dkdv_calls, gluon_dq_calls):
+    """Head dim 96 read as 128 in the Gluon dK/dV and dQ: NaN in the query heads, output
+    gradients, keys and values of kv head 1 change no gradient of kv head 0's heads."""
+    lengths = [300, 77, 130]
+    q, k, v = _inputs(lengths, lengths, torch.bfloat16, 96, seed=6)
+    dout = torch.randn_like(q)
+    info = attnhub.VarlenInfo.from_lengths(lengths, "cuda")
+    group = q.shape[1] // k.shape[1]
+
+    def grads():
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attnhub.attention_forward_varlen(*inputs, info, info, causal=True,
+                                               backend="triton")
+        return torch.autograd.grad(out, inputs, dout)
+
+    clean = grads()
+    for t in (k, v):
+        t[:, 1] = float("nan")
+    q[:, group:2 * group] = float("nan")
+    dout[:, group:2 * group] = float("nan")
+    dq, dk, dv = grads()
+    assert len(gluon_dkdv_calls) == 2 and len(gluon_dq_calls) == 2
+    assert torch.equal(dq[:, :group], clean[0][:, :group])
+    assert torch.equal(dk[:, 0], clean[1][:, 0]) and torch.equal(dv[:, 0], clean[2][:, 0])
+
+
 def test_gluon_forward_compiles_once_for_new_lengths(gluon_calls):
     from attnhub.backends.triton import hopper_forward
 
@@ -217,7 +243,7 @@ def test_gluon_dkdv_serves_causal_calls_only(gluon_dkdv_calls):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 96, 80])  # the last two padded to 128
 @pytest.mark.parametrize("case", range(len(BWD_CASES)))
 def test_gluon_dkdv_matches_tl_kernel_and_reference(dtype, head_dim, case, gluon_dkdv_calls,
                                                     gluon_dq_calls):

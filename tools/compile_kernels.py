@@ -126,6 +126,21 @@ def launch_all(sinks: bool) -> None:
                 hopper_dq.dq(problem, q, k, k, q, lse, lse, q.clone(), inputs.cu_seqlens_q,
                              inputs.cu_seqlens_k, tiles, 0.1)
             LABEL[0] = ""
+    if hopper_forward.available():  # the Gluon backward at a head dim read zero-padded
+        LABEL[0] = " [causal d96 padded to 128]"
+        q96 = torch.randn(sum(lq), 8, 96, dtype=torch.float16, generator=g)
+        k96 = torch.randn(sum(lk), 2, 96, dtype=torch.float16, generator=g)
+        problem, inputs = attnhub.normalize(q96, k96, k96, info_q, info_k, causal=True)
+        lse96 = torch.empty(8, problem.total_q)
+        k_seq, k_blk = forward.tile_list(problem, inputs.cu_seqlens_k,
+                                         hopper_backward.BLOCK_N, False)
+        hopper_backward.dkdv(problem, q96, k96, k96, q96, lse96, lse96, k96.clone(),
+                             k96.clone(), inputs.cu_seqlens_q, inputs.cu_seqlens_k, k_seq,
+                             k_blk, 0.1)
+        tiles = forward.launch_tiles(problem, inputs.cu_seqlens_q, hopper_dq.BLOCK_M, True)
+        hopper_dq.dq(problem, q96, k96, k96, q96, lse96, lse96, q96.clone(),
+                     inputs.cu_seqlens_q, inputs.cu_seqlens_k, tiles, 0.1)
+        LABEL[0] = ""
     q = torch.randn(4, 8, 128, dtype=torch.float16, generator=g)
     problem, inputs = attnhub.normalize(q, k, k, attnhub.VarlenInfo.from_lengths([1] * 4),
                                         info_k)

@@ -1,8 +1,9 @@
 """Warp-specialised dK/dV kernel of the varlen backward for Hopper (sm_90), written in Gluon.
 
-Serves plain causal calls (no softcap, ALiBi, dropout or custom mask; head dim 64 or 128;
-fp16/bf16; the right side of the mask bounded: causal or a right window; backward.py picks
-it, as it is slower than the tl kernel without a causal mask on the H200). One program per
+Serves plain causal calls (no softcap, ALiBi, dropout or custom mask; head dim 64, or a
+multiple of 8 up to 128 read zero-padded to 128 as the forward reads it; fp16/bf16; the right
+side of the mask bounded: causal or a right window; backward.py picks it, as it is slower
+than the tl kernel without a causal mask on the H200). One program per
 (key tile of 128 rows, kv head), as the tl dK/dV kernel (backward.py): it loops over the
 query heads of its group and the query blocks that see its keys, so GQA gradients are
 reduced in registers and nothing is written twice (deterministic). Scheduled by hand:
@@ -34,7 +35,13 @@ if gluon is not None:
         warpgroup_mma_wait,
     )
 
-    from .hopper_forward import in_window, sequence_bounds, zero_rows_from
+    from .hopper_forward import (
+        allocate_rows,
+        box_coordinates,
+        in_window,
+        sequence_bounds,
+        zero_rows_from,
+    )
 
 BLOCK_N = 128  # key rows per program (two warpgroups of 64)
 # (query block by head dim, stages, consumer registers, producer registers), from benchmarks
@@ -45,24 +52,26 @@ if gluon is not None:
 
     @gluon.jit
     def _produce(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, kv_bar,
-                 ready, empty, k_row, kv_col, q_row, share, lo, n_blocks, GROUP: gl.constexpr,
-                 HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
-        """Producer warp: K and V once, then Q and dO of every (head, query block)."""
+                 ready, empty, k_row, kvh, q_row, share, lo, n_blocks, GROUP: gl.constexpr,
+                 HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                 PADDED: gl.constexpr):
+        """Producer warp: K and V once, then Q and dO of every (head, query block), into
+        buffers shaped as the descriptors' boxes."""
         mbarrier.expect(kv_bar, 2 * desc_k.block_type.nbytes)
-        tma.async_copy_global_to_shared(desc_k, [k_row, kv_col], kv_bar, k_smem)
-        tma.async_copy_global_to_shared(desc_v, [k_row, kv_col], kv_bar, v_smem)
+        box = box_coordinates(k_row, kvh, HEAD_DIM, PADDED)
+        tma.async_copy_global_to_shared(desc_k, box, kv_bar, k_smem)
+        tma.async_copy_global_to_shared(desc_v, box, kv_bar, v_smem)
         c = 0
         for g in range(GROUP):
-            col = (share * GROUP + g) * HEAD_DIM
             for i in range(n_blocks):
                 st = c % STAGES
                 use = c // STAGES
-                row = q_row + lo + i * BLOCK_M
+                box = box_coordinates(q_row + lo + i * BLOCK_M, share * GROUP + g, HEAD_DIM,
+                                      PADDED)
                 mbarrier.wait(empty.index(st), (use & 1) ^ 1, pred=use > 0)
                 mbarrier.expect(ready.index(st), 2 * desc_q.block_type.nbytes)
-                tma.async_copy_global_to_shared(desc_q, [row, col], ready.index(st),
-                                                q_smem.index(st))
-                tma.async_copy_global_to_shared(desc_do, [row, col], ready.index(st),
+                tma.async_copy_global_to_shared(desc_q, box, ready.index(st), q_smem.index(st))
+                tma.async_copy_global_to_shared(desc_do, box, ready.index(st),
                                                 do_smem.index(st))
                 c += 1
 
@@ -71,15 +80,16 @@ if gluon is not None:
                  DV, q_start, sq, k_start, sk, n0, offset, share, lo, n_blocks, full_lo,
                  full_hi, qk_scale, sm_scale, window_left, window_right, total_q, stride_dkt,
                  stride_dkh, stride_dvt, stride_dvh, WG: gl.constexpr, GROUP: gl.constexpr,
-                 HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                 WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
-        """Consumer warpgroup WG: dK and dV of key rows [n0 + 64 WG, + 64)."""
+                 HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
+                 STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
+        """Consumer warpgroup WG: dK and dV of key rows [n0 + 64 WG, + 64). Rows are BLOCK_D
+        wide, HEAD_DIM of them data and the rest zeros (TMA's fill past the head dim)."""
         ROWS: gl.constexpr = 64
         dtype: gl.constexpr = q_smem.dtype
         S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
         G_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_D, 16])
         A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=G_LAYOUT,
                                                      k_width=2)
         COL_S: gl.constexpr = gl.SliceLayout(0, S_LAYOUT)
@@ -88,8 +98,8 @@ if gluon is not None:
         v_rows = v_smem.slice(WG * ROWS, ROWS)
         kj = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, S_LAYOUT))
         s_init = gl.zeros([ROWS, BLOCK_M], gl.float32, S_LAYOUT)
-        dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, G_LAYOUT)
-        dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, G_LAYOUT)
+        dk = gl.zeros([ROWS, BLOCK_D], gl.float32, G_LAYOUT)
+        dv = gl.zeros([ROWS, BLOCK_D], gl.float32, G_LAYOUT)
         mbarrier.wait(kv_bar, 0)
         # the last query block crosses the sequence's end: its rows past it are zeroed
         tail = sq - (lo + (n_blocks - 1) * BLOCK_M)
@@ -102,8 +112,8 @@ if gluon is not None:
                 mbarrier.wait(ready.index(st), (c // STAGES) & 1)
                 if (i == n_blocks - 1) & (tail < BLOCK_M):
                     if WG == 0:
-                        zero_rows_from(q_smem.index(st), tail, BLOCK_M, HEAD_DIM)
-                        zero_rows_from(do_smem.index(st), tail, BLOCK_M, HEAD_DIM)
+                        zero_rows_from(q_smem.index(st), tail, BLOCK_M, BLOCK_D)
+                        zero_rows_from(do_smem.index(st), tail, BLOCK_M, BLOCK_D)
                         fence_async_shared()
                         gl.thread_barrier()
                         mbarrier.arrive(fixed)
@@ -139,11 +149,13 @@ if gluon is not None:
                 mbarrier.arrive(empty.index(st))
                 c += 1
 
-        OUT_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8],
+        OUT_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BLOCK_D, BLOCK_D // 8],
                                                     [4, 1], [1, 0])
         rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, OUT_LAYOUT))
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, OUT_LAYOUT))
+        cols = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, OUT_LAYOUT))
         ok = (rows < sk)[:, None]
+        if BLOCK_D != HEAD_DIM:
+            ok = ok & (cols < HEAD_DIM)[None, :]
         rows64 = (k_start + rows).to(gl.int64)[:, None]
         dk_out = gl.convert_layout((dk * sm_scale).to(DK.dtype.element_ty), OUT_LAYOUT)
         gl.store(DK + rows64 * stride_dkt + share * stride_dkh + cols[None, :], dk_out, mask=ok)
@@ -155,8 +167,9 @@ if gluon is not None:
                             TileSeq, TileBlk, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
                             total_q, qk_scale, sm_scale, window_left, window_right,
                             GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
-                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                            STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                            BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
+                            BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                            CONSUMER_REGS: gl.constexpr,
                             PRODUCER_REGS: gl.constexpr, TOP_LEFT: gl.constexpr,
                             WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr,
                             SPLIT: gl.constexpr):
@@ -182,12 +195,11 @@ if gluon is not None:
             full_hi = gl.minimum(sq, gl.maximum(n0 - offset + window_left + 1, 0))
         n_blocks = (gl.maximum(hi - lo, 0) + BLOCK_M - 1) // BLOCK_M
 
-        k_smem = gl.allocate_shared_memory(desc_k.dtype, [BLOCK_N, HEAD_DIM], desc_k.layout)
-        v_smem = gl.allocate_shared_memory(desc_v.dtype, [BLOCK_N, HEAD_DIM], desc_v.layout)
-        q_smem = gl.allocate_shared_memory(desc_q.dtype, [STAGES, BLOCK_M, HEAD_DIM],
-                                           desc_q.layout)
-        do_smem = gl.allocate_shared_memory(desc_do.dtype, [STAGES, BLOCK_M, HEAD_DIM],
-                                            desc_do.layout)
+        PADDED: gl.constexpr = BLOCK_D != HEAD_DIM
+        k_smem, k_box = allocate_rows(desc_k, [BLOCK_N, BLOCK_D], PADDED)
+        v_smem, v_box = allocate_rows(desc_v, [BLOCK_N, BLOCK_D], PADDED)
+        q_smem, q_box = allocate_rows(desc_q, [STAGES, BLOCK_M, BLOCK_D], PADDED)
+        do_smem, do_box = allocate_rows(desc_do, [STAGES, BLOCK_M, BLOCK_D], PADDED)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -204,24 +216,25 @@ if gluon is not None:
                         Delta, DK, DV, q_start, sq, k_start, sk, n0, offset, share, lo, n_blocks,
                         full_lo, full_hi, qk_scale, sm_scale, window_left, window_right,
                         total_q, stride_dkt, stride_dkh, stride_dvt, stride_dvh, 0, GROUP,
-                        HEAD_DIM, BLOCK_M, STAGES, WINDOW_LEFT, WINDOW_RIGHT)),
+                        HEAD_DIM, BLOCK_D, BLOCK_M, STAGES, WINDOW_LEFT, WINDOW_RIGHT)),
             (_consume, (k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, fixed, Lse,
                         Delta, DK, DV, q_start, sq, k_start, sk, n0, offset, share, lo, n_blocks,
                         full_lo, full_hi, qk_scale, sm_scale, window_left, window_right,
                         total_q, stride_dkt, stride_dkh, stride_dvt, stride_dvh, 1, GROUP,
-                        HEAD_DIM, BLOCK_M, STAGES, WINDOW_LEFT, WINDOW_RIGHT)),
-            (_produce, (desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem,
-                        kv_bar, ready, empty, k_start + n0, kvh * HEAD_DIM, q_start, share, lo,
-                        n_blocks, GROUP, HEAD_DIM, BLOCK_M, STAGES)),
+                        HEAD_DIM, BLOCK_D, BLOCK_M, STAGES, WINDOW_LEFT, WINDOW_RIGHT)),
+            (_produce, (desc_q, desc_k, desc_v, desc_do, k_box, v_box, q_box, do_box,
+                        kv_bar, ready, empty, k_start + n0, kvh, q_start, share, lo,
+                        n_blocks, GROUP, HEAD_DIM, BLOCK_M, STAGES, PADDED)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
              plain: bool) -> bool:
     """Whether this kernel computes dK/dV of a call with host lengths: the conditions of
-    hopper_forward.supports, a head dim of its own CONFIG (64 or 128), and dO laid out like
+    hopper_forward.supports, a head dim read at a width of its own CONFIG (64 or 128: head
+    dims up to 128, the others zero-padded as the forward reads them), and dO laid out like
     Q."""
-    return (problem.head_dim in CONFIG["block_m"]
+    return (hopper_forward.block_d(problem.head_dim) in CONFIG["block_m"]
             and hopper_forward.supports(problem, q, k, v, plain)
             and tma_rows(dout, problem.head_dim))
 
@@ -235,16 +248,18 @@ def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
     ``record``, returns the replay.LaunchRecord or None: replays take REPLAY_ARGS, with q, k,
     v and dout for the descriptors."""
     d = problem.head_dim
+    width = hopper_forward.block_d(d)
     left, right = problem.window
-    block_m = CONFIG["block_m"][d]
+    block_m = CONFIG["block_m"][width]
     grid = (tile_seq.numel(), problem.nheads_k * split)
-    descriptors = (descriptor(q, d, block_m), descriptor(k, d, BLOCK_N),
-                   descriptor(v, d, BLOCK_N), descriptor(dout, d, block_m))
+    descriptors = (descriptor(q, d, block_m, width), descriptor(k, d, BLOCK_N, width),
+                   descriptor(v, d, BLOCK_N, width), descriptor(dout, d, block_m, width))
     args = (*descriptors, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
             tile_seq, tile_blk, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             problem.total_q, qk_scale, problem.scale, left, right)
     kwargs = dict(
-        GROUP=problem.group_size // split, SPLIT=split, HEAD_DIM=d, BLOCK_M=block_m,
+        GROUP=problem.group_size // split, SPLIT=split, HEAD_DIM=d, BLOCK_D=width,
+        BLOCK_M=block_m,
         BLOCK_N=BLOCK_N,
         STAGES=CONFIG["stages"], CONSUMER_REGS=CONFIG["consumer_regs"],
         PRODUCER_REGS=CONFIG["producer_regs"], TOP_LEFT=problem.mask_alignment == "top_left",

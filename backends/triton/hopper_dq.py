@@ -1,7 +1,8 @@
 """Warp-specialised dQ kernel of the varlen backward for Hopper (sm_90), written in Gluon.
 
 Serves the calls hopper_backward.py serves (plain calls: no softcap, ALiBi, dropout or
-custom mask; head dim 64 or 128; fp16/bf16; host lengths or device offsets). One program per
+custom mask; head dim 64, or a multiple of 8 up to 128 read zero-padded to 128 as the forward
+reads it; fp16/bf16; host lengths or device offsets). One program per
 (query tile of BLOCK_M rows, query head), as the forward: it loops over the key blocks its
 rows see, so dQ is reduced in registers and written once (deterministic). Scheduled as the
 Gluon forward (hopper_forward.py):
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from . import hopper_forward
 from .hopper_forward import descriptor, gluon
 
 if gluon is not None:
@@ -35,6 +37,8 @@ if gluon is not None:
     )
 
     from .hopper_forward import (
+        allocate_rows,
+        box_coordinates,
         in_window,
         key_range,
         program_tile,
@@ -52,37 +56,40 @@ if gluon is not None:
 
     @gluon.jit
     def _produce(desc_q, desc_do, desc_k, desc_v, q_smem, do_smem, k_smem, v_smem, q_bar,
-                 ready, empty, q_row, q_col, k_row, kv_col, n_blocks, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr):
-        """Producer warp: Q and dO once, then K and V of blocks 0..n_blocks-1 into the ring."""
+                 ready, empty, q_row, q_head, k_row, kv_head, n_blocks,
+                 HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 PADDED: gl.constexpr):
+        """Producer warp: Q and dO once, then K and V of blocks 0..n_blocks-1 into the ring
+        (buffers shaped as the descriptors' boxes)."""
         mbarrier.expect(q_bar, 2 * desc_q.block_type.nbytes)
-        tma.async_copy_global_to_shared(desc_q, [q_row, q_col], q_bar, q_smem)
-        tma.async_copy_global_to_shared(desc_do, [q_row, q_col], q_bar, do_smem)
+        box = box_coordinates(q_row, q_head, HEAD_DIM, PADDED)
+        tma.async_copy_global_to_shared(desc_q, box, q_bar, q_smem)
+        tma.async_copy_global_to_shared(desc_do, box, q_bar, do_smem)
         for j in range(n_blocks):
             st = j % STAGES
             use = j // STAGES
-            row = k_row + j * BLOCK_N
+            box = box_coordinates(k_row + j * BLOCK_N, kv_head, HEAD_DIM, PADDED)
             mbarrier.wait(empty.index(st), (use & 1) ^ 1, pred=use > 0)
             mbarrier.expect(ready.index(st), 2 * desc_k.block_type.nbytes)
-            tma.async_copy_global_to_shared(desc_k, [row, kv_col], ready.index(st),
-                                            k_smem.index(st))
-            tma.async_copy_global_to_shared(desc_v, [row, kv_col], ready.index(st),
-                                            v_smem.index(st))
+            tma.async_copy_global_to_shared(desc_k, box, ready.index(st), k_smem.index(st))
+            tma.async_copy_global_to_shared(desc_v, box, ready.index(st), v_smem.index(st))
 
     @gluon.jit
     def _consume(q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty, k_zeroed, Lse, Delta,
                  DQ, q_start, sq, h, m0, sk, offset, lo, n_blocks, full_lo, full_hi, qk_scale,
                  sm_scale, window_left, window_right, stride_dqt, stride_dqh, total_q,
-                 WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr,
-                 WINDOW_RIGHT: gl.constexpr):
-        """Consumer warpgroup WG (0 or 1): dQ of query rows [m0 + WG * ROWS, + ROWS)."""
+                 WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
+        """Consumer warpgroup WG (0 or 1): dQ of query rows [m0 + WG * ROWS, + ROWS). Rows
+        are BLOCK_D wide, HEAD_DIM of them data and the rest zeros (TMA's fill past the
+        head dim)."""
         ROWS: gl.constexpr = BLOCK_M // 2
         dtype: gl.constexpr = q_smem.dtype
         S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         G_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_D, 16])
         A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=G_LAYOUT,
                                                      k_width=2)
         ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
@@ -97,7 +104,7 @@ if gluon is not None:
         # rows that see no key (lse -inf) get P = 0
         lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         s_init = gl.zeros([ROWS, BLOCK_N], gl.float32, S_LAYOUT)
-        dq = gl.zeros([ROWS, HEAD_DIM], gl.float32, G_LAYOUT)
+        dq = gl.zeros([ROWS, BLOCK_D], gl.float32, G_LAYOUT)
         mbarrier.wait(q_bar, 0)
         tail = sk - (lo + (n_blocks - 1) * BLOCK_N)
         for j in range(n_blocks):
@@ -107,7 +114,7 @@ if gluon is not None:
             k_buf = k_smem.index(st)
             if (j == n_blocks - 1) & (tail < BLOCK_N):  # warpgroup 0 zeroes, 1 waits
                 if WG == 0:
-                    zero_rows_from(k_buf, tail, BLOCK_N, HEAD_DIM)
+                    zero_rows_from(k_buf, tail, BLOCK_N, BLOCK_D)
                     fence_async_shared()
                     gl.thread_barrier()
                     mbarrier.arrive(k_zeroed)
@@ -131,19 +138,22 @@ if gluon is not None:
             dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ))
             mbarrier.arrive(empty.index(st))
 
-        OUT_LAYOUT: gl.constexpr = row_layout(HEAD_DIM)
+        OUT_LAYOUT: gl.constexpr = row_layout(BLOCK_D)
         out = gl.convert_layout((dq * sm_scale).to(DQ.dtype.element_ty), OUT_LAYOUT)
         rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, OUT_LAYOUT))
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, OUT_LAYOUT))
+        cols = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, OUT_LAYOUT))
         ptrs = DQ + (q_start + rows).to(gl.int64)[:, None] * stride_dqt + h * stride_dqh \
             + cols[None, :]
-        gl.store(ptrs, out, mask=(rows < sq)[:, None])
+        ok = (rows < sq)[:, None]
+        if BLOCK_D != HEAD_DIM:
+            ok = ok & (cols < HEAD_DIM)[None, :]
+        gl.store(ptrs, out, mask=ok)
 
     @gluon.jit(do_not_specialize=["total_q", "batch"])
     def _hopper_dq_kernel(desc_q, desc_do, desc_k, desc_v, Lse, Delta, DQ, CuQ, CuK, TileSeq,
                           TileBlk, stride_dqt, stride_dqh, total_q, batch, qk_scale, sm_scale,
                           window_left, window_right, GROUP: gl.constexpr,
-                          HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                          HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
                           BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                           CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                           TOP_LEFT: gl.constexpr, WINDOW_LEFT: gl.constexpr,
@@ -160,13 +170,11 @@ if gluon is not None:
                                                    BLOCK_M, BLOCK_N, WINDOW_LEFT,
                                                    WINDOW_RIGHT)
 
-        q_smem = gl.allocate_shared_memory(desc_q.dtype, [BLOCK_M, HEAD_DIM], desc_q.layout)
-        do_smem = gl.allocate_shared_memory(desc_do.dtype, [BLOCK_M, HEAD_DIM],
-                                            desc_do.layout)
-        k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES, BLOCK_N, HEAD_DIM],
-                                           desc_k.layout)
-        v_smem = gl.allocate_shared_memory(desc_v.dtype, [STAGES, BLOCK_N, HEAD_DIM],
-                                           desc_v.layout)
+        PADDED: gl.constexpr = BLOCK_D != HEAD_DIM
+        q_smem, q_box = allocate_rows(desc_q, [BLOCK_M, BLOCK_D], PADDED)
+        do_smem, do_box = allocate_rows(desc_do, [BLOCK_M, BLOCK_D], PADDED)
+        k_smem, k_box = allocate_rows(desc_k, [STAGES, BLOCK_N, BLOCK_D], PADDED)
+        v_smem, v_box = allocate_rows(desc_v, [STAGES, BLOCK_N, BLOCK_D], PADDED)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -182,23 +190,25 @@ if gluon is not None:
             (_consume, (q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty, k_zeroed, Lse,
                         Delta, DQ, q_start, sq, h, m0, sk, offset, lo, n_blocks, full_lo,
                         full_hi, qk_scale, sm_scale, window_left, window_right, stride_dqt,
-                        stride_dqh, total_q, 0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                        WINDOW_LEFT, WINDOW_RIGHT)),
+                        stride_dqh, total_q, 0, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
+                        STAGES, WINDOW_LEFT, WINDOW_RIGHT)),
             (_consume, (q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty, k_zeroed, Lse,
                         Delta, DQ, q_start, sq, h, m0, sk, offset, lo, n_blocks, full_lo,
                         full_hi, qk_scale, sm_scale, window_left, window_right, stride_dqt,
-                        stride_dqh, total_q, 1, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                        WINDOW_LEFT, WINDOW_RIGHT)),
-            (_produce, (desc_q, desc_do, desc_k, desc_v, q_smem, do_smem, k_smem, v_smem,
-                        q_bar, ready, empty, q_start + m0, h * HEAD_DIM, k_start + lo,
-                        (h // GROUP) * HEAD_DIM, n_blocks, BLOCK_N, STAGES)),
+                        stride_dqh, total_q, 1, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
+                        STAGES, WINDOW_LEFT, WINDOW_RIGHT)),
+            (_produce, (desc_q, desc_do, desc_k, desc_v, q_box, do_box, k_box, v_box,
+                        q_bar, ready, empty, q_start + m0, h, k_start + lo, h // GROUP,
+                        n_blocks, HEAD_DIM, BLOCK_N, STAGES, PADDED)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def supports(problem) -> bool:
     """Whether this kernel computes dQ of a call that hopper_backward's dK/dV kernel serves
-    (backward.py checks that, and that there are no sinks): a head dim of CONFIG."""
-    return problem.head_dim in CONFIG["block_n"]
+    (backward.py checks that, and that there are no sinks): a head dim read at a width of
+    CONFIG (64 or 128: head dims up to 128, the others zero-padded as the forward reads
+    them)."""
+    return hopper_forward.block_d(problem.head_dim) in CONFIG["block_n"]
 
 
 def dq(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
@@ -212,17 +222,20 @@ def dq(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.T
     ``record``, returns the replay.LaunchRecord or None: replays take REPLAY_ARGS, with q,
     k, v and dout for the descriptors."""
     d = problem.head_dim
+    width = hopper_forward.block_d(d)
     left, right = problem.window
-    block_n = CONFIG["block_n"][d]
+    block_n = CONFIG["block_n"][width]
     programs, tile_seq, tile_blk, device_tiles = tiles
     grid = (programs, problem.nheads)
-    args = (descriptor(q, d, BLOCK_M), descriptor(dout, d, BLOCK_M),
-            descriptor(k, d, block_n), descriptor(v, d, block_n), lse, delta, dq_out,
+    args = (descriptor(q, d, BLOCK_M, width), descriptor(dout, d, BLOCK_M, width),
+            descriptor(k, d, block_n, width), descriptor(v, d, block_n, width), lse, delta,
+            dq_out,
             cu_seqlens_q, cu_seqlens_k, tile_seq, tile_blk, dq_out.stride(0),
             dq_out.stride(1), problem.total_q, problem.batch, qk_scale, problem.scale,
             left, right)
     kwargs = dict(
-        GROUP=problem.group_size, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+        GROUP=problem.group_size, HEAD_DIM=d, BLOCK_D=width, BLOCK_M=BLOCK_M,
+        BLOCK_N=block_n,
         STAGES=CONFIG["stages"], CONSUMER_REGS=CONFIG["consumer_regs"],
         PRODUCER_REGS=CONFIG["producer_regs"], TOP_LEFT=problem.mask_alignment == "top_left",
         WINDOW_LEFT=left >= 0, WINDOW_RIGHT=right >= 0, DEVICE_TILES=device_tiles,

@@ -66,13 +66,33 @@ ALIBI_MAX_SEQLEN = 1 << 24
 if gluon is not None:
 
     @gluon.jit
-    def _box(row, head, HEAD_DIM: gl.constexpr, PADDED: gl.constexpr):
+    def box_coordinates(row, head, HEAD_DIM: gl.constexpr, PADDED: gl.constexpr):
         """A TMA box's coordinates: (row, head * HEAD_DIM) in the (rows, heads * HEAD_DIM)
         view, or (row, head, 0) in the (rows, heads, HEAD_DIM) view when PADDED."""
         if PADDED:
             return [row, head, 0]
         else:
             return [row, head * HEAD_DIM]
+
+    @gluon.constexpr_function
+    def _box_shape(shape):
+        return [*shape[:-1], 1, shape[-1]]
+
+    @gluon.jit
+    def allocate_rows(desc, SHAPE: gl.constexpr, PADDED: gl.constexpr):
+        """(rows, boxes): a shared buffer of SHAPE (..., rows, BLOCK_D) for the consumers,
+        and the same memory shaped as ``desc``'s boxes for the producer's copies: itself, or
+        (..., rows, 1, BLOCK_D) when PADDED (a unit dimension changes nothing in the
+        swizzled layout, so the bytes are the same)."""
+        if PADDED:
+            ROWS_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128,
+                                                             element_bitwidth=16, rank=2)
+            rows = gl.allocate_shared_memory(desc.dtype, SHAPE, ROWS_LAYOUT)
+            boxes = rows._reinterpret(desc.dtype, _box_shape(SHAPE), desc.layout)
+        else:
+            rows = gl.allocate_shared_memory(desc.dtype, SHAPE, desc.layout)
+            boxes = rows
+        return rows, boxes
 
     @gluon.jit
     def _produce(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
@@ -82,12 +102,12 @@ if gluon is not None:
         """Producer warp: Q once, then K and V of blocks 0..n_blocks-1 into the ring (buffers
         shaped as the descriptors' boxes)."""
         mbarrier.expect(q_bar, desc_q.block_type.nbytes)
-        tma.async_copy_global_to_shared(desc_q, _box(q_row, q_head, HEAD_DIM, PADDED), q_bar,
-                                        q_smem)
+        tma.async_copy_global_to_shared(desc_q, box_coordinates(q_row, q_head, HEAD_DIM,
+                                                                PADDED), q_bar, q_smem)
         for j in range(n_blocks):
             st = j % STAGES
             use = j // STAGES
-            box = _box(k_row + j * BLOCK_N, kv_head, HEAD_DIM, PADDED)
+            box = box_coordinates(k_row + j * BLOCK_N, kv_head, HEAD_DIM, PADDED)
             mbarrier.wait(k_empty.index(st), (use & 1) ^ 1, pred=use > 0)
             mbarrier.expect(k_ready.index(st), desc_k.block_type.nbytes)
             tma.async_copy_global_to_shared(desc_k, box, k_ready.index(st), k_smem.index(st))
@@ -365,32 +385,10 @@ if gluon is not None:
                                                    BLOCK_M, BLOCK_N, WINDOW_LEFT,
                                                    WINDOW_RIGHT)
 
-        # (rows, BLOCK_D) buffers for the consumers; the producer's copies see them shaped
-        # as the descriptors' boxes, (rows, 1, BLOCK_D) when the head dim is padded (the same
-        # bytes: a unit dimension changes nothing in the swizzled layout)
         PADDED: gl.constexpr = BLOCK_D != HEAD_DIM
-        if PADDED:
-            ROWS_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128,
-                                                             element_bitwidth=16, rank=2)
-            q_smem = gl.allocate_shared_memory(desc_q.dtype, [BLOCK_M, BLOCK_D], ROWS_LAYOUT)
-            k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES, BLOCK_N, BLOCK_D],
-                                               ROWS_LAYOUT)
-            v_smem = gl.allocate_shared_memory(desc_v.dtype, [STAGES, BLOCK_N, BLOCK_D],
-                                               ROWS_LAYOUT)
-            q_box = q_smem._reinterpret(desc_q.dtype, [BLOCK_M, 1, BLOCK_D], desc_q.layout)
-            k_box = k_smem._reinterpret(desc_k.dtype, [STAGES, BLOCK_N, 1, BLOCK_D],
-                                        desc_k.layout)
-            v_box = v_smem._reinterpret(desc_v.dtype, [STAGES, BLOCK_N, 1, BLOCK_D],
-                                        desc_v.layout)
-        else:
-            q_smem = gl.allocate_shared_memory(desc_q.dtype, [BLOCK_M, BLOCK_D], desc_q.layout)
-            k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES, BLOCK_N, BLOCK_D],
-                                               desc_k.layout)
-            v_smem = gl.allocate_shared_memory(desc_v.dtype, [STAGES, BLOCK_N, BLOCK_D],
-                                               desc_v.layout)
-            q_box = q_smem
-            k_box = k_smem
-            v_box = v_smem
+        q_smem, q_box = allocate_rows(desc_q, [BLOCK_M, BLOCK_D], PADDED)
+        k_smem, k_box = allocate_rows(desc_k, [STAGES, BLOCK_N, BLOCK_D], PADDED)
+        v_smem, v_box = allocate_rows(desc_v, [STAGES, BLOCK_N, BLOCK_D], PADDED)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
