@@ -126,6 +126,15 @@ def launch_all(sinks: bool) -> None:
                 hopper_dq.dq(problem, q, k, k, q, lse, lse, q.clone(), inputs.cu_seqlens_q,
                              inputs.cu_seqlens_k, tiles, 0.1)
             LABEL[0] = ""
+    if hopper_forward.available():  # the Gluon dQ without a causal mask, left window only
+        q = torch.randn(sum(lq), 8, 128, dtype=torch.float16, generator=g)
+        for label, features in (("full", {}), ("left window", {"window_size": (64, -1)})):
+            LABEL[0] = f" [{label}]"
+            problem, inputs = attnhub.normalize(q, k, k, info_q, info_k, **features)
+            tiles = forward.launch_tiles(problem, inputs.cu_seqlens_q, hopper_dq.BLOCK_M, True)
+            hopper_dq.dq(problem, q, k, k, q, lse, lse, q.clone(), inputs.cu_seqlens_q,
+                         inputs.cu_seqlens_k, tiles, 0.1)
+        LABEL[0] = ""
     q = torch.randn(4, 8, 128, dtype=torch.float16, generator=g)
     problem, inputs = attnhub.normalize(q, k, k, attnhub.VarlenInfo.from_lengths([1] * 4),
                                         info_k)

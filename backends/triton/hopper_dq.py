@@ -1,7 +1,7 @@
 """Warp-specialised dQ kernel of the varlen backward for Hopper (sm_90), written in Gluon.
 
-Serves the calls hopper_backward.py serves (plain calls: no softcap, ALiBi, dropout or
-custom mask; head dim 64 or 128; fp16/bf16; host lengths or device offsets). One program per
+Serves plain calls (no softcap, ALiBi, dropout, custom mask or sinks; any causal or window
+mask; head dim 64 or 128; fp16/bf16; host lengths or device offsets). One program per
 (query tile of BLOCK_M rows, query head), as the forward: it loops over the key blocks its
 rows see, so dQ is reduced in registers and written once (deterministic). Scheduled as the
 Gluon forward (hopper_forward.py):
@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from .hopper_forward import descriptor, gluon
+from . import hopper_forward
+from .hopper_forward import descriptor, gluon, tma_rows
 
 if gluon is not None:
     from triton.experimental.gluon import language as gl
@@ -195,10 +196,14 @@ if gluon is not None:
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-def supports(problem) -> bool:
-    """Whether this kernel computes dQ of a call that hopper_backward's dK/dV kernel serves
-    (backward.py checks that, and that there are no sinks): a head dim of CONFIG."""
-    return problem.head_dim in CONFIG["block_n"]
+def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
+             plain: bool) -> bool:
+    """Whether this kernel computes dQ of a call without sinks (backward.py checks them):
+    the conditions of hopper_forward.supports (host lengths or device offsets, any mask),
+    a head dim of CONFIG (64 or 128), and dO laid out like Q."""
+    return (problem.head_dim in CONFIG["block_n"]
+            and hopper_forward.supports(problem, q, k, v, plain)
+            and tma_rows(dout, problem.head_dim))
 
 
 def dq(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
