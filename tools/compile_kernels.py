@@ -109,13 +109,20 @@ def launch_all(sinks: bool) -> None:
             backward.backward(problem, inputs, out, lse, q, None, None, **kw)
             group_split.split_for = unsplit
         if features.get("causal") and hopper_forward.available():
-            k_seq, k_blk = forward.tile_list(problem, inputs.cu_seqlens_k,
-                                             hopper_backward.BLOCK_N, False)
+            k_tiles = forward.launch_tiles(problem, inputs.cu_seqlens_k,
+                                           hopper_backward.BLOCK_N, False)
             hopper_backward.dkdv(problem, q, k, k, q, lse, lse, k.clone(), k.clone(),
-                                 inputs.cu_seqlens_q, inputs.cu_seqlens_k, k_seq, k_blk, 0.1)
+                                 inputs.cu_seqlens_q, inputs.cu_seqlens_k, k_tiles, 0.1)
             dk, dv = group_split.partials(k, problem.nheads_k, 2)
             hopper_backward.dkdv(problem, q, k, k, q, lse, lse, dk, dv, inputs.cu_seqlens_q,
-                                 inputs.cu_seqlens_k, k_seq, k_blk, 0.1, split=2)
+                                 inputs.cu_seqlens_k, k_tiles, 0.1, split=2)
+            LABEL[0] = " [device tiles]"
+            programs = -(-problem.total_k // hopper_backward.BLOCK_N) + problem.batch
+            hopper_backward.dkdv(problem, q, k, k, q, lse, lse, k.clone(), k.clone(),
+                                 inputs.cu_seqlens_q, inputs.cu_seqlens_k,
+                                 (programs, inputs.cu_seqlens_k, inputs.cu_seqlens_k, True),
+                                 0.1)
+            LABEL[0] = ""
             for device_tiles in (False, True):
                 LABEL[0] = " [device tiles]" if device_tiles else ""
                 tiles = forward.launch_tiles(problem, inputs.cu_seqlens_q, hopper_dq.BLOCK_M,

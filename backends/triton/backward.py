@@ -28,7 +28,6 @@ from .forward import (
     score_scalars,
     score_tile,
     sequence_bounds,
-    tile_list,
 )
 from .softcap import mode as softcap_mode
 from .tiles import program_tile
@@ -438,17 +437,16 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
     plain = (not problem.custom_mask and problem.dropout_p == 0 and problem.softcap == 0
              and alibi is None and problem.paged is None)
     # the Gluon dK/dV kernel is faster than the tl one on causal (right-bounded) calls only
-    # (H200, docs/performance.md), and needs host lengths (tile_list: None without them)
-    k_planned = None
+    # (H200, docs/performance.md)
     if (gluon and problem.nheads_k and right >= 0
             and hopper_backward.supports(problem, q, k, v, dout, plain)):
-        k_planned = tile_list(problem, cu_k, hopper_backward.BLOCK_N, False)
-    if k_planned is not None:
-        recorded = hopper_backward.dkdv(problem, q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k,
-                                        *k_planned, score_scalars(problem)[0], split=split,
-                                        record=recording)
-        if recording:
-            records["dkdv"] = recorded
+        k_tiles = launch_tiles(problem, cu_k, hopper_backward.BLOCK_N, False)
+        if k_tiles[0]:
+            recorded = hopper_backward.dkdv(problem, q, k, v, dout, lse, delta, dk, dv, cu_q,
+                                            cu_k, k_tiles, score_scalars(problem)[0],
+                                            split=split, record=recording)
+            if recording:
+                records["dkdv"] = recorded
     else:
         k_programs, k_seq, k_blk, k_device = launch_tiles(problem, cu_k, key_tile, False)
         if k_programs and problem.nheads_k:
