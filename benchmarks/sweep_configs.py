@@ -10,6 +10,8 @@ Each trial is a '+'-joined list of overrides (an empty trial: the shipped settin
 * ``split:N``         the dK/dV group split (group_split.split_for)
 * ``tl``              the tl kernels only (no Gluon forward, dK/dV or dQ)
 * ``tldq``            the tl dQ kernel (with the Gluon dK/dV where it serves)
+* ``tldkdv``          the tl dK/dV kernel (with the Gluon dQ where it serves);
+  ``tldkdv+tldq``: the tl backward after the Gluon forward
 * ``gdq:BN:S``        the Gluon dQ kernel: BN keys per block, S stages
 
     python benchmarks/sweep_configs.py --cells d192,d256 --mode fwd+bwd \
@@ -79,6 +81,8 @@ def overrides(trial: str, head_dim: int):
                 hopper_backward.supports = lambda *a, **k: False
             elif name == "tldq":
                 hopper_dq.supports = lambda *a, **k: False
+            elif name == "tldkdv":
+                hopper_backward.supports = lambda *a, **k: False
             elif name == "gdq":
                 hopper_dq.CONFIG["block_n"][head_dim] = vals[0]
                 hopper_dq.CONFIG["stages"] = vals[1]
