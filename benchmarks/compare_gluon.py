@@ -6,7 +6,8 @@ kernels are asked for by argument, not by patching the backend.
 
 ``--features`` times instead the forward of the calls the Gluon kernel took over from the
 tl kernel (softcap, ALiBi, device offsets without host lengths, and combinations), Gluon
-against tl on the same inputs, with the largest difference between their outputs.
+against tl on the same inputs, with the largest difference between their outputs; "plain"
+(host lengths, no feature) is the row the others compare with.
 
     python benchmarks/compare_gluon.py --workloads W1,W3 --variants tl,gluon,bwd-m64
     python benchmarks/compare_gluon.py --features --workloads W1,W2,W3 --out /tmp/features.md
@@ -53,6 +54,7 @@ def variant_run(name: str, w, causal: bool, backward: bool):
 # name -> (attnhub features, offsets on the device without host lengths); ALiBi's slopes are
 # the usual geometric series per head
 FEATURE_CALLS = {
+    "plain": ({}, False),  # host lengths: what "device-offsets" is to be read against
     "softcap": ({"softcap": 30.0}, False),
     "alibi": ({"alibi_slopes": "head"}, False),
     "device-offsets": ({}, True),

@@ -9,7 +9,9 @@ Each trial is a '+'-joined list of overrides (an empty trial: the shipped settin
 * ``dq:BM:BN:W:S``    dQ: BLOCK_M query rows per program, BLOCK_N key block, warps, stages
 * ``split:N``         the dK/dV group split (group_split.split_for)
 * ``tl``              the tl kernels only (no Gluon forward, dK/dV or dQ)
-* ``tldq``            the tl dQ kernel with the Gluon dK/dV
+* ``tldq``            the tl dQ kernel (with the Gluon dK/dV where it serves)
+* ``tldkdv``          the tl dK/dV kernel (with the Gluon dQ where it serves);
+  ``tldkdv+tldq``: the tl backward after the Gluon forward
 * ``gdq:BN:S``        the Gluon dQ kernel: BN keys per block, S stages
 
     python benchmarks/sweep_configs.py --cells d192,d256 --mode fwd+bwd \
@@ -79,6 +81,8 @@ def overrides(trial: str, head_dim: int):
                 hopper_backward.supports = lambda *a, **k: False
             elif name == "tldq":
                 hopper_dq.supports = lambda *a, **k: False
+            elif name == "tldkdv":
+                hopper_backward.supports = lambda *a, **k: False
             elif name == "gdq":
                 hopper_dq.CONFIG["block_n"][head_dim] = vals[0]
                 hopper_dq.CONFIG["stages"] = vals[1]
@@ -130,6 +134,9 @@ def main() -> int:
     parser.add_argument("--cells", default="d192,d256")
     parser.add_argument("--mode", choices=("fwd", "fwd+bwd"), default="fwd+bwd")
     parser.add_argument("--trials", nargs="*", default=[""])
+    parser.add_argument("--offsets", choices=("varlen-info", "tensors"), default="varlen-info",
+                        help="how attnhub gets the lengths: host lengths (a VarlenInfo) or "
+                             "device cu_seqlens tensors only, as flash_attn callers pass them")
     args = parser.parse_args()
     cells = {c.name: c for c in build_matrix(profile_for("cuda"))}
     backward_ = args.mode == "fwd+bwd"
@@ -147,8 +154,8 @@ def main() -> int:
             try:
                 with overrides(trial, cell.head_dim):
                     x = make_inputs(cell, torch.device("cuda"), backward_)  # fresh tile plans
-                    ms = do_bench(attnhub_runner(x, "triton", backward_), warmup=25, rep=100,
-                                  return_mode="median")
+                    ms = do_bench(attnhub_runner(x, "triton", backward_, args.offsets),
+                                  warmup=25, rep=100, return_mode="median")
                     err = max_error(cell, "triton", backward_)
             except Exception as exc:  # out of shared memory or registers for this config
                 print(f"  {label}: failed: {type(exc).__name__}: {str(exc)[:160]}", flush=True)

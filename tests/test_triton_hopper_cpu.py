@@ -17,6 +17,7 @@ def test_cpu_calls_never_reach_the_gluon_kernels():
     problem, _ = normalize(q, k, v, info, info, causal=True)
     assert not hopper_forward.supports(problem, q, k, v, True)
     assert not hopper_backward.supports(problem, q, k, v, q, True)
+    assert not hopper_dq.supports(problem, q, k, v, q, True)
 
 
 def test_forward_hands_softcap_alibi_and_head_dim_256_calls_to_the_gluon_kernel(monkeypatch):

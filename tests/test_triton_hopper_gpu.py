@@ -242,27 +242,37 @@ def test_gluon_dkdv_serves_causal_calls_only(gluon_dkdv_calls):
     assert len(gluon_dkdv_calls) == 1
 
 
+def _lengths(offsets: str, lengths_q, lengths_k) -> tuple:
+    """attnhub's length arguments: VarlenInfo objects (host lengths) or, for "device", the
+    cu_seqlens tensors and maxima alone, as flash_attn callers pass them."""
+    if offsets == "host":
+        return tuple(attnhub.VarlenInfo.from_lengths(x, "cuda") for x in (lengths_q, lengths_k))
+    cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(x)], dtype=torch.int32,
+                               device="cuda") for x in (lengths_q, lengths_k))
+    return cu_q, cu_k, max(lengths_q), max(lengths_k)
+
+
+@pytest.mark.parametrize("offsets", ["host", "device"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128, 96, 80])  # the last two padded to 128
 @pytest.mark.parametrize("case", range(len(BWD_CASES)))
-def test_gluon_dkdv_matches_tl_kernel_and_reference(dtype, head_dim, case, gluon_dkdv_calls,
-                                                    gluon_dq_calls):
+def test_gluon_dkdv_matches_tl_kernel_and_reference(dtype, head_dim, case, offsets,
+                                                    gluon_dkdv_calls, gluon_dq_calls):
     from attnhub.backends.triton import backward, forward
 
     kw, lk = BWD_CASES[case]
     q, k, v = (t.requires_grad_() for t in _inputs(LENGTHS_Q, lk, dtype, head_dim, seed=2))
-    iq = attnhub.VarlenInfo.from_lengths(LENGTHS_Q, "cuda")
-    ik = attnhub.VarlenInfo.from_lengths(lk, "cuda")
+    lens = _lengths(offsets, LENGTHS_Q, lk)
     dout = torch.randn_like(q)
 
     def grads(backend="triton", inputs=(q, k, v), d=dout):
-        out = attnhub.attention_forward_varlen(*inputs, iq, ik, backend=backend, **kw)
+        out = attnhub.attention_forward_varlen(*inputs, *lens, backend=backend, **kw)
         return torch.autograd.grad(out, inputs, d)
 
     got = grads()
     assert gluon_dkdv_calls, "the plain sm_90 call did not reach the Gluon dK/dV kernel"
     assert gluon_dq_calls, "the plain sm_90 call did not reach the Gluon dQ kernel"
-    problem, inputs = attnhub.normalize(q.detach(), k.detach(), v.detach(), iq, ik, **kw)
+    problem, inputs = attnhub.normalize(q.detach(), k.detach(), v.detach(), *lens, **kw)
     out, lse = forward.forward(problem, inputs, None)
     tl_got = backward.backward(problem, inputs, out, lse, dout, None, None, gluon=False)[:3]
     assert len(gluon_dkdv_calls) == 1
@@ -274,6 +284,35 @@ def test_gluon_dkdv_matches_tl_kernel_and_reference(dtype, head_dim, case, gluon
         tl_err = (tg.double() - rg).abs().max().item()
         assert err < tol, f"d{name}: {err}"
         assert err <= 1.5 * tl_err + 1e-3, f"d{name}: {err} against the tl kernel's {tl_err}"
+
+
+@pytest.mark.parametrize("offsets", ["host", "device"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_gluon_dq_serves_every_mask_and_device_offsets(case, head_dim, offsets,
+                                                       gluon_dq_calls):
+    """The Gluon dQ serves plain calls under every mask (not only the causal ones the
+    Gluon dK/dV takes), with host lengths or device cu_seqlens only; dQ as accurate as the
+    tl kernel's against the float64 reference."""
+    from attnhub.backends.triton import backward, forward
+
+    kw, lk = CASES[case]
+    q, k, v = (t.requires_grad_() for t in _inputs(LENGTHS_Q, lk, torch.bfloat16, head_dim,
+                                                   seed=5))
+    lens = _lengths(offsets, LENGTHS_Q, lk)
+    dout = torch.randn_like(q)
+    out = attnhub.attention_forward_varlen(q, k, v, *lens, backend="triton", **kw)
+    got = torch.autograd.grad(out, q, dout)[0]
+    assert len(gluon_dq_calls) == 1, "the plain sm_90 call did not reach the Gluon dQ kernel"
+    problem, inputs = attnhub.normalize(q.detach(), k.detach(), v.detach(), *lens, **kw)
+    tl_out, lse = forward.forward(problem, inputs, None)
+    tl_dq = backward.backward(problem, inputs, tl_out, lse, dout, None, None, gluon=False)[0]
+    ref_in = tuple(t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attnhub.attention_forward_varlen(*ref_in, *lens, backend="reference", **kw)
+    ref_dq = torch.autograd.grad(ref, ref_in[0], dout.double())[0]
+    err, tl_err = ((g.double() - ref_dq).abs().max().item() for g in (got, tl_dq))
+    assert err < 1e-1
+    assert err <= 1.5 * tl_err + 1e-3, f"dq: {err} against the tl kernel's {tl_err}"
 
 
 def test_gluon_backward_reads_no_other_sequence(gluon_dkdv_calls, gluon_dq_calls):

@@ -109,13 +109,20 @@ def launch_all(sinks: bool) -> None:
             backward.backward(problem, inputs, out, lse, q, None, None, **kw)
             group_split.split_for = unsplit
         if features.get("causal") and hopper_forward.available():
-            k_seq, k_blk = forward.tile_list(problem, inputs.cu_seqlens_k,
-                                             hopper_backward.BLOCK_N, False)
+            k_tiles = forward.launch_tiles(problem, inputs.cu_seqlens_k,
+                                           hopper_backward.BLOCK_N, False)
             hopper_backward.dkdv(problem, q, k, k, q, lse, lse, k.clone(), k.clone(),
-                                 inputs.cu_seqlens_q, inputs.cu_seqlens_k, k_seq, k_blk, 0.1)
+                                 inputs.cu_seqlens_q, inputs.cu_seqlens_k, k_tiles, 0.1)
             dk, dv = group_split.partials(k, problem.nheads_k, 2)
             hopper_backward.dkdv(problem, q, k, k, q, lse, lse, dk, dv, inputs.cu_seqlens_q,
-                                 inputs.cu_seqlens_k, k_seq, k_blk, 0.1, split=2)
+                                 inputs.cu_seqlens_k, k_tiles, 0.1, split=2)
+            LABEL[0] = " [device tiles]"
+            programs = -(-problem.total_k // hopper_backward.BLOCK_N) + problem.batch
+            hopper_backward.dkdv(problem, q, k, k, q, lse, lse, k.clone(), k.clone(),
+                                 inputs.cu_seqlens_q, inputs.cu_seqlens_k,
+                                 (programs, inputs.cu_seqlens_k, inputs.cu_seqlens_k, True),
+                                 0.1)
+            LABEL[0] = ""
             for device_tiles in (False, True):
                 LABEL[0] = " [device tiles]" if device_tiles else ""
                 tiles = forward.launch_tiles(problem, inputs.cu_seqlens_q, hopper_dq.BLOCK_M,
@@ -132,14 +139,23 @@ def launch_all(sinks: bool) -> None:
         k96 = torch.randn(sum(lk), 2, 96, dtype=torch.float16, generator=g)
         problem, inputs = attnhub.normalize(q96, k96, k96, info_q, info_k, causal=True)
         lse96 = torch.empty(8, problem.total_q)
-        k_seq, k_blk = forward.tile_list(problem, inputs.cu_seqlens_k,
-                                         hopper_backward.BLOCK_N, False)
+        k_tiles = forward.launch_tiles(problem, inputs.cu_seqlens_k, hopper_backward.BLOCK_N,
+                                       False)
         hopper_backward.dkdv(problem, q96, k96, k96, q96, lse96, lse96, k96.clone(),
-                             k96.clone(), inputs.cu_seqlens_q, inputs.cu_seqlens_k, k_seq,
-                             k_blk, 0.1)
+                             k96.clone(), inputs.cu_seqlens_q, inputs.cu_seqlens_k, k_tiles,
+                             0.1)
         tiles = forward.launch_tiles(problem, inputs.cu_seqlens_q, hopper_dq.BLOCK_M, True)
         hopper_dq.dq(problem, q96, k96, k96, q96, lse96, lse96, q96.clone(),
                      inputs.cu_seqlens_q, inputs.cu_seqlens_k, tiles, 0.1)
+        LABEL[0] = ""
+    if hopper_forward.available():  # the Gluon dQ without a causal mask, left window only
+        q = torch.randn(sum(lq), 8, 128, dtype=torch.float16, generator=g)
+        for label, features in (("full", {}), ("left window", {"window_size": (64, -1)})):
+            LABEL[0] = f" [{label}]"
+            problem, inputs = attnhub.normalize(q, k, k, info_q, info_k, **features)
+            tiles = forward.launch_tiles(problem, inputs.cu_seqlens_q, hopper_dq.BLOCK_M, True)
+            hopper_dq.dq(problem, q, k, k, q, lse, lse, q.clone(), inputs.cu_seqlens_q,
+                         inputs.cu_seqlens_k, tiles, 0.1)
         LABEL[0] = ""
     q = torch.randn(4, 8, 128, dtype=torch.float16, generator=g)
     problem, inputs = attnhub.normalize(q, k, k, attnhub.VarlenInfo.from_lengths([1] * 4),

@@ -28,7 +28,6 @@ from .forward import (
     score_scalars,
     score_tile,
     sequence_bounds,
-    tile_list,
 )
 from .softcap import mode as softcap_mode
 from .tiles import program_tile
@@ -360,10 +359,10 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
     (nheads,) when ``sinks`` (float32 (nheads,), the forward's) is given, else None. ``lse``:
     the forward's (with the sinks in it).
 
-    ``gluon``: plain causal (right-bounded) calls on an sm_90 GPU with host lengths compute
-    dK/dV and (without sinks) dQ in the warp-specialised Gluon kernels (hopper_backward.py,
-    hopper_dq.py). Ships on; benchmarks and tests turn it off to compare with the tl
-    kernels.
+    ``gluon``: plain calls on an sm_90 GPU compute dQ (without sinks) in the
+    warp-specialised Gluon kernel (hopper_dq.py), and causal (right-bounded) ones with host
+    lengths dK/dV too (hopper_backward.py). Ships on; benchmarks and tests turn it off to
+    compare with the tl kernels.
 
     Repeats of a problem object replay the launches recorded at its second backward, under
     the conditions of forward.forward's replays (replay.py), with out, dout and dlse of the
@@ -435,19 +434,19 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
     mask_args = ((inputs.custom_mask, inputs.custom_mask_offsets) if problem.custom_mask
                  else (dummy, dummy))
 
+    plain = (not problem.custom_mask and problem.dropout_p == 0 and problem.softcap == 0
+             and alibi is None and problem.paged is None)
     # the Gluon dK/dV kernel is faster than the tl one on causal (right-bounded) calls only
     # (H200, docs/performance.md)
-    plain = (not problem.custom_mask and problem.dropout_p == 0 and problem.softcap == 0
-             and alibi is None and problem.paged is None and right >= 0)
-    k_planned = None
-    if gluon and problem.nheads_k and hopper_backward.supports(problem, q, k, v, dout, plain):
-        k_planned = tile_list(problem, cu_k, hopper_backward.BLOCK_N, False)
-    if k_planned is not None:
-        recorded = hopper_backward.dkdv(problem, q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k,
-                                        *k_planned, score_scalars(problem)[0], split=split,
-                                        record=recording)
-        if recording:
-            records["dkdv"] = recorded
+    if (gluon and problem.nheads_k and right >= 0
+            and hopper_backward.supports(problem, q, k, v, dout, plain)):
+        k_tiles = launch_tiles(problem, cu_k, hopper_backward.BLOCK_N, False)
+        if k_tiles[0]:
+            recorded = hopper_backward.dkdv(problem, q, k, v, dout, lse, delta, dk, dv, cu_q,
+                                            cu_k, k_tiles, score_scalars(problem)[0],
+                                            split=split, record=recording)
+            if recording:
+                records["dkdv"] = recorded
     else:
         k_programs, k_seq, k_blk, k_device = launch_tiles(problem, cu_k, key_tile, False)
         if k_programs and problem.nheads_k:
@@ -463,7 +462,7 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
     # with sinks: rowsum(P * dP) per (head, query row), the tl dQ kernel's
     row_pdp = (torch.empty((problem.nheads, problem.total_q), dtype=torch.float32,
                            device=q.device) if sinks is not None else None)
-    if k_planned is not None and sinks is None and hopper_dq.supports(problem):
+    if gluon and sinks is None and hopper_dq.supports(problem, q, k, v, dout, plain):
         q_tiles = launch_tiles(problem, cu_q, hopper_dq.BLOCK_M, True)
         if q_tiles[0] and problem.nheads:
             records["dq"] = hopper_dq.dq(problem, q, k, v, dout, lse, delta, dq, cu_q, cu_k,

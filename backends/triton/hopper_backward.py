@@ -1,9 +1,10 @@
 """Warp-specialised dK/dV kernel of the varlen backward for Hopper (sm_90), written in Gluon.
 
 Serves plain causal calls (no softcap, ALiBi, dropout or custom mask; head dim 64, or a
-multiple of 8 up to 128 read zero-padded to 128 as the forward reads it; fp16/bf16; the right
-side of the mask bounded: causal or a right window; backward.py picks it, as it is slower
-than the tl kernel without a causal mask on the H200). One program per
+multiple of 8 up to 128 read zero-padded to 128 as the forward reads it; fp16/bf16; host
+lengths or device offsets; the right side of the mask bounded: causal or a right window;
+backward.py picks it, as it is slower than the tl kernel without a causal mask on the H200).
+One program per
 (key tile of 128 rows, kv head), as the tl dK/dV kernel (backward.py): it loops over the
 query heads of its group and the query blocks that see its keys, so GQA gradients are
 reduced in registers and nothing is written twice (deterministic). Scheduled by hand:
@@ -39,6 +40,7 @@ if gluon is not None:
         allocate_rows,
         box_coordinates,
         in_window,
+        program_tile,
         sequence_bounds,
         zero_rows_from,
     )
@@ -162,23 +164,26 @@ if gluon is not None:
         dv_out = gl.convert_layout(dv.to(DV.dtype.element_ty), OUT_LAYOUT)
         gl.store(DV + rows64 * stride_dvt + share * stride_dvh + cols[None, :], dv_out, mask=ok)
 
-    @gluon.jit(do_not_specialize=["total_q"])
+    @gluon.jit(do_not_specialize=["total_q", "batch"])
     def _hopper_dkdv_kernel(desc_q, desc_k, desc_v, desc_do, Lse, Delta, DK, DV, CuQ, CuK,
                             TileSeq, TileBlk, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-                            total_q, qk_scale, sm_scale, window_left, window_right,
+                            total_q, batch, qk_scale, sm_scale, window_left, window_right,
                             GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                             BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
                             BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                             CONSUMER_REGS: gl.constexpr,
                             PRODUCER_REGS: gl.constexpr, TOP_LEFT: gl.constexpr,
                             WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr,
-                            SPLIT: gl.constexpr):
-        pid = gl.program_id(0)
+                            SPLIT: gl.constexpr, DEVICE_TILES: gl.constexpr):
         # GROUP query heads per program: the SPLIT-th share of kv head kvh's (group_split.py)
         share = gl.program_id(1)
         kvh = share // SPLIT
-        b = gl.load(TileSeq + pid)
-        n0 = gl.load(TileBlk + pid) * BLOCK_N
+        b, blk = program_tile(CuK, TileSeq, TileBlk, batch, gl.program_id(0), BLOCK_N,
+                              DEVICE_TILES)
+        if DEVICE_TILES:  # noqa: SIM102 (a constexpr branch: host tiles have no extra programs)
+            if b >= batch:
+                return
+        n0 = blk * BLOCK_N
         q_start, sq, k_start, sk, offset = sequence_bounds(CuQ, CuK, b, TOP_LEFT)
 
         # query rows [lo, hi) that see keys [n0, n0 + BLOCK_N); [full_lo, full_hi): the rows
@@ -230,10 +235,10 @@ if gluon is not None:
 
 def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
              plain: bool) -> bool:
-    """Whether this kernel computes dK/dV of a call with host lengths: the conditions of
-    hopper_forward.supports, a head dim read at a width of its own CONFIG (64 or 128: head
-    dims up to 128, the others zero-padded as the forward reads them), and dO laid out like
-    Q."""
+    """Whether this kernel computes dK/dV of a call (host lengths or device offsets): the
+    conditions of hopper_forward.supports, a head dim read at a width of its own CONFIG (64
+    or 128: head dims up to 128, the others zero-padded as the forward reads them), and dO
+    laid out like Q."""
     return (hopper_forward.block_d(problem.head_dim) in CONFIG["block_m"]
             and hopper_forward.supports(problem, q, k, v, plain)
             and tma_rows(dout, problem.head_dim))
@@ -241,29 +246,34 @@ def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: t
 
 def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
          lse: torch.Tensor, delta: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
-         cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, tile_seq: torch.Tensor,
-         tile_blk: torch.Tensor, qk_scale: float, *, split: int = 1, record: bool = False):
-    """Writes ``dk`` and ``dv`` (total_k, nheads_k, d) for the key tile list (tile_seq,
-    tile_blk) planned with BLOCK_N key rows; lse and delta: float32 (nheads, total_q). With
-    ``record``, returns the replay.LaunchRecord or None: replays take REPLAY_ARGS, with q, k,
-    v and dout for the descriptors."""
+         cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+         tiles: tuple[int, torch.Tensor, torch.Tensor, bool], qk_scale: float, *,
+         split: int = 1, record: bool = False):
+    """Writes ``dk`` and ``dv`` (total_k, nheads_k, d) over the key tiles of BLOCK_N rows;
+    ``tiles``: forward.launch_tiles' (programs, tile_seq, tile_blk, device_tiles) for the
+    keys, a host-planned list or (device_tiles) an upper bound of programs that find their
+    tiles from cu_seqlens_k; lse and delta: float32 (nheads, total_q). With ``record``,
+    returns the replay.LaunchRecord or None: replays take REPLAY_ARGS, with q, k, v and dout
+    for the descriptors."""
     d = problem.head_dim
     width = hopper_forward.block_d(d)
     left, right = problem.window
     block_m = CONFIG["block_m"][width]
-    grid = (tile_seq.numel(), problem.nheads_k * split)
+    programs, tile_seq, tile_blk, device_tiles = tiles
+    grid = (programs, problem.nheads_k * split)
     descriptors = (descriptor(q, d, block_m, width), descriptor(k, d, BLOCK_N, width),
                    descriptor(v, d, BLOCK_N, width), descriptor(dout, d, block_m, width))
     args = (*descriptors, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
             tile_seq, tile_blk, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            problem.total_q, qk_scale, problem.scale, left, right)
+            problem.total_q, problem.batch, qk_scale, problem.scale, left, right)
     kwargs = dict(
         GROUP=problem.group_size // split, SPLIT=split, HEAD_DIM=d, BLOCK_D=width,
         BLOCK_M=block_m,
         BLOCK_N=BLOCK_N,
         STAGES=CONFIG["stages"], CONSUMER_REGS=CONFIG["consumer_regs"],
         PRODUCER_REGS=CONFIG["producer_regs"], TOP_LEFT=problem.mask_alignment == "top_left",
-        WINDOW_LEFT=left >= 0, WINDOW_RIGHT=right >= 0, num_warps=4)
+        WINDOW_LEFT=left >= 0, WINDOW_RIGHT=right >= 0, DEVICE_TILES=device_tiles,
+        num_warps=4)
     if record:
         from .replay import LaunchRecord
 

@@ -1,8 +1,8 @@
 """Warp-specialised dQ kernel of the varlen backward for Hopper (sm_90), written in Gluon.
 
-Serves the calls hopper_backward.py serves (plain calls: no softcap, ALiBi, dropout or
-custom mask; head dim 64, or a multiple of 8 up to 128 read zero-padded to 128 as the forward
-reads it; fp16/bf16; host lengths or device offsets). One program per
+Serves plain calls (no softcap, ALiBi, dropout, custom mask or sinks; any causal or window
+mask; head dim 64, or a multiple of 8 up to 128 read zero-padded to 128 as the forward reads
+it; fp16/bf16; host lengths or device offsets). One program per
 (query tile of BLOCK_M rows, query head), as the forward: it loops over the key blocks its
 rows see, so dQ is reduced in registers and written once (deterministic). Scheduled as the
 Gluon forward (hopper_forward.py):
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import hopper_forward
-from .hopper_forward import descriptor, gluon
+from .hopper_forward import descriptor, gluon, tma_rows
 
 if gluon is not None:
     from triton.experimental.gluon import language as gl
@@ -203,12 +203,15 @@ if gluon is not None:
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-def supports(problem) -> bool:
-    """Whether this kernel computes dQ of a call that hopper_backward's dK/dV kernel serves
-    (backward.py checks that, and that there are no sinks): a head dim read at a width of
-    CONFIG (64 or 128: head dims up to 128, the others zero-padded as the forward reads
-    them)."""
-    return hopper_forward.block_d(problem.head_dim) in CONFIG["block_n"]
+def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
+             plain: bool) -> bool:
+    """Whether this kernel computes dQ of a call without sinks (backward.py checks them):
+    the conditions of hopper_forward.supports (host lengths or device offsets, any mask),
+    a head dim read at a width of CONFIG (64 or 128: head dims up to 128, the others
+    zero-padded as the forward reads them), and dO laid out like Q."""
+    return (hopper_forward.block_d(problem.head_dim) in CONFIG["block_n"]
+            and hopper_forward.supports(problem, q, k, v, plain)
+            and tma_rows(dout, problem.head_dim))
 
 
 def dq(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
