@@ -77,7 +77,7 @@ def prefill_impls(w: Workload, causal: bool, backward: bool, fa4, sinks: bool = 
             return out
 
         impls["triton"] = triton_run
-    direct = {d.backend: d for d in direct_kernels_for(["torch-flash", "fa4"])}
+    direct = {d.backend: d for d in direct_kernels_for(["torch-flash", "fa4"]) if d.name is None}
     impls["torch-fa2"] = direct["torch-flash"].build(x, backward)
     if fa4 is not None:
         impls["fa4"] = direct["fa4"].build(x, backward)

@@ -286,7 +286,7 @@ def _impls(w, q, k, v, dout, info, causal, grad, fa4):
     x = CellInputs(cell, q, k, v, dout, info, info, None, None, grad)
     kernels = ["torch-flash"] + (["fa4"] if fa4 is not None else [])
     return {d.backend: (d.build(x, grad), attnhub_runner(x, d.backend, grad))
-            for d in direct_kernels_for(kernels)}
+            for d in direct_kernels_for(kernels) if d.name is None}
 
 
 def main() -> None:

@@ -299,6 +299,47 @@ def test_torch_flash_direct_calls_the_aten_overloads(monkeypatch):
     assert kernel.unsupported(_cell()) is None
 
 
+def test_torch_varlen_attn_direct_runs_torch_autograd(monkeypatch):
+    """The second torch-flash anchor: torch's public varlen_attn through autograd, the
+    causal mask as window (-1, 0) or (left, 0), GQA asked for; a torch whose varlen_attn
+    takes only is_causal (2.10) declines windows, one without it every cell."""
+    from torch.nn.attention import varlen
+
+    seen = {}
+
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
+                    window_size=(-1, -1), enable_gqa=False):
+        seen.update(scale=scale, window_size=window_size, enable_gqa=enable_gqa, max_q=max_q,
+                    cu=cu_seq_k.tolist())
+        group = query.shape[1] // key.shape[1]
+        return query * (key.repeat_interleave(group, 1).mean(0) + value.mean())
+
+    monkeypatch.setattr(varlen, "varlen_attn", varlen_attn)
+    kernel = next(d for d in direct.direct_kernels_for(["torch-flash"]) if d.name)
+    assert kernel.label == "torch varlen_attn (direct)"
+    assert direct.direct_kernels_for(["torch-flash"])[0].label == "torch-flash (direct)"
+    x = _inputs(True, window=(4, 0))
+    grads = kernel.build(x, True)()       # through torch's autograd
+    assert [g.shape for g in grads] == [x.q.shape, x.k.shape, x.v.shape]
+    assert seen == {"scale": 16 ** -0.5, "window_size": (4, 0), "enable_gqa": True,
+                    "max_q": 6, "cu": [0, 6, 11]}
+    kernel.build(_inputs(False), False)()
+    assert seen["window_size"] == (-1, 0)
+    assert kernel.unsupported(_cell(window=(4, 0))) is None
+    assert kernel.unsupported(_cell(softcap=5.0)) == "the direct call takes no softcap"
+
+    def varlen_attn_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
+                         is_causal=False, return_aux=None, scale=None):
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(varlen, "varlen_attn", varlen_attn_2_10)
+    assert "varlen_attn takes no window" in kernel.unsupported(_cell(window=(4, 0)))
+    assert "varlen_attn takes no GQA" in kernel.unsupported(_cell())
+    assert kernel.unsupported(_cell(nheads_k=4)) is None
+    monkeypatch.delattr(varlen, "varlen_attn")
+    assert "has no torch.nn.attention.varlen.varlen_attn" in kernel.unsupported(_cell())
+
+
 def test_fa4_direct_passes_none_for_unbounded_window_sides(monkeypatch):
     import types
 

@@ -1,9 +1,11 @@
 """External kernels called directly, without attnhub, to measure attnhub's overhead.
 
 Each entry pairs an attnhub backend with the kernel it wraps: torch's bundled
-FlashAttention-2 (the aten op, forward and backward called explicitly, as a framework would),
-flash_attn 2.8's ``flash_attn_varlen_func``, FA3's ``flash_attn_interface`` and FA4's
-``flash_attn.cute.flash_attn_varlen_func`` (their own autograd functions). A direct kernel is
+FlashAttention-2 twice (the aten op, forward and backward called explicitly, as a framework
+would, with no autograd; and torch's public ``torch.nn.attention.varlen.varlen_attn``, through
+autograd as a PyTorch user calls it), flash_attn 2.8's ``flash_attn_varlen_func``, FA3's
+``flash_attn_interface`` and FA4's ``flash_attn.cute.flash_attn_varlen_func`` (their own
+autograd functions). A direct kernel is
 measured only on cells its attnhub backend can run (the backend's reasons apply to it too)
 and whose features its public call takes; otherwise ``unsupported`` says why.
 """
@@ -25,18 +27,21 @@ Runner = Callable[[], object]
 
 @dataclass(frozen=True)
 class DirectKernel:
-    """``label``: the report's column (``<backend> (direct)``); ``backend``: the attnhub
-    backend that wraps the same kernel; ``lacks``: cell features the direct call cannot take
-    (``softcap``, ``alibi``, ``paged``); ``build(inputs, backward)``: a zero-argument
-    callable running one forward (and backward)."""
+    """``label``: the report's column (``name``, else ``<backend> (direct)``); ``backend``: the
+    attnhub backend that wraps the same kernel; ``lacks``: cell features the direct call
+    cannot take (``softcap``, ``alibi``, ``paged``); ``build(inputs, backward)``: a
+    zero-argument callable running one forward (and backward); ``why_not(cell)``: what else
+    the installed version of the call cannot express, or None."""
 
     backend: str
     lacks: frozenset[str]
     build: Callable[[CellInputs, bool], Runner]
+    name: str | None = None
+    why_not: Callable[[Cell], str | None] | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.backend} (direct)"
+        return self.name or f"{self.backend} (direct)"
 
     def unsupported(self, cell: Cell) -> str | None:
         """Why the direct call cannot express ``cell``, or None."""
@@ -45,7 +50,7 @@ class DirectKernel:
         missing = sorted(f for f, on in wanted.items() if on and f in self.lacks)
         if missing:
             return f"the direct call takes no {', '.join(missing)}"
-        return None
+        return self.why_not(cell) if self.why_not is not None else None
 
 
 def _window(cell: Cell) -> tuple[int, int]:
@@ -90,6 +95,49 @@ def _torch_flash(x: CellInputs, backward: bool) -> Runner:
     return run
 
 
+def _varlen_attn() -> Callable | None:
+    """torch.nn.attention.varlen.varlen_attn, or None in a torch without it (before 2.10)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _varlen_attn_why_not(cell: Cell) -> str | None:
+    fn = _varlen_attn()
+    if fn is None:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn"
+    params = inspect.signature(fn).parameters
+    if cell.window is not None and "window_size" not in params:
+        return f"torch {torch.__version__}'s varlen_attn takes no window"
+    if cell.nheads_k != cell.nheads and "enable_gqa" not in params:
+        return f"torch {torch.__version__}'s varlen_attn takes no GQA"
+    return None
+
+
+def _torch_varlen_attn(x: CellInputs, backward: bool) -> Runner:
+    """torch's public varlen call over its bundled FA2, with torch's own autograd: a causal
+    mask as window (-1, 0) where it takes windows, else is_causal (torch 2.10)."""
+    fn = _varlen_attn()
+    params = inspect.signature(fn).parameters
+    cell = x.cell
+    kwargs: dict = {"scale": x.scale}
+    if "window_size" in params:
+        kwargs["window_size"] = _window(cell)
+    else:
+        kwargs["is_causal"] = cell.causal
+    if cell.nheads_k != cell.nheads:
+        kwargs["enable_gqa"] = True
+
+    def forward() -> torch.Tensor:
+        return fn(x.q, x.k, x.v, x.cu_q, x.cu_k, x.max_q, x.max_k, **kwargs)
+
+    if not backward:
+        return forward
+    return lambda: _grad(forward(), x)
+
+
 def _call_with_known(fn: Callable, /, *args: object, **kwargs: object) -> object:
     """``fn`` with only the keyword arguments its signature names (versions differ)."""
     params = inspect.signature(fn).parameters
@@ -124,6 +172,8 @@ def _flash_attn_style(module: str, window_none: bool) -> Callable[[CellInputs, b
 
 DIRECT_KERNELS: tuple[DirectKernel, ...] = (
     DirectKernel("torch-flash", frozenset({"softcap", "alibi", "paged"}), _torch_flash),
+    DirectKernel("torch-flash", frozenset({"softcap", "alibi", "paged"}), _torch_varlen_attn,
+                 name="torch varlen_attn (direct)", why_not=_varlen_attn_why_not),
     DirectKernel("flash-attn", frozenset(), _flash_attn_style("flash_attn", False)),
     DirectKernel("fa3", frozenset({"alibi", "paged"}),
                  _flash_attn_style("flash_attn_interface", False)),
@@ -133,6 +183,6 @@ DIRECT_KERNELS: tuple[DirectKernel, ...] = (
 
 
 def direct_kernels_for(backends: list[str]) -> list[DirectKernel]:
-    """The direct kernels whose attnhub backend is among ``backends``, in that order."""
-    by_backend = {d.backend: d for d in DIRECT_KERNELS}
-    return [by_backend[b] for b in backends if b in by_backend]
+    """The direct kernels whose attnhub backend is among ``backends``, in that order (a
+    backend's own in DIRECT_KERNELS' order)."""
+    return [d for b in backends for d in DIRECT_KERNELS if d.backend == b]
