@@ -84,7 +84,7 @@ def overrides(trial: str, head_dim: int):
             elif name == "tldkdv":
                 hopper_backward.supports = lambda *a, **k: False
             elif name == "gdq":
-                hopper_dq.CONFIG["block_n"][head_dim] = vals[0]
+                hopper_dq.CONFIG["block_n"][hopper_forward.block_d(head_dim) or head_dim] = vals[0]
                 hopper_dq.CONFIG["stages"] = vals[1]
             else:
                 raise SystemExit(f"unknown override {part!r}")
@@ -102,11 +102,15 @@ def overrides(trial: str, head_dim: int):
         backward._replays.clear()
 
 
-def max_error(cell, backend: str, backward_: bool) -> float:
+def max_error(cell, backend: str, backward_: bool, offsets: str = "varlen-info") -> float:
     """Largest |backend - float64 reference| over out (forward) or dq, dk, dv on a small
-    mixed-length batch with the cell's heads, head dim, dtype and mask."""
+    mixed-length batch with the cell's heads, head dim, dtype and mask; ``offsets`` as the
+    timed run passes them (host lengths, or device cu_seqlens tensors only)."""
     lengths = [300, 1, 77, 0, 129, 520]
     info = attnhub.VarlenInfo.from_lengths(lengths, "cuda")
+    lens = (info, info)
+    if offsets == "tensors":
+        lens = (info.cu_seqlens, info.cu_seqlens, max(lengths), max(lengths))
     g = torch.Generator(device="cuda").manual_seed(0)
     dtype = getattr(torch, cell.dtype)
     q, k, v = (torch.randn(info.total, h, cell.head_dim, device="cuda", dtype=dtype,
@@ -117,7 +121,7 @@ def max_error(cell, backend: str, backward_: bool) -> float:
         kw["window_size"] = cell.window
     if cell.softcap:
         kw["softcap"] = cell.softcap
-    out = attnhub.attention_forward_varlen(q, k, v, info, info, backend=backend, **kw)
+    out = attnhub.attention_forward_varlen(q, k, v, *lens, backend=backend, **kw)
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = attnhub.attention_forward_varlen(*ref_in, info, info, backend="reference", **kw)
     if not backward_:
@@ -156,7 +160,7 @@ def main() -> int:
                     x = make_inputs(cell, torch.device("cuda"), backward_)  # fresh tile plans
                     ms = do_bench(attnhub_runner(x, "triton", backward_, args.offsets),
                                   warmup=25, rep=100, return_mode="median")
-                    err = max_error(cell, "triton", backward_)
+                    err = max_error(cell, "triton", backward_, args.offsets)
             except Exception as exc:  # out of shared memory or registers for this config
                 print(f"  {label}: failed: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
                 continue

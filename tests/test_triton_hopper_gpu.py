@@ -1,8 +1,8 @@
 """The warp-specialised Gluon forward (backends/triton/hopper_forward.py) on an sm_90 GPU: it
-serves plain, softcap and ALiBi calls at head dims 64, 128 and 256, with host lengths or
-device offsets only, agrees with the tl kernel and the float64 reference, keeps every
-sequence's reads inside the sequence, and compiles once for any lengths; the Gluon dK/dV and
-dQ kernels likewise.
+serves plain, softcap and ALiBi calls at head dims 64, 128 and 256 and those read
+zero-padded (80, 96, 192), with host lengths or device offsets only, agrees with the tl
+kernel and the float64 reference, keeps every sequence's reads inside the sequence, and
+compiles once for any lengths; the Gluon dK/dV and dQ kernels likewise.
 
 Run on the device machine: python -m pytest -m gpu tests/test_triton_hopper_gpu.py
 """
@@ -287,7 +287,7 @@ def test_gluon_dkdv_matches_tl_kernel_and_reference(dtype, head_dim, case, offse
 
 
 @pytest.mark.parametrize("offsets", ["host", "device"])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 96])  # 96: padded to 128
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_gluon_dq_serves_every_mask_and_device_offsets(case, head_dim, offsets,
                                                        gluon_dq_calls):

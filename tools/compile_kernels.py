@@ -147,6 +147,14 @@ def launch_all(sinks: bool) -> None:
         tiles = forward.launch_tiles(problem, inputs.cu_seqlens_q, hopper_dq.BLOCK_M, True)
         hopper_dq.dq(problem, q96, k96, k96, q96, lse96, lse96, q96.clone(),
                      inputs.cu_seqlens_q, inputs.cu_seqlens_k, tiles, 0.1)
+        LABEL[0] = " [causal d96 padded to 128, device tiles]"
+        cu_q, cu_k = inputs.cu_seqlens_q, inputs.cu_seqlens_k
+        programs = -(-problem.total_k // hopper_backward.BLOCK_N) + problem.batch
+        hopper_backward.dkdv(problem, q96, k96, k96, q96, lse96, lse96, k96.clone(),
+                             k96.clone(), cu_q, cu_k, (programs, cu_k, cu_k, True), 0.1)
+        programs = -(-problem.total_q // hopper_dq.BLOCK_M) + problem.batch
+        hopper_dq.dq(problem, q96, k96, k96, q96, lse96, lse96, q96.clone(), cu_q, cu_k,
+                     (programs, cu_q, cu_q, True), 0.1)
         LABEL[0] = ""
     if hopper_forward.available():  # the Gluon dQ without a causal mask, left window only
         q = torch.randn(sum(lq), 8, 128, dtype=torch.float16, generator=g)

@@ -360,9 +360,9 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
     the forward's (with the sinks in it).
 
     ``gluon``: plain calls on an sm_90 GPU compute dQ (without sinks) in the
-    warp-specialised Gluon kernel (hopper_dq.py), and causal (right-bounded) ones with host
-    lengths dK/dV too (hopper_backward.py). Ships on; benchmarks and tests turn it off to
-    compare with the tl kernels.
+    warp-specialised Gluon kernel (hopper_dq.py), and causal (right-bounded) ones dK/dV
+    too (hopper_backward.py), with host lengths or device offsets. Ships on; benchmarks and
+    tests turn it off to compare with the tl kernels.
 
     Repeats of a problem object replay the launches recorded at its second backward, under
     the conditions of forward.forward's replays (replay.py), with out, dout and dlse of the

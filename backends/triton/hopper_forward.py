@@ -1,7 +1,8 @@
 """Warp-specialised varlen forward for Hopper (sm_90), written in Gluon.
 
-The forward without dropout, custom mask or pages (head dim 64, 128 or 256; fp16/bf16;
-causal, windows, softcap, ALiBi and attention sinks allowed) of the Triton backend on an
+The forward without dropout, custom mask or pages (head dim 64, 128 or 256, or a multiple of 8
+in between read zero-padded to the next of them; fp16/bf16; causal, windows, softcap, ALiBi
+and attention sinks allowed) of the Triton backend on an
 H100/H200. One program per (query tile of 128 rows, query head), as the tl kernel
 (forward.py), but scheduled by hand:
 
