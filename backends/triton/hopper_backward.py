@@ -78,7 +78,7 @@ if gluon is not None:
                 c += 1
 
     @gluon.jit
-    def _consume(k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, fixed, Lse, Delta, DK,
+    def _consume(k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, Lse, Delta, DK,
                  DV, q_start, sq, k_start, sk, n0, offset, share, lo, n_blocks, full_lo,
                  full_hi, qk_scale, sm_scale, window_left, window_right, total_q, stride_dkt,
                  stride_dkh, stride_dvt, stride_dvh, WG: gl.constexpr, GROUP: gl.constexpr,
@@ -113,14 +113,12 @@ if gluon is not None:
                 qs = lo + i * BLOCK_M
                 mbarrier.wait(ready.index(st), (c // STAGES) & 1)
                 if (i == n_blocks - 1) & (tail < BLOCK_M):
-                    if WG == 0:
-                        zero_rows_from(q_smem.index(st), tail, BLOCK_M, BLOCK_D)
-                        zero_rows_from(do_smem.index(st), tail, BLOCK_M, BLOCK_D)
-                        fence_async_shared()
-                        gl.thread_barrier()
-                        mbarrier.arrive(fixed)
-                    else:
-                        mbarrier.wait(fixed, g & 1)
+                    # each warpgroup zeroes the rows itself (the same values: no handshake
+                    # between them, which once per head could run a phase ahead)
+                    zero_rows_from(q_smem.index(st), tail, BLOCK_M, BLOCK_D)
+                    zero_rows_from(do_smem.index(st), tail, BLOCK_M, BLOCK_D)
+                    fence_async_shared()
+                    gl.thread_barrier()
                 q_buf = q_smem.index(st)
                 do_buf = do_smem.index(st)
                 st_acc = warpgroup_mma(k_rows, q_buf.permute((1, 0)), s_init, use_acc=False,
@@ -208,21 +206,19 @@ if gluon is not None:
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        fixed = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(kv_bar, count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
-        mbarrier.init(fixed, count=1)
         fence_async_shared()
 
         gl.warp_specialize([
-            (_consume, (k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, fixed, Lse,
+            (_consume, (k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, Lse,
                         Delta, DK, DV, q_start, sq, k_start, sk, n0, offset, share, lo, n_blocks,
                         full_lo, full_hi, qk_scale, sm_scale, window_left, window_right,
                         total_q, stride_dkt, stride_dkh, stride_dvt, stride_dvh, 0, GROUP,
                         HEAD_DIM, BLOCK_D, BLOCK_M, STAGES, WINDOW_LEFT, WINDOW_RIGHT)),
-            (_consume, (k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, fixed, Lse,
+            (_consume, (k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, Lse,
                         Delta, DK, DV, q_start, sq, k_start, sk, n0, offset, share, lo, n_blocks,
                         full_lo, full_hi, qk_scale, sm_scale, window_left, window_right,
                         total_q, stride_dkt, stride_dkh, stride_dvt, stride_dvh, 1, GROUP,
