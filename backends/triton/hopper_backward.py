@@ -34,7 +34,15 @@ if gluon is not None:
         warpgroup_mma_wait,
     )
 
-    from .hopper_forward import in_window, sequence_bounds, zero_rows_from
+    from .hopper_forward import (
+        allocate_barrier,
+        allocate_ring,
+        in_window,
+        mma_layout,
+        operand_a_layout,
+        sequence_bounds,
+        zero_rows_from,
+    )
 
 BLOCK_N = 128  # key rows per program (two warpgroups of 64)
 # (query block by head dim, stages, consumer registers, producer registers), from benchmarks
@@ -76,12 +84,9 @@ if gluon is not None:
         """Consumer warpgroup WG: dK and dV of key rows [n0 + 64 WG, + 64)."""
         ROWS: gl.constexpr = 64
         dtype: gl.constexpr = q_smem.dtype
-        S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
-        G_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
-        A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=G_LAYOUT,
-                                                     k_width=2)
+        S_LAYOUT: gl.constexpr = mma_layout(BLOCK_M)
+        G_LAYOUT: gl.constexpr = mma_layout(HEAD_DIM)
+        A_LAYOUT: gl.constexpr = operand_a_layout(HEAD_DIM)
         COL_S: gl.constexpr = gl.SliceLayout(0, S_LAYOUT)
         r0 = n0 + WG * ROWS
         k_rows = k_smem.slice(WG * ROWS, ROWS)
@@ -188,15 +193,9 @@ if gluon is not None:
                                            desc_q.layout)
         do_smem = gl.allocate_shared_memory(desc_do.dtype, [STAGES, BLOCK_M, HEAD_DIM],
                                             desc_do.layout)
-        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        fixed = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(kv_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
-        mbarrier.init(fixed, count=1)
+        kv_bar = allocate_barrier(1)
+        ready, empty = allocate_ring(STAGES)
+        fixed = allocate_barrier(1)
         fence_async_shared()
 
         gl.warp_specialize([

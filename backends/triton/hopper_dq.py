@@ -35,8 +35,12 @@ if gluon is not None:
     )
 
     from .hopper_forward import (
+        allocate_barrier,
+        allocate_ring,
         in_window,
         key_range,
+        mma_layout,
+        operand_a_layout,
         program_tile,
         row_layout,
         sequence_bounds,
@@ -79,12 +83,9 @@ if gluon is not None:
         """Consumer warpgroup WG (0 or 1): dQ of query rows [m0 + WG * ROWS, + ROWS)."""
         ROWS: gl.constexpr = BLOCK_M // 2
         dtype: gl.constexpr = q_smem.dtype
-        S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
-        G_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
-        A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=G_LAYOUT,
-                                                     k_width=2)
+        S_LAYOUT: gl.constexpr = mma_layout(BLOCK_N)
+        G_LAYOUT: gl.constexpr = mma_layout(HEAD_DIM)
+        A_LAYOUT: gl.constexpr = operand_a_layout(HEAD_DIM)
         ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
         COL_S: gl.constexpr = gl.SliceLayout(0, S_LAYOUT)
         r0 = m0 + WG * ROWS
@@ -167,15 +168,9 @@ if gluon is not None:
                                            desc_k.layout)
         v_smem = gl.allocate_shared_memory(desc_v.dtype, [STAGES, BLOCK_N, HEAD_DIM],
                                            desc_v.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_zeroed = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
-        mbarrier.init(k_zeroed, count=1)
+        q_bar = allocate_barrier(1)
+        ready, empty = allocate_ring(STAGES)
+        k_zeroed = allocate_barrier(1)
         fence_async_shared()
 
         gl.warp_specialize([
