@@ -37,9 +37,13 @@ if gluon is not None:
     )
 
     from .hopper_forward import (
+        allocate_barrier,
+        allocate_ring,
         allocate_rows,
         box_coordinates,
         in_window,
+        mma_layout,
+        operand_a_layout,
         program_tile,
         sequence_bounds,
         zero_rows_from,
@@ -88,12 +92,9 @@ if gluon is not None:
         wide, HEAD_DIM of them data and the rest zeros (TMA's fill past the head dim)."""
         ROWS: gl.constexpr = 64
         dtype: gl.constexpr = q_smem.dtype
-        S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
-        G_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_D, 16])
-        A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=G_LAYOUT,
-                                                     k_width=2)
+        S_LAYOUT: gl.constexpr = mma_layout(BLOCK_M)
+        G_LAYOUT: gl.constexpr = mma_layout(BLOCK_D)
+        A_LAYOUT: gl.constexpr = operand_a_layout(BLOCK_D)
         COL_S: gl.constexpr = gl.SliceLayout(0, S_LAYOUT)
         r0 = n0 + WG * ROWS
         k_rows = k_smem.slice(WG * ROWS, ROWS)
@@ -203,13 +204,8 @@ if gluon is not None:
         v_smem, v_box = allocate_rows(desc_v, [BLOCK_N, BLOCK_D], PADDED)
         q_smem, q_box = allocate_rows(desc_q, [STAGES, BLOCK_M, BLOCK_D], PADDED)
         do_smem, do_box = allocate_rows(desc_do, [STAGES, BLOCK_M, BLOCK_D], PADDED)
-        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(kv_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
+        kv_bar = allocate_barrier(1)
+        ready, empty = allocate_ring(STAGES)
         fence_async_shared()
 
         gl.warp_specialize([

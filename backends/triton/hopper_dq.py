@@ -37,10 +37,14 @@ if gluon is not None:
     )
 
     from .hopper_forward import (
+        allocate_barrier,
+        allocate_ring,
         allocate_rows,
         box_coordinates,
         in_window,
         key_range,
+        mma_layout,
+        operand_a_layout,
         program_tile,
         row_layout,
         sequence_bounds,
@@ -86,12 +90,9 @@ if gluon is not None:
         head dim)."""
         ROWS: gl.constexpr = BLOCK_M // 2
         dtype: gl.constexpr = q_smem.dtype
-        S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
-        G_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_D, 16])
-        A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=G_LAYOUT,
-                                                     k_width=2)
+        S_LAYOUT: gl.constexpr = mma_layout(BLOCK_N)
+        G_LAYOUT: gl.constexpr = mma_layout(BLOCK_D)
+        A_LAYOUT: gl.constexpr = operand_a_layout(BLOCK_D)
         ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
         COL_S: gl.constexpr = gl.SliceLayout(0, S_LAYOUT)
         r0 = m0 + WG * ROWS
@@ -175,15 +176,9 @@ if gluon is not None:
         do_smem, do_box = allocate_rows(desc_do, [BLOCK_M, BLOCK_D], PADDED)
         k_smem, k_box = allocate_rows(desc_k, [STAGES, BLOCK_N, BLOCK_D], PADDED)
         v_smem, v_box = allocate_rows(desc_v, [STAGES, BLOCK_N, BLOCK_D], PADDED)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_zeroed = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
-        mbarrier.init(k_zeroed, count=1)
+        q_bar = allocate_barrier(1)
+        ready, empty = allocate_ring(STAGES)
+        k_zeroed = allocate_barrier(1)
         fence_async_shared()
 
         gl.warp_specialize([

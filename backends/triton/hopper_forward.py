@@ -173,6 +173,36 @@ if gluon is not None:
         return lo, n_blocks, full_lo, full_hi
 
     @gluon.constexpr_function
+    def mma_layout(cols):
+        """One warpgroup's wgmma accumulator layout over (64 rows, ``cols``)."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                         instr_shape=[16, cols, 16])
+
+    @gluon.constexpr_function
+    def operand_a_layout(cols):
+        """Registers holding the A operand of a wgmma whose accumulator is
+        mma_layout(cols) (16-bit elements)."""
+        return gl.DotOperandLayout(operand_index=0, parent=mma_layout(cols), k_width=2)
+
+    @gluon.jit
+    def allocate_barrier(count: gl.constexpr):
+        """One mbarrier in shared memory, initialised to expect ``count`` arrivals."""
+        bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(bar, count=count)
+        return bar
+
+    @gluon.jit
+    def allocate_ring(STAGES: gl.constexpr):
+        """(ready, empty) mbarriers of a ring of STAGES buffers: ``ready`` completed by the
+        producer's TMA copies, ``empty`` by both consumer warpgroups' arrivals."""
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)
+        return ready, empty
+
+    @gluon.constexpr_function
     def row_layout(head_dim):
         """One warpgroup's blocked layout over (rows, head_dim): 8 contiguous elements (16
         bytes) a thread, a warp across at most 256 columns."""
@@ -253,12 +283,9 @@ if gluon is not None:
         # scores turned into base-2 units before the max
         BASE2: gl.constexpr = HAS_SOFTCAP or HAS_ALIBI
         dtype: gl.constexpr = q_smem.dtype
-        S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
-        O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_D, 16])
-        P_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT,
-                                                     k_width=2)
+        S_LAYOUT: gl.constexpr = mma_layout(BLOCK_N)
+        O_LAYOUT: gl.constexpr = mma_layout(BLOCK_D)
+        P_LAYOUT: gl.constexpr = operand_a_layout(BLOCK_D)
         ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
         ROW_O: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
         r0 = m0 + WG * ROWS
@@ -390,19 +417,10 @@ if gluon is not None:
         q_smem, q_box = allocate_rows(desc_q, [BLOCK_M, BLOCK_D], PADDED)
         k_smem, k_box = allocate_rows(desc_k, [STAGES, BLOCK_N, BLOCK_D], PADDED)
         v_smem, v_box = allocate_rows(desc_v, [STAGES, BLOCK_N, BLOCK_D], PADDED)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_zeroed = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
-            mbarrier.init(v_empty.index(i), count=2)
-        mbarrier.init(v_zeroed, count=1)
+        q_bar = allocate_barrier(1)
+        k_ready, k_empty = allocate_ring(STAGES)
+        v_ready, v_empty = allocate_ring(STAGES)
+        v_zeroed = allocate_barrier(1)
         fence_async_shared()
 
         gl.warp_specialize([
