@@ -122,13 +122,14 @@ def test_plan_run_under_compile_on_gpu():
 
 def test_plan_run_with_grad_runs_the_planned_kernel():
     """A plan's schedule travels through the custom op: out with autograd on equals out
-    without it bit for bit (the same kernel, not the device-tile fallback)."""
+    without it bit for bit (the same kernel, not the device-tile fallback). The backend is
+    pinned: by measured speed, forward-only and forward+backward may pick different ones."""
     lens = [100, 412]
     q = torch.randn(512, H, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(512, HK, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     p = attnhub.plan(_cu(lens), _cu(lens), nheads=H, nheads_k=HK, head_dim=D,
-                     dtype=torch.bfloat16, device="cuda", causal=True)
+                     dtype=torch.bfloat16, device="cuda", causal=True, backend="triton")
     want = p.run(q, k, v)
     got = p.run(q.requires_grad_(), k, v)
     assert torch.equal(got.detach(), want)
