@@ -13,6 +13,8 @@ Each trial is a '+'-joined list of overrides (an empty trial: the shipped settin
 * ``tldkdv``          the tl dK/dV kernel (with the Gluon dQ where it serves);
   ``tldkdv+tldq``: the tl backward after the Gluon forward
 * ``gdq:BN:S``        the Gluon dQ kernel: BN keys per block, S stages
+* ``gdev``            the Gluon dK/dV and dQ serve device offsets at every width (shipped:
+  CONFIG["device_offsets"], width 128 only); with ``--offsets tensors``
 
     python benchmarks/sweep_configs.py --cells d192,d256 --mode fwd+bwd \
         --trials "" "dkdv:32:32:4:1" "dkdv:64:32:8:1+dq:64:32:8:1"
@@ -52,6 +54,7 @@ def overrides(trial: str, head_dim: int):
     """Apply a trial's overrides to the Triton backend's modules, restore them after."""
     saved_defaults = {name: dict(table) for name, table in configs.DEFAULTS.items()}
     saved_dq = {**hopper_dq.CONFIG, "block_n": dict(hopper_dq.CONFIG["block_n"])}
+    saved_dkdv = dict(hopper_backward.CONFIG)
     saved = [(configs, "forward_block_m"), (configs, "backward_tiles"),
              (group_split, "split_for"), (hopper_forward, "supports"),
              (hopper_backward, "supports"), (hopper_dq, "supports")]
@@ -86,6 +89,9 @@ def overrides(trial: str, head_dim: int):
             elif name == "gdq":
                 hopper_dq.CONFIG["block_n"][hopper_forward.block_d(head_dim) or head_dim] = vals[0]
                 hopper_dq.CONFIG["stages"] = vals[1]
+            elif name == "gdev":
+                hopper_backward.CONFIG["device_offsets"] = (64, 128)
+                hopper_dq.CONFIG["device_offsets"] = (64, 128)
             else:
                 raise SystemExit(f"unknown override {part!r}")
         forward._replays.clear()
@@ -98,6 +104,7 @@ def overrides(trial: str, head_dim: int):
         configs.DEFAULTS.update(saved_defaults)
         hopper_dq.CONFIG.clear()
         hopper_dq.CONFIG.update(saved_dq)
+        hopper_backward.CONFIG.update(saved_dkdv)
         forward._replays.clear()
         backward._replays.clear()
 

@@ -1,6 +1,8 @@
 """The Gluon Hopper kernels stay out of calls they cannot serve: the modules import with any
 Triton, and CPU tensors (or a Triton without Gluon) take the tl kernels."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -131,3 +133,26 @@ def test_head_dims_the_gluon_forward_reads_padded():
                                                       248, 256, 264)}
     assert widths == {32: None, 64: 64, 72: 128, 96: 128, 100: None, 128: 128, 136: 256,
                       192: 256, 248: 256, 256: 256, 264: None}
+
+
+@pytest.mark.parametrize("head_dim", [64, 96, 128])
+def test_gluon_backward_takes_device_offsets_at_the_widths_of_its_config(head_dim,
+                                                                         monkeypatch):
+    """Without host lengths (flash_attn's cu_seqlens tensors), the Gluon dK/dV and dQ serve
+    the widths of CONFIG["device_offsets"] only (width 64: the tl backward); with host
+    lengths, every width they read. The GPU and TMA checks are replaced (CPU tensors)."""
+    monkeypatch.setattr(hopper_forward, "supports", lambda problem, q, k, v, plain: plain)
+    lengths = [5, 0, 9]
+    q = torch.randn(14, 4, head_dim, dtype=torch.float16)
+    k = v = torch.randn(14, 2, head_dim, dtype=torch.float16)
+    info = attnhub.VarlenInfo.from_lengths(lengths, "cpu")
+    host, _ = normalize(q, k, v, info, info, causal=True)
+    # CPU offsets count as host lengths: the problem a CUDA call without them would make
+    device = dataclasses.replace(host, seqlens_q=None, seqlens_k=None)
+    assert host.lengths_known and not device.lengths_known
+    width = hopper_forward.block_d(head_dim)
+    for kernel in (hopper_backward, hopper_dq):
+        assert kernel.supports(host, q, k, v, q, True)
+        assert kernel.supports(device, q, k, v, q, True) == (
+            width in kernel.CONFIG["device_offsets"])
+    assert hopper_backward.supports(device, q, k, v, q, True) == (head_dim != 64)

@@ -51,8 +51,11 @@ if gluon is not None:
 
 BLOCK_N = 128  # key rows per program (two warpgroups of 64)
 # (query block by head dim, stages, consumer registers, producer registers), from benchmarks
-# on an H200 (docs/performance.md); 64-row query blocks spill at head dim 128 (Triton 3.6)
-CONFIG = {"block_m": {64: 64, 128: 32}, "stages": 3, "consumer_regs": 240, "producer_regs": 24}
+# on an H200 (docs/performance.md); 64-row query blocks spill at head dim 128 (Triton 3.6).
+# device_offsets: the widths served without host lengths; at width 64 the tl backward was
+# the faster one there (H200, docs/performance.md v12), so such calls take it.
+CONFIG = {"block_m": {64: 64, 128: 32}, "stages": 3, "consumer_regs": 240, "producer_regs": 24,
+          "device_offsets": (128,)}
 
 if gluon is not None:
 
@@ -227,11 +230,13 @@ if gluon is not None:
 
 def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
              plain: bool) -> bool:
-    """Whether this kernel computes dK/dV of a call (host lengths or device offsets): the
-    conditions of hopper_forward.supports, a head dim read at a width of its own CONFIG (64
-    or 128: head dims up to 128, the others zero-padded as the forward reads them), and dO
-    laid out like Q."""
-    return (hopper_forward.block_d(problem.head_dim) in CONFIG["block_m"]
+    """Whether this kernel computes dK/dV of a call: the conditions of
+    hopper_forward.supports, a head dim read at a width of its own CONFIG (64 or 128: head
+    dims up to 128, the others zero-padded as the forward reads them), host lengths or a
+    width of CONFIG["device_offsets"], and dO laid out like Q."""
+    width = hopper_forward.block_d(problem.head_dim)
+    return (width in CONFIG["block_m"]
+            and (problem.lengths_known or width in CONFIG["device_offsets"])
             and hopper_forward.supports(problem, q, k, v, plain)
             and tma_rows(dout, problem.head_dim))
 

@@ -53,8 +53,10 @@ if gluon is not None:
 
 BLOCK_M = 128  # query rows per program (two warpgroups of 64)
 # (key block by head dim, stages, consumer registers, producer registers): swept on an H200
-# (benchmarks/sweep_configs.py, docs/performance.md v11)
-CONFIG = {"block_n": {64: 64, 128: 128}, "stages": 2, "consumer_regs": 240, "producer_regs": 24}
+# (benchmarks/sweep_configs.py, docs/performance.md v11). device_offsets: the widths served
+# without host lengths (as hopper_backward's: at width 64 the tl backward is faster there).
+CONFIG = {"block_n": {64: 64, 128: 128}, "stages": 2, "consumer_regs": 240, "producer_regs": 24,
+          "device_offsets": (128,)}
 
 if gluon is not None:
 
@@ -201,10 +203,12 @@ if gluon is not None:
 def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
              plain: bool) -> bool:
     """Whether this kernel computes dQ of a call without sinks (backward.py checks them):
-    the conditions of hopper_forward.supports (host lengths or device offsets, any mask),
-    a head dim read at a width of CONFIG (64 or 128: head dims up to 128, the others
-    zero-padded as the forward reads them), and dO laid out like Q."""
-    return (hopper_forward.block_d(problem.head_dim) in CONFIG["block_n"]
+    the conditions of hopper_forward.supports (any mask), a head dim read at a width of
+    CONFIG (64 or 128: head dims up to 128, the others zero-padded as the forward reads
+    them), host lengths or a width of CONFIG["device_offsets"], and dO laid out like Q."""
+    width = hopper_forward.block_d(problem.head_dim)
+    return (width in CONFIG["block_n"]
+            and (problem.lengths_known or width in CONFIG["device_offsets"])
             and hopper_forward.supports(problem, q, k, v, plain)
             and tma_rows(dout, problem.head_dim))
 
