@@ -14,7 +14,9 @@ Each trial is a '+'-joined list of overrides (an empty trial: the shipped settin
   ``tldkdv+tldq``: the tl backward after the Gluon forward
 * ``gdq:BN:S``        the Gluon dQ kernel: BN keys per block, S stages
 * ``gdev``            the Gluon dK/dV and dQ serve device offsets at every width (shipped:
-  CONFIG["device_offsets"], width 128 only); with ``--offsets tensors``
+  CONFIG["device_offsets"]); with ``--offsets tensors``
+* ``gwide:BM:S``      the Gluon dK/dV at width 256 (hopper_dkdv_wide.py): BM query rows per
+  block, S stages
 
     python benchmarks/sweep_configs.py --cells d192,d256 --mode fwd+bwd \
         --trials "" "dkdv:32:32:4:1" "dkdv:64:32:8:1+dq:64:32:8:1"
@@ -54,7 +56,8 @@ def overrides(trial: str, head_dim: int):
     """Apply a trial's overrides to the Triton backend's modules, restore them after."""
     saved_defaults = {name: dict(table) for name, table in configs.DEFAULTS.items()}
     saved_dq = {**hopper_dq.CONFIG, "block_n": dict(hopper_dq.CONFIG["block_n"])}
-    saved_dkdv = dict(hopper_backward.CONFIG)
+    saved_dkdv = {**hopper_backward.CONFIG,
+                  "block_m": dict(hopper_backward.CONFIG["block_m"])}
     saved = [(configs, "forward_block_m"), (configs, "backward_tiles"),
              (group_split, "split_for"), (hopper_forward, "supports"),
              (hopper_backward, "supports"), (hopper_dq, "supports")]
@@ -90,8 +93,11 @@ def overrides(trial: str, head_dim: int):
                 hopper_dq.CONFIG["block_n"][hopper_forward.block_d(head_dim) or head_dim] = vals[0]
                 hopper_dq.CONFIG["stages"] = vals[1]
             elif name == "gdev":
-                hopper_backward.CONFIG["device_offsets"] = (64, 128)
-                hopper_dq.CONFIG["device_offsets"] = (64, 128)
+                hopper_backward.CONFIG["device_offsets"] = (64, 128, 256)
+                hopper_dq.CONFIG["device_offsets"] = (64, 128, 256)
+            elif name == "gwide":
+                hopper_backward.CONFIG["block_m"][256] = vals[0]
+                hopper_backward.CONFIG["stages_wide"] = vals[1]
             else:
                 raise SystemExit(f"unknown override {part!r}")
         forward._replays.clear()

@@ -7,7 +7,12 @@ import pytest
 import torch
 
 import attnhub
-from attnhub.backends.triton import hopper_backward, hopper_dq, hopper_forward
+from attnhub.backends.triton import (
+    hopper_backward,
+    hopper_dkdv_wide,
+    hopper_dq,
+    hopper_forward,
+)
 from attnhub.normalize import normalize
 
 
@@ -119,8 +124,11 @@ def test_replayed_argument_names_are_the_gluon_kernels_parameters():
     names = hopper_forward._hopper_fwd_kernel.arg_names
     assert names[:len(hopper_forward.REPLAY_ARGS)] == list(hopper_forward.REPLAY_ARGS)
     assert names[7:11] == ["TileSeq", "TileBlk", "Sinks", "Alibi"]
-    names = hopper_backward._hopper_dkdv_kernel.arg_names
-    assert names[:len(hopper_backward.REPLAY_ARGS)] == list(hopper_backward.REPLAY_ARGS)
+    for kernel, args in ((hopper_backward._hopper_dkdv_kernel, hopper_backward.REPLAY_ARGS),
+                         (hopper_dkdv_wide._hopper_dkdv_wide_kernel,
+                          hopper_dkdv_wide.REPLAY_ARGS)):
+        assert kernel.arg_names[:len(args)] == list(args)
+        assert kernel.arg_names[10:12] == ["TileSeq", "TileBlk"]
     names = hopper_dq._hopper_dq_kernel.arg_names  # REPLAY_ARGS in the tl dQ kernel's order
     assert sorted(names[:len(hopper_dq.REPLAY_ARGS)]) == sorted(hopper_dq.REPLAY_ARGS)
     assert names[9:11] == ["TileSeq", "TileBlk"]
@@ -135,7 +143,7 @@ def test_head_dims_the_gluon_forward_reads_padded():
                       192: 256, 248: 256, 256: 256, 264: None}
 
 
-@pytest.mark.parametrize("head_dim", [64, 96, 128])
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 192, 256])
 def test_gluon_backward_takes_device_offsets_at_the_widths_of_its_config(head_dim,
                                                                          monkeypatch):
     """Without host lengths (flash_attn's cu_seqlens tensors), the Gluon dK/dV and dQ serve

@@ -255,7 +255,7 @@ def _lengths(offsets: str, lengths_q, lengths_k) -> tuple:
 
 @pytest.mark.parametrize("offsets", ["host", "device"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [64, 128, 96, 80])  # the last two padded to 128
+@pytest.mark.parametrize("head_dim", [64, 128, 96, 80, 256, 192])  # 96, 80, 192 padded
 @pytest.mark.parametrize("case", range(len(BWD_CASES)))
 def test_gluon_dkdv_matches_tl_kernel_and_reference(dtype, head_dim, case, offsets,
                                                     gluon_dkdv_calls, gluon_dq_calls):
@@ -291,7 +291,7 @@ def test_gluon_dkdv_matches_tl_kernel_and_reference(dtype, head_dim, case, offse
 
 
 @pytest.mark.parametrize("offsets", ["host", "device"])
-@pytest.mark.parametrize("head_dim", [64, 128, 96])  # 96: padded to 128
+@pytest.mark.parametrize("head_dim", [64, 128, 96, 256, 192])  # 96, 192: padded
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_gluon_dq_serves_every_mask_and_device_offsets(case, head_dim, offsets,
                                                        gluon_dq_calls):

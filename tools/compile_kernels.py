@@ -156,6 +156,22 @@ def launch_all(sinks: bool) -> None:
         hopper_dq.dq(problem, q96, k96, k96, q96, lse96, lse96, q96.clone(), cu_q, cu_k,
                      (programs, cu_q, cu_q, True), 0.1)
         LABEL[0] = ""
+    if hopper_forward.available():  # the Gluon backward at width 256 (hopper_dkdv_wide)
+        for head_dim in (256, 192):
+            LABEL[0] = f" [causal d{head_dim}]"
+            qw = torch.randn(sum(lq), 8, head_dim, dtype=torch.float16, generator=g)
+            kw_ = torch.randn(sum(lk), 2, head_dim, dtype=torch.float16, generator=g)
+            problem, inputs = attnhub.normalize(qw, kw_, kw_, info_q, info_k, causal=True)
+            lsew = torch.empty(8, problem.total_q)
+            k_tiles = forward.launch_tiles(problem, inputs.cu_seqlens_k,
+                                           hopper_backward.block_n(head_dim), False)
+            hopper_backward.dkdv(problem, qw, kw_, kw_, qw, lsew, lsew, kw_.clone(),
+                                 kw_.clone(), inputs.cu_seqlens_q, inputs.cu_seqlens_k,
+                                 k_tiles, 0.1)
+            tiles = forward.launch_tiles(problem, inputs.cu_seqlens_q, hopper_dq.BLOCK_M, True)
+            hopper_dq.dq(problem, qw, kw_, kw_, qw, lsew, lsew, qw.clone(), inputs.cu_seqlens_q,
+                         inputs.cu_seqlens_k, tiles, 0.1)
+        LABEL[0] = ""
     if hopper_forward.available():  # the Gluon dQ without a causal mask, left window only
         q = torch.randn(sum(lq), 8, 128, dtype=torch.float16, generator=g)
         for label, features in (("full", {}), ("left window", {"window_size": (64, -1)})):

@@ -440,7 +440,8 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
     # (H200, docs/performance.md)
     if (gluon and problem.nheads_k and right >= 0
             and hopper_backward.supports(problem, q, k, v, dout, plain)):
-        k_tiles = launch_tiles(problem, cu_k, hopper_backward.BLOCK_N, False)
+        k_tiles = launch_tiles(problem, cu_k, hopper_backward.block_n(problem.head_dim),
+                               False)
         if k_tiles[0]:
             recorded = hopper_backward.dkdv(problem, q, k, v, dout, lse, delta, dk, dv, cu_q,
                                             cu_k, k_tiles, score_scalars(problem)[0],

@@ -1,7 +1,8 @@
 """Warp-specialised dK/dV kernel of the varlen backward for Hopper (sm_90), written in Gluon.
 
 Serves plain causal calls (no softcap, ALiBi, dropout or custom mask; head dim 64, or a
-multiple of 8 up to 128 read zero-padded to 128 as the forward reads it; fp16/bf16; host
+multiple of 8 up to 128 read zero-padded to 128 as the forward reads it, and through
+hopper_dkdv_wide.py the head dims 136-256 read at width 256; fp16/bf16; host
 lengths or device offsets; the right side of the mask bounded: causal or a right window;
 backward.py picks it, as it is slower than the tl kernel without a causal mask on the H200).
 One program per
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from . import hopper_forward
+from . import hopper_dkdv_wide, hopper_forward
 from .hopper_forward import descriptor, gluon, tma_rows
 
 if gluon is not None:
@@ -49,13 +50,14 @@ if gluon is not None:
         zero_rows_from,
     )
 
-BLOCK_N = 128  # key rows per program (two warpgroups of 64)
+BLOCK_N = 128  # key rows per program (two warpgroups of 64); width 256: hopper_dkdv_wide
 # (query block by head dim, stages, consumer registers, producer registers), from benchmarks
 # on an H200 (docs/performance.md); 64-row query blocks spill at head dim 128 (Triton 3.6).
-# device_offsets: the widths served without host lengths; at width 64 the tl backward was
-# the faster one there (H200, docs/performance.md v12), so such calls take it.
-CONFIG = {"block_m": {64: 64, 128: 32}, "stages": 3, "consumer_regs": 240, "producer_regs": 24,
-          "device_offsets": (128,)}
+# Width 256 runs hopper_dkdv_wide.py (stages_wide; 32-row query blocks spill 204 bytes
+# there, 16 none). device_offsets: the widths served without host lengths; at width 64 the
+# tl backward was the faster one there (H200, docs/performance.md v12), so such calls take it.
+CONFIG = {"block_m": {64: 64, 128: 32, 256: 16}, "stages": 3, "stages_wide": 4,
+          "consumer_regs": 240, "producer_regs": 24, "device_offsets": (128, 256)}
 
 if gluon is not None:
 
@@ -228,11 +230,16 @@ if gluon is not None:
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
+def block_n(head_dim: int) -> int:
+    """Key rows per program at ``head_dim``'s width (the launch's key tiles)."""
+    return hopper_dkdv_wide.BLOCK_N if hopper_forward.block_d(head_dim) == 256 else BLOCK_N
+
+
 def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
              plain: bool) -> bool:
     """Whether this kernel computes dK/dV of a call: the conditions of
-    hopper_forward.supports, a head dim read at a width of its own CONFIG (64 or 128: head
-    dims up to 128, the others zero-padded as the forward reads them), host lengths or a
+    hopper_forward.supports, a head dim read at a width of its own CONFIG (64, 128 or 256,
+    the others zero-padded as the forward reads them; 256: hopper_dkdv_wide), host lengths or a
     width of CONFIG["device_offsets"], and dO laid out like Q."""
     width = hopper_forward.block_d(problem.head_dim)
     return (width in CONFIG["block_m"]
@@ -254,6 +261,10 @@ def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
     for the descriptors."""
     d = problem.head_dim
     width = hopper_forward.block_d(d)
+    if width == hopper_dkdv_wide.WIDTH:
+        return hopper_dkdv_wide.dkdv(problem, q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q,
+                                     cu_seqlens_k, tiles, qk_scale, CONFIG, split=split,
+                                     record=record)
     left, right = problem.window
     block_m = CONFIG["block_m"][width]
     programs, tile_seq, tile_blk, device_tiles = tiles

@@ -55,8 +55,8 @@ BLOCK_M = 128  # query rows per program (two warpgroups of 64)
 # (key block by head dim, stages, consumer registers, producer registers): swept on an H200
 # (benchmarks/sweep_configs.py, docs/performance.md v11). device_offsets: the widths served
 # without host lengths (as hopper_backward's: at width 64 the tl backward is faster there).
-CONFIG = {"block_n": {64: 64, 128: 128}, "stages": 2, "consumer_regs": 240, "producer_regs": 24,
-          "device_offsets": (128,)}
+CONFIG = {"block_n": {64: 64, 128: 128, 256: 32}, "stages": 2, "consumer_regs": 240,
+          "producer_regs": 24, "device_offsets": (128, 256)}
 
 if gluon is not None:
 
@@ -204,8 +204,8 @@ def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: t
              plain: bool) -> bool:
     """Whether this kernel computes dQ of a call without sinks (backward.py checks them):
     the conditions of hopper_forward.supports (any mask), a head dim read at a width of
-    CONFIG (64 or 128: head dims up to 128, the others zero-padded as the forward reads
-    them), host lengths or a width of CONFIG["device_offsets"], and dO laid out like Q."""
+    CONFIG (64, 128 or 256, the others zero-padded as the forward reads them), host lengths
+    or a width of CONFIG["device_offsets"], and dO laid out like Q."""
     width = hopper_forward.block_d(problem.head_dim)
     return (width in CONFIG["block_n"]
             and (problem.lengths_known or width in CONFIG["device_offsets"])

@@ -1,0 +1,267 @@
+"""Warp-specialised dK/dV kernel for wide head dims (129-256), Hopper (sm_90), in Gluon.
+
+The narrow kernel (hopper_backward.py) gives each consumer warpgroup 64 keys and all of their
+dK/dV columns. At width 256 those two float32 accumulators alone would take 256 registers a
+thread. Here one program owns 64 keys, and its two consumer warpgroups split the columns:
+warpgroup w accumulates dK and dV columns [128 w, 128 w + 128), 128 registers a thread.
+
+Both warpgroups compute the whole S^T = K Q^T and dP^T = V dO^T over all 256 columns. That is
+1.5x the minimal matmul work, but the warpgroups never wait on each other. Every 256-wide
+row lives in shared memory as two 128-column halves: TMA boxes (rows, 1, 128) at columns 0
+and 128 of the (rows, heads, head_dim) tensors. TMA fills the columns past the head dim with
+zeros, so head dims 136-248 read as 256 with nothing copied.
+
+Serves the calls of hopper_backward.supports at width 256: plain, causal or right-bounded,
+one program per (key tile of 64 rows, kv head), looping over the group's query heads and the
+query blocks that see its keys (GQA reduced in registers; deterministic). Query rows past a
+sequence's end are zeroed in shared memory before use, as in the narrow kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .hopper_forward import descriptor, gluon
+
+if gluon is not None:
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+
+    from .hopper_forward import (
+        allocate_barrier,
+        allocate_ring,
+        allocate_rows,
+        in_window,
+        mma_layout,
+        operand_a_layout,
+        program_tile,
+        row_layout,
+        sequence_bounds,
+        zero_rows_from,
+    )
+
+WIDTH = 256  # the head-dim width read
+HALF = 128  # columns per half (one warpgroup's share of dK and dV)
+BLOCK_N = 64  # key rows per program (both warpgroups' rows)
+
+if gluon is not None:
+
+    @gluon.jit
+    def _produce(desc_q, desc_k, desc_v, desc_do, k_box, v_box, q_box, do_box, kv_bar, ready,
+                 empty, k_row, kvh, q_row, share, lo, n_blocks, GROUP: gl.constexpr,
+                 BLOCK_M: gl.constexpr, HALF: gl.constexpr, STAGES: gl.constexpr):
+        """Producer warp: both halves of K and V once, then both halves of Q and dO of every
+        (head, query block). Buffer 2 i + c holds half c of the i-th row block."""
+        mbarrier.expect(kv_bar, 4 * desc_k.block_type.nbytes)
+        for c in gl.static_range(2):
+            tma.async_copy_global_to_shared(desc_k, [k_row, kvh, c * HALF], kv_bar,
+                                            k_box.index(c))
+            tma.async_copy_global_to_shared(desc_v, [k_row, kvh, c * HALF], kv_bar,
+                                            v_box.index(c))
+        n = 0
+        for g in range(GROUP):
+            for i in range(n_blocks):
+                st = n % STAGES
+                use = n // STAGES
+                row = q_row + lo + i * BLOCK_M
+                head = share * GROUP + g
+                mbarrier.wait(empty.index(st), (use & 1) ^ 1, pred=use > 0)
+                mbarrier.expect(ready.index(st), 4 * desc_q.block_type.nbytes)
+                for c in gl.static_range(2):
+                    tma.async_copy_global_to_shared(desc_q, [row, head, c * HALF],
+                                                    ready.index(st), q_box.index(2 * st + c))
+                    tma.async_copy_global_to_shared(desc_do, [row, head, c * HALF],
+                                                    ready.index(st), do_box.index(2 * st + c))
+                n += 1
+
+    @gluon.jit
+    def _consume(k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, Lse, Delta, DK, DV,
+                 q_start, sq, k_start, sk, n0, offset, share, lo, n_blocks, full_lo, full_hi,
+                 qk_scale, sm_scale, window_left, window_right, total_q, stride_dkt,
+                 stride_dkh, stride_dvt, stride_dvh, WG: gl.constexpr, GROUP: gl.constexpr,
+                 HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 HALF: gl.constexpr, STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr,
+                 WINDOW_RIGHT: gl.constexpr):
+        """Consumer warpgroup WG: columns [HALF WG, + HALF) of dK and dV for the program's
+        64 key rows [n0, n0 + 64)."""
+        dtype: gl.constexpr = q_smem.dtype
+        S_LAYOUT: gl.constexpr = mma_layout(BLOCK_M)
+        G_LAYOUT: gl.constexpr = mma_layout(HALF)
+        A_LAYOUT: gl.constexpr = operand_a_layout(HALF)
+        COL_S: gl.constexpr = gl.SliceLayout(0, S_LAYOUT)
+        k0 = k_smem.index(0)
+        k1 = k_smem.index(1)
+        v0 = v_smem.index(0)
+        v1 = v_smem.index(1)
+        kj = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, S_LAYOUT))
+        s_init = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, S_LAYOUT)
+        dk = gl.zeros([BLOCK_N, HALF], gl.float32, G_LAYOUT)
+        dv = gl.zeros([BLOCK_N, HALF], gl.float32, G_LAYOUT)
+        mbarrier.wait(kv_bar, 0)
+        # the last query block crosses the sequence's end: its rows past it are zeroed
+        tail = sq - (lo + (n_blocks - 1) * BLOCK_M)
+        n = 0
+        for g in range(GROUP):
+            h = share * GROUP + g
+            for i in range(n_blocks):
+                st = n % STAGES
+                qs = lo + i * BLOCK_M
+                mbarrier.wait(ready.index(st), (n // STAGES) & 1)
+                if (i == n_blocks - 1) & (tail < BLOCK_M):
+                    # each warpgroup zeroes the rows itself (the same values: no handshake)
+                    for c in gl.static_range(2):
+                        zero_rows_from(q_smem.index(2 * st + c), tail, BLOCK_M, HALF)
+                        zero_rows_from(do_smem.index(2 * st + c), tail, BLOCK_M, HALF)
+                    fence_async_shared()
+                    gl.thread_barrier()
+                q0 = q_smem.index(2 * st)
+                q1 = q_smem.index(2 * st + 1)
+                do0 = do_smem.index(2 * st)
+                do1 = do_smem.index(2 * st + 1)
+                st_acc = warpgroup_mma(k0, q0.permute((1, 0)), s_init, use_acc=False,
+                                       is_async=True)
+                st_acc = warpgroup_mma(k1, q1.permute((1, 0)), st_acc, is_async=True)
+                dpt = warpgroup_mma(v0, do0.permute((1, 0)), s_init, use_acc=False,
+                                    is_async=True)
+                dpt = warpgroup_mma(v1, do1.permute((1, 0)), dpt, is_async=True)
+                qi = qs + gl.arange(0, BLOCK_M, layout=COL_S)
+                q_ok = qi < sq
+                lse = gl.load(Lse + h.to(gl.int64) * total_q + q_start + qi, mask=q_ok,
+                              other=0.0)
+                delta = gl.load(Delta + h.to(gl.int64) * total_q + q_start + qi, mask=q_ok,
+                                other=0.0)
+                lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+                s = warpgroup_mma_wait(num_outstanding=1, deps=(st_acc, ))
+                pt = gl.exp2(s * qk_scale - lse2[None, :])
+                if (qs < full_lo) | (qs + BLOCK_M > full_hi):
+                    visible = in_window(q_ok[None, :], qi[None, :] + offset - kj[:, None],
+                                        window_left, window_right, WINDOW_LEFT, WINDOW_RIGHT)
+                    pt = gl.where(visible, pt, 0.0)
+                do_half = do_smem.index(2 * st + WG)
+                dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), A_LAYOUT), do_half, dv,
+                                   is_async=True)
+                dp = warpgroup_mma_wait(num_outstanding=1, deps=(dpt, ))
+                dst = pt * (dp - delta[None, :])
+                q_half = q_smem.index(2 * st + WG)
+                dk = warpgroup_mma(gl.convert_layout(dst.to(dtype), A_LAYOUT), q_half, dk,
+                                   is_async=True)
+                dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ))
+                dv = warpgroup_mma_wait(num_outstanding=0, deps=(dv, ))
+                mbarrier.arrive(empty.index(st))
+                n += 1
+
+        OUT_LAYOUT: gl.constexpr = row_layout(HALF)
+        rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, OUT_LAYOUT))
+        cols = WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, OUT_LAYOUT))
+        ok = (rows < sk)[:, None] & (cols < HEAD_DIM)[None, :]
+        rows64 = (k_start + rows).to(gl.int64)[:, None]
+        dk_out = gl.convert_layout((dk * sm_scale).to(DK.dtype.element_ty), OUT_LAYOUT)
+        gl.store(DK + rows64 * stride_dkt + share * stride_dkh + cols[None, :], dk_out, mask=ok)
+        dv_out = gl.convert_layout(dv.to(DV.dtype.element_ty), OUT_LAYOUT)
+        gl.store(DV + rows64 * stride_dvt + share * stride_dvh + cols[None, :], dv_out, mask=ok)
+
+    @gluon.jit(do_not_specialize=["total_q", "batch"])
+    def _hopper_dkdv_wide_kernel(desc_q, desc_k, desc_v, desc_do, Lse, Delta, DK, DV, CuQ,
+                                 CuK, TileSeq, TileBlk, stride_dkt, stride_dkh, stride_dvt,
+                                 stride_dvh, total_q, batch, qk_scale, sm_scale, window_left,
+                                 window_right, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
+                                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                 HALF: gl.constexpr, STAGES: gl.constexpr,
+                                 CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                                 TOP_LEFT: gl.constexpr, WINDOW_LEFT: gl.constexpr,
+                                 WINDOW_RIGHT: gl.constexpr, SPLIT: gl.constexpr,
+                                 DEVICE_TILES: gl.constexpr):
+        # GROUP query heads per program: the SPLIT-th share of kv head kvh's (group_split.py)
+        share = gl.program_id(1)
+        kvh = share // SPLIT
+        b, blk = program_tile(CuK, TileSeq, TileBlk, batch, gl.program_id(0), BLOCK_N,
+                              DEVICE_TILES)
+        if DEVICE_TILES:  # noqa: SIM102 (a constexpr branch: host tiles have no extra programs)
+            if b >= batch:
+                return
+        n0 = blk * BLOCK_N
+        q_start, sq, k_start, sk, offset = sequence_bounds(CuQ, CuK, b, TOP_LEFT)
+
+        # query rows [lo, hi) that see keys [n0, n0 + BLOCK_N); [full_lo, full_hi): the rows
+        # that see all of them (as in hopper_backward._hopper_dkdv_kernel)
+        lo = sq * 0
+        hi = sq
+        full_lo = sq * 0
+        full_hi = sq
+        if WINDOW_RIGHT:
+            lo = gl.maximum(0, n0 - offset - window_right) // BLOCK_M * BLOCK_M
+            full_lo = gl.maximum(n0 + BLOCK_N - 1 - offset - window_right, 0)
+        if WINDOW_LEFT:
+            hi = gl.minimum(sq, n0 + BLOCK_N - offset + window_left)
+            full_hi = gl.minimum(sq, gl.maximum(n0 - offset + window_left + 1, 0))
+        n_blocks = (gl.maximum(hi - lo, 0) + BLOCK_M - 1) // BLOCK_M
+
+        k_smem, k_box = allocate_rows(desc_k, [2, BLOCK_N, HALF], True)
+        v_smem, v_box = allocate_rows(desc_v, [2, BLOCK_N, HALF], True)
+        q_smem, q_box = allocate_rows(desc_q, [2 * STAGES, BLOCK_M, HALF], True)
+        do_smem, do_box = allocate_rows(desc_do, [2 * STAGES, BLOCK_M, HALF], True)
+        kv_bar = allocate_barrier(1)
+        ready, empty = allocate_ring(STAGES)
+        fence_async_shared()
+
+        gl.warp_specialize([
+            (_consume, (k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, Lse, Delta,
+                        DK, DV, q_start, sq, k_start, sk, n0, offset, share, lo, n_blocks,
+                        full_lo, full_hi, qk_scale, sm_scale, window_left, window_right,
+                        total_q, stride_dkt, stride_dkh, stride_dvt, stride_dvh, 0, GROUP,
+                        HEAD_DIM, BLOCK_M, BLOCK_N, HALF, STAGES, WINDOW_LEFT,
+                        WINDOW_RIGHT)),
+            (_consume, (k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, Lse, Delta,
+                        DK, DV, q_start, sq, k_start, sk, n0, offset, share, lo, n_blocks,
+                        full_lo, full_hi, qk_scale, sm_scale, window_left, window_right,
+                        total_q, stride_dkt, stride_dkh, stride_dvt, stride_dvh, 1, GROUP,
+                        HEAD_DIM, BLOCK_M, BLOCK_N, HALF, STAGES, WINDOW_LEFT,
+                        WINDOW_RIGHT)),
+            (_produce, (desc_q, desc_k, desc_v, desc_do, k_box, v_box, q_box, do_box,
+                        kv_bar, ready, empty, k_start + n0, kvh, q_start, share, lo,
+                        n_blocks, GROUP, BLOCK_M, HALF, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
+         lse: torch.Tensor, delta: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+         cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+         tiles: tuple[int, torch.Tensor, torch.Tensor, bool], qk_scale: float,
+         config: dict, *, split: int = 1, record: bool = False):
+    """hopper_backward.dkdv at width 256: writes ``dk`` and ``dv`` (total_k, nheads_k, d)
+    over key tiles of BLOCK_N (64) rows; ``config``: hopper_backward.CONFIG (its block_m
+    and stages at width 256, its register split)."""
+    d = problem.head_dim
+    left, right = problem.window
+    block_m = config["block_m"][WIDTH]
+    programs, tile_seq, tile_blk, device_tiles = tiles
+    grid = (programs, problem.nheads_k * split)
+    descriptors = (descriptor(q, d, block_m, HALF), descriptor(k, d, BLOCK_N, HALF),
+                   descriptor(v, d, BLOCK_N, HALF), descriptor(dout, d, block_m, HALF))
+    args = (*descriptors, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
+            tile_seq, tile_blk, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            problem.total_q, problem.batch, qk_scale, problem.scale, left, right)
+    kwargs = dict(
+        GROUP=problem.group_size // split, SPLIT=split, HEAD_DIM=d, BLOCK_M=block_m,
+        BLOCK_N=BLOCK_N, HALF=HALF,
+        STAGES=config["stages_wide"], CONSUMER_REGS=config["consumer_regs"],
+        PRODUCER_REGS=config["producer_regs"], TOP_LEFT=problem.mask_alignment == "top_left",
+        WINDOW_LEFT=left >= 0, WINDOW_RIGHT=right >= 0, DEVICE_TILES=device_tiles,
+        num_warps=4)
+    if record:
+        from .replay import LaunchRecord
+
+        return LaunchRecord.launch(_hopper_dkdv_wide_kernel, grid, args, kwargs, REPLAY_ARGS)
+    _hopper_dkdv_wide_kernel[grid](*args, **kwargs)
+    return None
+
+
+# The arguments a replay of the kernel's launch replaces (replay.LaunchRecord), as the
+# narrow kernel's.
+REPLAY_ARGS = ("desc_q", "desc_k", "desc_v", "desc_do", "Lse", "Delta", "DK", "DV", "CuQ", "CuK")
