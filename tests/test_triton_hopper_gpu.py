@@ -173,11 +173,13 @@ def test_gluon_padded_head_dim_reads_no_other_head(head_dim, gluon_calls):
     assert out[:, group:2 * group].isnan().all()
 
 
-def test_gluon_padded_backward_reads_no_other_head(gluon_dkdv_calls, gluon_dq_calls):
-    """Head dim 96 read as 128 in the Gluon dK/dV and dQ: NaN in the query heads, output
-    gradients, keys and values of kv head 1 change no gradient of kv head 0's heads."""
+@pytest.mark.parametrize("head_dim", [96, 192])
+def test_gluon_padded_backward_reads_no_other_head(head_dim, gluon_dkdv_calls, gluon_dq_calls):
+    """Head dims 96 and 192 read as 128 and 256 in the Gluon dK/dV (192: as two 128-column
+    halves) and dQ: NaN in the query heads, output gradients, keys and values of kv head 1
+    change no gradient of kv head 0's heads."""
     lengths = [300, 77, 130]
-    q, k, v = _inputs(lengths, lengths, torch.bfloat16, 96, seed=6)
+    q, k, v = _inputs(lengths, lengths, torch.bfloat16, head_dim, seed=6)
     dout = torch.randn_like(q)
     info = attnhub.VarlenInfo.from_lengths(lengths, "cuda")
     group = q.shape[1] // k.shape[1]
