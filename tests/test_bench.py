@@ -315,8 +315,8 @@ def test_torch_varlen_attn_direct_runs_torch_autograd(monkeypatch):
         return query * (key.repeat_interleave(group, 1).mean(0) + value.mean())
 
     monkeypatch.setattr(varlen, "varlen_attn", varlen_attn)
-    kernel = next(d for d in direct.direct_kernels_for(["torch-flash"]) if d.name)
-    assert kernel.label == "torch varlen_attn (direct)"
+    kernel = next(d for d in direct.direct_kernels_for(["torch-flash"])
+                  if d.label == "torch varlen_attn (direct)")
     assert direct.direct_kernels_for(["torch-flash"])[0].label == "torch-flash (direct)"
     x = _inputs(True, window=(4, 0))
     grads = kernel.build(x, True)()       # through torch's autograd
@@ -338,6 +338,40 @@ def test_torch_varlen_attn_direct_runs_torch_autograd(monkeypatch):
     assert kernel.unsupported(_cell(nheads_k=4)) is None
     monkeypatch.delattr(varlen, "varlen_attn")
     assert "has no torch.nn.attention.varlen.varlen_attn" in kernel.unsupported(_cell())
+
+
+def test_torch_flash_aten_autograd_runs_the_ops_autograd_node(monkeypatch):
+    """The third torch-flash anchor: the aten forward on the leaves that require grad, its
+    gradient from torch's autograd (the op's own node on a GPU; here a differentiable
+    stand-in); timed forward+backward only, the forward being the explicit call's."""
+    from attnhub.backends.cuda import torch_flash
+    from attnhub.bench.runner import _Impl, _prepare
+
+    seen = {}
+
+    def fake_forward(q, k, v, cu_q, cu_k, max_q, max_k, p, causal, probs, **kw):
+        seen.update(grad=(q.requires_grad, k.requires_grad, v.requires_grad), causal=causal,
+                    probs=probs, kw=kw)
+        group = q.shape[1] // k.shape[1]
+        out = q * (k.repeat_interleave(group, 1).mean(0) + v.mean())
+        return out, None, None, None, None
+
+    monkeypatch.setattr(torch_flash, "aten_forward", fake_forward)
+    kernel = next(d for d in direct.direct_kernels_for(["torch-flash"])
+                  if d.label == "torch-flash aten (autograd)")
+    x = _inputs(True, window=(4, 0))
+    grads = kernel.build(x, True)()
+    assert [g.shape for g in grads] == [x.q.shape, x.k.shape, x.v.shape]
+    assert all(g.abs().sum() > 0 for g in grads)
+    assert seen == {"grad": (True, True, True), "causal": True, "probs": False,
+                    "kw": {"scale": 16 ** -0.5, "window_size_left": 4,
+                           "window_size_right": 0}}
+    assert kernel.unsupported(_cell(softcap=5.0)) == "the direct call takes no softcap"
+    impl = _Impl(kernel.label, kernel.backend, kernel.build, kernel)
+    m, run = _prepare(_cell(), "fwd", impl, _inputs(False), {"torch-flash": []}, None)
+    assert run is None and m.reason == "timed in fwd+bwd only"
+    m, run = _prepare(_cell(), "fwd+bwd", impl, _inputs(True), {"torch-flash": []}, None)
+    assert run is not None and m.reason == ""
 
 
 def test_fa4_direct_passes_none_for_unbounded_window_sides(monkeypatch):

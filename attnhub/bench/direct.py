@@ -1,9 +1,10 @@
 """External kernels called directly, without attnhub, to measure attnhub's overhead.
 
 Each entry pairs an attnhub backend with the kernel it wraps: torch's bundled
-FlashAttention-2 twice (the aten op, forward and backward called explicitly, as a framework
-would, with no autograd; and torch's public ``torch.nn.attention.varlen.varlen_attn``, through
-autograd as a PyTorch user calls it), flash_attn 2.8's ``flash_attn_varlen_func``, FA3's
+FlashAttention-2 three times (the aten op, forward and backward called explicitly, as a
+framework would, with no autograd; the same aten op through torch's autograd, forward+backward
+only; and torch's public ``torch.nn.attention.varlen.varlen_attn``, through autograd as a
+PyTorch user calls it), flash_attn 2.8's ``flash_attn_varlen_func``, FA3's
 ``flash_attn_interface`` and FA4's ``flash_attn.cute.flash_attn_varlen_func`` (their own
 autograd functions). A direct kernel is
 measured only on cells its attnhub backend can run (the backend's reasons apply to it too)
@@ -31,13 +32,15 @@ class DirectKernel:
     attnhub backend that wraps the same kernel; ``lacks``: cell features the direct call
     cannot take (``softcap``, ``alibi``, ``paged``); ``build(inputs, backward)``: a
     zero-argument callable running one forward (and backward); ``why_not(cell)``: what else
-    the installed version of the call cannot express, or None."""
+    the installed version of the call cannot express, or None; ``modes``: the bench modes it
+    is timed in."""
 
     backend: str
     lacks: frozenset[str]
     build: Callable[[CellInputs, bool], Runner]
     name: str | None = None
     why_not: Callable[[Cell], str | None] | None = None
+    modes: frozenset[str] = frozenset({"fwd", "fwd+bwd"})
 
     @property
     def label(self) -> str:
@@ -93,6 +96,28 @@ def _torch_flash(x: CellInputs, backward: bool) -> Runner:
         return bwd(x.dout, q, k, v, out, lse, *args, seed, offset, scale=x.scale, **window)
 
     return run
+
+
+def _torch_flash_autograd(x: CellInputs, backward: bool) -> Runner:
+    """torch.ops.aten._flash_attention_forward on the leaves, its gradient from the autograd
+    node torch registers for it (FlashAttentionBackward0): what a PyTorch user calling the
+    aten op with inputs that require grad pays, the autograd engine included. Timed
+    forward+backward only (its forward is the explicit call's)."""
+    from ..backends.cuda import torch_flash
+
+    fwd = torch_flash.aten_forward
+    cell = x.cell
+    left, right = _window(cell)
+    window = ({} if cell.window is None
+              else {"window_size_left": left, "window_size_right": right})
+    args = (x.cu_q, x.cu_k, x.max_q, x.max_k, 0.0, cell.causal, False)
+
+    def forward() -> torch.Tensor:
+        return fwd(x.q, x.k, x.v, *args, scale=x.scale, **window)[0]
+
+    if not backward:
+        return forward
+    return lambda: _grad(forward(), x)
 
 
 def _varlen_attn() -> Callable | None:
@@ -172,6 +197,8 @@ def _flash_attn_style(module: str, window_none: bool) -> Callable[[CellInputs, b
 
 DIRECT_KERNELS: tuple[DirectKernel, ...] = (
     DirectKernel("torch-flash", frozenset({"softcap", "alibi", "paged"}), _torch_flash),
+    DirectKernel("torch-flash", frozenset({"softcap", "alibi", "paged"}), _torch_flash_autograd,
+                 name="torch-flash aten (autograd)", modes=frozenset({"fwd+bwd"})),
     DirectKernel("torch-flash", frozenset({"softcap", "alibi", "paged"}), _torch_varlen_attn,
                  name="torch varlen_attn (direct)", why_not=_varlen_attn_why_not),
     DirectKernel("flash-attn", frozenset(), _flash_attn_style("flash_attn", False)),

@@ -148,6 +148,8 @@ def _prepare(cell: Cell, mode: str, impl: _Impl, x: CellInputs,
             return m, None
     if impl.direct is not None:
         lacking = impl.direct.unsupported(cell)
+        if mode not in impl.direct.modes:
+            lacking = f"timed in {', '.join(sorted(impl.direct.modes))} only"
         if lacking:
             m.reason = lacking
             return m, None
