@@ -15,8 +15,8 @@ Each trial is a '+'-joined list of overrides (an empty trial: the shipped settin
 * ``gdq:BN:S``        the Gluon dQ kernel: BN keys per block, S stages
 * ``gdev``            the Gluon dK/dV and dQ serve device offsets at every width (shipped:
   CONFIG["device_offsets"]); with ``--offsets tensors``
-* ``gwide:BM:S``      the Gluon dK/dV at width 256 (hopper_dkdv_wide.py): BM query rows per
-  block, S stages
+* ``gwide:BM:S:X``    the Gluon dK/dV at width 256 (hopper_dkdv_wide.py): BM query rows per
+  block, S stages, X 1 for the exchange variant, 0 for the redundant one
 
     python benchmarks/sweep_configs.py --cells d192,d256 --mode fwd+bwd \
         --trials "" "dkdv:32:32:4:1" "dkdv:64:32:8:1+dq:64:32:8:1"
@@ -98,6 +98,7 @@ def overrides(trial: str, head_dim: int):
             elif name == "gwide":
                 hopper_backward.CONFIG["block_m"][256] = vals[0]
                 hopper_backward.CONFIG["stages_wide"] = vals[1]
+                hopper_backward.CONFIG["exchange_wide"] = bool(vals[2])
             else:
                 raise SystemExit(f"unknown override {part!r}")
         forward._replays.clear()

@@ -5,8 +5,16 @@ dK/dV columns. At width 256 those two float32 accumulators alone would take 256 
 thread. Here one program owns 64 keys, and its two consumer warpgroups split the columns:
 warpgroup w accumulates dK and dV columns [128 w, 128 w + 128), 128 registers a thread.
 
-Both warpgroups compute the whole S^T = K Q^T and dP^T = V dO^T over all 256 columns. That is
-1.5x the minimal matmul work, but the warpgroups never wait on each other. Every 256-wide
+Two variants (constexpr EXCHANGE, hopper_backward.CONFIG["exchange_wide"]):
+
+* exchange: warpgroup 0 computes S^T = K Q^T and P^T, warpgroup 1 dP^T = V dO^T and dS^T,
+  each over all 256 columns. They pass P^T and dS^T through shared memory, per stage of the
+  Q/dO ring, with one mbarrier each way. This is the minimal matmul work.
+* redundant: both warpgroups compute the whole S^T and dP^T. That is 1.5x the matmul work,
+  but the warpgroups never wait on each other. It spills at 32-row query blocks (Triton 3.6)
+  and so runs 16-row blocks, half as wide for the S^T / dP^T wgmma.
+
+Every 256-wide
 row lives in shared memory as two 128-column halves: TMA boxes (rows, 1, 128) at columns 0
 and 128 of the (rows, heads, head_dim) tensors. TMA fills the columns past the head dim with
 zeros, so head dims 136-248 read as 256 with nothing copied.
@@ -156,6 +164,23 @@ if gluon is not None:
                 mbarrier.arrive(empty.index(st))
                 n += 1
 
+        _store_half(dk, dv, DK, DV, k_start, sk, n0, share, sm_scale, stride_dkt, stride_dkh,
+                    stride_dvt, stride_dvh, WG, HEAD_DIM, BLOCK_N, HALF)
+
+    @gluon.jit
+    def _allocate_signals(STAGES: gl.constexpr):
+        """STAGES mbarriers, each completed by one warpgroup's arrival."""
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        return bars
+
+    @gluon.jit
+    def _store_half(dk, dv, DK, DV, k_start, sk, n0, share, sm_scale, stride_dkt, stride_dkh,
+                    stride_dvt, stride_dvh, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
+                    BLOCK_N: gl.constexpr, HALF: gl.constexpr):
+        """Writes warpgroup WG's columns of dK (scaled) and dV for key rows [n0, + BLOCK_N)
+        below sk, columns below HEAD_DIM."""
         OUT_LAYOUT: gl.constexpr = row_layout(HALF)
         rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, OUT_LAYOUT))
         cols = WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, OUT_LAYOUT))
@@ -165,6 +190,108 @@ if gluon is not None:
         gl.store(DK + rows64 * stride_dkt + share * stride_dkh + cols[None, :], dk_out, mask=ok)
         dv_out = gl.convert_layout(dv.to(DV.dtype.element_ty), OUT_LAYOUT)
         gl.store(DV + rows64 * stride_dvt + share * stride_dvh + cols[None, :], dv_out, mask=ok)
+
+    @gluon.jit
+    def _consume_exchange(k_smem, v_smem, q_smem, do_smem, pf_smem, pb_smem, ds_smem, kv_bar,
+                          ready, empty, p_ready, ds_ready, Lse, Delta, DK, DV, q_start, sq,
+                          k_start, sk, n0, offset, share, lo, n_blocks, full_lo, full_hi,
+                          qk_scale, sm_scale, window_left, window_right, total_q, stride_dkt,
+                          stride_dkh, stride_dvt, stride_dvh, WG: gl.constexpr,
+                          GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                          BLOCK_N: gl.constexpr, HALF: gl.constexpr, STAGES: gl.constexpr,
+                          WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
+        """Consumer warpgroup WG of the exchange variant: columns [HALF WG, + HALF) of dK
+        and dV. Warpgroup 0 computes S^T and P^T, warpgroup 1 dP^T and dS^T, each over all
+        columns; they pass P^T (float32 for dS^T, and in the input dtype as the dV operand)
+        and dS^T through shared memory buffers of the ring's stage (p_ready / ds_ready: the
+        ring's empty barrier already waits for both before a stage is refilled)."""
+        dtype: gl.constexpr = q_smem.dtype
+        S_LAYOUT: gl.constexpr = mma_layout(BLOCK_M)
+        G_LAYOUT: gl.constexpr = mma_layout(HALF)
+        A_LAYOUT: gl.constexpr = operand_a_layout(HALF)
+        COL_S: gl.constexpr = gl.SliceLayout(0, S_LAYOUT)
+        if WG == 0:
+            a0 = k_smem.index(0)
+            a1 = k_smem.index(1)
+        else:
+            a0 = v_smem.index(0)
+            a1 = v_smem.index(1)
+        kj = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, S_LAYOUT))
+        s_init = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, S_LAYOUT)
+        dk = gl.zeros([BLOCK_N, HALF], gl.float32, G_LAYOUT)
+        dv = gl.zeros([BLOCK_N, HALF], gl.float32, G_LAYOUT)
+        mbarrier.wait(kv_bar, 0)
+        tail = sq - (lo + (n_blocks - 1) * BLOCK_M)
+        n = 0
+        for g in range(GROUP):
+            h = share * GROUP + g
+            for i in range(n_blocks):
+                st = n % STAGES
+                phase = (n // STAGES) & 1
+                qs = lo + i * BLOCK_M
+                mbarrier.wait(ready.index(st), phase)
+                if (i == n_blocks - 1) & (tail < BLOCK_M):
+                    for c in gl.static_range(2):
+                        zero_rows_from(q_smem.index(2 * st + c), tail, BLOCK_M, HALF)
+                        zero_rows_from(do_smem.index(2 * st + c), tail, BLOCK_M, HALF)
+                    fence_async_shared()
+                    gl.thread_barrier()
+                if WG == 0:  # S^T = K Q^T
+                    b0 = q_smem.index(2 * st)
+                    b1 = q_smem.index(2 * st + 1)
+                else:  # dP^T = V dO^T
+                    b0 = do_smem.index(2 * st)
+                    b1 = do_smem.index(2 * st + 1)
+                acc = warpgroup_mma(a0, b0.permute((1, 0)), s_init, use_acc=False,
+                                    is_async=True)
+                acc = warpgroup_mma(a1, b1.permute((1, 0)), acc, is_async=True)
+                qi = qs + gl.arange(0, BLOCK_M, layout=COL_S)
+                q_ok = qi < sq
+                q_half = q_smem.index(2 * st + WG)
+                do_half = do_smem.index(2 * st + WG)
+                if WG == 0:
+                    lse = gl.load(Lse + h.to(gl.int64) * total_q + q_start + qi, mask=q_ok,
+                                  other=0.0)
+                    lse2 = gl.where(lse == float("-inf"), float("inf"),
+                                    lse * 1.4426950408889634)
+                    s = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                    pt = gl.exp2(s * qk_scale - lse2[None, :])
+                    if (qs < full_lo) | (qs + BLOCK_M > full_hi):
+                        visible = in_window(q_ok[None, :], qi[None, :] + offset - kj[:, None],
+                                            window_left, window_right, WINDOW_LEFT,
+                                            WINDOW_RIGHT)
+                        pt = gl.where(visible, pt, 0.0)
+                    pt_in = pt.to(dtype)
+                    pf_smem.index(st).store(pt)
+                    pb_smem.index(st).store(pt_in)
+                    fence_async_shared()
+                    gl.thread_barrier()
+                    mbarrier.arrive(p_ready.index(st))
+                    dv = warpgroup_mma(gl.convert_layout(pt_in, A_LAYOUT), do_half, dv,
+                                       is_async=True)
+                    mbarrier.wait(ds_ready.index(st), phase)
+                    dk = warpgroup_mma(ds_smem.index(st), q_half, dk, is_async=True)
+                else:
+                    delta = gl.load(Delta + h.to(gl.int64) * total_q + q_start + qi,
+                                    mask=q_ok, other=0.0)
+                    dp = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                    mbarrier.wait(p_ready.index(st), phase)
+                    pt = pf_smem.index(st).load(S_LAYOUT)
+                    dst_in = (pt * (dp - delta[None, :])).to(dtype)
+                    ds_smem.index(st).store(dst_in)
+                    fence_async_shared()
+                    gl.thread_barrier()
+                    mbarrier.arrive(ds_ready.index(st))
+                    dk = warpgroup_mma(gl.convert_layout(dst_in, A_LAYOUT), q_half, dk,
+                                       is_async=True)
+                    dv = warpgroup_mma(pb_smem.index(st), do_half, dv, is_async=True)
+                dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ))
+                dv = warpgroup_mma_wait(num_outstanding=0, deps=(dv, ))
+                mbarrier.arrive(empty.index(st))
+                n += 1
+
+        _store_half(dk, dv, DK, DV, k_start, sk, n0, share, sm_scale, stride_dkt, stride_dkh,
+                    stride_dvt, stride_dvh, WG, HEAD_DIM, BLOCK_N, HALF)
 
     @gluon.jit(do_not_specialize=["total_q", "batch"])
     def _hopper_dkdv_wide_kernel(desc_q, desc_k, desc_v, desc_do, Lse, Delta, DK, DV, CuQ,
@@ -176,7 +303,7 @@ if gluon is not None:
                                  CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                                  TOP_LEFT: gl.constexpr, WINDOW_LEFT: gl.constexpr,
                                  WINDOW_RIGHT: gl.constexpr, SPLIT: gl.constexpr,
-                                 DEVICE_TILES: gl.constexpr):
+                                 DEVICE_TILES: gl.constexpr, EXCHANGE: gl.constexpr):
         # GROUP query heads per program: the SPLIT-th share of kv head kvh's (group_split.py)
         share = gl.program_id(1)
         kvh = share // SPLIT
@@ -210,23 +337,58 @@ if gluon is not None:
         ready, empty = allocate_ring(STAGES)
         fence_async_shared()
 
-        gl.warp_specialize([
-            (_consume, (k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, Lse, Delta,
-                        DK, DV, q_start, sq, k_start, sk, n0, offset, share, lo, n_blocks,
-                        full_lo, full_hi, qk_scale, sm_scale, window_left, window_right,
-                        total_q, stride_dkt, stride_dkh, stride_dvt, stride_dvh, 0, GROUP,
-                        HEAD_DIM, BLOCK_M, BLOCK_N, HALF, STAGES, WINDOW_LEFT,
-                        WINDOW_RIGHT)),
-            (_consume, (k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, Lse, Delta,
-                        DK, DV, q_start, sq, k_start, sk, n0, offset, share, lo, n_blocks,
-                        full_lo, full_hi, qk_scale, sm_scale, window_left, window_right,
-                        total_q, stride_dkt, stride_dkh, stride_dvt, stride_dvh, 1, GROUP,
-                        HEAD_DIM, BLOCK_M, BLOCK_N, HALF, STAGES, WINDOW_LEFT,
-                        WINDOW_RIGHT)),
-            (_produce, (desc_q, desc_k, desc_v, desc_do, k_box, v_box, q_box, do_box,
-                        kv_bar, ready, empty, k_start + n0, kvh, q_start, share, lo,
-                        n_blocks, GROUP, BLOCK_M, HALF, STAGES)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        if EXCHANGE:
+            EX_LAYOUT: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M],
+                                                                          desc_q.dtype)
+            F_LAYOUT: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+            pf_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N, BLOCK_M],
+                                                F_LAYOUT)
+            pb_smem = gl.allocate_shared_memory(desc_q.dtype, [STAGES, BLOCK_N, BLOCK_M],
+                                                EX_LAYOUT)
+            ds_smem = gl.allocate_shared_memory(desc_q.dtype, [STAGES, BLOCK_N, BLOCK_M],
+                                                EX_LAYOUT)
+            p_ready = _allocate_signals(STAGES)  # warpgroup 0's P^T per stage
+            ds_ready = _allocate_signals(STAGES)  # warpgroup 1's dS^T per stage
+            fence_async_shared()
+            gl.warp_specialize([
+                (_consume_exchange, (k_smem, v_smem, q_smem, do_smem, pf_smem, pb_smem, ds_smem,
+                                     kv_bar, ready, empty, p_ready, ds_ready, Lse, Delta, DK,
+                                     DV, q_start, sq, k_start, sk, n0, offset, share, lo,
+                                     n_blocks, full_lo, full_hi, qk_scale, sm_scale,
+                                     window_left, window_right, total_q, stride_dkt,
+                                     stride_dkh, stride_dvt, stride_dvh, 0, GROUP, HEAD_DIM,
+                                     BLOCK_M, BLOCK_N, HALF, STAGES, WINDOW_LEFT,
+                                     WINDOW_RIGHT)),
+                (_consume_exchange, (k_smem, v_smem, q_smem, do_smem, pf_smem, pb_smem, ds_smem,
+                                     kv_bar, ready, empty, p_ready, ds_ready, Lse, Delta, DK,
+                                     DV, q_start, sq, k_start, sk, n0, offset, share, lo,
+                                     n_blocks, full_lo, full_hi, qk_scale, sm_scale,
+                                     window_left, window_right, total_q, stride_dkt,
+                                     stride_dkh, stride_dvt, stride_dvh, 1, GROUP, HEAD_DIM,
+                                     BLOCK_M, BLOCK_N, HALF, STAGES, WINDOW_LEFT,
+                                     WINDOW_RIGHT)),
+                (_produce, (desc_q, desc_k, desc_v, desc_do, k_box, v_box, q_box, do_box,
+                            kv_bar, ready, empty, k_start + n0, kvh, q_start, share, lo,
+                            n_blocks, GROUP, BLOCK_M, HALF, STAGES)),
+            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        else:
+            gl.warp_specialize([
+                (_consume, (k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, Lse, Delta,
+                            DK, DV, q_start, sq, k_start, sk, n0, offset, share, lo, n_blocks,
+                            full_lo, full_hi, qk_scale, sm_scale, window_left, window_right,
+                            total_q, stride_dkt, stride_dkh, stride_dvt, stride_dvh, 0, GROUP,
+                            HEAD_DIM, BLOCK_M, BLOCK_N, HALF, STAGES, WINDOW_LEFT,
+                            WINDOW_RIGHT)),
+                (_consume, (k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, Lse, Delta,
+                            DK, DV, q_start, sq, k_start, sk, n0, offset, share, lo, n_blocks,
+                            full_lo, full_hi, qk_scale, sm_scale, window_left, window_right,
+                            total_q, stride_dkt, stride_dkh, stride_dvt, stride_dvh, 1, GROUP,
+                            HEAD_DIM, BLOCK_M, BLOCK_N, HALF, STAGES, WINDOW_LEFT,
+                            WINDOW_RIGHT)),
+                (_produce, (desc_q, desc_k, desc_v, desc_do, k_box, v_box, q_box, do_box,
+                            kv_bar, ready, empty, k_start + n0, kvh, q_start, share, lo,
+                            n_blocks, GROUP, BLOCK_M, HALF, STAGES)),
+            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
@@ -253,7 +415,7 @@ def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
         STAGES=config["stages_wide"], CONSUMER_REGS=config["consumer_regs"],
         PRODUCER_REGS=config["producer_regs"], TOP_LEFT=problem.mask_alignment == "top_left",
         WINDOW_LEFT=left >= 0, WINDOW_RIGHT=right >= 0, DEVICE_TILES=device_tiles,
-        num_warps=4)
+        EXCHANGE=config["exchange_wide"], num_warps=4)
     if record:
         from .replay import LaunchRecord
 
