@@ -15,6 +15,8 @@ Each trial is a '+'-joined list of overrides (an empty trial: the shipped settin
 * ``gdq:BN:S``        the Gluon dQ kernel: BN keys per block, S stages
 * ``gdev``            the Gluon dK/dV and dQ serve device offsets at every width (shipped:
   CONFIG["device_offsets"]); with ``--offsets tensors``
+* ``gdkdv:BM:S``      the Gluon dK/dV at the cell's width (64 or 128): BM query rows per
+  block, S stages
 * ``gwide:BM:S:X``    the Gluon dK/dV at width 256 (hopper_dkdv_wide.py): BM query rows per
   block, S stages, X 1 for the exchange variant, 0 for the redundant one
 
@@ -95,6 +97,9 @@ def overrides(trial: str, head_dim: int):
             elif name == "gdev":
                 hopper_backward.CONFIG["device_offsets"] = (64, 128, 256)
                 hopper_dq.CONFIG["device_offsets"] = (64, 128, 256)
+            elif name == "gdkdv":
+                hopper_backward.CONFIG["block_m"][hopper_forward.block_d(head_dim)] = vals[0]
+                hopper_backward.CONFIG["stages"] = vals[1]
             elif name == "gwide":
                 hopper_backward.CONFIG["block_m"][256] = vals[0]
                 hopper_backward.CONFIG["stages_wide"] = vals[1]
