@@ -46,6 +46,7 @@ if gluon is not None:
         mma_layout,
         operand_a_layout,
         program_tile,
+        release_blocks,
         row_layout,
         sequence_bounds,
         zero_rows_from,
@@ -110,7 +111,9 @@ if gluon is not None:
         dq = gl.zeros([ROWS, BLOCK_D], gl.float32, G_LAYOUT)
         mbarrier.wait(q_bar, 0)
         tail = sk - (lo + (n_blocks - 1) * BLOCK_N)
-        for j in range(n_blocks):
+        # warpgroup 1 with no rows in the sequence (short sequences) skips the work
+        n_mine = gl.where(r0 < sq, n_blocks, 0)
+        for j in range(n_mine):
             st = j % STAGES
             ks = lo + j * BLOCK_N
             mbarrier.wait(ready.index(st), (j // STAGES) & 1)
@@ -140,6 +143,8 @@ if gluon is not None:
                                is_async=True)
             dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ))
             mbarrier.arrive(empty.index(st))
+
+        release_blocks(ready, empty, n_mine, n_blocks, STAGES)
 
         OUT_LAYOUT: gl.constexpr = row_layout(BLOCK_D)
         out = gl.convert_layout((dq * sm_scale).to(DQ.dtype.element_ty), OUT_LAYOUT)

@@ -173,6 +173,16 @@ if gluon is not None:
         return lo, n_blocks, full_lo, full_hi
 
     @gluon.jit
+    def release_blocks(ready, empty, start, stop, STAGES: gl.constexpr):
+        """Ring uses [start, stop) released unread, by a consumer warpgroup with no rows of
+        its own in the sequence: each is waited for first, so that its arrivals stay in step
+        with the other warpgroup's (an early arrival would count toward an earlier use)."""
+        for n in range(start, stop):
+            st = n % STAGES
+            mbarrier.wait(ready.index(st), (n // STAGES) & 1)
+            mbarrier.arrive(empty.index(st))
+
+    @gluon.jit
     def query_range(n0, sq, offset, window_left, window_right, BLOCK_M: gl.constexpr,
                     BLOCK_N: gl.constexpr, WINDOW_LEFT: gl.constexpr,
                     WINDOW_RIGHT: gl.constexpr):
@@ -341,8 +351,11 @@ if gluon is not None:
         l_i = gl.zeros([ROWS], gl.float32, ROW_S)
         acc = gl.zeros([ROWS, BLOCK_D], gl.float32, O_LAYOUT)
         s_init = gl.zeros([ROWS, BLOCK_N], gl.float32, S_LAYOUT)
-        mbarrier.wait(q_bar, 0)
-        if n_blocks > 0:
+        # a warpgroup whose rows all lie past the sequence's end (short sequences) skips the
+        # work and releases the blocks unread
+        n_mine = gl.where(r0 < sq, n_blocks, 0)
+        if n_mine > 0:
+            mbarrier.wait(q_bar, 0)
             # block 0: QK^T and softmax, its P V waits for the next iteration
             mbarrier.wait(k_ready.index(0), 0)
             s = warpgroup_mma(q_rows, k_smem.index(0).permute((1, 0)), s_init, use_acc=False,
@@ -360,7 +373,7 @@ if gluon is not None:
             l_i = gl.sum(p, 1)
             m_i = m_blk
             p_op = gl.convert_layout(p.to(dtype), P_LAYOUT)
-            for j in range(1, n_blocks):
+            for j in range(1, n_mine):
                 st = j % STAGES
                 ks = lo + j * BLOCK_N
                 pst = (j - 1) % STAGES
@@ -386,7 +399,7 @@ if gluon is not None:
                 mbarrier.arrive(v_empty.index(pst))
                 acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
                 p_op = gl.convert_layout(p.to(dtype), P_LAYOUT)
-            last = n_blocks - 1
+            last = n_mine - 1
             lst = last % STAGES
             mbarrier.wait(v_ready.index(lst), (last // STAGES) & 1)
             tail = sk - (lo + last * BLOCK_N)
@@ -401,6 +414,12 @@ if gluon is not None:
             acc = warpgroup_mma(p_op, v_smem.index(lst), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(v_empty.index(lst))
+        for j in range(n_mine, n_blocks):  # the K and V rings in the producer's order
+            st = j % STAGES
+            mbarrier.wait(k_ready.index(st), (j // STAGES) & 1)
+            mbarrier.arrive(k_empty.index(st))
+            mbarrier.wait(v_ready.index(st), (j // STAGES) & 1)
+            mbarrier.arrive(v_empty.index(st))
 
         if HAS_SINKS:
             sink2 = gl.load(Sinks + h) * 1.4426950408889634
