@@ -184,18 +184,12 @@ def test_gluon_padded_backward_reads_no_other_head(head_dim, gluon_dkdv_calls, g
     info = attnhub.VarlenInfo.from_lengths(lengths, "cuda")
     group = q.shape[1] // k.shape[1]
 
-    def grads():
-        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = attnhub.attention_forward_varlen(*inputs, info, info, causal=True,
-                                               backend="triton")
-        return torch.autograd.grad(out, inputs, dout)
-
-    clean = grads()
+    clean = _causal_grads(q, k, v, info, dout)
     for t in (k, v):
         t[:, 1] = float("nan")
     q[:, group:2 * group] = float("nan")
     dout[:, group:2 * group] = float("nan")
-    dq, dk, dv = grads()
+    dq, dk, dv = _causal_grads(q, k, v, info, dout)
     assert len(gluon_dkdv_calls) == 2 and len(gluon_dq_calls) == 2
     assert torch.equal(dq[:, :group], clean[0][:, :group])
     assert torch.equal(dk[:, 0], clean[1][:, 0]) and torch.equal(dv[:, 0], clean[2][:, 0])
@@ -214,6 +208,13 @@ def test_gluon_forward_compiles_once_for_new_lengths(gluon_calls):
     after = sum(len(entry[0]) for entry in kernel.device_caches.values())
     assert len(gluon_calls) == 4
     assert after == before
+
+
+def _causal_grads(q, k, v, info, dout) -> tuple:
+    """dQ, dK, dV of a causal Triton call on copies of q, k, v (info: both sides' lengths)."""
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = attnhub.attention_forward_varlen(*inputs, info, info, causal=True, backend="triton")
+    return torch.autograd.grad(out, inputs, dout)
 
 
 @pytest.fixture
@@ -332,17 +333,11 @@ def test_gluon_backward_reads_no_other_sequence(gluon_dkdv_calls, gluon_dq_calls
     dout = torch.randn_like(q)
     info = attnhub.VarlenInfo.from_lengths(lengths, "cuda")
 
-    def grads():
-        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = attnhub.attention_forward_varlen(*inputs, info, info, causal=True,
-                                               backend="triton")
-        return torch.autograd.grad(out, inputs, dout)
-
-    clean = grads()
+    clean = _causal_grads(q, k, v, info, dout)
     start, stop = 377, 507  # the third sequence
     for t in (q, k, v, dout):
         t[start:stop] = float("nan")
-    poisoned = grads()
+    poisoned = _causal_grads(q, k, v, info, dout)
     assert len(gluon_dkdv_calls) == 2 and len(gluon_dq_calls) == 2
     others = torch.ones(sum(lengths), dtype=torch.bool, device="cuda")
     others[start:stop] = False
