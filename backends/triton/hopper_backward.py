@@ -41,10 +41,12 @@ if gluon is not None:
         allocate_ring,
         allocate_rows,
         box_coordinates,
-        in_window,
         mma_layout,
         operand_a_layout,
+        probabilities_t,
         program_tile,
+        query_range,
+        row_statistics,
         sequence_bounds,
         zero_rows_from,
     )
@@ -131,17 +133,11 @@ if gluon is not None:
                                     is_async=True)
                 qi = qs + gl.arange(0, BLOCK_M, layout=COL_S)
                 q_ok = qi < sq
-                lse = gl.load(Lse + h.to(gl.int64) * total_q + q_start + qi, mask=q_ok,
-                              other=0.0)
-                delta = gl.load(Delta + h.to(gl.int64) * total_q + q_start + qi, mask=q_ok,
-                                other=0.0)
-                lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+                lse2, delta = row_statistics(Lse, Delta, h, total_q, q_start, qi, q_ok)
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(st_acc, ))
-                pt = gl.exp2(s * qk_scale - lse2[None, :])
-                if (qs < full_lo) | (qs + BLOCK_M > full_hi):
-                    visible = in_window(q_ok[None, :], qi[None, :] + offset - kj[:, None],
-                                        window_left, window_right, WINDOW_LEFT, WINDOW_RIGHT)
-                    pt = gl.where(visible, pt, 0.0)
+                pt = probabilities_t(s, qk_scale, lse2, qs, qi, q_ok, kj, offset, full_lo,
+                                     full_hi, window_left, window_right, BLOCK_M,
+                                     WINDOW_LEFT, WINDOW_RIGHT)
                 dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), A_LAYOUT), do_buf, dv,
                                    is_async=True)
                 dp = warpgroup_mma_wait(num_outstanding=1, deps=(dpt, ))
@@ -188,19 +184,9 @@ if gluon is not None:
         n0 = blk * BLOCK_N
         q_start, sq, k_start, sk, offset = sequence_bounds(CuQ, CuK, b, TOP_LEFT)
 
-        # query rows [lo, hi) that see keys [n0, n0 + BLOCK_N); [full_lo, full_hi): the rows
-        # that see all of them (blocks inside need no mask)
-        lo = sq * 0  # tensors, not Python ints: the partitions take them as arguments
-        hi = sq
-        full_lo = sq * 0
-        full_hi = sq
-        if WINDOW_RIGHT:
-            lo = gl.maximum(0, n0 - offset - window_right) // BLOCK_M * BLOCK_M
-            full_lo = gl.maximum(n0 + BLOCK_N - 1 - offset - window_right, 0)
-        if WINDOW_LEFT:
-            hi = gl.minimum(sq, n0 + BLOCK_N - offset + window_left)
-            full_hi = gl.minimum(sq, gl.maximum(n0 - offset + window_left + 1, 0))
-        n_blocks = (gl.maximum(hi - lo, 0) + BLOCK_M - 1) // BLOCK_M
+        lo, n_blocks, full_lo, full_hi = query_range(n0, sq, offset, window_left,
+                                                     window_right, BLOCK_M, BLOCK_N,
+                                                     WINDOW_LEFT, WINDOW_RIGHT)
 
         PADDED: gl.constexpr = BLOCK_D != HEAD_DIM
         k_smem, k_box = allocate_rows(desc_k, [BLOCK_N, BLOCK_D], PADDED)

@@ -172,6 +172,52 @@ if gluon is not None:
         n_blocks = (gl.maximum(hi - lo, 0) + BLOCK_N - 1) // BLOCK_N
         return lo, n_blocks, full_lo, full_hi
 
+    @gluon.jit
+    def query_range(n0, sq, offset, window_left, window_right, BLOCK_M: gl.constexpr,
+                    BLOCK_N: gl.constexpr, WINDOW_LEFT: gl.constexpr,
+                    WINDOW_RIGHT: gl.constexpr):
+        """(lo, n_blocks, full_lo, full_hi) of key rows [n0, n0 + BLOCK_N), key_range's mirror
+        for the dK/dV kernels: query blocks lo, lo + BLOCK_M, ... (n_blocks of them) see
+        them, and the query rows [full_lo, full_hi) see all of them (blocks inside need no
+        mask)."""
+        lo = sq * 0  # tensors, not Python ints: the partitions take them as arguments
+        hi = sq
+        full_lo = sq * 0
+        full_hi = sq
+        if WINDOW_RIGHT:
+            lo = gl.maximum(0, n0 - offset - window_right) // BLOCK_M * BLOCK_M
+            full_lo = gl.maximum(n0 + BLOCK_N - 1 - offset - window_right, 0)
+        if WINDOW_LEFT:
+            hi = gl.minimum(sq, n0 + BLOCK_N - offset + window_left)
+            full_hi = gl.minimum(sq, gl.maximum(n0 - offset + window_left + 1, 0))
+        n_blocks = (gl.maximum(hi - lo, 0) + BLOCK_M - 1) // BLOCK_M
+        return lo, n_blocks, full_lo, full_hi
+
+    @gluon.jit
+    def row_statistics(Lse, Delta, h, total_q, q_start, qi, q_ok):
+        """(lse * log2 e, delta) of head h's query rows qi (0 past the sequence), lse +inf
+        for rows that see no key, so that their probabilities are 0."""
+        # pointer + 64-bit head offset + 32-bit row offsets: the rows' offsets stay 32-bit
+        lse = gl.load(Lse + h.to(gl.int64) * total_q + q_start + qi, mask=q_ok, other=0.0)
+        delta = gl.load(Delta + h.to(gl.int64) * total_q + q_start + qi, mask=q_ok,
+                        other=0.0)
+        lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        return lse2, delta
+
+    @gluon.jit
+    def probabilities_t(s, qk_scale, lse2, qs, qi, q_ok, kj, offset, full_lo, full_hi,
+                        window_left, window_right, BLOCK_M: gl.constexpr,
+                        WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
+        """P^T (keys kj, queries qi of the block starting at qs) from S^T: exp2(S^T qk_scale
+        - lse2), 0 outside the mask and past the sequence (checked only for blocks outside
+        the fully visible rows [full_lo, full_hi))."""
+        pt = gl.exp2(s * qk_scale - lse2[None, :])
+        if (qs < full_lo) | (qs + BLOCK_M > full_hi):
+            visible = in_window(q_ok[None, :], qi[None, :] + offset - kj[:, None],
+                                window_left, window_right, WINDOW_LEFT, WINDOW_RIGHT)
+            pt = gl.where(visible, pt, 0.0)
+        return pt
+
     @gluon.constexpr_function
     def mma_layout(cols):
         """One warpgroup's wgmma accumulator layout over (64 rows, ``cols``)."""
