@@ -48,6 +48,7 @@ if gluon is not None:
         program_tile,
         release_blocks,
         row_layout,
+        row_statistics,
         sequence_bounds,
         zero_rows_from,
     )
@@ -103,10 +104,7 @@ if gluon is not None:
         do_rows = do_smem.slice(WG * ROWS, ROWS)
         qi = r0 + gl.arange(0, ROWS, layout=ROW_S)
         q_ok = qi < sq
-        lse = gl.load(Lse + h.to(gl.int64) * total_q + q_start + qi, mask=q_ok, other=0.0)
-        delta = gl.load(Delta + h.to(gl.int64) * total_q + q_start + qi, mask=q_ok, other=0.0)
-        # rows that see no key (lse -inf) get P = 0
-        lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        lse2, delta = row_statistics(Lse, Delta, h, total_q, q_start, qi, q_ok)
         s_init = gl.zeros([ROWS, BLOCK_N], gl.float32, S_LAYOUT)
         dq = gl.zeros([ROWS, BLOCK_D], gl.float32, G_LAYOUT)
         mbarrier.wait(q_bar, 0)
