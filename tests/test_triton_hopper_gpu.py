@@ -246,6 +246,13 @@ def test_gluon_dkdv_serves_causal_calls_only(gluon_dkdv_calls):
     assert len(gluon_dkdv_calls) == 1
 
 
+def _served(kernel, offsets: str, head_dim: int) -> bool:
+    """Whether a Gluon backward kernel module takes the call: every width it reads with host
+    lengths, only the widths of its CONFIG["device_offsets"] without."""
+    return offsets == "host" or (hopper_forward.block_d(head_dim)
+                                 in kernel.CONFIG["device_offsets"])
+
+
 def _lengths(offsets: str, lengths_q, lengths_k) -> tuple:
     """attnhub's length arguments: VarlenInfo objects (host lengths) or, for "device", the
     cu_seqlens tensors and maxima alone, as flash_attn callers pass them."""
@@ -274,9 +281,7 @@ def test_gluon_dkdv_matches_tl_kernel_and_reference(dtype, head_dim, case, offse
         return torch.autograd.grad(out, inputs, d)
 
     got = grads()
-    # without host lengths, only the widths of CONFIG["device_offsets"] take Gluon
-    served = offsets == "host" or (hopper_forward.block_d(head_dim)
-                                   in hopper_backward.CONFIG["device_offsets"])
+    served = _served(hopper_backward, offsets, head_dim)
     assert len(gluon_dkdv_calls) == served, "the Gluon dK/dV kernel's calls"
     assert len(gluon_dq_calls) == served, "the Gluon dQ kernel's calls"
     problem, inputs = attnhub.normalize(q.detach(), k.detach(), v.detach(), *lens, **kw)
@@ -310,8 +315,7 @@ def test_gluon_dq_serves_every_mask_and_device_offsets(case, head_dim, offsets,
     dout = torch.randn_like(q)
     out = attnhub.attention_forward_varlen(q, k, v, *lens, backend="triton", **kw)
     got = torch.autograd.grad(out, q, dout)[0]
-    served = offsets == "host" or (hopper_forward.block_d(head_dim)
-                                   in hopper_dq.CONFIG["device_offsets"])
+    served = _served(hopper_dq, offsets, head_dim)
     assert len(gluon_dq_calls) == served, "the Gluon dQ kernel's calls"
     problem, inputs = attnhub.normalize(q.detach(), k.detach(), v.detach(), *lens, **kw)
     tl_out, lse = forward.forward(problem, inputs, None)

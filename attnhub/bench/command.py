@@ -55,13 +55,10 @@ def plan_cells(request: BenchRequest) -> list:
 
 
 def timing_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return ("triton.testing.do_bench median, CUDA events, L2 flushed between calls, "
-                "after warm-up; a cell's implementations timed in 3 interleaved rounds of "
-                "alternating order, median of the rounds")
-    return ("wall clock with a synchronize after each call, median, after warm-up; a cell's "
-            "implementations timed in 3 interleaved rounds of alternating order, median of "
-            "the rounds")
+    timer = ("triton.testing.do_bench median, CUDA events, L2 flushed between calls"
+             if device.type == "cuda" else "wall clock with a synchronize after each call, median")
+    return (f"{timer}, after warm-up; a cell's implementations timed in 3 interleaved rounds "
+            "of alternating order, median of the rounds")
 
 
 def run_bench(request: BenchRequest) -> dict[str, Any]:

@@ -72,28 +72,34 @@ def _grad(out: torch.Tensor, x: CellInputs) -> object:
     return torch.autograd.grad(out, x.leaves, x.dout)
 
 
+def _aten_arguments(x: CellInputs) -> tuple[tuple, dict]:
+    """The aten FA2 ops' arguments after q, k, v shared by forward and backward (offsets,
+    maxima, dropout 0, causal), and their keyword arguments (scale, window)."""
+    cell = x.cell
+    left, right = _window(cell)
+    window = ({} if cell.window is None
+              else {"window_size_left": left, "window_size_right": right})
+    return (x.cu_q, x.cu_k, x.max_q, x.max_k, 0.0, cell.causal), {"scale": x.scale, **window}
+
+
 def _torch_flash(x: CellInputs, backward: bool) -> Runner:
     """torch.ops.aten._flash_attention_forward / _backward (torch's bundled FA2), the
     overloads the torch-flash adapter resolves."""
     from ..backends.cuda import torch_flash
 
     fwd, bwd = torch_flash.aten_forward, torch_flash.aten_backward
-    cell = x.cell
     q, k, v = (t.detach() for t in x.leaves)
-    left, right = _window(cell)
-    window = ({} if cell.window is None
-              else {"window_size_left": left, "window_size_right": right})
-    args = (x.cu_q, x.cu_k, x.max_q, x.max_k, 0.0, cell.causal)
+    args, kwargs = _aten_arguments(x)
 
     def forward() -> tuple:
-        return fwd(q, k, v, *args, False, scale=x.scale, **window)
+        return fwd(q, k, v, *args, False, **kwargs)
 
     if not backward:
         return lambda: forward()[0]
 
     def run() -> object:
         out, lse, seed, offset, _ = forward()
-        return bwd(x.dout, q, k, v, out, lse, *args, seed, offset, scale=x.scale, **window)
+        return bwd(x.dout, q, k, v, out, lse, *args, seed, offset, **kwargs)
 
     return run
 
@@ -106,14 +112,10 @@ def _torch_flash_autograd(x: CellInputs, backward: bool) -> Runner:
     from ..backends.cuda import torch_flash
 
     fwd = torch_flash.aten_forward
-    cell = x.cell
-    left, right = _window(cell)
-    window = ({} if cell.window is None
-              else {"window_size_left": left, "window_size_right": right})
-    args = (x.cu_q, x.cu_k, x.max_q, x.max_k, 0.0, cell.causal, False)
+    args, kwargs = _aten_arguments(x)
 
     def forward() -> torch.Tensor:
-        return fwd(x.q, x.k, x.v, *args, scale=x.scale, **window)[0]
+        return fwd(x.q, x.k, x.v, *args, False, **kwargs)[0]
 
     if not backward:
         return forward
@@ -195,11 +197,13 @@ def _flash_attn_style(module: str, window_none: bool) -> Callable[[CellInputs, b
     return build
 
 
+_FA2_LACKS = frozenset({"softcap", "alibi", "paged"})  # torch's bundled FA2, every entry point
+
 DIRECT_KERNELS: tuple[DirectKernel, ...] = (
-    DirectKernel("torch-flash", frozenset({"softcap", "alibi", "paged"}), _torch_flash),
-    DirectKernel("torch-flash", frozenset({"softcap", "alibi", "paged"}), _torch_flash_autograd,
+    DirectKernel("torch-flash", _FA2_LACKS, _torch_flash),
+    DirectKernel("torch-flash", _FA2_LACKS, _torch_flash_autograd,
                  name="torch-flash aten (autograd)", modes=frozenset({"fwd+bwd"})),
-    DirectKernel("torch-flash", frozenset({"softcap", "alibi", "paged"}), _torch_varlen_attn,
+    DirectKernel("torch-flash", _FA2_LACKS, _torch_varlen_attn,
                  name="torch varlen_attn (direct)", why_not=_varlen_attn_why_not),
     DirectKernel("flash-attn", frozenset(), _flash_attn_style("flash_attn", False)),
     DirectKernel("fa3", frozenset({"alibi", "paged"}),

@@ -147,9 +147,8 @@ def _prepare(cell: Cell, mode: str, impl: _Impl, x: CellInputs,
             m.reason = "; ".join(why)
             return m, None
     if impl.direct is not None:
-        lacking = impl.direct.unsupported(cell)
-        if mode not in impl.direct.modes:
-            lacking = f"timed in {', '.join(sorted(impl.direct.modes))} only"
+        lacking = (f"timed in {', '.join(sorted(impl.direct.modes))} only"
+                   if mode not in impl.direct.modes else impl.direct.unsupported(cell))
         if lacking:
             m.reason = lacking
             return m, None
