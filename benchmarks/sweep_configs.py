@@ -17,8 +17,8 @@ Each trial is a '+'-joined list of overrides (an empty trial: the shipped settin
   CONFIG["device_offsets"]); with ``--offsets tensors``
 * ``gdkdv:BM:S``      the Gluon dK/dV at the cell's width (64 or 128): BM query rows per
   block, S stages
-* ``gwide:BM:S:X``    the Gluon dK/dV at width 256 (hopper_dkdv_wide.py): BM query rows per
-  block, S stages, X 1 for the exchange variant, 0 for the redundant one
+* ``gwide:BM:S``      the Gluon dK/dV at width 256 (hopper_dkdv_wide.py): BM query rows per
+  block, S stages
 
     python benchmarks/sweep_configs.py --cells d192,d256 --mode fwd+bwd \
         --trials "" "dkdv:32:32:4:1" "dkdv:64:32:8:1+dq:64:32:8:1"
@@ -103,7 +103,6 @@ def overrides(trial: str, head_dim: int):
             elif name == "gwide":
                 hopper_backward.CONFIG["block_m"][256] = vals[0]
                 hopper_backward.CONFIG["stages_wide"] = vals[1]
-                hopper_backward.CONFIG["exchange_wide"] = bool(vals[2])
             else:
                 raise SystemExit(f"unknown override {part!r}")
         forward._replays.clear()

@@ -56,12 +56,10 @@ if gluon is not None:
 BLOCK_N = 128  # key rows per program (two warpgroups of 64); width 256: hopper_dkdv_wide
 # (query block by head dim, stages, consumer registers, producer registers), from benchmarks
 # on an H200 (docs/performance.md); 64-row query blocks spill at head dim 128 (Triton 3.6).
-# Width 256 runs hopper_dkdv_wide.py (stages_wide; exchange_wide: its exchange variant,
-# which compiles without spills at 32-row query blocks, where the redundant one spills 204
-# bytes; not yet timed). device_offsets: the widths served without host lengths; at width 64
-# the tl backward was the faster one there (H200, docs/performance.md v12).
+# Width 256 runs hopper_dkdv_wide.py (stages_wide). device_offsets: the widths served
+# without host lengths; at width 64 the tl backward was the faster one there (H200: 2.79
+# against 3.10 ms on the d64 cell, docs/performance.md v13).
 CONFIG = {"block_m": {64: 64, 128: 32, 256: 32}, "stages": 3, "stages_wide": 3,
-          "exchange_wide": True,
           "consumer_regs": 240, "producer_regs": 24, "device_offsets": (128, 256)}
 
 if gluon is not None:

@@ -5,18 +5,14 @@ dK/dV columns. At width 256 those two float32 accumulators alone would take 256 
 thread. Here one program owns 64 keys, and its two consumer warpgroups split the columns:
 warpgroup w accumulates dK and dV columns [128 w, 128 w + 128), 128 registers a thread.
 
-Two variants (constexpr EXCHANGE, hopper_backward.CONFIG["exchange_wide"]):
+Warpgroup 0 computes S^T = K Q^T and P^T, warpgroup 1 dP^T = V dO^T and dS^T, each over all
+256 columns. They pass P^T and dS^T through shared memory, per stage of the Q/dO ring, with
+one mbarrier each way: the minimal matmul work. (A variant where both warpgroups computed
+the whole S^T and dP^T, never waiting on each other, did 1.5x the matmul work, spilled at
+32-row query blocks and ran 1.26-1.27x slower on the H200: docs/performance.md.)
 
-* exchange: warpgroup 0 computes S^T = K Q^T and P^T, warpgroup 1 dP^T = V dO^T and dS^T,
-  each over all 256 columns. They pass P^T and dS^T through shared memory, per stage of the
-  Q/dO ring, with one mbarrier each way. This is the minimal matmul work.
-* redundant: both warpgroups compute the whole S^T and dP^T. That is 1.5x the matmul work,
-  but the warpgroups never wait on each other. It spills at 32-row query blocks (Triton 3.6)
-  and so runs 16-row blocks, half as wide for the S^T / dP^T wgmma.
-
-Every 256-wide
-row lives in shared memory as two 128-column halves: TMA boxes (rows, 1, 128) at columns 0
-and 128 of the (rows, heads, head_dim) tensors. TMA fills the columns past the head dim with
+Every 256-wide row lives in shared memory as two 128-column halves: TMA boxes (rows, 1, 128)
+at columns 0 and 128 of the (rows, heads, head_dim) tensors. TMA fills the columns past the head dim with
 zeros, so head dims 136-248 read as 256 with nothing copied.
 
 Serves the calls of hopper_backward.supports at width 256: plain, causal or right-bounded,
@@ -91,79 +87,6 @@ if gluon is not None:
                 n += 1
 
     @gluon.jit
-    def _consume(k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, Lse, Delta, DK, DV,
-                 q_start, sq, k_start, sk, n0, offset, share, lo, n_blocks, full_lo, full_hi,
-                 qk_scale, sm_scale, window_left, window_right, total_q, stride_dkt,
-                 stride_dkh, stride_dvt, stride_dvh, WG: gl.constexpr, GROUP: gl.constexpr,
-                 HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                 HALF: gl.constexpr, STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr,
-                 WINDOW_RIGHT: gl.constexpr):
-        """Consumer warpgroup WG: columns [HALF WG, + HALF) of dK and dV for the program's
-        64 key rows [n0, n0 + 64)."""
-        dtype: gl.constexpr = q_smem.dtype
-        S_LAYOUT: gl.constexpr = mma_layout(BLOCK_M)
-        G_LAYOUT: gl.constexpr = mma_layout(HALF)
-        A_LAYOUT: gl.constexpr = operand_a_layout(HALF)
-        COL_S: gl.constexpr = gl.SliceLayout(0, S_LAYOUT)
-        k0 = k_smem.index(0)
-        k1 = k_smem.index(1)
-        v0 = v_smem.index(0)
-        v1 = v_smem.index(1)
-        kj = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, S_LAYOUT))
-        s_init = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, S_LAYOUT)
-        dk = gl.zeros([BLOCK_N, HALF], gl.float32, G_LAYOUT)
-        dv = gl.zeros([BLOCK_N, HALF], gl.float32, G_LAYOUT)
-        mbarrier.wait(kv_bar, 0)
-        # the last query block crosses the sequence's end: its rows past it are zeroed
-        tail = sq - (lo + (n_blocks - 1) * BLOCK_M)
-        n = 0
-        for g in range(GROUP):
-            h = share * GROUP + g
-            for i in range(n_blocks):
-                st = n % STAGES
-                qs = lo + i * BLOCK_M
-                mbarrier.wait(ready.index(st), (n // STAGES) & 1)
-                if (i == n_blocks - 1) & (tail < BLOCK_M):
-                    # each warpgroup zeroes the rows itself (the same values: no handshake)
-                    for c in gl.static_range(2):
-                        zero_rows_from(q_smem.index(2 * st + c), tail, BLOCK_M, HALF)
-                        zero_rows_from(do_smem.index(2 * st + c), tail, BLOCK_M, HALF)
-                    fence_async_shared()
-                    gl.thread_barrier()
-                q0 = q_smem.index(2 * st)
-                q1 = q_smem.index(2 * st + 1)
-                do0 = do_smem.index(2 * st)
-                do1 = do_smem.index(2 * st + 1)
-                st_acc = warpgroup_mma(k0, q0.permute((1, 0)), s_init, use_acc=False,
-                                       is_async=True)
-                st_acc = warpgroup_mma(k1, q1.permute((1, 0)), st_acc, is_async=True)
-                dpt = warpgroup_mma(v0, do0.permute((1, 0)), s_init, use_acc=False,
-                                    is_async=True)
-                dpt = warpgroup_mma(v1, do1.permute((1, 0)), dpt, is_async=True)
-                qi = qs + gl.arange(0, BLOCK_M, layout=COL_S)
-                q_ok = qi < sq
-                lse2, delta = row_statistics(Lse, Delta, h, total_q, q_start, qi, q_ok)
-                s = warpgroup_mma_wait(num_outstanding=1, deps=(st_acc, ))
-                pt = probabilities_t(s, qk_scale, lse2, qs, qi, q_ok, kj, offset, full_lo,
-                                     full_hi, window_left, window_right, BLOCK_M,
-                                     WINDOW_LEFT, WINDOW_RIGHT)
-                do_half = do_smem.index(2 * st + WG)
-                dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), A_LAYOUT), do_half, dv,
-                                   is_async=True)
-                dp = warpgroup_mma_wait(num_outstanding=1, deps=(dpt, ))
-                dst = pt * (dp - delta[None, :])
-                q_half = q_smem.index(2 * st + WG)
-                dk = warpgroup_mma(gl.convert_layout(dst.to(dtype), A_LAYOUT), q_half, dk,
-                                   is_async=True)
-                dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ))
-                dv = warpgroup_mma_wait(num_outstanding=0, deps=(dv, ))
-                mbarrier.arrive(empty.index(st))
-                n += 1
-
-        _store_half(dk, dv, DK, DV, k_start, sk, n0, share, sm_scale, stride_dkt, stride_dkh,
-                    stride_dvt, stride_dvh, WG, HEAD_DIM, BLOCK_N, HALF)
-
-    @gluon.jit
     def _allocate_signals(STAGES: gl.constexpr):
         """STAGES mbarriers, each completed by one warpgroup's arrival."""
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -188,7 +111,7 @@ if gluon is not None:
         gl.store(DV + rows64 * stride_dvt + share * stride_dvh + cols[None, :], dv_out, mask=ok)
 
     @gluon.jit
-    def _consume_exchange(k_smem, v_smem, q_smem, do_smem, pf_smem, pb_smem, ds_smem, kv_bar,
+    def _consume(k_smem, v_smem, q_smem, do_smem, pf_smem, pb_smem, ds_smem, kv_bar,
                           ready, empty, p_ready, ds_ready, Lse, Delta, DK, DV, q_start, sq,
                           k_start, sk, n0, offset, share, lo, n_blocks, full_lo, full_hi,
                           qk_scale, sm_scale, window_left, window_right, total_q, stride_dkt,
@@ -196,8 +119,7 @@ if gluon is not None:
                           GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                           BLOCK_N: gl.constexpr, HALF: gl.constexpr, STAGES: gl.constexpr,
                           WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
-        """Consumer warpgroup WG of the exchange variant: columns [HALF WG, + HALF) of dK
-        and dV. Warpgroup 0 computes S^T and P^T, warpgroup 1 dP^T and dS^T, each over all
+        """Consumer warpgroup WG: columns [HALF WG, + HALF) of dK and dV. Warpgroup 0 computes S^T and P^T, warpgroup 1 dP^T and dS^T, each over all
         columns; they pass P^T (float32 for dS^T, and in the input dtype as the dV operand)
         and dS^T through shared memory buffers of the ring's stage (p_ready / ds_ready: the
         ring's empty barrier already waits for both before a stage is refilled)."""
@@ -291,7 +213,7 @@ if gluon is not None:
                                  CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                                  TOP_LEFT: gl.constexpr, WINDOW_LEFT: gl.constexpr,
                                  WINDOW_RIGHT: gl.constexpr, SPLIT: gl.constexpr,
-                                 DEVICE_TILES: gl.constexpr, EXCHANGE: gl.constexpr):
+                                 DEVICE_TILES: gl.constexpr):
         # GROUP query heads per program: the SPLIT-th share of kv head kvh's (group_split.py)
         share = gl.program_id(1)
         kvh = share // SPLIT
@@ -315,58 +237,32 @@ if gluon is not None:
         ready, empty = allocate_ring(STAGES)
         fence_async_shared()
 
-        if EXCHANGE:
-            EX_LAYOUT: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M],
-                                                                          desc_q.dtype)
-            F_LAYOUT: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-            pf_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N, BLOCK_M],
-                                                F_LAYOUT)
-            pb_smem = gl.allocate_shared_memory(desc_q.dtype, [STAGES, BLOCK_N, BLOCK_M],
-                                                EX_LAYOUT)
-            ds_smem = gl.allocate_shared_memory(desc_q.dtype, [STAGES, BLOCK_N, BLOCK_M],
-                                                EX_LAYOUT)
-            p_ready = _allocate_signals(STAGES)  # warpgroup 0's P^T per stage
-            ds_ready = _allocate_signals(STAGES)  # warpgroup 1's dS^T per stage
-            fence_async_shared()
-            gl.warp_specialize([
-                (_consume_exchange, (k_smem, v_smem, q_smem, do_smem, pf_smem, pb_smem, ds_smem,
-                                     kv_bar, ready, empty, p_ready, ds_ready, Lse, Delta, DK,
-                                     DV, q_start, sq, k_start, sk, n0, offset, share, lo,
-                                     n_blocks, full_lo, full_hi, qk_scale, sm_scale,
-                                     window_left, window_right, total_q, stride_dkt,
-                                     stride_dkh, stride_dvt, stride_dvh, 0, GROUP, HEAD_DIM,
-                                     BLOCK_M, BLOCK_N, HALF, STAGES, WINDOW_LEFT,
-                                     WINDOW_RIGHT)),
-                (_consume_exchange, (k_smem, v_smem, q_smem, do_smem, pf_smem, pb_smem, ds_smem,
-                                     kv_bar, ready, empty, p_ready, ds_ready, Lse, Delta, DK,
-                                     DV, q_start, sq, k_start, sk, n0, offset, share, lo,
-                                     n_blocks, full_lo, full_hi, qk_scale, sm_scale,
-                                     window_left, window_right, total_q, stride_dkt,
-                                     stride_dkh, stride_dvt, stride_dvh, 1, GROUP, HEAD_DIM,
-                                     BLOCK_M, BLOCK_N, HALF, STAGES, WINDOW_LEFT,
-                                     WINDOW_RIGHT)),
-                (_produce, (desc_q, desc_k, desc_v, desc_do, k_box, v_box, q_box, do_box,
-                            kv_bar, ready, empty, k_start + n0, kvh, q_start, share, lo,
-                            n_blocks, GROUP, BLOCK_M, HALF, STAGES)),
-            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-        else:
-            gl.warp_specialize([
-                (_consume, (k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, Lse, Delta,
-                            DK, DV, q_start, sq, k_start, sk, n0, offset, share, lo, n_blocks,
-                            full_lo, full_hi, qk_scale, sm_scale, window_left, window_right,
-                            total_q, stride_dkt, stride_dkh, stride_dvt, stride_dvh, 0, GROUP,
-                            HEAD_DIM, BLOCK_M, BLOCK_N, HALF, STAGES, WINDOW_LEFT,
-                            WINDOW_RIGHT)),
-                (_consume, (k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, Lse, Delta,
-                            DK, DV, q_start, sq, k_start, sk, n0, offset, share, lo, n_blocks,
-                            full_lo, full_hi, qk_scale, sm_scale, window_left, window_right,
-                            total_q, stride_dkt, stride_dkh, stride_dvt, stride_dvh, 1, GROUP,
-                            HEAD_DIM, BLOCK_M, BLOCK_N, HALF, STAGES, WINDOW_LEFT,
-                            WINDOW_RIGHT)),
-                (_produce, (desc_q, desc_k, desc_v, desc_do, k_box, v_box, q_box, do_box,
-                            kv_bar, ready, empty, k_start + n0, kvh, q_start, share, lo,
-                            n_blocks, GROUP, BLOCK_M, HALF, STAGES)),
-            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        EX_LAYOUT: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M],
+                                                                      desc_q.dtype)
+        F_LAYOUT: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        pf_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N, BLOCK_M], F_LAYOUT)
+        pb_smem = gl.allocate_shared_memory(desc_q.dtype, [STAGES, BLOCK_N, BLOCK_M], EX_LAYOUT)
+        ds_smem = gl.allocate_shared_memory(desc_q.dtype, [STAGES, BLOCK_N, BLOCK_M], EX_LAYOUT)
+        p_ready = _allocate_signals(STAGES)  # warpgroup 0's P^T per stage
+        ds_ready = _allocate_signals(STAGES)  # warpgroup 1's dS^T per stage
+        fence_async_shared()
+        gl.warp_specialize([
+            (_consume, (k_smem, v_smem, q_smem, do_smem, pf_smem, pb_smem, ds_smem, kv_bar,
+                        ready, empty, p_ready, ds_ready, Lse, Delta, DK, DV, q_start, sq,
+                        k_start, sk, n0, offset, share, lo, n_blocks, full_lo, full_hi,
+                        qk_scale, sm_scale, window_left, window_right, total_q, stride_dkt,
+                        stride_dkh, stride_dvt, stride_dvh, 0, GROUP, HEAD_DIM, BLOCK_M,
+                        BLOCK_N, HALF, STAGES, WINDOW_LEFT, WINDOW_RIGHT)),
+            (_consume, (k_smem, v_smem, q_smem, do_smem, pf_smem, pb_smem, ds_smem, kv_bar,
+                        ready, empty, p_ready, ds_ready, Lse, Delta, DK, DV, q_start, sq,
+                        k_start, sk, n0, offset, share, lo, n_blocks, full_lo, full_hi,
+                        qk_scale, sm_scale, window_left, window_right, total_q, stride_dkt,
+                        stride_dkh, stride_dvt, stride_dvh, 1, GROUP, HEAD_DIM, BLOCK_M,
+                        BLOCK_N, HALF, STAGES, WINDOW_LEFT, WINDOW_RIGHT)),
+            (_produce, (desc_q, desc_k, desc_v, desc_do, k_box, v_box, q_box, do_box,
+                        kv_bar, ready, empty, k_start + n0, kvh, q_start, share, lo,
+                        n_blocks, GROUP, BLOCK_M, HALF, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
@@ -393,7 +289,7 @@ def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
         STAGES=config["stages_wide"], CONSUMER_REGS=config["consumer_regs"],
         PRODUCER_REGS=config["producer_regs"], TOP_LEFT=problem.mask_alignment == "top_left",
         WINDOW_LEFT=left >= 0, WINDOW_RIGHT=right >= 0, DEVICE_TILES=device_tiles,
-        EXCHANGE=config["exchange_wide"], num_warps=4)
+        num_warps=4)
     if record:
         from .replay import LaunchRecord
 
