@@ -61,10 +61,13 @@ def _compiled_variants(kernel) -> int:
     return sum(len(c) for c in kernel.cache.values())
 
 
-def _stage_kernels():
+def _stage_kernels(monkeypatch):
     """Every kernel that can serve each stage (forward, dK/dV, dQ): the tl kernel, and on an
-    sm_90 GPU with a Triton that has Gluon, the warp-specialised Hopper kernel."""
+    sm_90 GPU with a Triton that has Gluon, the warp-specialised Hopper kernel, which then
+    serves short calls too (TL_BELOW off: the lengths below would switch kernels)."""
     from attnhub.backends.triton import backward, forward, hopper_backward, hopper_forward
+
+    monkeypatch.setattr(hopper_forward, "TL_BELOW", {})
 
     gluon_fwd = getattr(hopper_forward, "_hopper_fwd_kernel", None)
     gluon_dkdv = getattr(hopper_backward, "_hopper_dkdv_kernel", None)
@@ -73,8 +76,8 @@ def _stage_kernels():
     return [tuple(k for k in stage if k is not None) for stage in stages]
 
 
-def test_new_lengths_do_not_recompile():
-    stages = _stage_kernels()
+def test_new_lengths_do_not_recompile(monkeypatch):
+    stages = _stage_kernels(monkeypatch)
     counts = None
     for lengths in ([512, 17, 300], [1, 2, 3, 4, 5, 6, 7, 8, 9], [4096], [33, 0, 1024, 16]):
         q, k, v = _qkv(lengths, torch.bfloat16, grad=True)
@@ -90,11 +93,11 @@ def test_new_lengths_do_not_recompile():
         assert now == counts, f"recompiled for lengths {lengths}: {counts} -> {now}"
 
 
-def test_device_offsets_find_tiles_in_the_kernels():
+def test_device_offsets_find_tiles_in_the_kernels(monkeypatch):
     """Device offsets with max_seqlen (no host lengths): the kernels find their own tiles,
     also over more sequences than one lookup chunk, agree with the reference, and new batch
     sizes do not recompile."""
-    stages = _stage_kernels()
+    stages = _stage_kernels(monkeypatch)
     counts = None
     for lengths in ([300, 0, 17], [1, 2, 3, 4, 5, 6, 7, 8, 9], [0, 5, 130, 1] * 80):
         q, k, v = _qkv(lengths, torch.bfloat16, grad=True)

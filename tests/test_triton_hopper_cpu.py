@@ -65,6 +65,31 @@ def test_forward_hands_softcap_alibi_and_head_dim_256_calls_to_the_gluon_kernel(
     assert asked == [False] and not launched  # dropout: not one of Gluon's features
 
 
+def test_short_sequences_at_width_128_take_the_tl_forward(monkeypatch):
+    """hopper_forward.TL_BELOW: at width 128 (head dims 72-128) a call whose query
+    sequences are all at most 256 long runs the tl forward (measured faster there); one
+    longer sequence, or another width, takes the Gluon kernel."""
+    from attnhub.backends.triton import forward
+
+    launched = []
+    monkeypatch.setattr(hopper_forward, "supports", lambda problem, q, k, v, plain: plain)
+    monkeypatch.setattr(hopper_forward, "forward",
+                        lambda problem, *args, **kwargs: launched.append(problem))
+    for head_dim, lengths, gluon in ((128, [256, 3], False), (96, [200], False),
+                                     (128, [257, 3], True), (64, [20, 3], True),
+                                     (256, [20], True)):
+        info = attnhub.VarlenInfo.from_lengths(lengths, "cpu")
+        n = sum(lengths)
+        q = torch.randn(n, 4, head_dim, dtype=torch.float16)
+        k = v = torch.randn(n, 2, head_dim, dtype=torch.float16)
+        problem, inputs = normalize(q, k, v, info, info, causal=True)
+        assert hopper_forward.tl_is_faster(problem) is not gluon
+        if gluon:
+            forward.forward(problem, inputs, None)
+            assert launched.pop() is problem
+    assert not launched
+
+
 def test_gluon_launches_are_recorded_and_replayed_with_the_calls_tensors(monkeypatch):
     """forward.forward's replay of the Gluon launch, with the launcher replaced by a recorder
     that hands back a fake record: a softcap call (host lengths) and a device-offset call are

@@ -563,7 +563,8 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor |
     # (any head dim it reads: hopper_forward.block_d)
     gluon_features = (problem.paged is None and not problem.custom_mask
                       and problem.dropout_p == 0)
-    use_gluon = gluon and hopper_forward.supports(problem, q, k, v, gluon_features)
+    use_gluon = (gluon and hopper_forward.supports(problem, q, k, v, gluon_features)
+                 and not hopper_forward.tl_is_faster(problem))
     block_m = configs.forward_block_m(problem.head_dim)
     # attnhub.plan: the forward's (tile_seq, tile_blk) planned with block_m rows, or None
     planned = inputs.schedule

@@ -60,6 +60,10 @@ BLOCK_M = 128
 CONFIG = {"block_n": {64: 128, 128: 128, 256: 64}, "stages": 2, "consumer_regs": 240,
           "producer_regs": 24}
 HEAD_DIMS = (64, 128, 256)  # other head dims are read zero-padded to the next of these
+# width -> the longest query sequence below which the tl forward serves instead: at width
+# 128 with every sequence 1-256 tokens long the tl kernel took 0.265 ms against 0.286 (H200,
+# 16k tokens, GQA 4 and 8; docs/performance.md); not measured at the other widths
+TL_BELOW = {128: 256}
 # ALiBi's distances |i + sk - sq - j| are formed from float32 positions, exact (equal to the
 # tl kernel's integer distances) while every sequence is at most this long
 ALIBI_MAX_SEQLEN = 1 << 24
@@ -555,6 +559,13 @@ def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plain: 
                                          problem.max_seqlen_k) > ALIBI_MAX_SEQLEN:
         return False
     return all(tma_rows(t, problem.head_dim) for t in (q, k, v))
+
+
+def tl_is_faster(problem) -> bool:
+    """Whether every query sequence is short enough (TL_BELOW at the call's width, host
+    lengths or a given max_seqlen) that the tl forward is the faster kernel."""
+    width = block_d(problem.head_dim)
+    return 0 < problem.max_seqlen_q <= TL_BELOW.get(width, 0)
 
 
 def descriptor(t: torch.Tensor, head_dim: int, rows: int, width: int | None = None):
