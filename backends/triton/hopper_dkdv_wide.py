@@ -12,8 +12,8 @@ the whole S^T and dP^T, never waiting on each other, did 1.5x the matmul work, s
 32-row query blocks and ran 1.26-1.27x slower on the H200: docs/performance.md.)
 
 Every 256-wide row lives in shared memory as two 128-column halves: TMA boxes (rows, 1, 128)
-at columns 0 and 128 of the (rows, heads, head_dim) tensors. TMA fills the columns past the head dim with
-zeros, so head dims 136-248 read as 256 with nothing copied.
+at columns 0 and 128 of the (rows, heads, head_dim) tensors. TMA fills the columns past the
+head dim with zeros, so head dims 136-248 read as 256 with nothing copied.
 
 Serves the calls of hopper_backward.supports at width 256: plain, causal or right-bounded,
 one program per (key tile of 64 rows, kv head), looping over the group's query heads and the
@@ -111,18 +111,18 @@ if gluon is not None:
         gl.store(DV + rows64 * stride_dvt + share * stride_dvh + cols[None, :], dv_out, mask=ok)
 
     @gluon.jit
-    def _consume(k_smem, v_smem, q_smem, do_smem, pf_smem, pb_smem, ds_smem, kv_bar,
-                          ready, empty, p_ready, ds_ready, Lse, Delta, DK, DV, q_start, sq,
-                          k_start, sk, n0, offset, share, lo, n_blocks, full_lo, full_hi,
-                          qk_scale, sm_scale, window_left, window_right, total_q, stride_dkt,
-                          stride_dkh, stride_dvt, stride_dvh, WG: gl.constexpr,
-                          GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                          BLOCK_N: gl.constexpr, HALF: gl.constexpr, STAGES: gl.constexpr,
-                          WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
-        """Consumer warpgroup WG: columns [HALF WG, + HALF) of dK and dV. Warpgroup 0 computes S^T and P^T, warpgroup 1 dP^T and dS^T, each over all
-        columns; they pass P^T (float32 for dS^T, and in the input dtype as the dV operand)
-        and dS^T through shared memory buffers of the ring's stage (p_ready / ds_ready: the
-        ring's empty barrier already waits for both before a stage is refilled)."""
+    def _consume(k_smem, v_smem, q_smem, do_smem, pf_smem, pb_smem, ds_smem, kv_bar, ready, empty,
+                 p_ready, ds_ready, Lse, Delta, DK, DV, q_start, sq, k_start, sk, n0, offset,
+                 share, lo, n_blocks, full_lo, full_hi, qk_scale, sm_scale, window_left,
+                 window_right, total_q, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                 WG: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr,
+                 STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
+        """Consumer warpgroup WG: columns [HALF WG, + HALF) of dK and dV. Warpgroup 0
+        computes S^T and P^T, warpgroup 1 dP^T and dS^T, each over all columns; they pass
+        P^T (float32 for dS^T, and in the input dtype as the dV operand) and dS^T through
+        shared memory buffers of the ring's stage (p_ready / ds_ready: the ring's empty
+        barrier already waits for both before a stage is refilled)."""
         dtype: gl.constexpr = q_smem.dtype
         S_LAYOUT: gl.constexpr = mma_layout(BLOCK_M)
         G_LAYOUT: gl.constexpr = mma_layout(HALF)
