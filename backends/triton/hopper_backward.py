@@ -47,7 +47,6 @@ if gluon is not None:
         probabilities_t,
         program_tile,
         query_range,
-        release_blocks,
         row_statistics,
         sequence_bounds,
         zero_rows_from,
@@ -114,12 +113,10 @@ if gluon is not None:
         mbarrier.wait(kv_bar, 0)
         # the last query block crosses the sequence's end: its rows past it are zeroed
         tail = sq - (lo + (n_blocks - 1) * BLOCK_M)
-        # warpgroup 1 with no keys in the sequence (short sequences) skips the work
-        n_mine = gl.where(r0 < sk, n_blocks, 0)
         c = 0
         for g in range(GROUP):
             h = share * GROUP + g
-            for i in range(n_mine):
+            for i in range(n_blocks):
                 st = c % STAGES
                 qs = lo + i * BLOCK_M
                 mbarrier.wait(ready.index(st), (c // STAGES) & 1)
@@ -153,7 +150,6 @@ if gluon is not None:
                 dv = warpgroup_mma_wait(num_outstanding=0, deps=(dv, ))
                 mbarrier.arrive(empty.index(st))
                 c += 1
-        release_blocks(ready, empty, GROUP * n_mine, GROUP * n_blocks, STAGES)
 
         OUT_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BLOCK_D, BLOCK_D // 8],
                                                     [4, 1], [1, 0])
