@@ -122,6 +122,14 @@ class Backend:
             return self.forward_out(problem, VarlenInputs(q, k, v, cu_seqlens_q, cu_seqlens_k))
         return run
 
+    def autograd_out(self, problem: VarlenProblem, inputs: VarlenInputs
+                     ) -> torch.Tensor | None:
+        """``out`` of an eager call that needs gradients of out only (no lse, no probs),
+        computed under the kernel's own autograd, which torch runs as a C++ node with no
+        Python in the backward; None (the default) when the kernel has none for this call,
+        and attnhub's autograd Function then pairs ``forward`` and ``backward``."""
+        return None
+
     def backward(self, problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
                  lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None = None
                  ) -> Gradients:

@@ -31,7 +31,7 @@ from .features import FEATURES, FIELDS, TENSORS
 from .inputs import VarlenInputs
 from .problem import VarlenProblem
 from .registry import get_registry
-from .results import check_forward, check_gradients
+from .results import check_forward, check_gradients, check_out
 
 Tensor = torch.Tensor
 
@@ -93,6 +93,17 @@ def run_forward(problem: VarlenProblem, inputs: VarlenInputs, backend: Backend) 
     out, lse, probs, rng = varlen_fwd(*pack(problem, inputs, backend.name))
     return ForwardResult(out, lse, probs if problem.return_probs else None,
                          rng if problem.dropout_p > 0 else None)
+
+
+def autograd_out(problem: VarlenProblem, inputs: VarlenInputs, backend: Backend) -> Tensor | None:
+    """out of an eager call that requires grad and needs neither lse nor probs, through the
+    backend's own autograd (Backend.autograd_out: no Python in the backward), or None when
+    the backend has none for it or the call is traced (run_forward then serves it)."""
+    if (torch.compiler.is_compiling() or type(inputs.q) is not Tensor
+            or _get_current_dispatch_mode() is not None):
+        return None
+    out = backend.autograd_out(problem, inputs)
+    return None if out is None else check_out(backend.name, out, inputs.q)
 
 
 class _EagerVarlen(torch.autograd.Function):

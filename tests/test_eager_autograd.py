@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import attnhub
 from attnhub import VarlenInfo, attention_forward_varlen
 from attnhub.normalize import normalize
 from attnhub.ops import pack, varlen_fwd
@@ -84,3 +85,51 @@ def test_saved_tensor_hooks_see_every_saved_tensor():
                                                        backend="reference").sum(), (q, k, v))
     for g, r in zip(grads, ref, strict=True):
         torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
+def test_a_backends_own_autograd_serves_out_only_calls(install):
+    """Backend.autograd_out: an eager call that requires grad and wants neither lse nor
+    probs takes the backend's own autograd graph (here q * 2 + k.sum() * 0, so the gradients
+    show which graph ran), through the dispatch fast path and a plan alike; return_lse,
+    torch.no_grad and a backend answering None take the usual paths."""
+    from conftest import make_backend
+
+    class OwnAutograd(type(make_backend("x"))):
+        name, priority, device_types = "own-autograd", 10, frozenset({"cpu"})
+        capabilities = make_backend("x").capabilities
+        serve = True
+
+        def autograd_out(self, problem, inputs):
+            self.calls.append("autograd_out")
+            if not self.serve:
+                return None
+            return inputs.q * 2 + (inputs.k.sum() + inputs.v.sum()) * 0
+
+    backend = OwnAutograd()
+    install(backend)
+    info = VarlenInfo.from_lengths([4, 0, 5], torch.device("cpu"))
+    q, k, v = (t.float() for t in _leaves())
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    for _ in range(2):  # the second call comes through the dispatch fast path
+        out = attention_forward_varlen(q, k, v, info, info, causal=True)
+        dq, dk = torch.autograd.grad(out.sum(), (q, k))
+        assert torch.equal(dq, torch.full_like(q, 2.0)) and not dk.any()
+    assert backend.calls == ["autograd_out"] * 2
+    plan = attnhub.plan(info, info, nheads=4, nheads_k=2, head_dim=8, dtype=q.dtype,
+                        causal=True)
+    out = plan.run(q, k, v)
+    assert torch.equal(torch.autograd.grad(out.sum(), q)[0], torch.full_like(q, 2.0))
+    assert backend.calls[-1] == "autograd_out"
+    backend.calls.clear()
+    out, _lse = attention_forward_varlen(q, k, v, info, info, causal=True, return_lse=True)
+    out.sum().backward()
+    assert backend.calls == ["forward", "backward"]
+    backend.calls.clear()
+    with torch.no_grad():
+        attention_forward_varlen(q, k, v, info, info, causal=True)
+    assert backend.calls == ["forward"]  # forward_out's default
+    backend.calls.clear()
+    backend.serve = False
+    out = attention_forward_varlen(q, k, v, info, info, causal=True)
+    out.sum().backward()
+    assert backend.calls == ["autograd_out", "forward", "backward"]

@@ -108,6 +108,17 @@ class TorchFlashBackend(CudaAdapter):
                     return _dense_retry(run, q, k, v, cu_seqlens_q, cu_seqlens_k)
         return run
 
+    def autograd_out(self, problem: VarlenProblem, inputs: VarlenInputs
+                     ) -> torch.Tensor | None:
+        """The aten forward with torch's own autograd node (FlashAttentionBackward0): its
+        backward is the same aten backward, with no Python on the way. Not with dropout (the
+        node keeps its own rng state: attnhub's Function hands it over instead) nor with
+        ``deterministic`` (torch's flag would have to be set while the engine runs the
+        backward)."""
+        if problem.batch == 0 or problem.dropout_p > 0 or problem.deterministic:
+            return None
+        return _forward(problem, inputs)[0]
+
     def run_backward(self, problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
                      lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None
                      ) -> Gradients:
