@@ -68,6 +68,7 @@ def _stage_kernels(monkeypatch):
     from attnhub.backends.triton import backward, forward, hopper_backward, hopper_forward
 
     monkeypatch.setattr(hopper_forward, "TL_BELOW", {})
+    monkeypatch.setattr(hopper_forward, "TL_SOFTCAP_DEVICE_OFFSETS", ())
 
     gluon_fwd = getattr(hopper_forward, "_hopper_fwd_kernel", None)
     gluon_dkdv = getattr(hopper_backward, "_hopper_dkdv_kernel", None)

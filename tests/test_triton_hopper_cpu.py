@@ -65,10 +65,11 @@ def test_forward_hands_softcap_alibi_and_head_dim_256_calls_to_the_gluon_kernel(
     assert asked == [False] and not launched  # dropout: not one of Gluon's features
 
 
-def test_short_sequences_at_width_128_take_the_tl_forward(monkeypatch):
-    """hopper_forward.TL_BELOW: at width 128 (head dims 72-128) a call whose query
+def test_calls_measured_faster_on_the_tl_forward_take_it(monkeypatch):
+    """hopper_forward.tl_is_faster: at width 128 (head dims 72-128) a call whose query
     sequences are all at most 256 long runs the tl forward (measured faster there); one
-    longer sequence, or another width, takes the Gluon kernel."""
+    longer sequence, or another width, takes the Gluon kernel. So does softcap with device
+    offsets only, at width 128."""
     from attnhub.backends.triton import forward
 
     launched = []
@@ -88,6 +89,17 @@ def test_short_sequences_at_width_128_take_the_tl_forward(monkeypatch):
             forward.forward(problem, inputs, None)
             assert launched.pop() is problem
     assert not launched
+    q = torch.randn(700, 4, 128, dtype=torch.float16)
+    k = v = torch.randn(700, 2, 128, dtype=torch.float16)
+    host = attnhub.VarlenInfo.from_lengths([300, 400], "cpu")
+    # softcap with device offsets only (CPU offsets are host lengths: dropped here, as a
+    # CUDA tensor's would be): the tl forward; without softcap, or with host lengths, Gluon
+    for softcap, device_offsets, tl in ((30.0, True, True), (0.0, True, False),
+                                        (30.0, False, False)):
+        problem, _ = normalize(q, k, v, host, host, softcap=softcap)
+        if device_offsets:
+            problem = dataclasses.replace(problem, seqlens_q=None, seqlens_k=None)
+        assert hopper_forward.tl_is_faster(problem) is tl
 
 
 def test_gluon_launches_are_recorded_and_replayed_with_the_calls_tensors(monkeypatch):

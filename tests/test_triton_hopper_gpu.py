@@ -40,10 +40,12 @@ def _count_calls(monkeypatch, module, name: str) -> list:
 
 @pytest.fixture
 def gluon_calls(monkeypatch):
-    """Counts the Gluon forward kernel's launches; short calls take it too (TL_BELOW off)."""
+    """Counts the Gluon forward kernel's launches; the calls the tl forward would take
+    (hopper_forward.tl_is_faster) take it too."""
     from attnhub.backends.triton import hopper_forward
 
     monkeypatch.setattr(hopper_forward, "TL_BELOW", {})
+    monkeypatch.setattr(hopper_forward, "TL_SOFTCAP_DEVICE_OFFSETS", ())
     return _count_calls(monkeypatch, hopper_forward, "forward")
 
 

@@ -64,6 +64,10 @@ HEAD_DIMS = (64, 128, 256)  # other head dims are read zero-padded to the next o
 # 128 with every sequence 1-256 tokens long the tl kernel took 0.265 ms against 0.286 (H200,
 # 16k tokens, GQA 4 and 8; docs/performance.md); not measured at the other widths
 TL_BELOW = {128: 256}
+# widths at which softcap calls with device offsets only (no host lengths) take the tl
+# forward: the Gluon kernel ran 0.76-0.81x the tl one on W2 and 0.93-0.95x on W1 (H200,
+# d128, docs/benchmarks/2026-12-03-h200-gluon-next.md; the cause is not found)
+TL_SOFTCAP_DEVICE_OFFSETS = (128,)
 # ALiBi's distances |i + sk - sq - j| are formed from float32 positions, exact (equal to the
 # tl kernel's integer distances) while every sequence is at most this long
 ALIBI_MAX_SEQLEN = 1 << 24
@@ -562,9 +566,12 @@ def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plain: 
 
 
 def tl_is_faster(problem) -> bool:
-    """Whether every query sequence is short enough (TL_BELOW at the call's width, host
-    lengths or a given max_seqlen) that the tl forward is the faster kernel."""
+    """Whether the tl forward was measured faster on calls like this one: every query
+    sequence short enough (TL_BELOW at the call's width, host lengths or a given
+    max_seqlen), or softcap with device offsets only (TL_SOFTCAP_DEVICE_OFFSETS)."""
     width = block_d(problem.head_dim)
+    if problem.softcap and not problem.lengths_known and width in TL_SOFTCAP_DEVICE_OFFSETS:
+        return True
     return 0 < problem.max_seqlen_q <= TL_BELOW.get(width, 0)
 
 
