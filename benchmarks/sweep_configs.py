@@ -19,6 +19,9 @@ Each trial is a '+'-joined list of overrides (an empty trial: the shipped settin
   block, S stages
 * ``gwide:BM:S``      the Gluon dK/dV at width 256 (hopper_dkdv_wide.py): BM query rows per
   block, S stages
+* ``gfwd:BN:S``       the Gluon forward at the cell's width: BN keys per block, S stages
+* ``gpad``            the Gluon forward reads every head dim outside 64 / 128 / 256
+  zero-padded (no two-chunk reads: hopper_forward.split_widths)
 
     python benchmarks/sweep_configs.py --cells d192,d256 --mode fwd+bwd \
         --trials "" "dkdv:32:32:4:1" "dkdv:64:32:8:1+dq:64:32:8:1"
@@ -60,6 +63,7 @@ def overrides(trial: str, head_dim: int):
     saved_dq = {**hopper_dq.CONFIG, "block_n": dict(hopper_dq.CONFIG["block_n"])}
     saved_dkdv = {**hopper_backward.CONFIG,
                   "block_m": dict(hopper_backward.CONFIG["block_m"])}
+    saved_fwd = {**hopper_forward.CONFIG, "block_n": dict(hopper_forward.CONFIG["block_n"])}
     saved = [(configs, "forward_block_m"), (configs, "backward_tiles"),
              (group_split, "split_for"), (hopper_forward, "supports"),
              (hopper_backward, "supports"), (hopper_dq, "supports")]
@@ -103,6 +107,11 @@ def overrides(trial: str, head_dim: int):
             elif name == "gwide":
                 hopper_backward.CONFIG["block_m"][256] = vals[0]
                 hopper_backward.CONFIG["stages_wide"] = vals[1]
+            elif name == "gfwd":
+                hopper_forward.CONFIG["block_n"][hopper_forward.block_d(head_dim)] = vals[0]
+                hopper_forward.CONFIG["stages"] = vals[1]
+            elif name == "gpad":
+                hopper_forward.CONFIG["split"] = False
             else:
                 raise SystemExit(f"unknown override {part!r}")
         forward._replays.clear()
@@ -116,6 +125,7 @@ def overrides(trial: str, head_dim: int):
         hopper_dq.CONFIG.clear()
         hopper_dq.CONFIG.update(saved_dq)
         hopper_backward.CONFIG.update(saved_dkdv)
+        hopper_forward.CONFIG.update(saved_fwd)
         forward._replays.clear()
         backward._replays.clear()
 

@@ -159,8 +159,9 @@ def test_replayed_argument_names_are_the_gluon_kernels_parameters():
     if not hopper_forward.available():
         pytest.skip("this Triton has no Gluon")
     names = hopper_forward._hopper_fwd_kernel.arg_names
-    assert names[:len(hopper_forward.REPLAY_ARGS)] == list(hopper_forward.REPLAY_ARGS)
-    assert names[7:11] == ["TileSeq", "TileBlk", "Sinks", "Alibi"]
+    assert set(hopper_forward.REPLAY_SPLIT_ARGS) == set(names[:10])
+    assert hopper_forward.REPLAY_SPLIT_ARGS[:7] == hopper_forward.REPLAY_ARGS
+    assert names[10:14] == ["TileSeq", "TileBlk", "Sinks", "Alibi"]
     for kernel, args in ((hopper_backward._hopper_dkdv_kernel, hopper_backward.REPLAY_ARGS),
                          (hopper_dkdv_wide._hopper_dkdv_wide_kernel,
                           hopper_dkdv_wide.REPLAY_ARGS)):
@@ -169,6 +170,17 @@ def test_replayed_argument_names_are_the_gluon_kernels_parameters():
     names = hopper_dq._hopper_dq_kernel.arg_names  # REPLAY_ARGS in the tl dQ kernel's order
     assert sorted(names[:len(hopper_dq.REPLAY_ARGS)]) == sorted(hopper_dq.REPLAY_ARGS)
     assert names[9:11] == ["TileSeq", "TileBlk"]
+
+
+def test_split_head_dims_are_two_power_of_two_chunks(monkeypatch):
+    """hopper_forward.split_widths: head dims that are the sum of two powers of two (the
+    first 64 or more, the second 16 or more) are read as two column chunks; the others, the
+    native widths, and every head dim with CONFIG["split"] off, are not."""
+    got = {d: hopper_forward.split_widths(d) for d in range(8, 257, 8)}
+    assert {d: w for d, w in got.items() if w is not None} == {
+        80: (64, 16), 96: (64, 32), 144: (128, 16), 160: (128, 32), 192: (128, 64)}
+    monkeypatch.setitem(hopper_forward.CONFIG, "split", False)
+    assert hopper_forward.split_widths(192) is None
 
 
 def test_head_dims_the_gluon_forward_reads_padded():

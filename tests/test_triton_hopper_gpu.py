@@ -1,8 +1,9 @@
 """The warp-specialised Gluon forward (backends/triton/hopper_forward.py) on an sm_90 GPU: it
-serves plain, softcap and ALiBi calls at head dims 64, 128 and 256 and those read
-zero-padded (80, 96, 192), with host lengths or device offsets only, agrees with the tl
-kernel and the float64 reference, keeps every sequence's reads inside the sequence, and
-compiles once for any lengths; the Gluon dK/dV and dQ kernels likewise.
+serves plain, softcap and ALiBi calls at head dims 64, 128 and 256, those read as two
+power-of-two column chunks (80, 96, 192) and those read zero-padded (112, 224), with host
+lengths or device offsets only, agrees with the tl kernel and the float64 reference, keeps
+every sequence's reads inside the sequence, and compiles once for any lengths; the Gluon
+dK/dV and dQ kernels likewise.
 
 Run on the device machine: python -m pytest -m gpu tests/test_triton_hopper_gpu.py
 """
@@ -70,7 +71,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [64, 128, 256, 96, 192, 80])  # the last three padded
+# 96, 192 and 80 read as two column chunks (hopper_forward.split_widths), 112 and 224 padded
+@pytest.mark.parametrize("head_dim", [64, 128, 256, 96, 192, 80, 112, 224])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_gluon_forward_matches_tl_kernel_and_reference(dtype, head_dim, case, gluon_calls):
     from attnhub.backends.triton import forward
@@ -157,11 +159,11 @@ def test_gluon_forward_reads_no_other_sequence(kw, head_dim, gluon_calls):
     assert torch.equal(out[others], clean[others])
 
 
-@pytest.mark.parametrize("head_dim", [96, 192])
+@pytest.mark.parametrize("head_dim", [96, 192, 112])
 def test_gluon_padded_head_dim_reads_no_other_head(head_dim, gluon_calls):
-    """A head dim read zero-padded (96 as 128, 192 as 256): the columns past it come from
-    TMA's zero fill, not the next head's values, so NaN keys and values of kv head 1 change
-    no output of the query heads of kv head 0."""
+    """A head dim the forward reads in two chunks (96 as 64 + 32, 192 as 128 + 64) or
+    zero-padded (112 as 128): no box reaches into the next head's columns, so NaN keys and
+    values of kv head 1 change no output of the query heads of kv head 0."""
     lengths = [300, 77, 130]
     q, k, v = _inputs(lengths, lengths, torch.bfloat16, head_dim, seed=4)
     info = attnhub.VarlenInfo.from_lengths(lengths, "cuda")

@@ -214,10 +214,12 @@ GLUON_FORWARDS = [
      {"softcap": 30.0, "alibi_slopes": torch.rand(8), "window_size": (64, 0)}, 256),
     ("device-tiles alibi softcap d64",
      {"device_tiles": True, "alibi_slopes": torch.rand(8), "softcap": 30.0}, 64),
-    ("causal d96 (padded to 128)", {"causal": True}, 96),
-    ("causal d192 (padded to 256)", {"causal": True}, 192),
-    ("device-tiles softcap window d80 (padded to 128)",
+    ("causal d96 (64 + 32 columns)", {"causal": True}, 96),
+    ("causal d192 (128 + 64 columns)", {"causal": True}, 192),
+    ("device-tiles softcap window d80 (64 + 16 columns)",
      {"device_tiles": True, "softcap": 30.0, "window_size": (64, 0)}, 80),
+    ("causal d112 (padded to 128)", {"causal": True}, 112),
+    ("causal d224 (padded to 256)", {"causal": True}, 224),
 ]
 
 

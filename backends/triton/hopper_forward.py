@@ -1,10 +1,10 @@
 """Warp-specialised varlen forward for Hopper (sm_90), written in Gluon.
 
-The forward without dropout, custom mask or pages (head dim 64, 128 or 256, or a multiple of 8
-in between read zero-padded to the next of them; fp16/bf16; causal, windows, softcap, ALiBi
-and attention sinks allowed) of the Triton backend on an
-H100/H200. One program per (query tile of 128 rows, query head), as the tl kernel
-(forward.py), but scheduled by hand:
+The forward without dropout, custom mask or pages (head dim 64, 128 or 256; a sum of two
+powers of two, 80, 96, 144, 160 or 192, read as two column chunks; any other multiple of 8 in
+between read zero-padded to the next of 64 / 128 / 256; fp16/bf16; causal, windows, softcap,
+ALiBi and attention sinks allowed) of the Triton backend on an H100/H200. One program per
+(query tile of 128 rows, query head), as the tl kernel (forward.py), but scheduled by hand:
 
 * a producer warp streams K and V blocks through TMA into a ring of STAGES shared buffers,
   one mbarrier per buffer and direction (ready / empty), K and V apart so QK^T starts before
@@ -58,7 +58,7 @@ BLOCK_M = 128
 # 64 x 256 fp32 accumulator (128 registers a thread) and the scores fit the consumers'
 # registers and Q plus two K and V stages fit shared memory (192 KiB)
 CONFIG = {"block_n": {64: 128, 128: 128, 256: 64}, "stages": 2, "consumer_regs": 240,
-          "producer_regs": 24}
+          "producer_regs": 24, "split": True}
 HEAD_DIMS = (64, 128, 256)  # other head dims are read zero-padded to the next of these
 # width -> the longest query sequence below which the tl forward serves instead: at width
 # 128 with every sequence 1-256 tokens long the tl kernel took 0.265 ms against 0.286 (H200,
@@ -84,6 +84,12 @@ if gluon is not None:
             return [row, head * HEAD_DIM]
 
     @gluon.constexpr_function
+    def _swizzle(cols):
+        """The NVMMA swizzle of 16-bit rows ``cols`` wide: 128 bytes, or the row itself when
+        narrower (TMA's default for such boxes)."""
+        return min(128, cols * 2)
+
+    @gluon.constexpr_function
     def _box_shape(shape):
         return [*shape[:-1], 1, shape[-1]]
 
@@ -94,8 +100,9 @@ if gluon is not None:
         (..., rows, 1, BLOCK_D) when PADDED (a unit dimension changes nothing in the
         swizzled layout, so the bytes are the same)."""
         if PADDED:
-            ROWS_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128,
-                                                             element_bitwidth=16, rank=2)
+            ROWS_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(
+                swizzle_byte_width=_swizzle(SHAPE[len(SHAPE) - 1]), element_bitwidth=16,
+                rank=2)
             rows = gl.allocate_shared_memory(desc.dtype, SHAPE, ROWS_LAYOUT)
             boxes = rows._reinterpret(desc.dtype, _box_shape(SHAPE), desc.layout)
         else:
@@ -104,25 +111,51 @@ if gluon is not None:
         return rows, boxes
 
     @gluon.jit
-    def _produce(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                 k_empty, v_empty, q_row, q_head, k_row, kv_head, n_blocks,
-                 HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 PADDED: gl.constexpr):
+    def _produce(desc_q, desc_k, desc_v, desc_q2, desc_k2, desc_v2, q_smem, k_smem, v_smem,
+                 q2_smem, k2_smem, v2_smem, q_bar, k_ready, v_ready, k_empty, v_empty, q_row,
+                 q_head, k_row, kv_head, n_blocks, HEAD_DIM: gl.constexpr,
+                 BLOCK_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 PADDED: gl.constexpr, SPLIT: gl.constexpr):
         """Producer warp: Q once, then K and V of blocks 0..n_blocks-1 into the ring (buffers
-        shaped as the descriptors' boxes)."""
-        mbarrier.expect(q_bar, desc_q.block_type.nbytes)
-        tma.async_copy_global_to_shared(desc_q, box_coordinates(q_row, q_head, HEAD_DIM,
-                                                                PADDED), q_bar, q_smem)
+        shaped as the descriptors' boxes); with SPLIT, each row's columns past BLOCK_D too,
+        through the second descriptors into the second buffers, on the same barriers."""
+        if SPLIT:
+            mbarrier.expect(q_bar, desc_q.block_type.nbytes + desc_q2.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc_q, [q_row, q_head, 0], q_bar, q_smem)
+            tma.async_copy_global_to_shared(desc_q2, [q_row, q_head, BLOCK_D], q_bar, q2_smem)
+        else:
+            mbarrier.expect(q_bar, desc_q.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc_q, box_coordinates(q_row, q_head, HEAD_DIM,
+                                                                    PADDED), q_bar, q_smem)
         for j in range(n_blocks):
             st = j % STAGES
             use = j // STAGES
             box = box_coordinates(k_row + j * BLOCK_N, kv_head, HEAD_DIM, PADDED)
             mbarrier.wait(k_empty.index(st), (use & 1) ^ 1, pred=use > 0)
-            mbarrier.expect(k_ready.index(st), desc_k.block_type.nbytes)
-            tma.async_copy_global_to_shared(desc_k, box, k_ready.index(st), k_smem.index(st))
+            if SPLIT:
+                box2 = [k_row + j * BLOCK_N, kv_head, BLOCK_D]
+                mbarrier.expect(k_ready.index(st),
+                                desc_k.block_type.nbytes + desc_k2.block_type.nbytes)
+                tma.async_copy_global_to_shared(desc_k, box, k_ready.index(st),
+                                                k_smem.index(st))
+                tma.async_copy_global_to_shared(desc_k2, box2, k_ready.index(st),
+                                                k2_smem.index(st))
+            else:
+                mbarrier.expect(k_ready.index(st), desc_k.block_type.nbytes)
+                tma.async_copy_global_to_shared(desc_k, box, k_ready.index(st),
+                                                k_smem.index(st))
             mbarrier.wait(v_empty.index(st), (use & 1) ^ 1, pred=use > 0)
-            mbarrier.expect(v_ready.index(st), desc_v.block_type.nbytes)
-            tma.async_copy_global_to_shared(desc_v, box, v_ready.index(st), v_smem.index(st))
+            if SPLIT:
+                mbarrier.expect(v_ready.index(st),
+                                desc_v.block_type.nbytes + desc_v2.block_type.nbytes)
+                tma.async_copy_global_to_shared(desc_v, box, v_ready.index(st),
+                                                v_smem.index(st))
+                tma.async_copy_global_to_shared(desc_v2, box2, v_ready.index(st),
+                                                v2_smem.index(st))
+            else:
+                mbarrier.expect(v_ready.index(st), desc_v.block_type.nbytes)
+                tma.async_copy_global_to_shared(desc_v, box, v_ready.index(st),
+                                                v_smem.index(st))
 
     @gluon.jit
     def program_tile(CuQ, TileSeq, TileBlk, batch, pid, BLOCK_M: gl.constexpr,
@@ -329,11 +362,12 @@ if gluon is not None:
         return s
 
     @gluon.jit
-    def _consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, v_zeroed,
-                 Out, Lse, Sinks, q_start, sq, h, m0, sk, offset, lo, n_blocks, full_lo,
-                 full_hi, qk_scale, tanh_scale, softcap2, slope2, window_left, window_right,
-                 stride_ot, stride_oh, total_q, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
-                 BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    def _consume(q_smem, k_smem, v_smem, q2_smem, k2_smem, v2_smem, q_bar, k_ready, v_ready,
+                 k_empty, v_empty, v_zeroed, Out, Lse, Sinks, q_start, sq, h, m0, sk, offset,
+                 lo, n_blocks, full_lo, full_hi, qk_scale, tanh_scale, softcap2, slope2,
+                 window_left, window_right, stride_ot, stride_oh, total_q, WG: gl.constexpr,
+                 HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_D2: gl.constexpr,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr,
                  HAS_SINKS: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
         """Consumer warpgroup WG (0 or 1): query rows [m0 + WG * ROWS, + ROWS) of the tile,
@@ -342,8 +376,11 @@ if gluon is not None:
         (HAS_SOFTCAP) and biased (HAS_ALIBI: every block) before the mask, as in
         forward.score_tile. Q, K and V rows are BLOCK_D wide, HEAD_DIM of them data and the
         rest zeros (TMA's fill past the head dim), so scores and O's first HEAD_DIM columns
-        are exact."""
+        are exact. With BLOCK_D2 (SPLIT: HEAD_DIM = BLOCK_D + BLOCK_D2, two powers of two)
+        the rows' last BLOCK_D2 columns sit in the second buffers: the scores sum two
+        matmuls, and O is two accumulators."""
         ROWS: gl.constexpr = BLOCK_M // 2
+        SPLIT: gl.constexpr = BLOCK_D2 > 0
         # scores turned into base-2 units before the max
         BASE2: gl.constexpr = HAS_SOFTCAP or HAS_ALIBI
         dtype: gl.constexpr = q_smem.dtype
@@ -354,6 +391,11 @@ if gluon is not None:
         ROW_O: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
         r0 = m0 + WG * ROWS
         q_rows = q_smem.slice(WG * ROWS, ROWS)
+        if SPLIT:
+            O2_LAYOUT: gl.constexpr = mma_layout(BLOCK_D2)
+            P2_LAYOUT: gl.constexpr = operand_a_layout(BLOCK_D2)
+            q2_rows = q2_smem.slice(WG * ROWS, ROWS)
+            acc2 = gl.zeros([ROWS, BLOCK_D2], gl.float32, O2_LAYOUT)
 
         m_i = gl.full([ROWS], float("-inf"), gl.float32, ROW_S)
         l_i = gl.zeros([ROWS], gl.float32, ROW_S)
@@ -368,6 +410,8 @@ if gluon is not None:
             mbarrier.wait(k_ready.index(0), 0)
             s = warpgroup_mma(q_rows, k_smem.index(0).permute((1, 0)), s_init, use_acc=False,
                               is_async=True)
+            if SPLIT:
+                s = warpgroup_mma(q2_rows, k2_smem.index(0).permute((1, 0)), s, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
             mbarrier.arrive(k_empty.index(0))
             s = _base2_scores(s, lo, r0, offset, qk_scale, tanh_scale, softcap2, slope2,
@@ -381,6 +425,8 @@ if gluon is not None:
             l_i = gl.sum(p, 1)
             m_i = m_blk
             p_op = gl.convert_layout(p.to(dtype), P_LAYOUT)
+            if SPLIT:
+                p2_op = gl.convert_layout(p.to(dtype), P2_LAYOUT)
             for j in range(1, n_mine):
                 st = j % STAGES
                 ks = lo + j * BLOCK_N
@@ -389,8 +435,15 @@ if gluon is not None:
                 mbarrier.wait(v_ready.index(pst), ((j - 1) // STAGES) & 1)
                 s = warpgroup_mma(q_rows, k_smem.index(st).permute((1, 0)), s_init,
                                   use_acc=False, is_async=True)
-                acc = warpgroup_mma(p_op, v_smem.index(pst), acc, is_async=True)
-                s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+                if SPLIT:
+                    s = warpgroup_mma(q2_rows, k2_smem.index(st).permute((1, 0)), s,
+                                      is_async=True)
+                    acc = warpgroup_mma(p_op, v_smem.index(pst), acc, is_async=True)
+                    acc2 = warpgroup_mma(p2_op, v2_smem.index(pst), acc2, is_async=True)
+                    s = warpgroup_mma_wait(num_outstanding=2, deps=(s, ))
+                else:
+                    acc = warpgroup_mma(p_op, v_smem.index(pst), acc, is_async=True)
+                    s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
                 mbarrier.arrive(k_empty.index(st))
                 s = _base2_scores(s, ks, r0, offset, qk_scale, tanh_scale, softcap2, slope2,
                                   S_LAYOUT, ROWS, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI)
@@ -403,7 +456,12 @@ if gluon is not None:
                 p = gl.exp2(_in_base2(s, qk_scale, BASE2) - m_use[:, None])
                 l_i = l_i * alpha + gl.sum(p, 1)
                 m_i = m_new
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                if SPLIT:
+                    acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
+                    acc2 = acc2 * gl.convert_layout(alpha, gl.SliceLayout(1, O2_LAYOUT))[:, None]
+                    p2_op = gl.convert_layout(p.to(dtype), P2_LAYOUT)
+                else:
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 mbarrier.arrive(v_empty.index(pst))
                 acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
                 p_op = gl.convert_layout(p.to(dtype), P_LAYOUT)
@@ -414,13 +472,19 @@ if gluon is not None:
             if tail < BLOCK_N:  # warpgroup 0 zeroes the rows past the end, 1 waits for it
                 if WG == 0:
                     zero_rows_from(v_smem.index(lst), tail, BLOCK_N, BLOCK_D)
+                    if SPLIT:
+                        zero_rows_from(v2_smem.index(lst), tail, BLOCK_N, BLOCK_D2)
                     fence_async_shared()
                     gl.thread_barrier()
                     mbarrier.arrive(v_zeroed)
                 else:
                     mbarrier.wait(v_zeroed, 0)
             acc = warpgroup_mma(p_op, v_smem.index(lst), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            if SPLIT:
+                acc2 = warpgroup_mma(p2_op, v2_smem.index(lst), acc2, is_async=True)
+                acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
+            else:
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(v_empty.index(lst))
         for j in range(n_mine, n_blocks):  # the K and V rings in the producer's order
             st = j % STAGES
@@ -436,6 +500,8 @@ if gluon is not None:
             alpha = gl.exp2(m_i - m_new)
             l_i = l_i * alpha + gl.exp2(sink2 - m_new)
             acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
+            if SPLIT:
+                acc2 = acc2 * gl.convert_layout(alpha, gl.SliceLayout(1, O2_LAYOUT))[:, None]
             m_i = m_new
         seen = l_i > 0.0
         inv = gl.convert_layout(1.0 / gl.where(seen, l_i, 1.0), ROW_O)
@@ -449,19 +515,29 @@ if gluon is not None:
         cols = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, OUT_LAYOUT))
         ptrs = Out + (q_start + rows).to(gl.int64)[:, None] * stride_ot + h * stride_oh \
             + cols[None, :]
-        if BLOCK_D == HEAD_DIM:
+        if BLOCK_D == HEAD_DIM or SPLIT:
             gl.store(ptrs, out, mask=(rows < sq)[:, None])
         else:
             gl.store(ptrs, out, mask=(rows < sq)[:, None] & (cols < HEAD_DIM)[None, :])
+        if SPLIT:  # the last BLOCK_D2 columns
+            OUT2_LAYOUT: gl.constexpr = row_layout(BLOCK_D2)
+            inv2 = gl.convert_layout(1.0 / gl.where(seen, l_i, 1.0),
+                                     gl.SliceLayout(1, O2_LAYOUT))
+            out2 = gl.convert_layout((acc2 * inv2[:, None]).to(dtype), OUT2_LAYOUT)
+            rows2 = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, OUT2_LAYOUT))
+            cols2 = BLOCK_D + gl.arange(0, BLOCK_D2, layout=gl.SliceLayout(0, OUT2_LAYOUT))
+            gl.store(Out + (q_start + rows2).to(gl.int64)[:, None] * stride_ot
+                     + h * stride_oh + cols2[None, :], out2, mask=(rows2 < sq)[:, None])
         lse_rows = r0 + gl.arange(0, ROWS, layout=ROW_S)
         gl.store(Lse + h.to(gl.int64) * total_q + q_start + lse_rows, lse, mask=lse_rows < sq)
 
     @gluon.jit(do_not_specialize=["total_q", "batch"])
-    def _hopper_fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, CuQ, CuK, TileSeq, TileBlk, Sinks,
-                           Alibi, stride_ot, stride_oh, stride_ab, total_q, batch, qk_scale,
-                           tanh_scale, softcap2, window_left, window_right,
-                           GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
-                           BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
+    def _hopper_fwd_kernel(desc_q, desc_k, desc_v, desc_q2, desc_k2, desc_v2, Out, Lse, CuQ,
+                           CuK, TileSeq, TileBlk, Sinks, Alibi, stride_ot, stride_oh,
+                           stride_ab, total_q, batch, qk_scale, tanh_scale, softcap2,
+                           window_left, window_right, GROUP: gl.constexpr,
+                           HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr,
+                           BLOCK_D2: gl.constexpr, BLOCK_M: gl.constexpr,
                            BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                            CONSUMER_REGS: gl.constexpr,
                            PRODUCER_REGS: gl.constexpr,
@@ -487,9 +563,17 @@ if gluon is not None:
                                                    WINDOW_RIGHT)
 
         PADDED: gl.constexpr = BLOCK_D != HEAD_DIM
+        SPLIT: gl.constexpr = BLOCK_D2 > 0
         q_smem, q_box = allocate_rows(desc_q, [BLOCK_M, BLOCK_D], PADDED)
         k_smem, k_box = allocate_rows(desc_k, [STAGES, BLOCK_N, BLOCK_D], PADDED)
         v_smem, v_box = allocate_rows(desc_v, [STAGES, BLOCK_N, BLOCK_D], PADDED)
+        if SPLIT:  # the rows' last BLOCK_D2 columns (desc_*2 boxes)
+            q2_smem, q2_box = allocate_rows(desc_q2, [BLOCK_M, BLOCK_D2], True)
+            k2_smem, k2_box = allocate_rows(desc_k2, [STAGES, BLOCK_N, BLOCK_D2], True)
+            v2_smem, v2_box = allocate_rows(desc_v2, [STAGES, BLOCK_N, BLOCK_D2], True)
+        else:  # placeholders the partitions never read
+            q2_smem, k2_smem, v2_smem = q_smem, k_smem, v_smem
+            q2_box, k2_box, v2_box = q_box, k_box, v_box
         q_bar = allocate_barrier(1)
         k_ready, k_empty = allocate_ring(STAGES)
         v_ready, v_empty = allocate_ring(STAGES)
@@ -497,21 +581,22 @@ if gluon is not None:
         fence_async_shared()
 
         gl.warp_specialize([
-            (_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
-                        v_zeroed, Out, Lse, Sinks, q_start, sq, h, m0, sk, offset, lo,
-                        n_blocks, full_lo, full_hi, qk_scale, tanh_scale, softcap2, slope2,
-                        window_left, window_right, stride_ot, stride_oh, total_q, 0, HEAD_DIM,
-                        BLOCK_D, BLOCK_M, BLOCK_N, STAGES, WINDOW_LEFT, WINDOW_RIGHT,
-                        HAS_SINKS, HAS_SOFTCAP, HAS_ALIBI)),
-            (_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
-                        v_zeroed, Out, Lse, Sinks, q_start, sq, h, m0, sk, offset, lo,
-                        n_blocks, full_lo, full_hi, qk_scale, tanh_scale, softcap2, slope2,
-                        window_left, window_right, stride_ot, stride_oh, total_q, 1, HEAD_DIM,
-                        BLOCK_D, BLOCK_M, BLOCK_N, STAGES, WINDOW_LEFT, WINDOW_RIGHT,
-                        HAS_SINKS, HAS_SOFTCAP, HAS_ALIBI)),
-            (_produce, (desc_q, desc_k, desc_v, q_box, k_box, v_box, q_bar, k_ready, v_ready,
-                        k_empty, v_empty, q_start + m0, h, k_start + lo, h // GROUP, n_blocks,
-                        HEAD_DIM, BLOCK_N, STAGES, PADDED)),
+            (_consume, (q_smem, k_smem, v_smem, q2_smem, k2_smem, v2_smem, q_bar, k_ready,
+                        v_ready, k_empty, v_empty, v_zeroed, Out, Lse, Sinks, q_start, sq, h,
+                        m0, sk, offset, lo, n_blocks, full_lo, full_hi, qk_scale, tanh_scale,
+                        softcap2, slope2, window_left, window_right, stride_ot, stride_oh,
+                        total_q, 0, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES,
+                        WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS, HAS_SOFTCAP, HAS_ALIBI)),
+            (_consume, (q_smem, k_smem, v_smem, q2_smem, k2_smem, v2_smem, q_bar, k_ready,
+                        v_ready, k_empty, v_empty, v_zeroed, Out, Lse, Sinks, q_start, sq, h,
+                        m0, sk, offset, lo, n_blocks, full_lo, full_hi, qk_scale, tanh_scale,
+                        softcap2, slope2, window_left, window_right, stride_ot, stride_oh,
+                        total_q, 1, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES,
+                        WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS, HAS_SOFTCAP, HAS_ALIBI)),
+            (_produce, (desc_q, desc_k, desc_v, desc_q2, desc_k2, desc_v2, q_box, k_box, v_box,
+                        q2_box, k2_box, v2_box, q_bar, k_ready, v_ready, k_empty, v_empty,
+                        q_start + m0, h, k_start + lo, h // GROUP, n_blocks, HEAD_DIM, BLOCK_D,
+                        BLOCK_N, STAGES, PADDED, SPLIT)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -575,6 +660,20 @@ def tl_is_faster(problem) -> bool:
     return 0 < problem.max_seqlen_q <= TL_BELOW.get(width, 0)
 
 
+def split_widths(head_dim: int) -> tuple[int, int] | None:
+    """(first, second) when the forward reads ``head_dim`` as two column chunks whose widths
+    are powers of two (96 = 64 + 32, 192 = 128 + 64, 80, 144, 160), instead of zero-padded
+    to the next of HEAD_DIMS (a quarter to a half of the matmul work on zeros); None for the
+    others, or with CONFIG["split"] off."""
+    if not CONFIG["split"] or head_dim in HEAD_DIMS or block_d(head_dim) is None:
+        return None
+    first = 1 << (head_dim.bit_length() - 1)
+    second = head_dim - first
+    if first < 64 or second < 16 or second & (second - 1):
+        return None
+    return first, second
+
+
 def descriptor(t: torch.Tensor, head_dim: int, rows: int, width: int | None = None):
     """Gluon TMA descriptor of (rows, heads, head_dim) ``t`` as (rows, heads * head_dim),
     loading (rows, head_dim) boxes into the default NVMMA shared layout; with a ``width``
@@ -610,15 +709,19 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     block_n = CONFIG["block_n"][width]
     programs, tile_seq, tile_blk, device_tiles = tiles
     grid = (programs, problem.nheads)
-    descriptors = (descriptor(q, d, BLOCK_M, width), descriptor(k, d, block_n, width),
-                   descriptor(v, d, block_n, width))
-    args = (*descriptors, out, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_blk,
+    split = split_widths(d)
+    first, second = split if split is not None else (width, 0)
+    descriptors = (descriptor(q, d, BLOCK_M, first), descriptor(k, d, block_n, first),
+                   descriptor(v, d, block_n, first))
+    seconds = ((descriptor(q, d, BLOCK_M, second), descriptor(k, d, block_n, second),
+                descriptor(v, d, block_n, second)) if second else (None, None, None))
+    args = (*descriptors, *seconds, out, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_blk,
             sinks if sinks is not None else lse, alibi if alibi is not None else cu_seqlens_q,
             out.stride(0), out.stride(1),
             alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0,
             problem.total_q, problem.batch, *scalars, left, right)
     kwargs = dict(
-        GROUP=problem.group_size, HEAD_DIM=d, BLOCK_D=width, BLOCK_M=BLOCK_M,
+        GROUP=problem.group_size, HEAD_DIM=d, BLOCK_D=first, BLOCK_D2=second, BLOCK_M=BLOCK_M,
         BLOCK_N=block_n, STAGES=CONFIG["stages"], CONSUMER_REGS=CONFIG["consumer_regs"],
         PRODUCER_REGS=CONFIG["producer_regs"],
         TOP_LEFT=problem.mask_alignment == "top_left", WINDOW_LEFT=left >= 0,
@@ -628,7 +731,8 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     if record:
         from .replay import LaunchRecord
 
-        return LaunchRecord.launch(_hopper_fwd_kernel, grid, args, kwargs, REPLAY_ARGS)
+        return LaunchRecord.launch(_hopper_fwd_kernel, grid, args, kwargs,
+                                   REPLAY_SPLIT_ARGS if second else REPLAY_ARGS)
     _hopper_fwd_kernel[grid](*args, **kwargs)
     return None
 
@@ -637,3 +741,5 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
 # DEVICE_TILES the tile arguments are unread placeholders; batch and the scalars come from
 # the problem, the same at every replay.
 REPLAY_ARGS = ("desc_q", "desc_k", "desc_v", "Out", "Lse", "CuQ", "CuK")
+# split head dims (split_widths): q, k and v again, for the second chunks' descriptors
+REPLAY_SPLIT_ARGS = (*REPLAY_ARGS, "desc_q2", "desc_k2", "desc_v2")
