@@ -91,6 +91,27 @@ def test_fa4_sinks_against_reference(dtype, kw):
         assert (g.float() - r.float()).abs().max() < 5e-2 * max(1.0, r.abs().max().item())
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(causal=True), dict(window_size=(16, 3))],
+                         ids=["full", "causal", "window"])
+def test_torch_flash_out_only_gradients_come_from_torchs_own_node(kw):
+    """Without return_lse the call runs under the aten op's own autograd node
+    (Backend.autograd_out): its gradients match the reference and attnhub's Function path
+    (return_lse) on lengths with rows that see no key (sk 0, sq > sk)."""
+    q, k, v = _qkv(torch.bfloat16, grad=True)
+    iq = attnhub.VarlenInfo.from_lengths(LENGTHS_Q, "cuda")
+    ik = attnhub.VarlenInfo.from_lengths(LENGTHS_K, "cuda")
+    out = attnhub.attention_forward_varlen(q, k, v, iq, ik, backend="torch-flash", **kw)
+    assert "FlashAttentionBackward" in type(out.grad_fn).__name__
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    f_out, _, f_grads = _run("torch-flash", q, k, v, **kw)
+    _, _, r_grads = _run("reference", q, k, v, **kw)
+    assert torch.equal(out, f_out)
+    for g, f, r in zip(grads, f_grads, r_grads, strict=True):
+        scale = max(1.0, r.abs().max().item())
+        assert (g.float() - r.float()).abs().max() < 5e-2 * scale
+        assert (g.float() - f.float()).abs().max() < 1e-2 * scale  # FA2's dQ atomics' order
+
+
 def test_torch_flash_dropout_is_reproducible_and_backward_uses_its_mask():
     q, k, v = _qkv(torch.bfloat16, grad=True)
     torch.manual_seed(3)
