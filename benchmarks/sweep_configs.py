@@ -20,7 +20,7 @@ Each trial is a '+'-joined list of overrides (an empty trial: the shipped settin
 * ``gwide:BM:S``      the Gluon dK/dV at width 256 (hopper_dkdv_wide.py): BM query rows per
   block, S stages
 * ``gfwd:BN:S``       the Gluon forward at the cell's width: BN keys per block, S stages
-* ``gpad``            the Gluon forward reads every head dim outside 64 / 128 / 256
+* ``gpad``            the Gluon kernels read every head dim outside 64 / 128 / 256
   zero-padded (no two-chunk reads: hopper_forward.split_widths)
 
     python benchmarks/sweep_configs.py --cells d192,d256 --mode fwd+bwd \

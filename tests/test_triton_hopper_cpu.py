@@ -159,17 +159,18 @@ def test_replayed_argument_names_are_the_gluon_kernels_parameters():
     if not hopper_forward.available():
         pytest.skip("this Triton has no Gluon")
     names = hopper_forward._hopper_fwd_kernel.arg_names
-    assert set(hopper_forward.REPLAY_SPLIT_ARGS) == set(names[:10])
-    assert hopper_forward.REPLAY_SPLIT_ARGS[:7] == hopper_forward.REPLAY_ARGS
+    assert set(hopper_forward.REPLAY_TWO_CHUNK_ARGS) == set(names[:10])
+    assert hopper_forward.REPLAY_TWO_CHUNK_ARGS[:7] == hopper_forward.REPLAY_ARGS
     assert names[10:14] == ["TileSeq", "TileBlk", "Sinks", "Alibi"]
-    for kernel, args in ((hopper_backward._hopper_dkdv_kernel, hopper_backward.REPLAY_ARGS),
-                         (hopper_dkdv_wide._hopper_dkdv_wide_kernel,
-                          hopper_dkdv_wide.REPLAY_ARGS)):
-        assert kernel.arg_names[:len(args)] == list(args)
-        assert kernel.arg_names[10:12] == ["TileSeq", "TileBlk"]
-    names = hopper_dq._hopper_dq_kernel.arg_names  # REPLAY_ARGS in the tl dQ kernel's order
-    assert sorted(names[:len(hopper_dq.REPLAY_ARGS)]) == sorted(hopper_dq.REPLAY_ARGS)
-    assert names[9:11] == ["TileSeq", "TileBlk"]
+    names = hopper_dkdv_wide._hopper_dkdv_wide_kernel.arg_names
+    assert names[:len(hopper_dkdv_wide.REPLAY_ARGS)] == list(hopper_dkdv_wide.REPLAY_ARGS)
+    assert names[10:12] == ["TileSeq", "TileBlk"]
+    # the narrow dK/dV and the dQ: every tensor parameter before the tile list is replayed
+    for module, n in ((hopper_backward, 14), (hopper_dq, 13)):
+        kernel = getattr(module, "_hopper_dkdv_kernel", None) or module._hopper_dq_kernel
+        assert set(kernel.arg_names[:n]) == set(module.REPLAY_TWO_CHUNK_ARGS)
+        assert module.REPLAY_TWO_CHUNK_ARGS[:len(module.REPLAY_ARGS)] == module.REPLAY_ARGS
+        assert kernel.arg_names[n:n + 2] == ["TileSeq", "TileBlk"]
 
 
 def test_split_head_dims_are_two_power_of_two_chunks(monkeypatch):

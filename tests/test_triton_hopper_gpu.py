@@ -178,11 +178,12 @@ def test_gluon_padded_head_dim_reads_no_other_head(head_dim, gluon_calls):
     assert out[:, group:2 * group].isnan().all()
 
 
-@pytest.mark.parametrize("head_dim", [96, 192])
+@pytest.mark.parametrize("head_dim", [96, 192, 112])
 def test_gluon_padded_backward_reads_no_other_head(head_dim, gluon_dkdv_calls, gluon_dq_calls):
-    """Head dims 96 and 192 read as 128 and 256 in the Gluon dK/dV (192: as two 128-column
-    halves) and dQ: NaN in the query heads, output gradients, keys and values of kv head 1
-    change no gradient of kv head 0's heads."""
+    """Head dims read in two column chunks (96 in the dK/dV and dQ, 192 in the dQ),
+    zero-padded (112 as 128) or as two 128-column halves (192 in the wide dK/dV): NaN in
+    the query heads, output gradients, keys and values of kv head 1 change no gradient of
+    kv head 0's heads."""
     lengths = [300, 77, 130]
     q, k, v = _inputs(lengths, lengths, torch.bfloat16, head_dim, seed=6)
     dout = torch.randn_like(q)
@@ -270,7 +271,8 @@ def _lengths(offsets: str, lengths_q, lengths_k) -> tuple:
 
 @pytest.mark.parametrize("offsets", ["host", "device"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [64, 128, 96, 80, 256, 192])  # 96, 80, 192 padded
+# 96, 80 (dK/dV, dQ) and 192 (dQ) in two chunks, 112 and 192 (dK/dV) padded
+@pytest.mark.parametrize("head_dim", [64, 128, 96, 80, 256, 192, 112])
 @pytest.mark.parametrize("case", range(len(BWD_CASES)))
 def test_gluon_dkdv_matches_tl_kernel_and_reference(dtype, head_dim, case, offsets,
                                                     gluon_dkdv_calls, gluon_dq_calls):
@@ -304,7 +306,7 @@ def test_gluon_dkdv_matches_tl_kernel_and_reference(dtype, head_dim, case, offse
 
 
 @pytest.mark.parametrize("offsets", ["host", "device"])
-@pytest.mark.parametrize("head_dim", [64, 128, 96, 256, 192])  # 96, 192: padded
+@pytest.mark.parametrize("head_dim", [64, 128, 96, 256, 192, 112])  # 96, 192: two chunks
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_gluon_dq_serves_every_mask_and_device_offsets(case, head_dim, offsets,
                                                        gluon_dq_calls):

@@ -133,28 +133,28 @@ def launch_all(sinks: bool) -> None:
                 hopper_dq.dq(problem, q, k, k, q, lse, lse, q.clone(), inputs.cu_seqlens_q,
                              inputs.cu_seqlens_k, tiles, 0.1)
             LABEL[0] = ""
-    if hopper_forward.available():  # the Gluon backward at a head dim read zero-padded
-        LABEL[0] = " [causal d96 padded to 128]"
-        q96 = torch.randn(sum(lq), 8, 96, dtype=torch.float16, generator=g)
-        k96 = torch.randn(sum(lk), 2, 96, dtype=torch.float16, generator=g)
-        problem, inputs = attnhub.normalize(q96, k96, k96, info_q, info_k, causal=True)
-        lse96 = torch.empty(8, problem.total_q)
-        k_tiles = forward.launch_tiles(problem, inputs.cu_seqlens_k, hopper_backward.BLOCK_N,
-                                       False)
-        hopper_backward.dkdv(problem, q96, k96, k96, q96, lse96, lse96, k96.clone(),
-                             k96.clone(), inputs.cu_seqlens_q, inputs.cu_seqlens_k, k_tiles,
-                             0.1)
-        tiles = forward.launch_tiles(problem, inputs.cu_seqlens_q, hopper_dq.BLOCK_M, True)
-        hopper_dq.dq(problem, q96, k96, k96, q96, lse96, lse96, q96.clone(),
-                     inputs.cu_seqlens_q, inputs.cu_seqlens_k, tiles, 0.1)
-        LABEL[0] = " [causal d96 padded to 128, device tiles]"
-        cu_q, cu_k = inputs.cu_seqlens_q, inputs.cu_seqlens_k
-        programs = -(-problem.total_k // hopper_backward.BLOCK_N) + problem.batch
-        hopper_backward.dkdv(problem, q96, k96, k96, q96, lse96, lse96, k96.clone(),
-                             k96.clone(), cu_q, cu_k, (programs, cu_k, cu_k, True), 0.1)
-        programs = -(-problem.total_q // hopper_dq.BLOCK_M) + problem.batch
-        hopper_dq.dq(problem, q96, k96, k96, q96, lse96, lse96, q96.clone(), cu_q, cu_k,
-                     (programs, cu_q, cu_q, True), 0.1)
+    if hopper_forward.available():  # the Gluon backward at head dims below 128 but 64
+        for head_dim, how in ((96, "64 + 32 columns"), (112, "padded to 128")):
+            LABEL[0] = f" [causal d{head_dim} {how}]"
+            qp = torch.randn(sum(lq), 8, head_dim, dtype=torch.float16, generator=g)
+            kp = torch.randn(sum(lk), 2, head_dim, dtype=torch.float16, generator=g)
+            problem, inputs = attnhub.normalize(qp, kp, kp, info_q, info_k, causal=True)
+            lsep = torch.empty(8, problem.total_q)
+            k_tiles = forward.launch_tiles(problem, inputs.cu_seqlens_k,
+                                           hopper_backward.BLOCK_N, False)
+            hopper_backward.dkdv(problem, qp, kp, kp, qp, lsep, lsep, kp.clone(), kp.clone(),
+                                 inputs.cu_seqlens_q, inputs.cu_seqlens_k, k_tiles, 0.1)
+            tiles = forward.launch_tiles(problem, inputs.cu_seqlens_q, hopper_dq.BLOCK_M, True)
+            hopper_dq.dq(problem, qp, kp, kp, qp, lsep, lsep, qp.clone(), inputs.cu_seqlens_q,
+                         inputs.cu_seqlens_k, tiles, 0.1)
+            LABEL[0] = f" [causal d{head_dim} {how}, device tiles]"
+            cu_q, cu_k = inputs.cu_seqlens_q, inputs.cu_seqlens_k
+            programs = -(-problem.total_k // hopper_backward.BLOCK_N) + problem.batch
+            hopper_backward.dkdv(problem, qp, kp, kp, qp, lsep, lsep, kp.clone(), kp.clone(),
+                                 cu_q, cu_k, (programs, cu_k, cu_k, True), 0.1)
+            programs = -(-problem.total_q // hopper_dq.BLOCK_M) + problem.batch
+            hopper_dq.dq(problem, qp, kp, kp, qp, lsep, lsep, qp.clone(), cu_q, cu_k,
+                         (programs, cu_q, cu_q, True), 0.1)
         LABEL[0] = ""
     if hopper_forward.available():  # the Gluon backward at width 256 (hopper_dkdv_wide)
         for head_dim in (256, 192):

@@ -471,24 +471,18 @@ _replays = replay.ReplayCache()
 
 class ForwardReplay:
     """A recorded forward launch of the tl (``gluon`` False) or Gluon kernel; ``tma``: the
-    tl kernel's record also takes K and V for its TMA descriptors; ``split``: the Gluon
-    kernel's record also takes Q, K and V for its second-chunk descriptors
-    (hopper_forward.split_widths)."""
+    tl kernel's record also takes K and V for its TMA descriptors."""
 
-    __slots__ = ("gluon", "record", "split", "tma")
+    __slots__ = ("gluon", "record", "tma")
 
-    def __init__(self, record: replay.LaunchRecord, tma: bool, gluon: bool,
-                 split: bool = False) -> None:
+    def __init__(self, record: replay.LaunchRecord, tma: bool, gluon: bool) -> None:
         self.record = record
         self.tma = tma
         self.gluon = gluon
-        self.split = split
 
     def launch(self, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k) -> bool:
         if self.tma:
             return self.record(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, k, v)
-        if self.split:
-            return self.record(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, q, k, v)
         return self.record(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
 
 
@@ -588,9 +582,8 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor |
                                           score_scalars(problem), sinks, alibi,
                                           record=recording)
         if recording:
-            split = hopper_forward.split_widths(problem.head_dim) is not None
-            _replays.put(problem, replay_key,
-                         ForwardReplay(recorded, False, True, split) if recorded else None)
+            _replays.put(problem, replay_key, ForwardReplay(recorded, False, True) if recorded
+                         else None)
         return out, lse
     use_tma = rows_exact and tma and tma_ready(problem.head_dim, k, v)
     desc_k = desc_v = dummy

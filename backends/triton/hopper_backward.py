@@ -1,9 +1,10 @@
 """Warp-specialised dK/dV kernel of the varlen backward for Hopper (sm_90), written in Gluon.
 
-Serves plain causal calls (no softcap, ALiBi, dropout or custom mask; head dim 64, or a
-multiple of 8 up to 128 read zero-padded to 128 as the forward reads it, and through
-hopper_dkdv_wide.py the head dims 136-256 read at width 256; fp16/bf16; host
-lengths or device offsets; the right side of the mask bounded: causal or a right window;
+Serves plain causal calls (no softcap, ALiBi, dropout or custom mask; head dim 64; 80 and 96
+read as two column chunks, the other multiples of 8 up to 128 zero-padded to 128, as the
+forward reads them; and through hopper_dkdv_wide.py the head dims 136-256 read at width
+256; fp16/bf16; host lengths or device offsets; the right side of the mask bounded: causal
+or a right window;
 backward.py picks it, as it is slower than the tl kernel without a causal mask on the H200).
 One program per
 (key tile of 128 rows, kv head), as the tl dK/dV kernel (backward.py): it loops over the
@@ -47,6 +48,7 @@ if gluon is not None:
         probabilities_t,
         program_tile,
         query_range,
+        row_layout,
         row_statistics,
         sequence_bounds,
         zero_rows_from,
@@ -64,16 +66,27 @@ CONFIG = {"block_m": {64: 64, 128: 32, 256: 32}, "stages": 3, "stages_wide": 3,
 if gluon is not None:
 
     @gluon.jit
-    def _produce(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, kv_bar,
-                 ready, empty, k_row, kvh, q_row, share, lo, n_blocks, GROUP: gl.constexpr,
-                 HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                 PADDED: gl.constexpr):
+    def _produce(desc_q, desc_k, desc_v, desc_do, desc_q2, desc_k2, desc_v2, desc_do2,
+                 k_smem, v_smem, q_smem, do_smem, k2_smem, v2_smem, q2_smem, do2_smem,
+                 kv_bar, ready, empty, k_row, kvh, q_row, share, lo, n_blocks,
+                 GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr,
+                 BLOCK_M: gl.constexpr, STAGES: gl.constexpr, PADDED: gl.constexpr,
+                 TWO_CHUNKS: gl.constexpr):
         """Producer warp: K and V once, then Q and dO of every (head, query block), into
-        buffers shaped as the descriptors' boxes."""
-        mbarrier.expect(kv_bar, 2 * desc_k.block_type.nbytes)
-        box = box_coordinates(k_row, kvh, HEAD_DIM, PADDED)
-        tma.async_copy_global_to_shared(desc_k, box, kv_bar, k_smem)
-        tma.async_copy_global_to_shared(desc_v, box, kv_bar, v_smem)
+        buffers shaped as the descriptors' boxes; with TWO_CHUNKS the rows' columns past
+        BLOCK_D too, through the second descriptors, on the same barriers."""
+        if TWO_CHUNKS:
+            mbarrier.expect(kv_bar, 2 * desc_k.block_type.nbytes + 2 * desc_k2.block_type.nbytes)
+            box = box_coordinates(k_row, kvh, HEAD_DIM, PADDED)
+            tma.async_copy_global_to_shared(desc_k, box, kv_bar, k_smem)
+            tma.async_copy_global_to_shared(desc_v, box, kv_bar, v_smem)
+            tma.async_copy_global_to_shared(desc_k2, [k_row, kvh, BLOCK_D], kv_bar, k2_smem)
+            tma.async_copy_global_to_shared(desc_v2, [k_row, kvh, BLOCK_D], kv_bar, v2_smem)
+        else:
+            mbarrier.expect(kv_bar, 2 * desc_k.block_type.nbytes)
+            box = box_coordinates(k_row, kvh, HEAD_DIM, PADDED)
+            tma.async_copy_global_to_shared(desc_k, box, kv_bar, k_smem)
+            tma.async_copy_global_to_shared(desc_v, box, kv_bar, v_smem)
         c = 0
         for g in range(GROUP):
             for i in range(n_blocks):
@@ -82,21 +95,35 @@ if gluon is not None:
                 box = box_coordinates(q_row + lo + i * BLOCK_M, share * GROUP + g, HEAD_DIM,
                                       PADDED)
                 mbarrier.wait(empty.index(st), (use & 1) ^ 1, pred=use > 0)
-                mbarrier.expect(ready.index(st), 2 * desc_q.block_type.nbytes)
+                if TWO_CHUNKS:
+                    mbarrier.expect(ready.index(st), 2 * desc_q.block_type.nbytes
+                                    + 2 * desc_q2.block_type.nbytes)
+                else:
+                    mbarrier.expect(ready.index(st), 2 * desc_q.block_type.nbytes)
                 tma.async_copy_global_to_shared(desc_q, box, ready.index(st), q_smem.index(st))
                 tma.async_copy_global_to_shared(desc_do, box, ready.index(st),
                                                 do_smem.index(st))
+                if TWO_CHUNKS:
+                    box2 = [q_row + lo + i * BLOCK_M, share * GROUP + g, BLOCK_D]
+                    tma.async_copy_global_to_shared(desc_q2, box2, ready.index(st),
+                                                    q2_smem.index(st))
+                    tma.async_copy_global_to_shared(desc_do2, box2, ready.index(st),
+                                                    do2_smem.index(st))
                 c += 1
 
     @gluon.jit
-    def _consume(k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, Lse, Delta, DK,
-                 DV, q_start, sq, k_start, sk, n0, offset, share, lo, n_blocks, full_lo,
-                 full_hi, qk_scale, sm_scale, window_left, window_right, total_q, stride_dkt,
-                 stride_dkh, stride_dvt, stride_dvh, WG: gl.constexpr, GROUP: gl.constexpr,
-                 HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
+    def _consume(k_smem, v_smem, q_smem, do_smem, k2_smem, v2_smem, q2_smem, do2_smem, kv_bar,
+                 ready, empty, Lse, Delta, DK, DV, q_start, sq, k_start, sk, n0, offset, share,
+                 lo, n_blocks, full_lo, full_hi, qk_scale, sm_scale, window_left,
+                 window_right, total_q, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                 WG: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 BLOCK_D: gl.constexpr, BLOCK_D2: gl.constexpr, BLOCK_M: gl.constexpr,
                  STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
         """Consumer warpgroup WG: dK and dV of key rows [n0 + 64 WG, + 64). Rows are BLOCK_D
-        wide, HEAD_DIM of them data and the rest zeros (TMA's fill past the head dim)."""
+        wide, HEAD_DIM of them data and the rest zeros (TMA's fill past the head dim); with
+        BLOCK_D2 (HEAD_DIM = BLOCK_D + BLOCK_D2, hopper_forward.split_widths) their last
+        BLOCK_D2 columns sit in the second buffers: S^T and dP^T sum two matmuls each, and
+        dK and dV are two accumulators each."""
         ROWS: gl.constexpr = 64
         dtype: gl.constexpr = q_smem.dtype
         S_LAYOUT: gl.constexpr = mma_layout(BLOCK_M)
@@ -110,6 +137,17 @@ if gluon is not None:
         s_init = gl.zeros([ROWS, BLOCK_M], gl.float32, S_LAYOUT)
         dk = gl.zeros([ROWS, BLOCK_D], gl.float32, G_LAYOUT)
         dv = gl.zeros([ROWS, BLOCK_D], gl.float32, G_LAYOUT)
+        TWO_CHUNKS: gl.constexpr = BLOCK_D2 > 0
+        # wgmma groups still running when S^T (then dP^T) is waited for: the other
+        # matrix's one or two, then dV's
+        PENDING: gl.constexpr = 2 if TWO_CHUNKS else 1
+        if TWO_CHUNKS:
+            G2_LAYOUT: gl.constexpr = mma_layout(BLOCK_D2)
+            A2_LAYOUT: gl.constexpr = operand_a_layout(BLOCK_D2)
+            k2_rows = k2_smem.slice(WG * ROWS, ROWS)
+            v2_rows = v2_smem.slice(WG * ROWS, ROWS)
+            dk2 = gl.zeros([ROWS, BLOCK_D2], gl.float32, G2_LAYOUT)
+            dv2 = gl.zeros([ROWS, BLOCK_D2], gl.float32, G2_LAYOUT)
         mbarrier.wait(kv_bar, 0)
         # the last query block crosses the sequence's end: its rows past it are zeroed
         tail = sq - (lo + (n_blocks - 1) * BLOCK_M)
@@ -125,29 +163,47 @@ if gluon is not None:
                     # between them, which once per head could run a phase ahead)
                     zero_rows_from(q_smem.index(st), tail, BLOCK_M, BLOCK_D)
                     zero_rows_from(do_smem.index(st), tail, BLOCK_M, BLOCK_D)
+                    if TWO_CHUNKS:
+                        zero_rows_from(q2_smem.index(st), tail, BLOCK_M, BLOCK_D2)
+                        zero_rows_from(do2_smem.index(st), tail, BLOCK_M, BLOCK_D2)
                     fence_async_shared()
                     gl.thread_barrier()
                 q_buf = q_smem.index(st)
                 do_buf = do_smem.index(st)
                 st_acc = warpgroup_mma(k_rows, q_buf.permute((1, 0)), s_init, use_acc=False,
                                        is_async=True)
+                if TWO_CHUNKS:
+                    st_acc = warpgroup_mma(k2_rows, q2_smem.index(st).permute((1, 0)), st_acc,
+                                           is_async=True)
                 dpt = warpgroup_mma(v_rows, do_buf.permute((1, 0)), s_init, use_acc=False,
                                     is_async=True)
+                if TWO_CHUNKS:
+                    dpt = warpgroup_mma(v2_rows, do2_smem.index(st).permute((1, 0)), dpt,
+                                        is_async=True)
                 qi = qs + gl.arange(0, BLOCK_M, layout=COL_S)
                 q_ok = qi < sq
                 lse2, delta = row_statistics(Lse, Delta, h, total_q, q_start, qi, q_ok)
-                s = warpgroup_mma_wait(num_outstanding=1, deps=(st_acc, ))
+                s = warpgroup_mma_wait(num_outstanding=PENDING, deps=(st_acc, ))
                 pt = probabilities_t(s, qk_scale, lse2, qs, qi, q_ok, kj, offset, full_lo,
                                      full_hi, window_left, window_right, BLOCK_M,
                                      WINDOW_LEFT, WINDOW_RIGHT)
                 dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), A_LAYOUT), do_buf, dv,
                                    is_async=True)
-                dp = warpgroup_mma_wait(num_outstanding=1, deps=(dpt, ))
+                if TWO_CHUNKS:
+                    dv2 = warpgroup_mma(gl.convert_layout(pt.to(dtype), A2_LAYOUT),
+                                        do2_smem.index(st), dv2, is_async=True)
+                dp = warpgroup_mma_wait(num_outstanding=PENDING, deps=(dpt, ))
                 dst = pt * (dp - delta[None, :])
                 dk = warpgroup_mma(gl.convert_layout(dst.to(dtype), A_LAYOUT), q_buf, dk,
                                    is_async=True)
-                dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ))
-                dv = warpgroup_mma_wait(num_outstanding=0, deps=(dv, ))
+                if TWO_CHUNKS:
+                    dk2 = warpgroup_mma(gl.convert_layout(dst.to(dtype), A2_LAYOUT),
+                                        q2_smem.index(st), dk2, is_async=True)
+                    dk, dk2 = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dk2))
+                    dv, dv2 = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dv2))
+                else:
+                    dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ))
+                    dv = warpgroup_mma_wait(num_outstanding=0, deps=(dv, ))
                 mbarrier.arrive(empty.index(st))
                 c += 1
 
@@ -163,13 +219,27 @@ if gluon is not None:
         gl.store(DK + rows64 * stride_dkt + share * stride_dkh + cols[None, :], dk_out, mask=ok)
         dv_out = gl.convert_layout(dv.to(DV.dtype.element_ty), OUT_LAYOUT)
         gl.store(DV + rows64 * stride_dvt + share * stride_dvh + cols[None, :], dv_out, mask=ok)
+        if TWO_CHUNKS:  # the last BLOCK_D2 columns
+            OUT2_LAYOUT: gl.constexpr = row_layout(BLOCK_D2)
+            rows2 = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, OUT2_LAYOUT))
+            cols2 = BLOCK_D + gl.arange(0, BLOCK_D2, layout=gl.SliceLayout(0, OUT2_LAYOUT))
+            ok2 = (rows2 < sk)[:, None]
+            rows2_64 = (k_start + rows2).to(gl.int64)[:, None]
+            dk2_out = gl.convert_layout((dk2 * sm_scale).to(DK.dtype.element_ty), OUT2_LAYOUT)
+            gl.store(DK + rows2_64 * stride_dkt + share * stride_dkh + cols2[None, :], dk2_out,
+                     mask=ok2)
+            dv2_out = gl.convert_layout(dv2.to(DV.dtype.element_ty), OUT2_LAYOUT)
+            gl.store(DV + rows2_64 * stride_dvt + share * stride_dvh + cols2[None, :], dv2_out,
+                     mask=ok2)
 
     @gluon.jit(do_not_specialize=["total_q", "batch"])
-    def _hopper_dkdv_kernel(desc_q, desc_k, desc_v, desc_do, Lse, Delta, DK, DV, CuQ, CuK,
+    def _hopper_dkdv_kernel(desc_q, desc_k, desc_v, desc_do, desc_q2, desc_k2, desc_v2,
+                            desc_do2, Lse, Delta, DK, DV, CuQ, CuK,
                             TileSeq, TileBlk, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
                             total_q, batch, qk_scale, sm_scale, window_left, window_right,
                             GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
-                            BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
+                            BLOCK_D: gl.constexpr, BLOCK_D2: gl.constexpr,
+                            BLOCK_M: gl.constexpr,
                             BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                             CONSUMER_REGS: gl.constexpr,
                             PRODUCER_REGS: gl.constexpr, TOP_LEFT: gl.constexpr,
@@ -195,24 +265,36 @@ if gluon is not None:
         v_smem, v_box = allocate_rows(desc_v, [BLOCK_N, BLOCK_D], PADDED)
         q_smem, q_box = allocate_rows(desc_q, [STAGES, BLOCK_M, BLOCK_D], PADDED)
         do_smem, do_box = allocate_rows(desc_do, [STAGES, BLOCK_M, BLOCK_D], PADDED)
+        TWO_CHUNKS: gl.constexpr = BLOCK_D2 > 0
+        if TWO_CHUNKS:  # the rows' last BLOCK_D2 columns (desc_*2 boxes)
+            k2_smem, k2_box = allocate_rows(desc_k2, [BLOCK_N, BLOCK_D2], True)
+            v2_smem, v2_box = allocate_rows(desc_v2, [BLOCK_N, BLOCK_D2], True)
+            q2_smem, q2_box = allocate_rows(desc_q2, [STAGES, BLOCK_M, BLOCK_D2], True)
+            do2_smem, do2_box = allocate_rows(desc_do2, [STAGES, BLOCK_M, BLOCK_D2], True)
+        else:  # placeholders the partitions never read
+            k2_smem, v2_smem, q2_smem, do2_smem = k_smem, v_smem, q_smem, do_smem
+            k2_box, v2_box, q2_box, do2_box = k_box, v_box, q_box, do_box
         kv_bar = allocate_barrier(1)
         ready, empty = allocate_ring(STAGES)
         fence_async_shared()
 
         gl.warp_specialize([
-            (_consume, (k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, Lse,
-                        Delta, DK, DV, q_start, sq, k_start, sk, n0, offset, share, lo, n_blocks,
-                        full_lo, full_hi, qk_scale, sm_scale, window_left, window_right,
-                        total_q, stride_dkt, stride_dkh, stride_dvt, stride_dvh, 0, GROUP,
-                        HEAD_DIM, BLOCK_D, BLOCK_M, STAGES, WINDOW_LEFT, WINDOW_RIGHT)),
-            (_consume, (k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, Lse,
-                        Delta, DK, DV, q_start, sq, k_start, sk, n0, offset, share, lo, n_blocks,
-                        full_lo, full_hi, qk_scale, sm_scale, window_left, window_right,
-                        total_q, stride_dkt, stride_dkh, stride_dvt, stride_dvh, 1, GROUP,
-                        HEAD_DIM, BLOCK_D, BLOCK_M, STAGES, WINDOW_LEFT, WINDOW_RIGHT)),
-            (_produce, (desc_q, desc_k, desc_v, desc_do, k_box, v_box, q_box, do_box,
-                        kv_bar, ready, empty, k_start + n0, kvh, q_start, share, lo,
-                        n_blocks, GROUP, HEAD_DIM, BLOCK_M, STAGES, PADDED)),
+            (_consume, (k_smem, v_smem, q_smem, do_smem, k2_smem, v2_smem, q2_smem, do2_smem,
+                        kv_bar, ready, empty, Lse, Delta, DK, DV, q_start, sq, k_start, sk, n0,
+                        offset, share, lo, n_blocks, full_lo, full_hi, qk_scale, sm_scale,
+                        window_left, window_right, total_q, stride_dkt, stride_dkh, stride_dvt,
+                        stride_dvh, 0, GROUP, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, STAGES,
+                        WINDOW_LEFT, WINDOW_RIGHT)),
+            (_consume, (k_smem, v_smem, q_smem, do_smem, k2_smem, v2_smem, q2_smem, do2_smem,
+                        kv_bar, ready, empty, Lse, Delta, DK, DV, q_start, sq, k_start, sk, n0,
+                        offset, share, lo, n_blocks, full_lo, full_hi, qk_scale, sm_scale,
+                        window_left, window_right, total_q, stride_dkt, stride_dkh, stride_dvt,
+                        stride_dvh, 1, GROUP, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, STAGES,
+                        WINDOW_LEFT, WINDOW_RIGHT)),
+            (_produce, (desc_q, desc_k, desc_v, desc_do, desc_q2, desc_k2, desc_v2, desc_do2,
+                        k_box, v_box, q_box, do_box, k2_box, v2_box, q2_box, do2_box, kv_bar,
+                        ready, empty, k_start + n0, kvh, q_start, share, lo, n_blocks, GROUP,
+                        HEAD_DIM, BLOCK_D, BLOCK_M, STAGES, PADDED, TWO_CHUNKS)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -255,14 +337,19 @@ def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
     block_m = CONFIG["block_m"][width]
     programs, tile_seq, tile_blk, device_tiles = tiles
     grid = (programs, problem.nheads_k * split)
-    descriptors = (descriptor(q, d, block_m, width), descriptor(k, d, BLOCK_N, width),
-                   descriptor(v, d, BLOCK_N, width), descriptor(dout, d, block_m, width))
-    args = (*descriptors, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
+    chunks = hopper_forward.split_widths(d)
+    first, second = chunks if chunks is not None else (width, 0)
+    descriptors = (descriptor(q, d, block_m, first), descriptor(k, d, BLOCK_N, first),
+                   descriptor(v, d, BLOCK_N, first), descriptor(dout, d, block_m, first))
+    seconds = ((descriptor(q, d, block_m, second), descriptor(k, d, BLOCK_N, second),
+                descriptor(v, d, BLOCK_N, second), descriptor(dout, d, block_m, second))
+               if second else (None,) * 4)
+    args = (*descriptors, *seconds, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
             tile_seq, tile_blk, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             problem.total_q, problem.batch, qk_scale, problem.scale, left, right)
     kwargs = dict(
-        GROUP=problem.group_size // split, SPLIT=split, HEAD_DIM=d, BLOCK_D=width,
-        BLOCK_M=block_m,
+        GROUP=problem.group_size // split, SPLIT=split, HEAD_DIM=d, BLOCK_D=first,
+        BLOCK_D2=second, BLOCK_M=block_m,
         BLOCK_N=BLOCK_N,
         STAGES=CONFIG["stages"], CONSUMER_REGS=CONFIG["consumer_regs"],
         PRODUCER_REGS=CONFIG["producer_regs"], TOP_LEFT=problem.mask_alignment == "top_left",
@@ -271,10 +358,17 @@ def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
     if record:
         from .replay import LaunchRecord
 
-        return LaunchRecord.launch(_hopper_dkdv_kernel, grid, args, kwargs, REPLAY_ARGS)
+        if not second:
+            return LaunchRecord.launch(_hopper_dkdv_kernel, grid, args, kwargs, REPLAY_ARGS)
+        record = LaunchRecord.launch(_hopper_dkdv_kernel, grid, args, kwargs,
+                                     REPLAY_TWO_CHUNK_ARGS)
+        return None if record is None else record.repeating(0, 1, 2, 3)
     _hopper_dkdv_kernel[grid](*args, **kwargs)
     return None
 
 
 # The arguments a replay of the kernel's launch replaces (replay.LaunchRecord).
 REPLAY_ARGS = ("desc_q", "desc_k", "desc_v", "desc_do", "Lse", "Delta", "DK", "DV", "CuQ", "CuK")
+# head dims read in two chunks (hopper_forward.split_widths): q, k, v and dout again, for
+# the second chunks' descriptors (the record repeats them: LaunchRecord.repeating)
+REPLAY_TWO_CHUNK_ARGS = (*REPLAY_ARGS, "desc_q2", "desc_k2", "desc_v2", "desc_do2")

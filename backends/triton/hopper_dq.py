@@ -1,8 +1,9 @@
 """Warp-specialised dQ kernel of the varlen backward for Hopper (sm_90), written in Gluon.
 
 Serves plain calls (no softcap, ALiBi, dropout, custom mask or sinks; any causal or window
-mask; head dim 64, or a multiple of 8 up to 128 read zero-padded to 128 as the forward reads
-it; fp16/bf16; host lengths or device offsets). One program per
+mask; head dim 64, 128 or 256, the others read as the forward reads them: two column chunks
+(hopper_forward.split_widths) or zero-padded; fp16/bf16; host lengths or device offsets).
+One program per
 (query tile of BLOCK_M rows, query head), as the forward: it loops over the key blocks its
 rows see, so dQ is reduced in registers and written once (deterministic). Scheduled as the
 Gluon forward (hopper_forward.py):
@@ -63,13 +64,21 @@ CONFIG = {"block_n": {64: 64, 128: 128, 256: 32}, "stages": 2, "consumer_regs": 
 if gluon is not None:
 
     @gluon.jit
-    def _produce(desc_q, desc_do, desc_k, desc_v, q_smem, do_smem, k_smem, v_smem, q_bar,
-                 ready, empty, q_row, q_head, k_row, kv_head, n_blocks,
-                 HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 PADDED: gl.constexpr):
+    def _produce(desc_q, desc_do, desc_k, desc_v, desc_q2, desc_do2, desc_k2, desc_v2, q_smem,
+                 do_smem, k_smem, v_smem, q2_smem, do2_smem, k2_smem, v2_smem, q_bar, ready,
+                 empty, q_row, q_head, k_row, kv_head, n_blocks, HEAD_DIM: gl.constexpr,
+                 BLOCK_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 PADDED: gl.constexpr, TWO_CHUNKS: gl.constexpr):
         """Producer warp: Q and dO once, then K and V of blocks 0..n_blocks-1 into the ring
-        (buffers shaped as the descriptors' boxes)."""
-        mbarrier.expect(q_bar, 2 * desc_q.block_type.nbytes)
+        (buffers shaped as the descriptors' boxes); with TWO_CHUNKS the rows' columns past
+        BLOCK_D too, through the second descriptors, on the same barriers."""
+        if TWO_CHUNKS:
+            mbarrier.expect(q_bar, 2 * desc_q.block_type.nbytes + 2 * desc_q2.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc_q2, [q_row, q_head, BLOCK_D], q_bar, q2_smem)
+            tma.async_copy_global_to_shared(desc_do2, [q_row, q_head, BLOCK_D], q_bar,
+                                            do2_smem)
+        else:
+            mbarrier.expect(q_bar, 2 * desc_q.block_type.nbytes)
         box = box_coordinates(q_row, q_head, HEAD_DIM, PADDED)
         tma.async_copy_global_to_shared(desc_q, box, q_bar, q_smem)
         tma.async_copy_global_to_shared(desc_do, box, q_bar, do_smem)
@@ -78,20 +87,31 @@ if gluon is not None:
             use = j // STAGES
             box = box_coordinates(k_row + j * BLOCK_N, kv_head, HEAD_DIM, PADDED)
             mbarrier.wait(empty.index(st), (use & 1) ^ 1, pred=use > 0)
-            mbarrier.expect(ready.index(st), 2 * desc_k.block_type.nbytes)
+            if TWO_CHUNKS:
+                mbarrier.expect(ready.index(st), 2 * desc_k.block_type.nbytes
+                                + 2 * desc_k2.block_type.nbytes)
+                box2 = [k_row + j * BLOCK_N, kv_head, BLOCK_D]
+                tma.async_copy_global_to_shared(desc_k2, box2, ready.index(st),
+                                                k2_smem.index(st))
+                tma.async_copy_global_to_shared(desc_v2, box2, ready.index(st),
+                                                v2_smem.index(st))
+            else:
+                mbarrier.expect(ready.index(st), 2 * desc_k.block_type.nbytes)
             tma.async_copy_global_to_shared(desc_k, box, ready.index(st), k_smem.index(st))
             tma.async_copy_global_to_shared(desc_v, box, ready.index(st), v_smem.index(st))
 
     @gluon.jit
-    def _consume(q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty, k_zeroed, Lse, Delta,
-                 DQ, q_start, sq, h, m0, sk, offset, lo, n_blocks, full_lo, full_hi, qk_scale,
-                 sm_scale, window_left, window_right, stride_dqt, stride_dqh, total_q,
-                 WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
+    def _consume(q_smem, do_smem, k_smem, v_smem, q2_smem, do2_smem, k2_smem, v2_smem, q_bar,
+                 ready, empty, k_zeroed, Lse, Delta, DQ, q_start, sq, h, m0, sk, offset, lo,
+                 n_blocks, full_lo, full_hi, qk_scale, sm_scale, window_left, window_right,
+                 stride_dqt, stride_dqh, total_q, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 BLOCK_D: gl.constexpr, BLOCK_D2: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr,
+                 WINDOW_RIGHT: gl.constexpr):
         """Consumer warpgroup WG (0 or 1): dQ of query rows [m0 + WG * ROWS, + ROWS). Rows
         are BLOCK_D wide, HEAD_DIM of them data and the rest zeros (TMA's fill past the
-        head dim)."""
+        head dim); with BLOCK_D2 (HEAD_DIM = BLOCK_D + BLOCK_D2) their last BLOCK_D2 columns
+        sit in the second buffers: S and dP sum two matmuls each, dQ is two accumulators."""
         ROWS: gl.constexpr = BLOCK_M // 2
         dtype: gl.constexpr = q_smem.dtype
         S_LAYOUT: gl.constexpr = mma_layout(BLOCK_N)
@@ -107,6 +127,15 @@ if gluon is not None:
         lse2, delta = row_statistics(Lse, Delta, h, total_q, q_start, qi, q_ok)
         s_init = gl.zeros([ROWS, BLOCK_N], gl.float32, S_LAYOUT)
         dq = gl.zeros([ROWS, BLOCK_D], gl.float32, G_LAYOUT)
+        TWO_CHUNKS: gl.constexpr = BLOCK_D2 > 0
+        # wgmma groups still running when S is waited for: dP's one or two
+        PENDING: gl.constexpr = 2 if TWO_CHUNKS else 1
+        if TWO_CHUNKS:
+            G2_LAYOUT: gl.constexpr = mma_layout(BLOCK_D2)
+            A2_LAYOUT: gl.constexpr = operand_a_layout(BLOCK_D2)
+            q2_rows = q2_smem.slice(WG * ROWS, ROWS)
+            do2_rows = do2_smem.slice(WG * ROWS, ROWS)
+            dq2 = gl.zeros([ROWS, BLOCK_D2], gl.float32, G2_LAYOUT)
         mbarrier.wait(q_bar, 0)
         tail = sk - (lo + (n_blocks - 1) * BLOCK_N)
         # warpgroup 1 with no rows in the sequence (short sequences) skips the work
@@ -119,6 +148,8 @@ if gluon is not None:
             if (j == n_blocks - 1) & (tail < BLOCK_N):  # warpgroup 0 zeroes, 1 waits
                 if WG == 0:
                     zero_rows_from(k_buf, tail, BLOCK_N, BLOCK_D)
+                    if TWO_CHUNKS:
+                        zero_rows_from(k2_smem.index(st), tail, BLOCK_N, BLOCK_D2)
                     fence_async_shared()
                     gl.thread_barrier()
                     mbarrier.arrive(k_zeroed)
@@ -126,9 +157,14 @@ if gluon is not None:
                     mbarrier.wait(k_zeroed, 0)
             s = warpgroup_mma(q_rows, k_buf.permute((1, 0)), s_init, use_acc=False,
                               is_async=True)
+            if TWO_CHUNKS:
+                s = warpgroup_mma(q2_rows, k2_smem.index(st).permute((1, 0)), s, is_async=True)
             dp = warpgroup_mma(do_rows, v_smem.index(st).permute((1, 0)), s_init,
                                use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+            if TWO_CHUNKS:
+                dp = warpgroup_mma(do2_rows, v2_smem.index(st).permute((1, 0)), dp,
+                                   is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=PENDING, deps=(s, ))
             p = gl.exp2(s * qk_scale - lse2[:, None])
             dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
             ds = p * (dp - delta[:, None])
@@ -139,7 +175,12 @@ if gluon is not None:
                 ds = gl.where(visible, ds, 0.0)
             dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), A_LAYOUT), k_buf, dq,
                                is_async=True)
-            dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ))
+            if TWO_CHUNKS:
+                dq2 = warpgroup_mma(gl.convert_layout(ds.to(dtype), A2_LAYOUT),
+                                    k2_smem.index(st), dq2, is_async=True)
+                dq, dq2 = warpgroup_mma_wait(num_outstanding=0, deps=(dq, dq2))
+            else:
+                dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ))
             mbarrier.arrive(empty.index(st))
 
         release_blocks(ready, empty, n_mine, n_blocks, STAGES)
@@ -154,12 +195,21 @@ if gluon is not None:
         if BLOCK_D != HEAD_DIM:
             ok = ok & (cols < HEAD_DIM)[None, :]
         gl.store(ptrs, out, mask=ok)
+        if TWO_CHUNKS:  # the last BLOCK_D2 columns
+            OUT2_LAYOUT: gl.constexpr = row_layout(BLOCK_D2)
+            out2 = gl.convert_layout((dq2 * sm_scale).to(DQ.dtype.element_ty), OUT2_LAYOUT)
+            rows2 = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, OUT2_LAYOUT))
+            cols2 = BLOCK_D + gl.arange(0, BLOCK_D2, layout=gl.SliceLayout(0, OUT2_LAYOUT))
+            gl.store(DQ + (q_start + rows2).to(gl.int64)[:, None] * stride_dqt
+                     + h * stride_dqh + cols2[None, :], out2, mask=(rows2 < sq)[:, None])
 
     @gluon.jit(do_not_specialize=["total_q", "batch"])
-    def _hopper_dq_kernel(desc_q, desc_do, desc_k, desc_v, Lse, Delta, DQ, CuQ, CuK, TileSeq,
+    def _hopper_dq_kernel(desc_q, desc_do, desc_k, desc_v, desc_q2, desc_do2, desc_k2, desc_v2,
+                          Lse, Delta, DQ, CuQ, CuK, TileSeq,
                           TileBlk, stride_dqt, stride_dqh, total_q, batch, qk_scale, sm_scale,
                           window_left, window_right, GROUP: gl.constexpr,
-                          HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
+                          HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr,
+                          BLOCK_D2: gl.constexpr, BLOCK_M: gl.constexpr,
                           BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                           CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                           TOP_LEFT: gl.constexpr, WINDOW_LEFT: gl.constexpr,
@@ -181,25 +231,37 @@ if gluon is not None:
         do_smem, do_box = allocate_rows(desc_do, [BLOCK_M, BLOCK_D], PADDED)
         k_smem, k_box = allocate_rows(desc_k, [STAGES, BLOCK_N, BLOCK_D], PADDED)
         v_smem, v_box = allocate_rows(desc_v, [STAGES, BLOCK_N, BLOCK_D], PADDED)
+        TWO_CHUNKS: gl.constexpr = BLOCK_D2 > 0
+        if TWO_CHUNKS:  # the rows' last BLOCK_D2 columns (desc_*2 boxes)
+            q2_smem, q2_box = allocate_rows(desc_q2, [BLOCK_M, BLOCK_D2], True)
+            do2_smem, do2_box = allocate_rows(desc_do2, [BLOCK_M, BLOCK_D2], True)
+            k2_smem, k2_box = allocate_rows(desc_k2, [STAGES, BLOCK_N, BLOCK_D2], True)
+            v2_smem, v2_box = allocate_rows(desc_v2, [STAGES, BLOCK_N, BLOCK_D2], True)
+        else:  # placeholders the partitions never read
+            q2_smem, do2_smem, k2_smem, v2_smem = q_smem, do_smem, k_smem, v_smem
+            q2_box, do2_box, k2_box, v2_box = q_box, do_box, k_box, v_box
         q_bar = allocate_barrier(1)
         ready, empty = allocate_ring(STAGES)
         k_zeroed = allocate_barrier(1)
         fence_async_shared()
 
         gl.warp_specialize([
-            (_consume, (q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty, k_zeroed, Lse,
-                        Delta, DQ, q_start, sq, h, m0, sk, offset, lo, n_blocks, full_lo,
-                        full_hi, qk_scale, sm_scale, window_left, window_right, stride_dqt,
-                        stride_dqh, total_q, 0, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
-                        STAGES, WINDOW_LEFT, WINDOW_RIGHT)),
-            (_consume, (q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty, k_zeroed, Lse,
-                        Delta, DQ, q_start, sq, h, m0, sk, offset, lo, n_blocks, full_lo,
-                        full_hi, qk_scale, sm_scale, window_left, window_right, stride_dqt,
-                        stride_dqh, total_q, 1, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
-                        STAGES, WINDOW_LEFT, WINDOW_RIGHT)),
-            (_produce, (desc_q, desc_do, desc_k, desc_v, q_box, do_box, k_box, v_box,
-                        q_bar, ready, empty, q_start + m0, h, k_start + lo, h // GROUP,
-                        n_blocks, HEAD_DIM, BLOCK_N, STAGES, PADDED)),
+            (_consume, (q_smem, do_smem, k_smem, v_smem, q2_smem, do2_smem, k2_smem, v2_smem,
+                        q_bar, ready, empty, k_zeroed, Lse, Delta, DQ, q_start, sq, h, m0, sk,
+                        offset, lo, n_blocks, full_lo, full_hi, qk_scale, sm_scale,
+                        window_left, window_right, stride_dqt, stride_dqh, total_q, 0,
+                        HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES, WINDOW_LEFT,
+                        WINDOW_RIGHT)),
+            (_consume, (q_smem, do_smem, k_smem, v_smem, q2_smem, do2_smem, k2_smem, v2_smem,
+                        q_bar, ready, empty, k_zeroed, Lse, Delta, DQ, q_start, sq, h, m0, sk,
+                        offset, lo, n_blocks, full_lo, full_hi, qk_scale, sm_scale,
+                        window_left, window_right, stride_dqt, stride_dqh, total_q, 1,
+                        HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES, WINDOW_LEFT,
+                        WINDOW_RIGHT)),
+            (_produce, (desc_q, desc_do, desc_k, desc_v, desc_q2, desc_do2, desc_k2, desc_v2,
+                        q_box, do_box, k_box, v_box, q2_box, do2_box, k2_box, v2_box, q_bar,
+                        ready, empty, q_start + m0, h, k_start + lo, h // GROUP, n_blocks,
+                        HEAD_DIM, BLOCK_D, BLOCK_N, STAGES, PADDED, TWO_CHUNKS)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -232,14 +294,19 @@ def dq(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.T
     block_n = CONFIG["block_n"][width]
     programs, tile_seq, tile_blk, device_tiles = tiles
     grid = (programs, problem.nheads)
-    args = (descriptor(q, d, BLOCK_M, width), descriptor(dout, d, BLOCK_M, width),
-            descriptor(k, d, block_n, width), descriptor(v, d, block_n, width), lse, delta,
-            dq_out,
+    chunks = hopper_forward.split_widths(d)
+    first, second = chunks if chunks is not None else (width, 0)
+    seconds = ((descriptor(q, d, BLOCK_M, second), descriptor(dout, d, BLOCK_M, second),
+                descriptor(k, d, block_n, second), descriptor(v, d, block_n, second))
+               if second else (None,) * 4)
+    args = (descriptor(q, d, BLOCK_M, first), descriptor(dout, d, BLOCK_M, first),
+            descriptor(k, d, block_n, first), descriptor(v, d, block_n, first), *seconds,
+            lse, delta, dq_out,
             cu_seqlens_q, cu_seqlens_k, tile_seq, tile_blk, dq_out.stride(0),
             dq_out.stride(1), problem.total_q, problem.batch, qk_scale, problem.scale,
             left, right)
     kwargs = dict(
-        GROUP=problem.group_size, HEAD_DIM=d, BLOCK_D=width, BLOCK_M=BLOCK_M,
+        GROUP=problem.group_size, HEAD_DIM=d, BLOCK_D=first, BLOCK_D2=second, BLOCK_M=BLOCK_M,
         BLOCK_N=block_n,
         STAGES=CONFIG["stages"], CONSUMER_REGS=CONFIG["consumer_regs"],
         PRODUCER_REGS=CONFIG["producer_regs"], TOP_LEFT=problem.mask_alignment == "top_left",
@@ -248,7 +315,11 @@ def dq(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.T
     if record:
         from .replay import LaunchRecord
 
-        return LaunchRecord.launch(_hopper_dq_kernel, grid, args, kwargs, REPLAY_ARGS)
+        if not second:
+            return LaunchRecord.launch(_hopper_dq_kernel, grid, args, kwargs, REPLAY_ARGS)
+        record = LaunchRecord.launch(_hopper_dq_kernel, grid, args, kwargs,
+                                     REPLAY_TWO_CHUNK_ARGS)
+        return None if record is None else record.repeating(0, 1, 2, 3)
     _hopper_dq_kernel[grid](*args, **kwargs)
     return None
 
@@ -256,3 +327,6 @@ def dq(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.T
 # The arguments a replay of the kernel's launch replaces (replay.LaunchRecord).
 # In the tl dQ kernel's order (backward.DQ_REPLAY_ARGS), which BackwardReplay launches with.
 REPLAY_ARGS = ("desc_q", "desc_k", "desc_v", "desc_do", "Lse", "Delta", "DQ", "CuQ", "CuK")
+# head dims read in two chunks (hopper_forward.split_widths): q, k, v and dout again, for
+# the second chunks' descriptors (the record repeats them: LaunchRecord.repeating)
+REPLAY_TWO_CHUNK_ARGS = (*REPLAY_ARGS, "desc_q2", "desc_k2", "desc_v2", "desc_do2")

@@ -731,8 +731,10 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     if record:
         from .replay import LaunchRecord
 
-        return LaunchRecord.launch(_hopper_fwd_kernel, grid, args, kwargs,
-                                   REPLAY_SPLIT_ARGS if second else REPLAY_ARGS)
+        if not second:
+            return LaunchRecord.launch(_hopper_fwd_kernel, grid, args, kwargs, REPLAY_ARGS)
+        record = LaunchRecord.launch(_hopper_fwd_kernel, grid, args, kwargs, REPLAY_TWO_CHUNK_ARGS)
+        return None if record is None else record.repeating(0, 1, 2)
     _hopper_fwd_kernel[grid](*args, **kwargs)
     return None
 
@@ -741,5 +743,6 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
 # DEVICE_TILES the tile arguments are unread placeholders; batch and the scalars come from
 # the problem, the same at every replay.
 REPLAY_ARGS = ("desc_q", "desc_k", "desc_v", "Out", "Lse", "CuQ", "CuK")
-# split head dims (split_widths): q, k and v again, for the second chunks' descriptors
-REPLAY_SPLIT_ARGS = (*REPLAY_ARGS, "desc_q2", "desc_k2", "desc_v2")
+# head dims read in two chunks (split_widths): q, k and v again, for the second chunks'
+# descriptors (the record repeats them: LaunchRecord.repeating)
+REPLAY_TWO_CHUNK_ARGS = (*REPLAY_ARGS, "desc_q2", "desc_k2", "desc_v2")

@@ -177,6 +177,12 @@ class LaunchRecord:
         full = (*tuple(grid), 1, 1)[:3]
         return cls(kernel, full, list(bound.values()), slots, device)
 
+    def repeating(self, *indices: int) -> _Repeating:
+        """This record as a callable that takes the tensors of its first dynamic slots and
+        passes ``tensors[i]`` for each of ``indices`` again into the remaining ones (a kernel
+        that reads one tensor through two descriptors)."""
+        return _Repeating(self, indices)
+
     def __call__(self, *tensors) -> bool:
         """Launch again with ``tensors`` in the dynamic slots (a descriptor's slot takes its
         new base tensor), on the current stream; False (nothing launched) when the current
@@ -202,6 +208,18 @@ class LaunchRecord:
                    kernel.launch_metadata(grid, stream, *values), runtime.launch_enter_hook,
                    runtime.launch_exit_hook, *values)
         return True
+
+
+class _Repeating:
+    """LaunchRecord.repeating's callable."""
+
+    __slots__ = ("_indices", "_record")
+
+    def __init__(self, record: LaunchRecord, indices: tuple[int, ...]) -> None:
+        self._record, self._indices = record, indices
+
+    def __call__(self, *tensors) -> bool:
+        return self._record(*tensors, *(tensors[i] for i in self._indices))
 
 
 class ReplayCache:
