@@ -45,6 +45,17 @@ def test_the_cache_compares_problems_by_identity_and_forgets_the_oldest():
     assert cache.get(other, ()) is True
 
 
+def test_a_repeating_record_passes_tensors_again_for_its_extra_slots():
+    """LaunchRecord.repeating: the call's tensors, then those at the given positions again
+    (a kernel that reads q, k and v through two descriptors each)."""
+    seen = []
+    record = replay.LaunchRecord.__new__(replay.LaunchRecord)
+    repeating = replay._Repeating(lambda *tensors: seen.append(tensors) or True, (0, 2))
+    assert repeating("q", "k", "v", "out") is True
+    assert seen == [("q", "k", "v", "out", "q", "v")]
+    assert isinstance(record.repeating(1), replay._Repeating)
+
+
 def test_aligned_and_rebased_descriptor():
     from dataclasses import dataclass
 
@@ -116,7 +127,7 @@ def _inputs(lengths, seed, head_dim=128):
 @needs_gpu
 @pytest.mark.parametrize("path", ["tl", "tl-tma", "gluon"])
 @pytest.mark.parametrize("offsets", ["varlen-info", "device"])
-@pytest.mark.parametrize("feature", ["plain", "softcap", "d256"])
+@pytest.mark.parametrize("feature", ["plain", "softcap", "d256", "d96"])
 def test_replayed_launches_match_fresh_launches(path, offsets, feature, monkeypatch):
     from attnhub.backends.triton import hopper_forward
 
@@ -136,7 +147,7 @@ def test_replayed_launches_match_fresh_launches(path, offsets, feature, monkeypa
                           dtype=torch.int32)
         args = (cu, cu, max(lengths), max(lengths))
     kw = {"softcap": 20.0} if feature == "softcap" else {}
-    head_dim = 256 if feature == "d256" else 128
+    head_dim = {"d256": 256, "d96": 96}.get(feature, 128)  # d96: two column chunks
     calls = []
     for seed in range(5):  # new tensors each call: 1st and 2nd launch fully, then replays
         q, k, v = _inputs(lengths, seed, head_dim)
@@ -193,7 +204,8 @@ def test_a_call_unlike_the_record_takes_the_full_launch():
 @pytest.mark.parametrize("causal", [True, False])  # causal: the Gluon dK/dV kernel on sm_90
 @pytest.mark.parametrize("offsets", ["varlen-info", "device"])
 @pytest.mark.parametrize("with_lse", [False, True])  # dlse reaches the delta kernel
-def test_replayed_backward_matches_fresh_backward(causal, offsets, with_lse):
+@pytest.mark.parametrize("head_dim", [128, 96])  # 96: two column chunks in the Gluon kernels
+def test_replayed_backward_matches_fresh_backward(causal, offsets, with_lse, head_dim):
     from attnhub.backends.triton import backward as triton_backward
 
     lengths = [64, 1, 200, 0, 130]
@@ -218,10 +230,11 @@ def test_replayed_backward_matches_fresh_backward(causal, offsets, with_lse):
         outputs, cotangents = zip(*loss_terms, strict=True)
         return torch.autograd.grad(outputs, (q, k, v), cotangents)
 
-    inputs = [_inputs(lengths, seed) for seed in range(5)]
+    inputs = [_inputs(lengths, seed, head_dim) for seed in range(5)]
     replayed = [grads(*qkv, seed) for seed, qkv in enumerate(inputs)]
     records = [r for p, recs in triton_backward._replays._entries.values()
-               if p.total_q == total and p.causal == causal for r in recs.values()]
+               if (p.total_q, p.causal, p.head_dim) == (total, causal, head_dim)
+               for r in recs.values()]
     assert any(isinstance(r, triton_backward.BackwardReplay) for r in records)
     triton_backward._replays.clear()
     from attnhub import plans
