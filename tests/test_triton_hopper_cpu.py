@@ -162,8 +162,8 @@ def test_replayed_argument_names_are_the_gluon_kernels_parameters():
     assert set(hopper_forward.REPLAY_TWO_CHUNK_ARGS) == set(names[:10])
     assert hopper_forward.REPLAY_TWO_CHUNK_ARGS[:7] == hopper_forward.REPLAY_ARGS
     assert names[10:14] == ["TileSeq", "TileBlk", "Sinks", "Alibi"]
-    names = hopper_dkdv_wide._hopper_dkdv_wide_kernel.arg_names
-    assert names[:len(hopper_dkdv_wide.REPLAY_ARGS)] == list(hopper_dkdv_wide.REPLAY_ARGS)
+    names = hopper_dkdv_wide._hopper_dkdv_wide_kernel.arg_names  # hopper_backward.dkdv's
+    assert names[:len(hopper_backward.REPLAY_ARGS)] == list(hopper_backward.REPLAY_ARGS)
     assert names[10:12] == ["TileSeq", "TileBlk"]
     # the narrow dK/dV and the dQ: every tensor parameter before the tile list is replayed
     for module, n in ((hopper_backward, 14), (hopper_dq, 13)):
