@@ -15,7 +15,7 @@ from .dispatch import Explanation, explain_problem, forced_context, select
 from .errors import AttnhubError
 from .inputs import VarlenInputs
 from .normalize import CuSeqlens, WindowSize, normalize
-from .ops import autograd_out, run_forward
+from .ops import run_forward
 from .problem import VarlenProblem
 from .results import check_out
 
@@ -97,16 +97,11 @@ def attention_forward_varlen(
 
 
 def _run(problem: VarlenProblem, inputs: VarlenInputs, backend: Backend, return_lse: bool):
-    """Run the call; out only (Backend.forward_out) when neither lse nor autograd is used,
-    out under the backend's own autograd (ops.autograd_out) where it has one and no lse is
-    wanted."""
-    if not (return_lse or problem.return_probs):
-        if not (problem.requires_grad or torch.compiler.is_compiling()):
-            return check_out(backend.name, backend.forward_out(problem, inputs), inputs.q)
-        out = autograd_out(problem, inputs, backend)
-        if out is not None:
-            return out
-    result = run_forward(problem, inputs, backend)
+    """Run the call; out only (Backend.forward_out) when neither lse nor autograd is used."""
+    out_only = not (return_lse or problem.return_probs)
+    if out_only and not (problem.requires_grad or torch.compiler.is_compiling()):
+        return check_out(backend.name, backend.forward_out(problem, inputs), inputs.q)
+    result = run_forward(problem, inputs, backend, out_only)
     if problem.return_probs:
         return result.out, result.lse, result.probs
     if return_lse:

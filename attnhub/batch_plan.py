@@ -28,7 +28,7 @@ from .errors import BackendUnavailableError, InvalidArgumentError
 from .features import TENSORS, check_sinks
 from .inputs import VarlenInputs
 from .normalize import CuSeqlens, WindowSize, normalize
-from .ops import autograd_out, run_forward
+from .ops import run_forward
 from .problem import VarlenProblem
 from .results import check_out, checked_out_runner
 
@@ -180,11 +180,7 @@ class BatchPlan:
                 self.problem, self._call_inputs(q, k, v, sinks)), q)
         problem, backend = self._grad_variant() if grad else (self.problem, self.backend)
         inputs = self._call_inputs(q, k, v, sinks)
-        if not return_lse:
-            out = autograd_out(problem, inputs, backend)
-            if out is not None:
-                return out
-        result = run_forward(problem, inputs, backend)
+        result = run_forward(problem, inputs, backend, out_only=not return_lse)
         return (result.out, result.lse) if return_lse else result.out
 
     __call__ = run

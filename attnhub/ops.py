@@ -79,13 +79,21 @@ def pack(problem: VarlenProblem, inputs: VarlenInputs, backend: str) -> tuple:
     )
 
 
-def run_forward(problem: VarlenProblem, inputs: VarlenInputs, backend: Backend) -> ForwardResult:
+def run_forward(problem: VarlenProblem, inputs: VarlenInputs, backend: Backend,
+                out_only: bool = False) -> ForwardResult:
     """Run ``backend`` on the call: directly without autograd, through ``_EagerVarlen`` with
-    eager autograd, through the custom op when tracing."""
+    eager autograd, through the custom op when tracing. ``out_only``: the caller reads out
+    alone (no lse, no probs), so an eager call with autograd first asks the backend for out
+    under its own autograd (Backend.autograd_out: no Python in the backward); the result's
+    lse is then None."""
     compiling = torch.compiler.is_compiling()
     if not (problem.requires_grad or compiling):
         return check_forward(backend.name, problem, inputs.q, backend.forward(problem, inputs))
     if not compiling and type(inputs.q) is Tensor and _get_current_dispatch_mode() is None:
+        if out_only:
+            out = backend.autograd_out(problem, inputs)
+            if out is not None:
+                return ForwardResult(check_out(backend.name, out, inputs.q), None)
         out, lse, probs, rng = _EagerVarlen.apply(
             problem, inputs, backend, inputs.q, inputs.k, inputs.v,
             *[getattr(inputs, _TENSOR_NAMES[i]) for i in _GRAD_INPUTS])
@@ -93,17 +101,6 @@ def run_forward(problem: VarlenProblem, inputs: VarlenInputs, backend: Backend) 
     out, lse, probs, rng = varlen_fwd(*pack(problem, inputs, backend.name))
     return ForwardResult(out, lse, probs if problem.return_probs else None,
                          rng if problem.dropout_p > 0 else None)
-
-
-def autograd_out(problem: VarlenProblem, inputs: VarlenInputs, backend: Backend) -> Tensor | None:
-    """out of an eager call that requires grad and needs neither lse nor probs, through the
-    backend's own autograd (Backend.autograd_out: no Python in the backward), or None when
-    the backend has none for it or the call is traced (run_forward then serves it)."""
-    if (torch.compiler.is_compiling() or type(inputs.q) is not Tensor
-            or _get_current_dispatch_mode() is not None):
-        return None
-    out = backend.autograd_out(problem, inputs)
-    return None if out is None else check_out(backend.name, out, inputs.q)
 
 
 class _EagerVarlen(torch.autograd.Function):

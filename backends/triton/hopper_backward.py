@@ -242,39 +242,41 @@ def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
     """Writes ``dk`` and ``dv`` (total_k, nheads_k, d) over the key tiles of BLOCK_N rows;
     ``tiles``: forward.launch_tiles' (programs, tile_seq, tile_blk, device_tiles) for the
     keys, a host-planned list or (device_tiles) an upper bound of programs that find their
-    tiles from cu_seqlens_k; lse and delta: float32 (nheads, total_q). With ``record``,
-    returns the replay.LaunchRecord or None: replays take REPLAY_ARGS, with q, k, v and dout
-    for the descriptors."""
+    tiles from cu_seqlens_k; lse and delta: float32 (nheads, total_q). Width 256 runs
+    hopper_dkdv_wide.py's kernel (its rows as two 128-column boxes, 64-key tiles), the
+    others this module's. With ``record``, returns the replay.LaunchRecord or None: replays
+    take REPLAY_ARGS, with q, k, v and dout for the descriptors."""
     d = problem.head_dim
     width = hopper_forward.block_d(d)
-    if width == hopper_dkdv_wide.WIDTH:
-        return hopper_dkdv_wide.dkdv(problem, q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q,
-                                     cu_seqlens_k, tiles, qk_scale, CONFIG, split=split,
-                                     record=record)
     left, right = problem.window
     block_m = CONFIG["block_m"][width]
     programs, tile_seq, tile_blk, device_tiles = tiles
+    if width == hopper_dkdv_wide.WIDTH:
+        kernel = hopper_dkdv_wide._hopper_dkdv_wide_kernel
+        box, rows = hopper_dkdv_wide.HALF, hopper_dkdv_wide.BLOCK_N
+        own = dict(HALF=box, STAGES=CONFIG["stages_wide"])
+    else:
+        kernel, box, rows = _hopper_dkdv_kernel, width, BLOCK_N
+        own = dict(BLOCK_D=width, STAGES=CONFIG["stages"])
     grid = (programs, problem.nheads_k * split)
-    descriptors = (descriptor(q, d, block_m, width), descriptor(k, d, BLOCK_N, width),
-                   descriptor(v, d, BLOCK_N, width), descriptor(dout, d, block_m, width))
+    descriptors = (descriptor(q, d, block_m, box), descriptor(k, d, rows, box),
+                   descriptor(v, d, rows, box), descriptor(dout, d, block_m, box))
     args = (*descriptors, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
             tile_seq, tile_blk, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             problem.total_q, problem.batch, qk_scale, problem.scale, left, right)
     kwargs = dict(
-        GROUP=problem.group_size // split, SPLIT=split, HEAD_DIM=d, BLOCK_D=width,
-        BLOCK_M=block_m,
-        BLOCK_N=BLOCK_N,
-        STAGES=CONFIG["stages"], CONSUMER_REGS=CONFIG["consumer_regs"],
+        GROUP=problem.group_size // split, SPLIT=split, HEAD_DIM=d, BLOCK_M=block_m,
+        BLOCK_N=rows, **own, CONSUMER_REGS=CONFIG["consumer_regs"],
         PRODUCER_REGS=CONFIG["producer_regs"], TOP_LEFT=problem.mask_alignment == "top_left",
         WINDOW_LEFT=left >= 0, WINDOW_RIGHT=right >= 0, DEVICE_TILES=device_tiles,
         num_warps=4)
     if record:
         from .replay import LaunchRecord
 
-        return LaunchRecord.launch(_hopper_dkdv_kernel, grid, args, kwargs, REPLAY_ARGS)
-    _hopper_dkdv_kernel[grid](*args, **kwargs)
+        return LaunchRecord.launch(kernel, grid, args, kwargs, REPLAY_ARGS)
+    kernel[grid](*args, **kwargs)
     return None
 
 
-# The arguments a replay of the kernel's launch replaces (replay.LaunchRecord).
+# The arguments a replay of either dK/dV kernel's launch replaces (replay.LaunchRecord).
 REPLAY_ARGS = ("desc_q", "desc_k", "desc_v", "desc_do", "Lse", "Delta", "DK", "DV", "CuQ", "CuK")

@@ -15,17 +15,16 @@ Every 256-wide row lives in shared memory as two 128-column halves: TMA boxes (r
 at columns 0 and 128 of the (rows, heads, head_dim) tensors. TMA fills the columns past the
 head dim with zeros, so head dims 136-248 read as 256 with nothing copied.
 
-Serves the calls of hopper_backward.supports at width 256: plain, causal or right-bounded,
-one program per (key tile of 64 rows, kv head), looping over the group's query heads and the
-query blocks that see its keys (GQA reduced in registers; deterministic). Query rows past a
-sequence's end are zeroed in shared memory before use, as in the narrow kernel.
+Serves the calls of hopper_backward.supports at width 256, launched by hopper_backward.dkdv:
+plain, causal or right-bounded, one program per (key tile of 64 rows, kv head), looping over
+the group's query heads and the query blocks that see its keys (GQA reduced in registers;
+deterministic). Query rows past a sequence's end are zeroed in shared memory before use, as
+in the narrow kernel.
 """
 
 from __future__ import annotations
 
-import torch
-
-from .hopper_forward import descriptor, gluon
+from .hopper_forward import gluon
 
 if gluon is not None:
     from triton.experimental.gluon import language as gl
@@ -263,41 +262,3 @@ if gluon is not None:
                         kv_bar, ready, empty, k_start + n0, kvh, q_start, share, lo,
                         n_blocks, GROUP, BLOCK_M, HALF, STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-
-
-def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
-         lse: torch.Tensor, delta: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
-         cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-         tiles: tuple[int, torch.Tensor, torch.Tensor, bool], qk_scale: float,
-         config: dict, *, split: int = 1, record: bool = False):
-    """hopper_backward.dkdv at width 256: writes ``dk`` and ``dv`` (total_k, nheads_k, d)
-    over key tiles of BLOCK_N (64) rows; ``config``: hopper_backward.CONFIG (its block_m
-    and stages at width 256, its register split)."""
-    d = problem.head_dim
-    left, right = problem.window
-    block_m = config["block_m"][WIDTH]
-    programs, tile_seq, tile_blk, device_tiles = tiles
-    grid = (programs, problem.nheads_k * split)
-    descriptors = (descriptor(q, d, block_m, HALF), descriptor(k, d, BLOCK_N, HALF),
-                   descriptor(v, d, BLOCK_N, HALF), descriptor(dout, d, block_m, HALF))
-    args = (*descriptors, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
-            tile_seq, tile_blk, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            problem.total_q, problem.batch, qk_scale, problem.scale, left, right)
-    kwargs = dict(
-        GROUP=problem.group_size // split, SPLIT=split, HEAD_DIM=d, BLOCK_M=block_m,
-        BLOCK_N=BLOCK_N, HALF=HALF,
-        STAGES=config["stages_wide"], CONSUMER_REGS=config["consumer_regs"],
-        PRODUCER_REGS=config["producer_regs"], TOP_LEFT=problem.mask_alignment == "top_left",
-        WINDOW_LEFT=left >= 0, WINDOW_RIGHT=right >= 0, DEVICE_TILES=device_tiles,
-        num_warps=4)
-    if record:
-        from .replay import LaunchRecord
-
-        return LaunchRecord.launch(_hopper_dkdv_wide_kernel, grid, args, kwargs, REPLAY_ARGS)
-    _hopper_dkdv_wide_kernel[grid](*args, **kwargs)
-    return None
-
-
-# The arguments a replay of the kernel's launch replaces (replay.LaunchRecord), as the
-# narrow kernel's.
-REPLAY_ARGS = ("desc_q", "desc_k", "desc_v", "desc_do", "Lse", "Delta", "DK", "DV", "CuQ", "CuK")
