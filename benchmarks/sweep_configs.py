@@ -21,7 +21,8 @@ Each trial is a '+'-joined list of overrides (an empty trial: the shipped settin
   block, S stages
 * ``gfwd:BN:S``       the Gluon forward at the cell's width: BN keys per block, S stages
 * ``gpad``            the Gluon kernels read every head dim outside 64 / 128 / 256
-  zero-padded (no two-chunk reads: hopper_forward.split_widths)
+  zero-padded (no two-chunk reads: hopper_forward.split_widths); ``gpad:fwd``,
+  ``gpad:dkdv``, ``gpad:dq``: that kernel only
 
     python benchmarks/sweep_configs.py --cells d192,d256 --mode fwd+bwd \
         --trials "" "dkdv:32:32:4:1" "dkdv:64:32:8:1+dq:64:32:8:1"
@@ -72,7 +73,7 @@ def overrides(trial: str, head_dim: int):
     try:
         for part in filter(None, trial.split("+")):
             name, *nums = part.split(":")
-            vals = [int(x) for x in nums]
+            vals = [int(x) for x in nums if x.isdigit()]
             if name == "fwd":
                 bm, rest = vals[0], tuple(vals[1:])
                 configs.DEFAULTS["fwd"][(bucket, bm)] = rest
@@ -111,7 +112,9 @@ def overrides(trial: str, head_dim: int):
                 hopper_forward.CONFIG["block_n"][hopper_forward.block_d(head_dim)] = vals[0]
                 hopper_forward.CONFIG["stages"] = vals[1]
             elif name == "gpad":
-                hopper_forward.CONFIG["split"] = False
+                kernels = {"fwd": hopper_forward, "dkdv": hopper_backward, "dq": hopper_dq}
+                for kernel in nums or kernels:
+                    kernels[kernel].CONFIG["split"] = False
             else:
                 raise SystemExit(f"unknown override {part!r}")
         forward._replays.clear()

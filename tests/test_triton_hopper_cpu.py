@@ -173,15 +173,16 @@ def test_replayed_argument_names_are_the_gluon_kernels_parameters():
         assert kernel.arg_names[n:n + 2] == ["TileSeq", "TileBlk"]
 
 
-def test_split_head_dims_are_two_power_of_two_chunks(monkeypatch):
+def test_split_head_dims_are_two_power_of_two_chunks():
     """hopper_forward.split_widths: head dims that are the sum of two powers of two (the
     first 64 or more, the second 16 or more) are read as two column chunks; the others, the
-    native widths, and every head dim with CONFIG["split"] off, are not."""
+    native widths, and every head dim for a kernel whose CONFIG["split"] is off, are not."""
     got = {d: hopper_forward.split_widths(d) for d in range(8, 257, 8)}
     assert {d: w for d, w in got.items() if w is not None} == {
         80: (64, 16), 96: (64, 32), 144: (128, 16), 160: (128, 32), 192: (128, 64)}
-    monkeypatch.setitem(hopper_forward.CONFIG, "split", False)
-    assert hopper_forward.split_widths(192) is None
+    assert hopper_forward.split_widths(192, allowed=False) is None
+    for module in (hopper_forward, hopper_backward, hopper_dq):
+        assert module.CONFIG["split"] is True
 
 
 def test_head_dims_the_gluon_forward_reads_padded():

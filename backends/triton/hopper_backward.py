@@ -59,9 +59,10 @@ BLOCK_N = 128  # key rows per program (two warpgroups of 64); width 256: hopper_
 # on an H200 (docs/performance.md); 64-row query blocks spill at head dim 128 (Triton 3.6).
 # Width 256 runs hopper_dkdv_wide.py (stages_wide). device_offsets: the widths served
 # without host lengths; at width 64 the tl backward was the faster one there (H200: 2.79
-# against 3.10 ms on the d64 cell, docs/performance.md v13).
+# against 3.10 ms on the d64 cell, docs/performance.md v13). split: read head dims 80 and 96
+# as two column chunks (hopper_forward.split_widths) rather than zero-padded to 128.
 CONFIG = {"block_m": {64: 64, 128: 32, 256: 32}, "stages": 3, "stages_wide": 3,
-          "consumer_regs": 240, "producer_regs": 24, "device_offsets": (128, 256)}
+          "consumer_regs": 240, "producer_regs": 24, "device_offsets": (128, 256), "split": True}
 
 if gluon is not None:
 
@@ -339,7 +340,7 @@ def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
         own = dict(HALF=box, STAGES=CONFIG["stages_wide"])
         seconds = ()
     else:
-        chunks = hopper_forward.split_widths(d)
+        chunks = hopper_forward.split_widths(d, CONFIG["split"])
         box, second = chunks if chunks is not None else (width, 0)
         kernel, rows = _hopper_dkdv_kernel, BLOCK_N
         own = dict(BLOCK_D=box, BLOCK_D2=second, STAGES=CONFIG["stages"])

@@ -58,8 +58,9 @@ BLOCK_M = 128  # query rows per program (two warpgroups of 64)
 # (key block by head dim, stages, consumer registers, producer registers): swept on an H200
 # (benchmarks/sweep_configs.py, docs/performance.md v11). device_offsets: the widths served
 # without host lengths (as hopper_backward's: at width 64 the tl backward is faster there).
+# split: read head dims 80-192 as two column chunks (hopper_forward.split_widths).
 CONFIG = {"block_n": {64: 64, 128: 128, 256: 32}, "stages": 2, "consumer_regs": 240,
-          "producer_regs": 24, "device_offsets": (128, 256)}
+          "producer_regs": 24, "device_offsets": (128, 256), "split": True}
 
 if gluon is not None:
 
@@ -294,7 +295,7 @@ def dq(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.T
     block_n = CONFIG["block_n"][width]
     programs, tile_seq, tile_blk, device_tiles = tiles
     grid = (programs, problem.nheads)
-    chunks = hopper_forward.split_widths(d)
+    chunks = hopper_forward.split_widths(d, CONFIG["split"])
     first, second = chunks if chunks is not None else (width, 0)
     seconds = ((descriptor(q, d, BLOCK_M, second), descriptor(dout, d, BLOCK_M, second),
                 descriptor(k, d, block_n, second), descriptor(v, d, block_n, second))

@@ -56,7 +56,8 @@ BLOCK_M = 128
 # (key block per padded head dim, stages, consumer registers, producer registers), from
 # benchmarks on an H200 (docs/performance.md); head dim 256 takes 64-key blocks so that the
 # 64 x 256 fp32 accumulator (128 registers a thread) and the scores fit the consumers'
-# registers and Q plus two K and V stages fit shared memory (192 KiB)
+# registers and Q plus two K and V stages fit shared memory (192 KiB). split: read head dims
+# 80-192 as two column chunks (split_widths).
 CONFIG = {"block_n": {64: 128, 128: 128, 256: 64}, "stages": 2, "consumer_regs": 240,
           "producer_regs": 24, "split": True}
 HEAD_DIMS = (64, 128, 256)  # other head dims are read zero-padded to the next of these
@@ -660,12 +661,12 @@ def tl_is_faster(problem) -> bool:
     return 0 < problem.max_seqlen_q <= TL_BELOW.get(width, 0)
 
 
-def split_widths(head_dim: int) -> tuple[int, int] | None:
-    """(first, second) when the forward reads ``head_dim`` as two column chunks whose widths
-    are powers of two (96 = 64 + 32, 192 = 128 + 64, 80, 144, 160), instead of zero-padded
-    to the next of HEAD_DIMS (a quarter to a half of the matmul work on zeros); None for the
-    others, or with CONFIG["split"] off."""
-    if not CONFIG["split"] or head_dim in HEAD_DIMS or block_d(head_dim) is None:
+def split_widths(head_dim: int, allowed: bool = True) -> tuple[int, int] | None:
+    """(first, second) when a Gluon kernel reads ``head_dim`` as two column chunks whose
+    widths are powers of two (96 = 64 + 32, 192 = 128 + 64, 80, 144, 160), instead of
+    zero-padded to the next of HEAD_DIMS (a quarter to a half of the matmul work on zeros);
+    None for the others, or when the kernel's ``allowed`` (its CONFIG["split"]) is off."""
+    if not allowed or head_dim in HEAD_DIMS or block_d(head_dim) is None:
         return None
     first = 1 << (head_dim.bit_length() - 1)
     second = head_dim - first
@@ -709,7 +710,7 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     block_n = CONFIG["block_n"][width]
     programs, tile_seq, tile_blk, device_tiles = tiles
     grid = (programs, problem.nheads)
-    split = split_widths(d)
+    split = split_widths(d, CONFIG["split"])
     first, second = split if split is not None else (width, 0)
     descriptors = (descriptor(q, d, BLOCK_M, first), descriptor(k, d, block_n, first),
                    descriptor(v, d, block_n, first))
