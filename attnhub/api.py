@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import plans
 from .arguments import as_bool
@@ -76,6 +77,9 @@ def attention_forward_varlen(
                 if plan.offsets_as_given:
                     return plan.run_out(q, k, v, cu_seqlens_q, cu_seqlens_k)
                 return plan.run_out(q, k, v, *plan.offsets(cu_seqlens_q, cu_seqlens_k))
+            if plan.run_grad is not None and not return_lse \
+                    and _get_current_dispatch_mode() is None:  # ops.run_forward's gate
+                return plan.run_grad(q, k, v, *plan.offsets(cu_seqlens_q, cu_seqlens_k))
             return _run(plan.problem, plan.inputs(q, k, v, cu_seqlens_q, cu_seqlens_k),
                         plan.backend, return_lse)
     try:

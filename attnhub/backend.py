@@ -122,12 +122,16 @@ class Backend:
             return self.forward_out(problem, VarlenInputs(q, k, v, cu_seqlens_q, cu_seqlens_k))
         return run
 
-    def autograd_out(self, problem: VarlenProblem, inputs: VarlenInputs
-                     ) -> torch.Tensor | None:
-        """``out`` of an eager call that needs gradients of out only (no lse, no probs),
-        computed under the kernel's own autograd, which torch runs as a C++ node with no
-        Python in the backward; None (the default) when the kernel has none for this call,
-        and attnhub's autograd Function then pairs ``forward`` and ``backward``."""
+    def autograd_out_runner(self, problem: VarlenProblem
+                            ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor,
+                                           torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        """For eager calls of ``problem`` that need gradients of out only (no lse, no probs):
+        ``run(q, k, v, cu_seqlens_q, cu_seqlens_k) -> out`` computed under the kernel's own
+        autograd, which torch runs as a C++ node with no Python in the backward, bound once
+        as ``out_only_runner`` is (call plans keep it). None (the default) when the kernel
+        has no such node for ``problem``, or the problem has feature tensors (ALiBi slopes,
+        block table, custom mask, sinks), which ``run`` does not take; attnhub's autograd
+        Function then pairs ``forward`` and ``backward``."""
         return None
 
     def backward(self, problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,

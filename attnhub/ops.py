@@ -84,15 +84,17 @@ def run_forward(problem: VarlenProblem, inputs: VarlenInputs, backend: Backend,
     """Run ``backend`` on the call: directly without autograd, through ``_EagerVarlen`` with
     eager autograd, through the custom op when tracing. ``out_only``: the caller reads out
     alone (no lse, no probs), so an eager call with autograd first asks the backend for out
-    under its own autograd (Backend.autograd_out: no Python in the backward); the result's
-    lse is then None."""
+    under its own autograd (Backend.autograd_out_runner: no Python in the backward); the
+    result's lse is then None."""
     compiling = torch.compiler.is_compiling()
     if not (problem.requires_grad or compiling):
         return check_forward(backend.name, problem, inputs.q, backend.forward(problem, inputs))
     if not compiling and type(inputs.q) is Tensor and _get_current_dispatch_mode() is None:
         if out_only:
-            out = backend.autograd_out(problem, inputs)
-            if out is not None:
+            run = backend.autograd_out_runner(problem)
+            if run is not None:
+                out = run(inputs.q, inputs.k, inputs.v, inputs.cu_seqlens_q,
+                          inputs.cu_seqlens_k)
                 return ForwardResult(check_out(backend.name, out, inputs.q), None)
         out, lse, probs, rng = _EagerVarlen.apply(
             problem, inputs, backend, inputs.q, inputs.k, inputs.v,

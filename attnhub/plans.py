@@ -55,7 +55,7 @@ class Plan:
     q's device when ``offsets_as_given``, else converted per call)."""
 
     __slots__ = ("backend", "cu_seqlens_k", "cu_seqlens_q", "device", "offsets_as_given",
-                 "out_only", "pinned", "problem", "run_out")
+                 "out_only", "pinned", "problem", "run_grad", "run_out")
 
     def __init__(self, problem: VarlenProblem, backend: Backend, device: torch.device,
                  cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
@@ -70,6 +70,12 @@ class Plan:
         # Neither lse nor autograd: Backend.forward_out (torch.compile never gets here).
         self.out_only = not (problem.return_probs or problem.requires_grad)
         self.run_out = checked_out_runner(backend, problem, device) if self.out_only else None
+        # With autograd and out alone wanted: the backend's own autograd, if it has one
+        # (Backend.autograd_out_runner; eager calls only, outside dispatch modes).
+        grad = (backend.autograd_out_runner(problem)
+                if problem.requires_grad and not problem.return_probs else None)
+        self.run_grad = None if grad is None else checked_out_runner(backend, problem, device,
+                                                                      grad)
 
     def offsets(self, cu_q, cu_k) -> tuple[torch.Tensor, torch.Tensor]:
         """int32 offsets on q's device for a call with this plan's key."""

@@ -68,12 +68,15 @@ def check_gradients(backend: str, grads: Gradients, q: torch.Tensor, k: torch.Te
 
 
 def checked_out_runner(backend: Backend, problem: VarlenProblem,
-                       device: torch.device | None = None) -> OutRunner:
-    """``backend.out_only_runner(problem)`` whose result is checked on every call. With
+                       device: torch.device | None = None, run: OutRunner | None = None
+                       ) -> OutRunner:
+    """``run`` (by default ``backend.out_only_runner(problem)``) whose result is checked on
+    every call. With
     ``device`` (q's, fixed for every call of the runner, as in a call plan) out is compared
     with the problem's q shape, dtype and that device, computed once: the check then costs
     less than reading them from q on every call."""
-    run = backend.out_only_runner(problem)
+    if run is None:
+        run = backend.out_only_runner(problem)
     name = backend.name
     if device is None:
         def checked(q, k, v, cu_seqlens_q, cu_seqlens_k):

@@ -173,22 +173,23 @@ def test_torch_flash_deterministic_backward_uses_torchs_mode(aten, deterministic
     assert torch.are_deterministic_algorithms_enabled() is before
 
 
-def test_torch_flash_autograd_out_is_the_aten_forward_where_its_node_applies(aten):
-    """TorchFlashBackend.autograd_out: out of the aten forward (whose autograd node torch
-    registers) with the call's arguments; None with dropout, with ``deterministic`` and for a
-    batch of no sequences, which take attnhub's Function."""
+def test_torch_flash_autograd_out_runner_is_the_aten_forward_where_its_node_applies(aten):
+    """TorchFlashBackend.autograd_out_runner: out of the aten forward (whose autograd node
+    torch registers) with the call's arguments; None with dropout, with ``deterministic`` and
+    for a batch of no sequences, which take attnhub's Function."""
     backend = torch_flash.TorchFlashBackend()
     problem, inputs, _ = _call(causal=True, window_size=(3, -1), softmax_scale=0.3, grad=True)
-    out = backend.autograd_out(problem, inputs)
+    run = backend.autograd_out_runner(problem)
+    out = run(inputs.q, inputs.k, inputs.v, inputs.cu_seqlens_q, inputs.cu_seqlens_k)
     (call,) = aten.forward_calls
     assert call["window"] == (3, 0) and call["scale"] == 0.3 and call["dropout_p"] == 0.0
     assert torch.equal(out, _reference(problem, inputs)[0].out)
     for kw in ({"dropout_p": 0.2}, {"deterministic": True}):
         problem, inputs, _ = _call(grad=True, **kw)
-        assert backend.autograd_out(problem, inputs) is None
+        assert backend.autograd_out_runner(problem) is None
     q = torch.randn(0, 4, 16, dtype=torch.float16, requires_grad=True)
     problem, inputs = attnhub.normalize(q, q[:, :2], q[:, :2], [0], [0])
-    assert backend.autograd_out(problem, inputs) is None
+    assert backend.autograd_out_runner(problem) is None
     assert len(aten.forward_calls) == 1
 
 

@@ -95,7 +95,7 @@ def test_fa4_sinks_against_reference(dtype, kw):
                          ids=["full", "causal", "window"])
 def test_torch_flash_out_only_gradients_come_from_torchs_own_node(kw):
     """Without return_lse the call runs under the aten op's own autograd node
-    (Backend.autograd_out): its gradients match the reference and attnhub's Function path
+    (Backend.autograd_out_runner): its gradients match the reference and attnhub's Function path
     (return_lse) on lengths with rows that see no key (sk 0, sq > sk)."""
     q, k, v = _qkv(torch.bfloat16, grad=True)
     iq = attnhub.VarlenInfo.from_lengths(LENGTHS_Q, "cuda")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import attnhub
-from attnhub import VarlenInfo, attention_forward_varlen
+from attnhub import VarlenInfo, attention_forward_varlen, plans
 from attnhub.normalize import normalize
 from attnhub.ops import pack, varlen_fwd
 
@@ -88,7 +88,7 @@ def test_saved_tensor_hooks_see_every_saved_tensor():
 
 
 def test_a_backends_own_autograd_serves_out_only_calls(install):
-    """Backend.autograd_out: an eager call that requires grad and wants neither lse nor
+    """Backend.autograd_out_runner: an eager call that requires grad and wants neither lse nor
     probs takes the backend's own autograd graph (here q * 2 + k.sum() * 0, so the gradients
     show which graph ran), through the dispatch fast path and a plan alike; return_lse,
     torch.no_grad and a backend answering None take the usual paths."""
@@ -99,11 +99,16 @@ def test_a_backends_own_autograd_serves_out_only_calls(install):
         capabilities = make_backend("x").capabilities
         serve = True
 
-        def autograd_out(self, problem, inputs):
-            self.calls.append("autograd_out")
+        def autograd_out_runner(self, problem):
             if not self.serve:
+                self.calls.append("autograd_out")
                 return None
-            return inputs.q * 2 + (inputs.k.sum() + inputs.v.sum()) * 0
+
+            def run(q, k, v, cu_seqlens_q, cu_seqlens_k):
+                self.calls.append("autograd_out")
+                return q * 2 + (k.sum() + v.sum()) * 0
+
+            return run
 
     backend = OwnAutograd()
     install(backend)
@@ -130,6 +135,8 @@ def test_a_backends_own_autograd_serves_out_only_calls(install):
     assert backend.calls == ["forward"]  # forward_out's default
     backend.calls.clear()
     backend.serve = False
+    plans.clear()  # runners are bound per planned call; this backend changed its answer
     out = attention_forward_varlen(q, k, v, info, info, causal=True)
     out.sum().backward()
-    assert backend.calls == ["autograd_out", "forward", "backward"]
+    # asked (by the new plan and the call), answered None: the Function's forward / backward
+    assert backend.calls[-2:] == ["forward", "backward"] and "autograd_out" in backend.calls

@@ -108,16 +108,15 @@ class TorchFlashBackend(CudaAdapter):
                     return _dense_retry(run, q, k, v, cu_seqlens_q, cu_seqlens_k)
         return run
 
-    def autograd_out(self, problem: VarlenProblem, inputs: VarlenInputs
-                     ) -> torch.Tensor | None:
-        """The aten forward with torch's own autograd node (FlashAttentionBackward0): its
-        backward is the same aten backward, with no Python on the way. Not with dropout (the
-        node keeps its own rng state: attnhub's Function hands it over instead) nor with
-        ``deterministic`` (torch's flag would have to be set while the engine runs the
-        backward)."""
+    def autograd_out_runner(self, problem: VarlenProblem):
+        """The aten forward (out_only_runner's launch) with torch's own autograd node
+        (FlashAttentionBackward0): its backward is the same aten backward, with no Python on
+        the way. Not with dropout (the node keeps its own rng state: attnhub's Function hands
+        it over instead) nor with ``deterministic`` (torch's flag would have to be set while
+        the engine runs the backward), nor for a batch of no sequences."""
         if problem.batch == 0 or problem.dropout_p > 0 or problem.deterministic:
             return None
-        return _forward(problem, inputs)[0]
+        return self.out_only_runner(problem)
 
     def run_backward(self, problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
                      lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None
