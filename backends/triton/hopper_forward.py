@@ -112,6 +112,19 @@ if gluon is not None:
         return rows, boxes
 
     @gluon.jit
+    def _load_rows(desc, desc2, box, box2, bar, buf, buf2, SPLIT: gl.constexpr):
+        """The rows of TMA box ``box`` through ``desc`` into ``buf``, and with SPLIT those of
+        ``box2`` (their columns past the first chunk) through ``desc2`` into ``buf2``, all on
+        ``bar``, whose expected bytes this sets."""
+        if SPLIT:
+            mbarrier.expect(bar, desc.block_type.nbytes + desc2.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc, box, bar, buf)
+            tma.async_copy_global_to_shared(desc2, box2, bar, buf2)
+        else:
+            mbarrier.expect(bar, desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc, box, bar, buf)
+
+    @gluon.jit
     def _produce(desc_q, desc_k, desc_v, desc_q2, desc_k2, desc_v2, q_smem, k_smem, v_smem,
                  q2_smem, k2_smem, v2_smem, q_bar, k_ready, v_ready, k_empty, v_empty, q_row,
                  q_head, k_row, kv_head, n_blocks, HEAD_DIM: gl.constexpr,
@@ -120,43 +133,19 @@ if gluon is not None:
         """Producer warp: Q once, then K and V of blocks 0..n_blocks-1 into the ring (buffers
         shaped as the descriptors' boxes); with SPLIT, each row's columns past BLOCK_D too,
         through the second descriptors into the second buffers, on the same barriers."""
-        if SPLIT:
-            mbarrier.expect(q_bar, desc_q.block_type.nbytes + desc_q2.block_type.nbytes)
-            tma.async_copy_global_to_shared(desc_q, [q_row, q_head, 0], q_bar, q_smem)
-            tma.async_copy_global_to_shared(desc_q2, [q_row, q_head, BLOCK_D], q_bar, q2_smem)
-        else:
-            mbarrier.expect(q_bar, desc_q.block_type.nbytes)
-            tma.async_copy_global_to_shared(desc_q, box_coordinates(q_row, q_head, HEAD_DIM,
-                                                                    PADDED), q_bar, q_smem)
+        _load_rows(desc_q, desc_q2, box_coordinates(q_row, q_head, HEAD_DIM, PADDED),
+                   [q_row, q_head, BLOCK_D], q_bar, q_smem, q2_smem, SPLIT)
         for j in range(n_blocks):
             st = j % STAGES
             use = j // STAGES
             box = box_coordinates(k_row + j * BLOCK_N, kv_head, HEAD_DIM, PADDED)
+            box2 = [k_row + j * BLOCK_N, kv_head, BLOCK_D]
             mbarrier.wait(k_empty.index(st), (use & 1) ^ 1, pred=use > 0)
-            if SPLIT:
-                box2 = [k_row + j * BLOCK_N, kv_head, BLOCK_D]
-                mbarrier.expect(k_ready.index(st),
-                                desc_k.block_type.nbytes + desc_k2.block_type.nbytes)
-                tma.async_copy_global_to_shared(desc_k, box, k_ready.index(st),
-                                                k_smem.index(st))
-                tma.async_copy_global_to_shared(desc_k2, box2, k_ready.index(st),
-                                                k2_smem.index(st))
-            else:
-                mbarrier.expect(k_ready.index(st), desc_k.block_type.nbytes)
-                tma.async_copy_global_to_shared(desc_k, box, k_ready.index(st),
-                                                k_smem.index(st))
+            _load_rows(desc_k, desc_k2, box, box2, k_ready.index(st), k_smem.index(st),
+                       k2_smem.index(st), SPLIT)
             mbarrier.wait(v_empty.index(st), (use & 1) ^ 1, pred=use > 0)
-            if SPLIT:
-                mbarrier.expect(v_ready.index(st),
-                                desc_v.block_type.nbytes + desc_v2.block_type.nbytes)
-                tma.async_copy_global_to_shared(desc_v, box, v_ready.index(st),
-                                                v_smem.index(st))
-                tma.async_copy_global_to_shared(desc_v2, box2, v_ready.index(st),
-                                                v2_smem.index(st))
-            else:
-                mbarrier.expect(v_ready.index(st), desc_v.block_type.nbytes)
-                tma.async_copy_global_to_shared(desc_v, box, v_ready.index(st),
-                                                v_smem.index(st))
+            _load_rows(desc_v, desc_v2, box, box2, v_ready.index(st), v_smem.index(st),
+                       v2_smem.index(st), SPLIT)
 
     @gluon.jit
     def program_tile(CuQ, TileSeq, TileBlk, batch, pid, BLOCK_M: gl.constexpr,
