@@ -109,27 +109,20 @@ def launch_all(sinks: bool) -> None:
             backward.backward(problem, inputs, out, lse, q, None, None, **kw)
             group_split.split_for = unsplit
         if features.get("causal") and hopper_forward.available():
-            k_tiles = forward.launch_tiles(problem, inputs.cu_seqlens_k,
-                                           hopper_backward.BLOCK_N, False)
+            k_tiles = dkdv_tiles(problem, inputs)
             hopper_backward.dkdv(problem, q, k, k, q, lse, lse, k.clone(), k.clone(),
                                  inputs.cu_seqlens_q, inputs.cu_seqlens_k, k_tiles, 0.1)
             dk, dv = group_split.partials(k, problem.nheads_k, 2)
             hopper_backward.dkdv(problem, q, k, k, q, lse, lse, dk, dv, inputs.cu_seqlens_q,
                                  inputs.cu_seqlens_k, k_tiles, 0.1, split=2)
             LABEL[0] = " [device tiles]"
-            programs = -(-problem.total_k // hopper_backward.BLOCK_N) + problem.batch
             hopper_backward.dkdv(problem, q, k, k, q, lse, lse, k.clone(), k.clone(),
                                  inputs.cu_seqlens_q, inputs.cu_seqlens_k,
-                                 (programs, inputs.cu_seqlens_k, inputs.cu_seqlens_k, True),
-                                 0.1)
+                                 dkdv_tiles(problem, inputs, True), 0.1)
             LABEL[0] = ""
             for device_tiles in (False, True):
                 LABEL[0] = " [device tiles]" if device_tiles else ""
-                tiles = forward.launch_tiles(problem, inputs.cu_seqlens_q, hopper_dq.BLOCK_M,
-                                             True)
-                if device_tiles:
-                    programs = -(-problem.total_q // hopper_dq.BLOCK_M) + problem.batch
-                    tiles = (programs, inputs.cu_seqlens_q, inputs.cu_seqlens_q, True)
+                tiles = dq_tiles(problem, inputs, device_tiles)
                 hopper_dq.dq(problem, q, k, k, q, lse, lse, q.clone(), inputs.cu_seqlens_q,
                              inputs.cu_seqlens_k, tiles, 0.1)
             LABEL[0] = ""
@@ -140,21 +133,18 @@ def launch_all(sinks: bool) -> None:
             kp = torch.randn(sum(lk), 2, head_dim, dtype=torch.float16, generator=g)
             problem, inputs = attnhub.normalize(qp, kp, kp, info_q, info_k, causal=True)
             lsep = torch.empty(8, problem.total_q)
-            k_tiles = forward.launch_tiles(problem, inputs.cu_seqlens_k,
-                                           hopper_backward.BLOCK_N, False)
+            k_tiles = dkdv_tiles(problem, inputs)
             hopper_backward.dkdv(problem, qp, kp, kp, qp, lsep, lsep, kp.clone(), kp.clone(),
                                  inputs.cu_seqlens_q, inputs.cu_seqlens_k, k_tiles, 0.1)
-            tiles = forward.launch_tiles(problem, inputs.cu_seqlens_q, hopper_dq.BLOCK_M, True)
+            tiles = dq_tiles(problem, inputs)
             hopper_dq.dq(problem, qp, kp, kp, qp, lsep, lsep, qp.clone(), inputs.cu_seqlens_q,
                          inputs.cu_seqlens_k, tiles, 0.1)
             LABEL[0] = f" [causal d{head_dim} {how}, device tiles]"
             cu_q, cu_k = inputs.cu_seqlens_q, inputs.cu_seqlens_k
-            programs = -(-problem.total_k // hopper_backward.BLOCK_N) + problem.batch
             hopper_backward.dkdv(problem, qp, kp, kp, qp, lsep, lsep, kp.clone(), kp.clone(),
-                                 cu_q, cu_k, (programs, cu_k, cu_k, True), 0.1)
-            programs = -(-problem.total_q // hopper_dq.BLOCK_M) + problem.batch
+                                 cu_q, cu_k, dkdv_tiles(problem, inputs, True), 0.1)
             hopper_dq.dq(problem, qp, kp, kp, qp, lsep, lsep, qp.clone(), cu_q, cu_k,
-                         (programs, cu_q, cu_q, True), 0.1)
+                         dq_tiles(problem, inputs, True), 0.1)
         LABEL[0] = ""
     if hopper_forward.available():  # the Gluon backward at width 256 (hopper_dkdv_wide)
         for head_dim in (256, 192):
@@ -163,12 +153,11 @@ def launch_all(sinks: bool) -> None:
             kw_ = torch.randn(sum(lk), 2, head_dim, dtype=torch.float16, generator=g)
             problem, inputs = attnhub.normalize(qw, kw_, kw_, info_q, info_k, causal=True)
             lsew = torch.empty(8, problem.total_q)
-            k_tiles = forward.launch_tiles(problem, inputs.cu_seqlens_k,
-                                           hopper_backward.block_n(head_dim), False)
+            k_tiles = dkdv_tiles(problem, inputs)
             hopper_backward.dkdv(problem, qw, kw_, kw_, qw, lsew, lsew, kw_.clone(),
                                  kw_.clone(), inputs.cu_seqlens_q, inputs.cu_seqlens_k,
                                  k_tiles, 0.1)
-            tiles = forward.launch_tiles(problem, inputs.cu_seqlens_q, hopper_dq.BLOCK_M, True)
+            tiles = dq_tiles(problem, inputs)
             hopper_dq.dq(problem, qw, kw_, kw_, qw, lsew, lsew, qw.clone(), inputs.cu_seqlens_q,
                          inputs.cu_seqlens_k, tiles, 0.1)
         LABEL[0] = ""
@@ -177,7 +166,7 @@ def launch_all(sinks: bool) -> None:
         for label, features in (("full", {}), ("left window", {"window_size": (64, -1)})):
             LABEL[0] = f" [{label}]"
             problem, inputs = attnhub.normalize(q, k, k, info_q, info_k, **features)
-            tiles = forward.launch_tiles(problem, inputs.cu_seqlens_q, hopper_dq.BLOCK_M, True)
+            tiles = dq_tiles(problem, inputs)
             hopper_dq.dq(problem, q, k, k, q, lse, lse, q.clone(), inputs.cu_seqlens_q,
                          inputs.cu_seqlens_k, tiles, 0.1)
         LABEL[0] = ""
@@ -223,6 +212,34 @@ GLUON_FORWARDS = [
 ]
 
 
+def dkdv_tiles(problem, inputs, device_tiles: bool = False) -> tuple:
+    """The Gluon dK/dV's launch tiles over the keys (launch_tiles)."""
+    from attnhub.backends.triton import hopper_backward
+
+    return launch_tiles(problem, inputs.cu_seqlens_k, hopper_backward.block_n(problem.head_dim),
+                        False, device_tiles)
+
+
+def dq_tiles(problem, inputs, device_tiles: bool = False) -> tuple:
+    """The Gluon dQ's launch tiles over the queries (launch_tiles)."""
+    from attnhub.backends.triton import hopper_dq
+
+    return launch_tiles(problem, inputs.cu_seqlens_q, hopper_dq.BLOCK_M, True, device_tiles)
+
+
+def launch_tiles(problem, cu_seqlens, rows: int, rows_are_queries: bool,
+                 device_tiles: bool) -> tuple:
+    """A launch's tiles of ``rows`` rows as the backend plans them (host lengths here), or
+    with ``device_tiles`` the upper bound of programs that find their own tiles, as the
+    backend launches calls without host lengths (CPU offsets always count as host lengths)."""
+    from attnhub.backends.triton import forward
+
+    if device_tiles:
+        total = problem.total_q if rows_are_queries else problem.total_k
+        return -(-total // rows) + problem.batch, cu_seqlens, cu_seqlens, True
+    return forward.launch_tiles(problem, cu_seqlens, rows, rows_are_queries)
+
+
 def gluon_forward(problem, inputs, sinks, device_tiles: bool) -> None:
     """The Gluon forward's launch for ``problem``, as forward.forward makes it on an H100;
     ``device_tiles``: as without host lengths (CPU offsets count as host lengths here)."""
@@ -230,10 +247,8 @@ def gluon_forward(problem, inputs, sinks, device_tiles: bool) -> None:
 
     out = torch.empty_like(inputs.q)
     lse = torch.empty(problem.nheads, problem.total_q)
-    tiles = forward.launch_tiles(problem, inputs.cu_seqlens_q, hopper_forward.BLOCK_M, True)
-    if device_tiles:  # the upper bound launch_tiles takes without host lengths
-        programs = -(-problem.total_q // hopper_forward.BLOCK_M) + problem.batch
-        tiles = (programs, inputs.cu_seqlens_q, inputs.cu_seqlens_q, True)
+    tiles = launch_tiles(problem, inputs.cu_seqlens_q, hopper_forward.BLOCK_M, True,
+                         device_tiles)
     hopper_forward.forward(problem, inputs.q, inputs.k, inputs.v, out, lse,
                            inputs.cu_seqlens_q, inputs.cu_seqlens_k, tiles,
                            forward.score_scalars(problem), sinks, inputs.alibi_slopes)
