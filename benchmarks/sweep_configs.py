@@ -56,6 +56,8 @@ from attnhub.bench.direct import direct_kernels_for
 from attnhub.bench.inputs import attnhub_runner, make_inputs
 from attnhub.bench.matrix import build_matrix, profile_for
 
+NAMED_TRIALS = ("gpad",)  # trials whose arguments are kernel names, not numbers
+
 
 @contextlib.contextmanager
 def overrides(trial: str, head_dim: int):
@@ -73,7 +75,7 @@ def overrides(trial: str, head_dim: int):
     try:
         for part in filter(None, trial.split("+")):
             name, *nums = part.split(":")
-            vals = [int(x) for x in nums if x.isdigit()]
+            vals = [] if name in NAMED_TRIALS else [int(x) for x in nums]
             if name == "fwd":
                 bm, rest = vals[0], tuple(vals[1:])
                 configs.DEFAULTS["fwd"][(bucket, bm)] = rest
