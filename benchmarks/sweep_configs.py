@@ -23,6 +23,8 @@ Each trial is a '+'-joined list of overrides (an empty trial: the shipped settin
 * ``gpad``            the Gluon kernels read every head dim outside 64 / 128 / 256
   zero-padded (no two-chunk reads: hopper_forward.split_widths); ``gpad:fwd``,
   ``gpad:dkdv``, ``gpad:dq``: that kernel only
+* ``gprefetch``       the Gluon dK/dV loads each query block's lse and delta one block ahead
+  at the cell's width (CONFIG["prefetch"]); ``gprefetch:off``: not at any width
 
     python benchmarks/sweep_configs.py --cells d192,d256 --mode fwd+bwd \
         --trials "" "dkdv:32:32:4:1" "dkdv:64:32:8:1+dq:64:32:8:1"
@@ -56,7 +58,7 @@ from attnhub.bench.direct import direct_kernels_for
 from attnhub.bench.inputs import attnhub_runner, make_inputs
 from attnhub.bench.matrix import build_matrix, profile_for
 
-NAMED_TRIALS = ("gpad",)  # trials whose arguments are kernel names, not numbers
+NAMED_TRIALS = ("gpad", "gprefetch")  # trials whose arguments are kernel names, not numbers
 
 
 @contextlib.contextmanager
@@ -64,6 +66,7 @@ def overrides(trial: str, head_dim: int):
     """Apply a trial's overrides to the Triton backend's modules, restore them after."""
     saved_defaults = {name: dict(table) for name, table in configs.DEFAULTS.items()}
     saved_dq = {**hopper_dq.CONFIG, "block_n": dict(hopper_dq.CONFIG["block_n"])}
+    width = hopper_forward.block_d(head_dim)
     saved_dkdv = {**hopper_backward.CONFIG,
                   "block_m": dict(hopper_backward.CONFIG["block_m"])}
     saved_fwd = {**hopper_forward.CONFIG, "block_n": dict(hopper_forward.CONFIG["block_n"])}
@@ -117,6 +120,9 @@ def overrides(trial: str, head_dim: int):
                 kernels = {"fwd": hopper_forward, "dkdv": hopper_backward, "dq": hopper_dq}
                 for kernel in nums or kernels:
                     kernels[kernel].CONFIG["split"] = False
+            elif name == "gprefetch":
+                hopper_backward.CONFIG["prefetch"] = (
+                    () if nums == ["off"] else (*hopper_backward.CONFIG["prefetch"], width))
             else:
                 raise SystemExit(f"unknown override {part!r}")
         forward._replays.clear()

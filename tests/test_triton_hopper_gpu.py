@@ -276,6 +276,30 @@ def _lengths(offsets: str, lengths_q, lengths_k) -> tuple:
 @pytest.mark.parametrize("case", range(len(BWD_CASES)))
 def test_gluon_dkdv_matches_tl_kernel_and_reference(dtype, head_dim, case, offsets,
                                                     gluon_dkdv_calls, gluon_dq_calls):
+    _check_gluon_backward(dtype, head_dim, case, offsets, gluon_dkdv_calls, gluon_dq_calls)
+
+
+@pytest.mark.parametrize("offsets", ["host", "device"])
+@pytest.mark.parametrize("widths", [(64, 128, 256), ()])
+@pytest.mark.parametrize("head_dim", [64, 128, 96, 256, 192])
+@pytest.mark.parametrize("case", range(len(BWD_CASES)))
+def test_gluon_dkdv_prefetch_option(widths, head_dim, case, offsets, monkeypatch,
+                                    gluon_dkdv_calls, gluon_dq_calls):
+    """With CONFIG["prefetch"] at every width or at none (each query block's lse and
+    delta loaded during the block before, or in its own) the Gluon dK/dV computes the same
+    gradients."""
+    from attnhub.backends.triton import backward, replay
+
+    monkeypatch.setitem(hopper_backward.CONFIG, "prefetch", widths)
+    monkeypatch.setattr(backward, "_replays", replay.ReplayCache())  # no launch of another test
+    _check_gluon_backward(torch.bfloat16, head_dim, case, offsets, gluon_dkdv_calls,
+                          gluon_dq_calls)
+
+
+def _check_gluon_backward(dtype, head_dim, case, offsets, gluon_dkdv_calls, gluon_dq_calls):
+    """dQ, dK and dV of BWD_CASES[case] through the triton backend: the Gluon kernels take
+    the call where they serve it, and the gradients are as accurate as the tl kernels'
+    against the float64 reference."""
     from attnhub.backends.triton import backward, forward
 
     kw, lk = BWD_CASES[case]

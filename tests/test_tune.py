@@ -127,3 +127,32 @@ def test_remeasuring_one_backend_keeps_the_others_entries(cache, capsys):
     assert table.extra["measured_backends"]["reference"] == "2000-01-01"
     assert table.extra["measured_backends"]["sdpa"] != "2000-01-01"
     assert tune.merge_costs({"a": 1.0, "b": 2.0}, {"a": 3.0}, ["a", "b"]) == {"a": 3.0}
+
+
+def test_a_class_is_measured_on_the_same_call_whatever_the_run_measures(cache, monkeypatch):
+    """The representative call of a class (its lengths and data) depends on the class alone:
+    a run filtered to that class and a run of the whole list measure the same call, so a
+    partial re-measure compares backends on one shape (it once took the class's index in
+    the run's list as the seed: a long-bucket call of 3 sequences in one run was one of 6
+    in the next, twice the work)."""
+    built: dict[str, list[tuple]] = {}
+    real_build = tune.build_call
+
+    def recording_build(case, device, seed=None):
+        kwargs = real_build(case, device, seed)
+        built.setdefault(case.intended().key(), []).append(
+            (kwargs["cu_seqlens_q"].tolist(), kwargs["q"].flatten()[:8].tolist()))
+        return kwargs
+
+    monkeypatch.setattr(tune, "build_call", recording_build)
+    monkeypatch.setattr(tune, "measure", lambda *args, **kwargs: 1.0)
+    key = "float32/d64/g2-8/causal/long/fwd"
+    tune.tune("cpu", backends=["reference"], patterns=[key], output=cache / "one.json",
+              progress=lambda line: None)
+    tune.tune("cpu", backends=["reference"], patterns=["float32/d64/g2-8/*"],
+              output=cache / "all.json", progress=lambda line: None)
+    assert len(built[key]) == 2 and built[key][0] == built[key][1]
+    assert len(built) > 1  # the second run built other classes before this one
+    lengths = {tuple(calls[0][0]) for k, calls in built.items() if "/medium/" in k}
+    assert len(lengths) == len([k for k in built if "/medium/" in k]), \
+        "classes of one bucket draw their own lengths"

@@ -10,7 +10,11 @@ What the kernels compute is not checked here: the interpreter tests and the GPU 
 that. The Gluon kernels need the Triton version the GPU machine runs (its Gluon API moves
 between releases).
 
-    python tools/compile_kernels.py --out /tmp/ptx [--sinks] [--arch 90]
+    python tools/compile_kernels.py --out /tmp/ptx [--sinks] [--arch 90] \
+        [--config hopper_backward.prefetch=64,128,256 ...]
+
+``--config MODULE.KEY=N,N`` sets a Gluon module's CONFIG entry (a tuple of ints; ``=`` alone:
+the empty tuple) before compiling, to read an option's registers and spills.
 
 attnhub is imported from this checkout (backends/ included), whatever other checkout an
 editable install in the environment points to.
@@ -126,8 +130,9 @@ def launch_all(sinks: bool) -> None:
                 hopper_dq.dq(problem, q, k, k, q, lse, lse, q.clone(), inputs.cu_seqlens_q,
                              inputs.cu_seqlens_k, tiles, 0.1)
             LABEL[0] = ""
-    if hopper_forward.available():  # the Gluon backward at head dims below 128 but 64
-        for head_dim, how in ((96, "64 + 32 columns"), (112, "padded to 128")):
+    if hopper_forward.available():  # the Gluon backward at head dims below 128
+        for head_dim, how in ((64, "width 64"), (96, "64 + 32 columns"),
+                              (112, "padded to 128")):
             LABEL[0] = f" [causal d{head_dim} {how}]"
             qp = torch.randn(sum(lq), 8, head_dim, dtype=torch.float16, generator=g)
             kp = torch.randn(sum(lk), 2, head_dim, dtype=torch.float16, generator=g)
@@ -264,13 +269,27 @@ def ptxas_report(ptx: pathlib.Path, arch: str) -> str:
            f"{max(map(int, spills), default=0)} bytes"
 
 
+def set_config(option: str) -> None:
+    """``MODULE.KEY=N,N``: attnhub.backends.triton.MODULE.CONFIG[KEY] = (N, N)."""
+    target, _, values = option.partition("=")
+    module, _, key = target.partition(".")
+    config = importlib.import_module(f"attnhub.backends.triton.{module}").CONFIG
+    if key not in config:
+        raise SystemExit(f"{module}.CONFIG has no {key!r}: {sorted(config)}")
+    config[key] = tuple(int(x) for x in values.split(",") if x)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for the kernels' PTX")
     parser.add_argument("--arch", type=int, default=90, help="compute capability (90: sm_90a)")
     parser.add_argument("--sinks", action="store_true", help="the launches carry sinks")
+    parser.add_argument("--config", action="append", default=[], metavar="MODULE.KEY=N,N",
+                        help="set a Gluon kernel module's CONFIG entry (repeatable)")
     args = parser.parse_args()
     use_this_checkout()
+    for option in args.config:
+        set_config(option)
     compile_instead_of_launch(GPUTarget("cuda", args.arch, 32))
     launch_all(args.sinks)
     out = pathlib.Path(args.out)

@@ -44,6 +44,7 @@ if gluon is not None:
         allocate_rows,
         box_coordinates,
         mma_layout,
+        next_row_statistics,
         operand_a_layout,
         probabilities_t,
         program_tile,
@@ -61,8 +62,12 @@ BLOCK_N = 128  # key rows per program (two warpgroups of 64); width 256: hopper_
 # without host lengths; at width 64 the tl backward was the faster one there (H200: 2.79
 # against 3.10 ms on the d64 cell, docs/performance.md v13). split: read head dims 80 and 96
 # as two column chunks (hopper_forward.split_widths) rather than zero-padded to 128.
+# prefetch: the widths whose query blocks' lse and delta are loaded one block ahead, so that
+# the global loads' latency is not exposed between S^T's issue and its use (H200, d64
+# forward+backward 2.97 -> 2.43 ms, docs/performance.md v15); width 256: hopper_dkdv_wide's.
 CONFIG = {"block_m": {64: 64, 128: 32, 256: 32}, "stages": 3, "stages_wide": 3,
-          "consumer_regs": 240, "producer_regs": 24, "device_offsets": (128, 256), "split": True}
+          "consumer_regs": 240, "producer_regs": 24, "device_offsets": (128, 256), "split": True,
+          "prefetch": (64, 128, 256)}
 
 if gluon is not None:
 
@@ -119,12 +124,14 @@ if gluon is not None:
                  window_right, total_q, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
                  WG: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                  BLOCK_D: gl.constexpr, BLOCK_D2: gl.constexpr, BLOCK_M: gl.constexpr,
-                 STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
+                 STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr,
+                 PREFETCH: gl.constexpr):
         """Consumer warpgroup WG: dK and dV of key rows [n0 + 64 WG, + 64). Rows are BLOCK_D
         wide, HEAD_DIM of them data and the rest zeros (TMA's fill past the head dim); with
         BLOCK_D2 (HEAD_DIM = BLOCK_D + BLOCK_D2, hopper_forward.split_widths) their last
         BLOCK_D2 columns sit in the second buffers: S^T and dP^T sum two matmuls each, and
-        dK and dV are two accumulators each."""
+        dK and dV are two accumulators each. With PREFETCH each query block's lse and delta
+        are loaded during the block before."""
         ROWS: gl.constexpr = 64
         dtype: gl.constexpr = q_smem.dtype
         S_LAYOUT: gl.constexpr = mma_layout(BLOCK_M)
@@ -149,6 +156,10 @@ if gluon is not None:
             v2_rows = v2_smem.slice(WG * ROWS, ROWS)
             dk2 = gl.zeros([ROWS, BLOCK_D2], gl.float32, G2_LAYOUT)
             dv2 = gl.zeros([ROWS, BLOCK_D2], gl.float32, G2_LAYOUT)
+        if PREFETCH:  # the first block's statistics; each block then loads the next one's
+            qn = lo + gl.arange(0, BLOCK_M, layout=COL_S)
+            lse2_next, delta_next = row_statistics(Lse, Delta, share * GROUP, total_q, q_start,
+                                                   qn, qn < sq)
         mbarrier.wait(kv_bar, 0)
         # the last query block crosses the sequence's end: its rows past it are zeroed
         tail = sq - (lo + (n_blocks - 1) * BLOCK_M)
@@ -183,7 +194,13 @@ if gluon is not None:
                                         is_async=True)
                 qi = qs + gl.arange(0, BLOCK_M, layout=COL_S)
                 q_ok = qi < sq
-                lse2, delta = row_statistics(Lse, Delta, h, total_q, q_start, qi, q_ok)
+                if PREFETCH:
+                    lse2, delta = lse2_next, delta_next
+                    lse2_next, delta_next = next_row_statistics(
+                        Lse, Delta, h, share * GROUP + GROUP - 1, qs, lo, i == n_blocks - 1,
+                        total_q, q_start, sq, BLOCK_M, COL_S)
+                else:
+                    lse2, delta = row_statistics(Lse, Delta, h, total_q, q_start, qi, q_ok)
                 s = warpgroup_mma_wait(num_outstanding=PENDING, deps=(st_acc, ))
                 pt = probabilities_t(s, qk_scale, lse2, qs, qi, q_ok, kj, offset, full_lo,
                                      full_hi, window_left, window_right, BLOCK_M,
@@ -245,7 +262,8 @@ if gluon is not None:
                             CONSUMER_REGS: gl.constexpr,
                             PRODUCER_REGS: gl.constexpr, TOP_LEFT: gl.constexpr,
                             WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr,
-                            SPLIT: gl.constexpr, DEVICE_TILES: gl.constexpr):
+                            SPLIT: gl.constexpr, DEVICE_TILES: gl.constexpr,
+                            PREFETCH: gl.constexpr):
         # GROUP query heads per program: the SPLIT-th share of kv head kvh's (group_split.py)
         share = gl.program_id(1)
         kvh = share // SPLIT
@@ -285,13 +303,13 @@ if gluon is not None:
                         offset, share, lo, n_blocks, full_lo, full_hi, qk_scale, sm_scale,
                         window_left, window_right, total_q, stride_dkt, stride_dkh, stride_dvt,
                         stride_dvh, 0, GROUP, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, STAGES,
-                        WINDOW_LEFT, WINDOW_RIGHT)),
+                        WINDOW_LEFT, WINDOW_RIGHT, PREFETCH)),
             (_consume, (k_smem, v_smem, q_smem, do_smem, k2_smem, v2_smem, q2_smem, do2_smem,
                         kv_bar, ready, empty, Lse, Delta, DK, DV, q_start, sq, k_start, sk, n0,
                         offset, share, lo, n_blocks, full_lo, full_hi, qk_scale, sm_scale,
                         window_left, window_right, total_q, stride_dkt, stride_dkh, stride_dvt,
                         stride_dvh, 1, GROUP, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, STAGES,
-                        WINDOW_LEFT, WINDOW_RIGHT)),
+                        WINDOW_LEFT, WINDOW_RIGHT, PREFETCH)),
             (_produce, (desc_q, desc_k, desc_v, desc_do, desc_q2, desc_k2, desc_v2, desc_do2,
                         k_box, v_box, q_box, do_box, k2_box, v2_box, q2_box, do2_box, kv_bar,
                         ready, empty, k_start + n0, kvh, q_start, share, lo, n_blocks, GROUP,
@@ -337,13 +355,14 @@ def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
     if width == hopper_dkdv_wide.WIDTH:
         kernel = hopper_dkdv_wide._hopper_dkdv_wide_kernel
         box, rows, second = hopper_dkdv_wide.HALF, hopper_dkdv_wide.BLOCK_N, 0
-        own = dict(HALF=box, STAGES=CONFIG["stages_wide"])
+        own = dict(HALF=box, STAGES=CONFIG["stages_wide"], PREFETCH=width in CONFIG["prefetch"])
         seconds = ()
     else:
         chunks = hopper_forward.split_widths(d, CONFIG["split"])
         box, second = chunks if chunks is not None else (width, 0)
         kernel, rows = _hopper_dkdv_kernel, BLOCK_N
-        own = dict(BLOCK_D=box, BLOCK_D2=second, STAGES=CONFIG["stages"])
+        own = dict(BLOCK_D=box, BLOCK_D2=second, STAGES=CONFIG["stages"],
+                   PREFETCH=width in CONFIG["prefetch"])
         seconds = ((descriptor(q, d, block_m, second), descriptor(k, d, rows, second),
                     descriptor(v, d, rows, second), descriptor(dout, d, block_m, second))
                    if second else (None,) * 4)

@@ -41,6 +41,7 @@ if gluon is not None:
         allocate_ring,
         allocate_rows,
         mma_layout,
+        next_row_statistics,
         operand_a_layout,
         probabilities_t,
         program_tile,
@@ -116,12 +117,14 @@ if gluon is not None:
                  window_right, total_q, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
                  WG: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr,
-                 STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
+                 STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr,
+                 PREFETCH: gl.constexpr):
         """Consumer warpgroup WG: columns [HALF WG, + HALF) of dK and dV. Warpgroup 0
         computes S^T and P^T, warpgroup 1 dP^T and dS^T, each over all columns; they pass
         P^T (float32 for dS^T, and in the input dtype as the dV operand) and dS^T through
         shared memory buffers of the ring's stage (p_ready / ds_ready: the ring's empty
-        barrier already waits for both before a stage is refilled)."""
+        barrier already waits for both before a stage is refilled). With PREFETCH each
+        query block's lse and delta are loaded during the block before."""
         dtype: gl.constexpr = q_smem.dtype
         S_LAYOUT: gl.constexpr = mma_layout(BLOCK_M)
         G_LAYOUT: gl.constexpr = mma_layout(HALF)
@@ -137,6 +140,10 @@ if gluon is not None:
         s_init = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, S_LAYOUT)
         dk = gl.zeros([BLOCK_N, HALF], gl.float32, G_LAYOUT)
         dv = gl.zeros([BLOCK_N, HALF], gl.float32, G_LAYOUT)
+        if PREFETCH:  # the first block's statistics; each block then loads the next one's
+            qn = lo + gl.arange(0, BLOCK_M, layout=COL_S)
+            lse2_next, delta_next = row_statistics(Lse, Delta, share * GROUP, total_q, q_start,
+                                                   qn, qn < sq)
         mbarrier.wait(kv_bar, 0)
         tail = sq - (lo + (n_blocks - 1) * BLOCK_M)
         n = 0
@@ -166,7 +173,13 @@ if gluon is not None:
                 q_ok = qi < sq
                 q_half = q_smem.index(2 * st + WG)
                 do_half = do_smem.index(2 * st + WG)
-                lse2, delta = row_statistics(Lse, Delta, h, total_q, q_start, qi, q_ok)
+                if PREFETCH:
+                    lse2, delta = lse2_next, delta_next
+                    lse2_next, delta_next = next_row_statistics(
+                        Lse, Delta, h, share * GROUP + GROUP - 1, qs, lo, i == n_blocks - 1,
+                        total_q, q_start, sq, BLOCK_M, COL_S)
+                else:
+                    lse2, delta = row_statistics(Lse, Delta, h, total_q, q_start, qi, q_ok)
                 if WG == 0:
                     s = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                     pt = probabilities_t(s, qk_scale, lse2, qs, qi, q_ok, kj, offset, full_lo,
@@ -212,7 +225,7 @@ if gluon is not None:
                                  CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                                  TOP_LEFT: gl.constexpr, WINDOW_LEFT: gl.constexpr,
                                  WINDOW_RIGHT: gl.constexpr, SPLIT: gl.constexpr,
-                                 DEVICE_TILES: gl.constexpr):
+                                 DEVICE_TILES: gl.constexpr, PREFETCH: gl.constexpr):
         # GROUP query heads per program: the SPLIT-th share of kv head kvh's (group_split.py)
         share = gl.program_id(1)
         kvh = share // SPLIT
@@ -251,13 +264,13 @@ if gluon is not None:
                         k_start, sk, n0, offset, share, lo, n_blocks, full_lo, full_hi,
                         qk_scale, sm_scale, window_left, window_right, total_q, stride_dkt,
                         stride_dkh, stride_dvt, stride_dvh, 0, GROUP, HEAD_DIM, BLOCK_M,
-                        BLOCK_N, HALF, STAGES, WINDOW_LEFT, WINDOW_RIGHT)),
+                        BLOCK_N, HALF, STAGES, WINDOW_LEFT, WINDOW_RIGHT, PREFETCH)),
             (_consume, (k_smem, v_smem, q_smem, do_smem, pf_smem, pb_smem, ds_smem, kv_bar,
                         ready, empty, p_ready, ds_ready, Lse, Delta, DK, DV, q_start, sq,
                         k_start, sk, n0, offset, share, lo, n_blocks, full_lo, full_hi,
                         qk_scale, sm_scale, window_left, window_right, total_q, stride_dkt,
                         stride_dkh, stride_dvt, stride_dvh, 1, GROUP, HEAD_DIM, BLOCK_M,
-                        BLOCK_N, HALF, STAGES, WINDOW_LEFT, WINDOW_RIGHT)),
+                        BLOCK_N, HALF, STAGES, WINDOW_LEFT, WINDOW_RIGHT, PREFETCH)),
             (_produce, (desc_q, desc_k, desc_v, desc_do, k_box, v_box, q_box, do_box,
                         kv_bar, ready, empty, k_start + n0, kvh, q_start, share, lo,
                         n_blocks, GROUP, BLOCK_M, HALF, STAGES)),

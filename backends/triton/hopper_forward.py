@@ -246,6 +246,17 @@ if gluon is not None:
         return lse2, delta
 
     @gluon.jit
+    def next_row_statistics(Lse, Delta, h, last_head, qs, lo, last, total_q, q_start, sq,
+                            BLOCK_M: gl.constexpr, LAYOUT: gl.constexpr):
+        """row_statistics of the query block a dK/dV program takes after head h's block at
+        qs: the next block, or with ``last`` (qs is the head's last block) head h + 1's
+        first block at lo; none (zeros) after the group's last head."""
+        h_next = gl.where(last, h + 1, h)
+        qi = gl.where(last, lo, qs + BLOCK_M) + gl.arange(0, BLOCK_M, layout=LAYOUT)
+        return row_statistics(Lse, Delta, h_next, total_q, q_start, qi,
+                              (qi < sq) & (h_next <= last_head))
+
+    @gluon.jit
     def probabilities_t(s, qk_scale, lse2, qs, qi, q_ok, kj, offset, full_lo, full_hi,
                         window_left, window_right, BLOCK_M: gl.constexpr,
                         WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr):
