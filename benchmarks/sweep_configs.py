@@ -25,6 +25,8 @@ Each trial is a '+'-joined list of overrides (an empty trial: the shipped settin
   ``gpad:dkdv``, ``gpad:dq``: that kernel only
 * ``gprefetch``       the Gluon dK/dV loads each query block's lse and delta one block ahead
   at the cell's width (CONFIG["prefetch"]); ``gprefetch:off``: not at any width
+* ``gunbounded``      the Gluon dK/dV also takes calls with no right mask bound (no mask,
+  left-only windows: CONFIG["right_unbounded"])
 
     python benchmarks/sweep_configs.py --cells d192,d256 --mode fwd+bwd \
         --trials "" "dkdv:32:32:4:1" "dkdv:64:32:8:1+dq:64:32:8:1"
@@ -120,6 +122,8 @@ def overrides(trial: str, head_dim: int):
                 kernels = {"fwd": hopper_forward, "dkdv": hopper_backward, "dq": hopper_dq}
                 for kernel in nums or kernels:
                     kernels[kernel].CONFIG["split"] = False
+            elif name == "gunbounded":
+                hopper_backward.CONFIG["right_unbounded"] = True
             elif name == "gprefetch":
                 hopper_backward.CONFIG["prefetch"] = (
                     () if nums == ["off"] else (*hopper_backward.CONFIG["prefetch"], width))

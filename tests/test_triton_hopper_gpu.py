@@ -276,7 +276,8 @@ def _lengths(offsets: str, lengths_q, lengths_k) -> tuple:
 @pytest.mark.parametrize("case", range(len(BWD_CASES)))
 def test_gluon_dkdv_matches_tl_kernel_and_reference(dtype, head_dim, case, offsets,
                                                     gluon_dkdv_calls, gluon_dq_calls):
-    _check_gluon_backward(dtype, head_dim, case, offsets, gluon_dkdv_calls, gluon_dq_calls)
+    _check_gluon_backward(dtype, head_dim, BWD_CASES[case], offsets, gluon_dkdv_calls,
+                          gluon_dq_calls)
 
 
 @pytest.mark.parametrize("offsets", ["host", "device"])
@@ -292,17 +293,37 @@ def test_gluon_dkdv_prefetch_option(widths, head_dim, case, offsets, monkeypatch
 
     monkeypatch.setitem(hopper_backward.CONFIG, "prefetch", widths)
     monkeypatch.setattr(backward, "_replays", replay.ReplayCache())  # no launch of another test
-    _check_gluon_backward(torch.bfloat16, head_dim, case, offsets, gluon_dkdv_calls,
+    _check_gluon_backward(torch.bfloat16, head_dim, BWD_CASES[case], offsets, gluon_dkdv_calls,
                           gluon_dq_calls)
 
 
+# no right bound: no mask (sq == sk, sq < sk) and a left-only window
+UNBOUNDED_CASES = [CASES[0], ({}, LENGTHS_K_LONGER), CASES[7]]
+
+
+@pytest.mark.parametrize("offsets", ["host", "device"])
+@pytest.mark.parametrize("head_dim", [64, 128, 96, 256, 192])
+@pytest.mark.parametrize("case", range(len(UNBOUNDED_CASES)))
+def test_gluon_dkdv_right_unbounded_option(head_dim, case, offsets, monkeypatch,
+                                           gluon_dkdv_calls, gluon_dq_calls):
+    """With CONFIG["right_unbounded"] the Gluon dK/dV also takes calls whose mask has no
+    right bound (each key tile then sees every query block from the sequence's first), and
+    computes their gradients as accurately as the tl kernel."""
+    from attnhub.backends.triton import backward, replay
+
+    monkeypatch.setitem(hopper_backward.CONFIG, "right_unbounded", True)
+    monkeypatch.setattr(backward, "_replays", replay.ReplayCache())  # no launch of another test
+    _check_gluon_backward(torch.bfloat16, head_dim, UNBOUNDED_CASES[case], offsets,
+                          gluon_dkdv_calls, gluon_dq_calls)
+
+
 def _check_gluon_backward(dtype, head_dim, case, offsets, gluon_dkdv_calls, gluon_dq_calls):
-    """dQ, dK and dV of BWD_CASES[case] through the triton backend: the Gluon kernels take
-    the call where they serve it, and the gradients are as accurate as the tl kernels'
-    against the float64 reference."""
+    """dQ, dK and dV of ``case`` ((attention keywords, key lengths)) through the triton
+    backend: the Gluon kernels take the call where they serve it, and the gradients are as
+    accurate as the tl kernels' against the float64 reference."""
     from attnhub.backends.triton import backward, forward
 
-    kw, lk = BWD_CASES[case]
+    kw, lk = case
     q, k, v = (t.requires_grad_() for t in _inputs(LENGTHS_Q, lk, dtype, head_dim, seed=2))
     lens = _lengths(offsets, LENGTHS_Q, lk)
     dout = torch.randn_like(q)

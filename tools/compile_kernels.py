@@ -166,7 +166,8 @@ def launch_all(sinks: bool) -> None:
             hopper_dq.dq(problem, qw, kw_, kw_, qw, lsew, lsew, qw.clone(), inputs.cu_seqlens_q,
                          inputs.cu_seqlens_k, tiles, 0.1)
         LABEL[0] = ""
-    if hopper_forward.available():  # the Gluon dQ without a causal mask, left window only
+    if hopper_forward.available():  # the Gluon dQ and dK/dV without a causal mask, left
+        # window only (the dK/dV takes those calls with CONFIG["right_unbounded"])
         q = torch.randn(sum(lq), 8, 128, dtype=torch.float16, generator=g)
         for label, features in (("full", {}), ("left window", {"window_size": (64, -1)})):
             LABEL[0] = f" [{label}]"
@@ -174,6 +175,9 @@ def launch_all(sinks: bool) -> None:
             tiles = dq_tiles(problem, inputs)
             hopper_dq.dq(problem, q, k, k, q, lse, lse, q.clone(), inputs.cu_seqlens_q,
                          inputs.cu_seqlens_k, tiles, 0.1)
+            hopper_backward.dkdv(problem, q, k, k, q, lse, lse, k.clone(), k.clone(),
+                                 inputs.cu_seqlens_q, inputs.cu_seqlens_k,
+                                 dkdv_tiles(problem, inputs), 0.1)
         LABEL[0] = ""
     q = torch.randn(4, 8, 128, dtype=torch.float16, generator=g)
     problem, inputs = attnhub.normalize(q, k, k, attnhub.VarlenInfo.from_lengths([1] * 4),

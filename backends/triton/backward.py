@@ -436,9 +436,10 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
 
     plain = (not problem.custom_mask and problem.dropout_p == 0 and problem.softcap == 0
              and alibi is None and problem.paged is None)
-    # the Gluon dK/dV kernel is faster than the tl one on causal (right-bounded) calls only
-    # (H200, docs/performance.md)
-    if (gluon and problem.nheads_k and right >= 0
+    # the Gluon dK/dV kernel was faster than the tl one on causal (right-bounded) calls only
+    # (H200, docs/performance.md v7); CONFIG["right_unbounded"] lets it take the others
+    if (gluon and problem.nheads_k
+            and (right >= 0 or hopper_backward.CONFIG["right_unbounded"])
             and hopper_backward.supports(problem, q, k, v, dout, plain)):
         k_tiles = launch_tiles(problem, cu_k, hopper_backward.block_n(problem.head_dim),
                                False)

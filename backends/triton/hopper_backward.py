@@ -3,9 +3,9 @@
 Serves plain causal calls (no softcap, ALiBi, dropout or custom mask; head dim 64; 80 and 96
 read as two column chunks, the other multiples of 8 up to 128 zero-padded to 128, as the
 forward reads them; and through hopper_dkdv_wide.py the head dims 136-256 read at width
-256; fp16/bf16; host lengths or device offsets; the right side of the mask bounded: causal
-or a right window;
-backward.py picks it, as it is slower than the tl kernel without a causal mask on the H200).
+256; fp16/bf16; host lengths or device offsets; backward.py sends it the calls whose mask
+has a right bound (causal or a right window), as it was slower than the tl kernel without one
+on the H200, and the others too with CONFIG["right_unbounded"]).
 One program per
 (key tile of 128 rows, kv head), as the tl dK/dV kernel (backward.py): it loops over the
 query heads of its group and the query blocks that see its keys, so GQA gradients are
@@ -63,11 +63,13 @@ BLOCK_N = 128  # key rows per program (two warpgroups of 64); width 256: hopper_
 # against 3.10 ms on the d64 cell, docs/performance.md v13). split: read head dims 80 and 96
 # as two column chunks (hopper_forward.split_widths) rather than zero-padded to 128.
 # prefetch: the widths whose query blocks' lse and delta are loaded one block ahead, so that
-# the global loads' latency is not exposed between S^T's issue and its use (H200, d64
-# forward+backward 2.97 -> 2.43 ms, docs/performance.md v15); width 256: hopper_dkdv_wide's.
+# the global loads' latency is not exposed between S^T's issue and its use (H200,
+# forward+backward: d64 2.98 -> 2.38 ms, d192 7.80 -> 7.12 ms; docs/performance.md v15); width
+# 256: hopper_dkdv_wide's. right_unbounded: backward.py also sends calls with no right mask
+# bound (no mask, left-only windows) here; off since v7 measured the tl dK/dV faster there.
 CONFIG = {"block_m": {64: 64, 128: 32, 256: 32}, "stages": 3, "stages_wide": 3,
           "consumer_regs": 240, "producer_regs": 24, "device_offsets": (128, 256), "split": True,
-          "prefetch": (64, 128, 256)}
+          "prefetch": (64, 128, 256), "right_unbounded": False}
 
 if gluon is not None:
 
