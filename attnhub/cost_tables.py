@@ -46,6 +46,9 @@ TIE_TOLERANCE = 0.03  # backends within 3% of the fastest are tied: priority dec
 # A dtype whose class was never measured uses its twin's entry (the flash kernels run the
 # same code for both half-precision types).
 DTYPE_TWINS = {"float16": "bfloat16", "bfloat16": "float16"}
+# A length bucket whose class was never measured uses this one's entry (a tiny call with host
+# lengths costs what one with device offsets does, up to the host path's difference).
+LENGTH_TWINS = {"tiny-host": "tiny"}
 
 _lock = threading.Lock()
 _active: dict[str, ActiveTable | None] = {}
@@ -145,12 +148,18 @@ class ActiveTable:
     tables: list[CostTable]
 
     def costs(self, cls: ProblemClass) -> dict[str, float] | None:
-        """{backend: ms} for ``cls``: its own entry, else its dtype twin's. None: never
-        measured."""
-        found = self.classes.get(cls.key())
-        if found is None and cls.dtype in DTYPE_TWINS:
-            found = self.classes.get(cls._replace(dtype=DTYPE_TWINS[cls.dtype]).key())
-        return found
+        """{backend: ms} for ``cls``: its own entry, else its dtype twin's, else (tiny-host)
+        its length twin's the same way. None: never measured."""
+        for length in (cls.length, LENGTH_TWINS.get(cls.length)):
+            if length is None:
+                continue
+            twin = cls._replace(length=length)
+            found = self.classes.get(twin.key())
+            if found is None and cls.dtype in DTYPE_TWINS:
+                found = self.classes.get(twin._replace(dtype=DTYPE_TWINS[cls.dtype]).key())
+            if found is not None:
+                return found
+        return None
 
     def describe(self) -> list[str]:
         return [f"{t.source} {t.path} ({len(t.classes)} classes)" for t in self.tables]

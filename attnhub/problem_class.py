@@ -10,11 +10,15 @@ sync-free lookup.
 Length buckets, in this order of precedence:
 
 * ``decode``: every sequence has at most one query row (the signature's decode flag);
-* ``tiny``: ``total_q * max_seqlen_k * nheads * head_dim <= TINY_WORK`` (2**31, at most
-  ~8.6 GFLOP of forward work: tens of microseconds on an H100 / H200, where host paths of
-  30-250 us per call dominate; 8 sequences of 64 tokens with 32 heads of 128 are 2**27);
-  not used while torch.compile traces (``total_q`` changes from step to step there and is not
-  read, so it adds no guard);
+* ``tiny`` / ``tiny-host``: ``total_q * max_seqlen_k * nheads * head_dim <= TINY_WORK``
+  (2**31, at most ~8.6 GFLOP of forward work: tens of microseconds on an H100 / H200, where
+  host paths of 30-250 us per call dominate; 8 sequences of 64 tokens with 32 heads of 128
+  are 2**27); on an accelerator ``tiny-host`` when the host knows the lengths (a VarlenInfo
+  or host lists), ``tiny`` when the call has device offsets only: the backends' host paths
+  differ between the two (a table without ``tiny-host`` figures uses ``tiny``'s); on the CPU
+  offsets are host data, and a tiny call is ``tiny``. Not used while
+  torch.compile traces (``total_q`` changes from step to step there and is not read, so it
+  adds no guard);
 * ``short`` / ``medium`` / ``long``: ``max_seqlen_k`` at most 256, at most 4096, above 4096
   (traced, a max_seqlen that is not a constant gets a guard on its bucket: at most one graph
   per bucket).
@@ -34,7 +38,7 @@ MEDIUM_MAX = 4096
 HEAD_DIM_BUCKETS = (64, 96, 128, 192, 256)
 GROUPS = ("1", "2-8", "9+")
 MASKS = ("none", "causal", "window", "softcap", "alibi", "dropout", "paged", "custom")
-LENGTHS = ("tiny", "decode", "short", "medium", "long")
+LENGTHS = ("tiny", "tiny-host", "decode", "short", "medium", "long")
 PASSES = ("fwd", "fwd+bwd")
 
 
@@ -86,7 +90,8 @@ def size_bucket(problem: VarlenProblem) -> str:
         return "decode"
     if not torch.compiler.is_compiling() and \
             problem.total_q * max_k * problem.nheads * problem.head_dim <= TINY_WORK:
-        return "tiny"
+        host = problem.lengths_known and problem.device_type != "cpu"
+        return "tiny-host" if host else "tiny"
     if max_k <= SHORT_MAX:
         return "short"
     return "medium" if max_k <= MEDIUM_MAX else "long"

@@ -58,12 +58,14 @@ def default_cases(device_type: str, full: bool = False) -> list[TuneCase]:
     """The tune list, most common classes first (a budget-limited run measures those). On an
     accelerator, bfloat16 (float16 calls use the bfloat16 entries): head dim 128 with GQA and
     every mask; every other head dim with GQA, causal or not; MHA and MQA at head dims 128 and
-    64, causal or not (about 200 classes: one 10-minute run on an H100 / H200 with three or
-    four backends). ``full`` adds every mask at every head dim and GQA ratio (about 870). On
-    the CPU, float32 with head dims 64 and 128 likewise."""
+    64, causal or not (about 250 classes, the tiny ones with device offsets and with host
+    lengths: a 10-12 minute run on an H100 / H200 with three or four backends). ``full``
+    adds every mask at every head dim and GQA ratio (about 1050). On the CPU, float32 with
+    head dims 64 and 128 likewise, tiny calls one way (their offsets are host data)."""
     cpu = device_type == "cpu"
     dtype = torch.float32 if cpu else torch.bfloat16
-    lengths = ("tiny", "short", "medium", "long", "decode")
+    lengths = ("tiny", "short", "medium", "long", "decode") if cpu else \
+        ("tiny", "tiny-host", "short", "medium", "long", "decode")
     head_dims = (64, 128) if cpu else (128, 64, 256, 96, 192)
     masks = ("none", "causal", "window", "alibi", "custom") if cpu else \
         ("none", "causal", "window", "softcap", "alibi", "paged", "custom")
@@ -71,7 +73,7 @@ def default_cases(device_type: str, full: bool = False) -> list[TuneCase]:
 
     def add(head_dim: int, group: str, mask: str) -> None:
         for length in lengths:
-            if mask == "paged" and length == "tiny":
+            if mask == "paged" and length.startswith("tiny"):
                 continue
             for backward in (False, True):
                 if backward and (length == "decode" or mask == "paged"):
@@ -109,7 +111,7 @@ def representative_lengths(length: str, device_type: str, rng: random.Random
                            ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(seqlens_q, seqlens_k) of a call in length bucket ``length``; smaller on the CPU."""
     cpu = device_type == "cpu"
-    if length == "tiny":
+    if length in ("tiny", "tiny-host"):
         lens = (64,) * 8
         return lens, lens
     if length == "decode":
@@ -185,6 +187,13 @@ def build_call(case: TuneCase, device: torch.device, seed: int | None = None) ->
                              dtype=torch.int32).to(torch.uint8)
         kwargs["custom_mask"] = custom_mask.PackedMask(bits,
                                                        custom_mask.block_offsets(cu_q, cu_k))
+    if case.length == "tiny-host":  # host lengths, as a VarlenInfo built once per step passes
+        from .varlen_info import VarlenInfo
+
+        kwargs["cu_seqlens_q"] = VarlenInfo.from_lengths(seqlens_q, device)
+        kwargs["cu_seqlens_k"] = (kwargs["cu_seqlens_q"] if seqlens_k == seqlens_q
+                                  else VarlenInfo.from_lengths(seqlens_k, device))
+        del kwargs["max_seqlen_q"], kwargs["max_seqlen_k"]
     for name, t in (("q", q), ("k", k), ("v", v)):
         kwargs[name] = t.requires_grad_(case.backward)
     return kwargs

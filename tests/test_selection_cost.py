@@ -369,3 +369,33 @@ def test_explain_basis_for_forced_and_impossible_calls(install):
     install(half)
     assert attnhub.explain(*_inputs(), backend="reference").basis == \
         "forced by the backend= argument"
+
+
+@pytest.mark.parametrize("device_type, host_lengths, length", [
+    ("cuda", True, "tiny-host"),
+    ("cuda", False, "tiny"),
+    ("cpu", True, "tiny"),  # offsets of a CPU call are host data: one bucket
+])
+def test_tiny_calls_with_host_lengths_have_their_own_bucket(device_type, host_lengths, length):
+    """On an accelerator a tiny call whose lengths the host knows (a VarlenInfo) and one with
+    device offsets only take different host paths through some backends, so they are
+    classes of their own; on the CPU they are one."""
+    lengths = (64,) * 8
+    known = lengths if host_lengths else None
+    p = VarlenProblem(device_type, torch.bfloat16, 8, 512, 512, 32, 8, 128, 64, 64, 1.0,
+                      seqlens_q=known, seqlens_k=known)
+    assert p.lengths_known == host_lengths
+    assert size_bucket(p) == length
+
+
+def test_tiny_host_class_uses_the_tiny_entry_until_measured():
+    host = ProblemClass("bfloat16", 128, "2-8", "causal", "tiny-host", False)
+    device = host._replace(length="tiny")
+    table = cost_tables.ActiveTable(cost_tables.device_identity("cpu"),
+                                    {device.key(): {"a": 1.0, "b": 2.0}}, [])
+    assert table.costs(host) == {"a": 1.0, "b": 2.0}
+    table.classes[host._replace(dtype="float16").key()] = {"a": 3.0, "b": 1.0}
+    assert table.costs(host) == {"a": 3.0, "b": 1.0}  # its own class (the dtype twin's)
+    table.classes[host.key()] = {"a": 5.0, "b": 4.0}
+    assert table.costs(host) == {"a": 5.0, "b": 4.0}
+    assert ProblemClass.parse(host.key()) == host

@@ -76,7 +76,8 @@ def test_tune_cases_classify_as_intended():
     """The CPU list's small representative calls fall in the class they stand for (every
     mask; one head dim and GQA ratio: those are read from the shapes as built)."""
     for case in tune.default_cases("cpu"):
-        if case.length in ("tiny", "decode") and case.head_dim == 64 and case.group == "2-8":
+        if case.length in ("tiny", "tiny-host", "decode") and case.head_dim == 64 \
+                and case.group == "2-8":
             problem = tune.problem_of(tune.build_call(case, torch.device("cpu")))
             assert classify(problem, size_bucket(problem)) == case.intended(), case
 
@@ -156,3 +157,22 @@ def test_a_class_is_measured_on_the_same_call_whatever_the_run_measures(cache, m
     lengths = {tuple(calls[0][0]) for k, calls in built.items() if "/medium/" in k}
     assert len(lengths) == len([k for k in built if "/medium/" in k]), \
         "classes of one bucket draw their own lengths"
+
+
+def test_accelerator_list_measures_tiny_calls_both_ways():
+    """On an accelerator each tiny class is measured with device offsets (as flash_attn
+    callers pass them) and with host lengths (a VarlenInfo): tiny and tiny-host."""
+    import dataclasses
+
+    from attnhub.varlen_info import VarlenInfo
+
+    cases = tune.default_cases("cuda")
+    tiny = {dataclasses.replace(c, length="x") for c in cases if c.length == "tiny"}
+    host = {dataclasses.replace(c, length="x") for c in cases if c.length == "tiny-host"}
+    assert tiny and tiny == host
+    assert not any(c.length == "tiny-host" for c in tune.default_cases("cpu"))
+    case = next(c for c in cases if c.length == "tiny-host")
+    kwargs = tune.build_call(case, torch.device("cpu"))
+    assert isinstance(kwargs["cu_seqlens_q"], VarlenInfo) and "max_seqlen_q" not in kwargs
+    offsets = tune.build_call(dataclasses.replace(case, length="tiny"), torch.device("cpu"))
+    assert isinstance(offsets["cu_seqlens_q"], torch.Tensor) and offsets["max_seqlen_q"] == 64
