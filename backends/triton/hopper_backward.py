@@ -42,15 +42,15 @@ if gluon is not None:
         allocate_barrier,
         allocate_ring,
         allocate_rows,
+        block_row_statistics,
         box_coordinates,
+        first_row_statistics,
         mma_layout,
-        next_row_statistics,
         operand_a_layout,
         probabilities_t,
         program_tile,
         query_range,
         row_layout,
-        row_statistics,
         sequence_bounds,
         zero_rows_from,
     )
@@ -158,10 +158,8 @@ if gluon is not None:
             v2_rows = v2_smem.slice(WG * ROWS, ROWS)
             dk2 = gl.zeros([ROWS, BLOCK_D2], gl.float32, G2_LAYOUT)
             dv2 = gl.zeros([ROWS, BLOCK_D2], gl.float32, G2_LAYOUT)
-        if PREFETCH:  # the first block's statistics; each block then loads the next one's
-            qn = lo + gl.arange(0, BLOCK_M, layout=COL_S)
-            lse2_next, delta_next = row_statistics(Lse, Delta, share * GROUP, total_q, q_start,
-                                                   qn, qn < sq)
+        lse2_next, delta_next = first_row_statistics(Lse, Delta, share * GROUP, lo, total_q,
+                                                     q_start, sq, BLOCK_M, COL_S, PREFETCH)
         mbarrier.wait(kv_bar, 0)
         # the last query block crosses the sequence's end: its rows past it are zeroed
         tail = sq - (lo + (n_blocks - 1) * BLOCK_M)
@@ -196,13 +194,9 @@ if gluon is not None:
                                         is_async=True)
                 qi = qs + gl.arange(0, BLOCK_M, layout=COL_S)
                 q_ok = qi < sq
-                if PREFETCH:
-                    lse2, delta = lse2_next, delta_next
-                    lse2_next, delta_next = next_row_statistics(
-                        Lse, Delta, h, share * GROUP + GROUP - 1, qs, lo, i == n_blocks - 1,
-                        total_q, q_start, sq, BLOCK_M, COL_S)
-                else:
-                    lse2, delta = row_statistics(Lse, Delta, h, total_q, q_start, qi, q_ok)
+                lse2, delta, lse2_next, delta_next = block_row_statistics(
+                    Lse, Delta, h, share * GROUP + GROUP - 1, qs, lo, i == n_blocks - 1, qi,
+                    q_ok, total_q, q_start, sq, lse2_next, delta_next, BLOCK_M, COL_S, PREFETCH)
                 s = warpgroup_mma_wait(num_outstanding=PENDING, deps=(st_acc, ))
                 pt = probabilities_t(s, qk_scale, lse2, qs, qi, q_ok, kj, offset, full_lo,
                                      full_hi, window_left, window_right, BLOCK_M,

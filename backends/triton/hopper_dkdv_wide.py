@@ -40,14 +40,14 @@ if gluon is not None:
         allocate_barrier,
         allocate_ring,
         allocate_rows,
+        block_row_statistics,
+        first_row_statistics,
         mma_layout,
-        next_row_statistics,
         operand_a_layout,
         probabilities_t,
         program_tile,
         query_range,
         row_layout,
-        row_statistics,
         sequence_bounds,
         zero_rows_from,
     )
@@ -140,10 +140,8 @@ if gluon is not None:
         s_init = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, S_LAYOUT)
         dk = gl.zeros([BLOCK_N, HALF], gl.float32, G_LAYOUT)
         dv = gl.zeros([BLOCK_N, HALF], gl.float32, G_LAYOUT)
-        if PREFETCH:  # the first block's statistics; each block then loads the next one's
-            qn = lo + gl.arange(0, BLOCK_M, layout=COL_S)
-            lse2_next, delta_next = row_statistics(Lse, Delta, share * GROUP, total_q, q_start,
-                                                   qn, qn < sq)
+        lse2_next, delta_next = first_row_statistics(Lse, Delta, share * GROUP, lo, total_q,
+                                                     q_start, sq, BLOCK_M, COL_S, PREFETCH)
         mbarrier.wait(kv_bar, 0)
         tail = sq - (lo + (n_blocks - 1) * BLOCK_M)
         n = 0
@@ -173,13 +171,9 @@ if gluon is not None:
                 q_ok = qi < sq
                 q_half = q_smem.index(2 * st + WG)
                 do_half = do_smem.index(2 * st + WG)
-                if PREFETCH:
-                    lse2, delta = lse2_next, delta_next
-                    lse2_next, delta_next = next_row_statistics(
-                        Lse, Delta, h, share * GROUP + GROUP - 1, qs, lo, i == n_blocks - 1,
-                        total_q, q_start, sq, BLOCK_M, COL_S)
-                else:
-                    lse2, delta = row_statistics(Lse, Delta, h, total_q, q_start, qi, q_ok)
+                lse2, delta, lse2_next, delta_next = block_row_statistics(
+                    Lse, Delta, h, share * GROUP + GROUP - 1, qs, lo, i == n_blocks - 1, qi,
+                    q_ok, total_q, q_start, sq, lse2_next, delta_next, BLOCK_M, COL_S, PREFETCH)
                 if WG == 0:
                     s = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                     pt = probabilities_t(s, qk_scale, lse2, qs, qi, q_ok, kj, offset, full_lo,

@@ -246,15 +246,37 @@ if gluon is not None:
         return lse2, delta
 
     @gluon.jit
-    def next_row_statistics(Lse, Delta, h, last_head, qs, lo, last, total_q, q_start, sq,
-                            BLOCK_M: gl.constexpr, LAYOUT: gl.constexpr):
-        """row_statistics of the query block a dK/dV program takes after head h's block at
-        qs: the next block, or with ``last`` (qs is the head's last block) head h + 1's
-        first block at lo; none (zeros) after the group's last head."""
-        h_next = gl.where(last, h + 1, h)
-        qi = gl.where(last, lo, qs + BLOCK_M) + gl.arange(0, BLOCK_M, layout=LAYOUT)
-        return row_statistics(Lse, Delta, h_next, total_q, q_start, qi,
-                              (qi < sq) & (h_next <= last_head))
+    def first_row_statistics(Lse, Delta, h, lo, total_q, q_start, sq, BLOCK_M: gl.constexpr,
+                             LAYOUT: gl.constexpr, PREFETCH: gl.constexpr):
+        """What a dK/dV program passes block_row_statistics for its first query block (head
+        h's at lo): with PREFETCH that block's row_statistics, zeros without."""
+        if PREFETCH:
+            qi = lo + gl.arange(0, BLOCK_M, layout=LAYOUT)
+            lse2, delta = row_statistics(Lse, Delta, h, total_q, q_start, qi, qi < sq)
+        else:
+            lse2 = gl.zeros([BLOCK_M], gl.float32, LAYOUT)
+            delta = gl.zeros([BLOCK_M], gl.float32, LAYOUT)
+        return lse2, delta
+
+    @gluon.jit
+    def block_row_statistics(Lse, Delta, h, last_head, qs, lo, last, qi, q_ok, total_q,
+                             q_start, sq, ahead_lse2, ahead_delta, BLOCK_M: gl.constexpr,
+                             LAYOUT: gl.constexpr, PREFETCH: gl.constexpr):
+        """(lse2, delta) of head h's query block at qs (rows qi, q_ok) in a dK/dV program's
+        loop, and the pair to pass for its next block. With PREFETCH the pair passed in
+        (``ahead_*``) is this block's, loaded during the block before, and the next block's
+        is loaded now: block qs + BLOCK_M, or with ``last`` (qs is the head's last block)
+        head h + 1's first block at lo, none (zeros) after ``last_head``. Without, this
+        block's is loaded now and ``ahead_*`` passes through."""
+        if PREFETCH:
+            lse2, delta = ahead_lse2, ahead_delta
+            h_next = gl.where(last, h + 1, h)
+            qn = gl.where(last, lo, qs + BLOCK_M) + gl.arange(0, BLOCK_M, layout=LAYOUT)
+            ahead_lse2, ahead_delta = row_statistics(Lse, Delta, h_next, total_q, q_start, qn,
+                                                     (qn < sq) & (h_next <= last_head))
+        else:
+            lse2, delta = row_statistics(Lse, Delta, h, total_q, q_start, qi, q_ok)
+        return lse2, delta, ahead_lse2, ahead_delta
 
     @gluon.jit
     def probabilities_t(s, qk_scale, lse2, qs, qi, q_ok, kj, offset, full_lo, full_hi,
