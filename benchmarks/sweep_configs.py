@@ -60,7 +60,7 @@ from attnhub.bench.direct import direct_kernels_for
 from attnhub.bench.inputs import attnhub_runner, make_inputs
 from attnhub.bench.matrix import build_matrix, profile_for
 
-NAMED_TRIALS = ("gpad", "gprefetch")  # trials whose arguments are kernel names, not numbers
+NAMED_TRIALS = ("gpad", "gprefetch")  # trials whose arguments are words (gpad:dq, gprefetch:off)
 
 
 @contextlib.contextmanager

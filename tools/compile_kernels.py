@@ -130,41 +130,25 @@ def launch_all(sinks: bool) -> None:
                 hopper_dq.dq(problem, q, k, k, q, lse, lse, q.clone(), inputs.cu_seqlens_q,
                              inputs.cu_seqlens_k, tiles, 0.1)
             LABEL[0] = ""
-    if hopper_forward.available():  # the Gluon backward at head dims below 128
-        for head_dim, how in ((64, "width 64"), (96, "64 + 32 columns"),
-                              (112, "padded to 128")):
-            LABEL[0] = f" [causal d{head_dim} {how}]"
-            qp = torch.randn(sum(lq), 8, head_dim, dtype=torch.float16, generator=g)
-            kp = torch.randn(sum(lk), 2, head_dim, dtype=torch.float16, generator=g)
-            problem, inputs = attnhub.normalize(qp, kp, kp, info_q, info_k, causal=True)
-            lsep = torch.empty(8, problem.total_q)
-            k_tiles = dkdv_tiles(problem, inputs)
-            hopper_backward.dkdv(problem, qp, kp, kp, qp, lsep, lsep, kp.clone(), kp.clone(),
-                                 inputs.cu_seqlens_q, inputs.cu_seqlens_k, k_tiles, 0.1)
-            tiles = dq_tiles(problem, inputs)
-            hopper_dq.dq(problem, qp, kp, kp, qp, lsep, lsep, qp.clone(), inputs.cu_seqlens_q,
-                         inputs.cu_seqlens_k, tiles, 0.1)
-            LABEL[0] = f" [causal d{head_dim} {how}, device tiles]"
+    if hopper_forward.available():  # the Gluon backward at the other head dims: the narrow
+        # dK/dV's widths with host and device tiles, width 256 (hopper_dkdv_wide) with host ones
+        for head_dim, how, tile_modes in ((64, " width 64", (False, True)),
+                                          (96, " 64 + 32 columns", (False, True)),
+                                          (112, " padded to 128", (False, True)),
+                                          (256, "", (False,)), (192, "", (False,))):
+            qb = torch.randn(sum(lq), 8, head_dim, dtype=torch.float16, generator=g)
+            kb = torch.randn(sum(lk), 2, head_dim, dtype=torch.float16, generator=g)
+            problem, inputs = attnhub.normalize(qb, kb, kb, info_q, info_k, causal=True)
+            lse_b = torch.empty(8, problem.total_q)
             cu_q, cu_k = inputs.cu_seqlens_q, inputs.cu_seqlens_k
-            hopper_backward.dkdv(problem, qp, kp, kp, qp, lsep, lsep, kp.clone(), kp.clone(),
-                                 cu_q, cu_k, dkdv_tiles(problem, inputs, True), 0.1)
-            hopper_dq.dq(problem, qp, kp, kp, qp, lsep, lsep, qp.clone(), cu_q, cu_k,
-                         dq_tiles(problem, inputs, True), 0.1)
-        LABEL[0] = ""
-    if hopper_forward.available():  # the Gluon backward at width 256 (hopper_dkdv_wide)
-        for head_dim in (256, 192):
-            LABEL[0] = f" [causal d{head_dim}]"
-            qw = torch.randn(sum(lq), 8, head_dim, dtype=torch.float16, generator=g)
-            kw_ = torch.randn(sum(lk), 2, head_dim, dtype=torch.float16, generator=g)
-            problem, inputs = attnhub.normalize(qw, kw_, kw_, info_q, info_k, causal=True)
-            lsew = torch.empty(8, problem.total_q)
-            k_tiles = dkdv_tiles(problem, inputs)
-            hopper_backward.dkdv(problem, qw, kw_, kw_, qw, lsew, lsew, kw_.clone(),
-                                 kw_.clone(), inputs.cu_seqlens_q, inputs.cu_seqlens_k,
-                                 k_tiles, 0.1)
-            tiles = dq_tiles(problem, inputs)
-            hopper_dq.dq(problem, qw, kw_, kw_, qw, lsew, lsew, qw.clone(), inputs.cu_seqlens_q,
-                         inputs.cu_seqlens_k, tiles, 0.1)
+            for device_tiles in tile_modes:
+                LABEL[0] = (f" [causal d{head_dim}{how}"
+                            + (", device tiles]" if device_tiles else "]"))
+                hopper_backward.dkdv(problem, qb, kb, kb, qb, lse_b, lse_b, kb.clone(),
+                                     kb.clone(), cu_q, cu_k,
+                                     dkdv_tiles(problem, inputs, device_tiles), 0.1)
+                hopper_dq.dq(problem, qb, kb, kb, qb, lse_b, lse_b, qb.clone(), cu_q, cu_k,
+                             dq_tiles(problem, inputs, device_tiles), 0.1)
         LABEL[0] = ""
     if hopper_forward.available():  # the Gluon dQ and dK/dV without a causal mask, left
         # window only (the dK/dV takes those calls with CONFIG["right_unbounded"])

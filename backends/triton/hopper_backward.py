@@ -351,14 +351,13 @@ def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
     if width == hopper_dkdv_wide.WIDTH:
         kernel = hopper_dkdv_wide._hopper_dkdv_wide_kernel
         box, rows, second = hopper_dkdv_wide.HALF, hopper_dkdv_wide.BLOCK_N, 0
-        own = dict(HALF=box, STAGES=CONFIG["stages_wide"], PREFETCH=width in CONFIG["prefetch"])
+        own = dict(HALF=box, STAGES=CONFIG["stages_wide"])
         seconds = ()
     else:
         chunks = hopper_forward.split_widths(d, CONFIG["split"])
         box, second = chunks if chunks is not None else (width, 0)
         kernel, rows = _hopper_dkdv_kernel, BLOCK_N
-        own = dict(BLOCK_D=box, BLOCK_D2=second, STAGES=CONFIG["stages"],
-                   PREFETCH=width in CONFIG["prefetch"])
+        own = dict(BLOCK_D=box, BLOCK_D2=second, STAGES=CONFIG["stages"])
         seconds = ((descriptor(q, d, block_m, second), descriptor(k, d, rows, second),
                     descriptor(v, d, rows, second), descriptor(dout, d, block_m, second))
                    if second else (None,) * 4)
@@ -373,7 +372,7 @@ def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
         BLOCK_N=rows, **own, CONSUMER_REGS=CONFIG["consumer_regs"],
         PRODUCER_REGS=CONFIG["producer_regs"], TOP_LEFT=problem.mask_alignment == "top_left",
         WINDOW_LEFT=left >= 0, WINDOW_RIGHT=right >= 0, DEVICE_TILES=device_tiles,
-        num_warps=4)
+        PREFETCH=width in CONFIG["prefetch"], num_warps=4)
     if record:
         from .replay import LaunchRecord
 
