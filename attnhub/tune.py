@@ -205,8 +205,8 @@ def problem_of(kwargs: dict):
                                                          "cu_seqlens_k", "max_seqlen_q",
                                                          "max_seqlen_k")}
     return normalize(kwargs["q"], kwargs["k"], kwargs["v"], kwargs["cu_seqlens_q"],
-                     kwargs["cu_seqlens_k"], kwargs["max_seqlen_q"], kwargs["max_seqlen_k"],
-                     **args)[0]
+                     kwargs["cu_seqlens_k"], kwargs.get("max_seqlen_q"),
+                     kwargs.get("max_seqlen_k"), **args)[0]
 
 
 def _runner(kwargs: dict, backend: str, backward: bool) -> Callable[[], object]:

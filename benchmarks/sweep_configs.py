@@ -14,11 +14,12 @@ Each trial is a '+'-joined list of overrides (an empty trial: the shipped settin
   ``tldkdv+tldq``: the tl backward after the Gluon forward
 * ``gdq:BN:S``        the Gluon dQ kernel: BN keys per block, S stages
 * ``gdev``            the Gluon dK/dV and dQ serve device offsets at every width (shipped:
-  CONFIG["device_offsets"]); with ``--offsets tensors``
+  CONFIG["device_offsets"]); with ``--offsets tensors``; ``gdev:N``: at width 64 only on
+  calls whose longest sequence exceeds N tokens (CONFIG["device_offsets_above"])
 * ``gdkdv:BM:S``      the Gluon dK/dV at the cell's width (64 or 128): BM query rows per
   block, S stages
-* ``gwide:BM:S``      the Gluon dK/dV at width 256 (hopper_dkdv_wide.py): BM query rows per
-  block, S stages
+* ``gwide:BM:S``      the Gluon dK/dV at width 256 (hopper_dkdv_wide.py), for the cell's head
+  dim's second column chunk (CONFIG["wide"]): BM query rows per block, S stages
 * ``gfwd:BN:S``       the Gluon forward at the cell's width: BN keys per block, S stages
 * ``gpad``            the Gluon kernels read every head dim outside 64 / 128 / 256
   zero-padded (no two-chunk reads: hopper_forward.split_widths); ``gpad:fwd``,
@@ -30,6 +31,13 @@ Each trial is a '+'-joined list of overrides (an empty trial: the shipped settin
 
     python benchmarks/sweep_configs.py --cells d192,d256 --mode fwd+bwd \
         --trials "" "dkdv:32:32:4:1" "dkdv:64:32:8:1+dq:64:32:8:1"
+    python benchmarks/sweep_configs.py --classes 'bfloat16/*/none/*/fwd+bwd' \
+        --trials "" gunbounded --json /tmp/unbounded.json
+
+``--classes`` times the representative calls of ``attnhub tune``'s classes whose keys match
+(shell patterns; their lengths and data are the tune's, from the class key) instead of matrix
+cells: each trial's triton time next to torch's FA2 through attnhub in the same run, as the
+tune measures them (no error column: the GPU tests check the options' results).
 
 Prints one line per (cell, trial): median time, TFLOP/s, the ratio to torch's FA2 (direct),
 and the largest gradient (or output) error on a small batch of the cell's heads, head dim and
@@ -53,6 +61,7 @@ from attnhub.backends.triton import (
     forward,
     group_split,
     hopper_backward,
+    hopper_dkdv_wide,
     hopper_dq,
     hopper_forward,
 )
@@ -70,7 +79,8 @@ def overrides(trial: str, head_dim: int):
     saved_dq = {**hopper_dq.CONFIG, "block_n": dict(hopper_dq.CONFIG["block_n"])}
     width = hopper_forward.block_d(head_dim)
     saved_dkdv = {**hopper_backward.CONFIG,
-                  "block_m": dict(hopper_backward.CONFIG["block_m"])}
+                  "block_m": dict(hopper_backward.CONFIG["block_m"]),
+                  "wide": dict(hopper_backward.CONFIG["wide"])}
     saved_fwd = {**hopper_forward.CONFIG, "block_n": dict(hopper_forward.CONFIG["block_n"])}
     saved = [(configs, "forward_block_m"), (configs, "backward_tiles"),
              (group_split, "split_for"), (hopper_forward, "supports"),
@@ -106,6 +116,9 @@ def overrides(trial: str, head_dim: int):
             elif name == "gdq":
                 hopper_dq.CONFIG["block_n"][hopper_forward.block_d(head_dim) or head_dim] = vals[0]
                 hopper_dq.CONFIG["stages"] = vals[1]
+            elif name == "gdev" and vals:
+                for kernel in (hopper_backward, hopper_dq):
+                    kernel.CONFIG["device_offsets_above"] = {64: vals[0]}
             elif name == "gdev":
                 hopper_backward.CONFIG["device_offsets"] = (64, 128, 256)
                 hopper_dq.CONFIG["device_offsets"] = (64, 128, 256)
@@ -113,8 +126,9 @@ def overrides(trial: str, head_dim: int):
                 hopper_backward.CONFIG["block_m"][hopper_forward.block_d(head_dim)] = vals[0]
                 hopper_backward.CONFIG["stages"] = vals[1]
             elif name == "gwide":
-                hopper_backward.CONFIG["block_m"][256] = vals[0]
-                hopper_backward.CONFIG["stages_wide"] = vals[1]
+                second = hopper_dkdv_wide.second_width(head_dim,
+                                                       hopper_backward.CONFIG["split"])
+                hopper_backward.CONFIG["wide"][second] = (vals[0], vals[1])
             elif name == "gfwd":
                 hopper_forward.CONFIG["block_n"][hopper_forward.block_d(head_dim)] = vals[0]
                 hopper_forward.CONFIG["stages"] = vals[1]
@@ -176,6 +190,40 @@ def max_error(cell, backend: str, backward_: bool, offsets: str = "varlen-info")
                                                                     strict=True))
 
 
+def sweep_classes(patterns: list[str], trials: list[str]) -> list[dict]:
+    """Each trial's triton time on the tune classes matching ``patterns`` (and torch-flash's
+    once per class), printed a line per (class, trial); the rows as dicts."""
+    import fnmatch
+
+    from attnhub import tune
+
+    device = torch.device("cuda")
+    rows = []
+    for case in tune.default_cases("cuda"):
+        key = case.intended().key()
+        if not any(fnmatch.fnmatchcase(key, p) for p in patterns):
+            continue
+        kwargs = tune.build_call(case, device)
+        ms_fa2 = tune.measure(tune._runner(kwargs, "torch-flash", case.backward), device,
+                              10.0, 40.0)
+        print(f"{key}: torch-flash {ms_fa2:.4f} ms", flush=True)
+        row = {"class": key, "torch-flash": ms_fa2}
+        for trial in trials:
+            label = trial or "shipped"
+            try:
+                with overrides(trial, case.head_dim):
+                    ms = tune.measure(tune._runner(kwargs, "triton", case.backward), device,
+                                      10.0, 40.0)
+            except Exception as exc:  # out of shared memory or registers for this config
+                print(f"  {label}: failed: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+                continue
+            row[label] = ms
+            print(f"  {label}: {ms:.4f} ms ({ms_fa2 / ms:.2f}x torch-flash)", flush=True)
+        rows.append(row)
+        del kwargs
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", default="d192,d256")
@@ -184,7 +232,19 @@ def main() -> int:
     parser.add_argument("--offsets", choices=("varlen-info", "tensors"), default="varlen-info",
                         help="how attnhub gets the lengths: host lengths (a VarlenInfo) or "
                              "device cu_seqlens tensors only, as flash_attn callers pass them")
+    parser.add_argument("--classes", nargs="*", default=None, metavar="PATTERN",
+                        help="attnhub tune classes to time (shell patterns on their keys) "
+                             "instead of --cells")
+    parser.add_argument("--json", default=None, help="with --classes: write the rows here")
     args = parser.parse_args()
+    if args.classes:
+        rows = sweep_classes(args.classes, args.trials)
+        if args.json:
+            import json
+
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return 0
     cells = {c.name: c for c in build_matrix(profile_for("cuda"))}
     backward_ = args.mode == "fwd+bwd"
     fa2 = next(d for d in direct_kernels_for(["torch-flash"]) if d.label == "torch-flash (direct)")

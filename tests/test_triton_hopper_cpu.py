@@ -162,12 +162,12 @@ def test_replayed_argument_names_are_the_gluon_kernels_parameters():
     assert set(hopper_forward.REPLAY_TWO_CHUNK_ARGS) == set(names[:10])
     assert hopper_forward.REPLAY_TWO_CHUNK_ARGS[:7] == hopper_forward.REPLAY_ARGS
     assert names[10:14] == ["TileSeq", "TileBlk", "Sinks", "Alibi"]
-    names = hopper_dkdv_wide._hopper_dkdv_wide_kernel.arg_names  # hopper_backward.dkdv's
-    assert names[:len(hopper_backward.REPLAY_ARGS)] == list(hopper_backward.REPLAY_ARGS)
-    assert names[10:12] == ["TileSeq", "TileBlk"]
-    # the narrow dK/dV and the dQ: every tensor parameter before the tile list is replayed
-    for module, n in ((hopper_backward, 14), (hopper_dq, 13)):
-        kernel = getattr(module, "_hopper_dkdv_kernel", None) or module._hopper_dq_kernel
+    # both dK/dV kernels (hopper_backward.dkdv's) and the dQ: every tensor parameter before
+    # the tile list is replayed
+    wide = hopper_dkdv_wide._hopper_dkdv_wide_kernel
+    for kernel, module, n in ((wide, hopper_backward, 14),
+                              (hopper_backward._hopper_dkdv_kernel, hopper_backward, 14),
+                              (hopper_dq._hopper_dq_kernel, hopper_dq, 13)):
         assert set(kernel.arg_names[:n]) == set(module.REPLAY_TWO_CHUNK_ARGS)
         assert module.REPLAY_TWO_CHUNK_ARGS[:len(module.REPLAY_ARGS)] == module.REPLAY_ARGS
         assert kernel.arg_names[n:n + 2] == ["TileSeq", "TileBlk"]
@@ -183,6 +183,17 @@ def test_split_head_dims_are_two_power_of_two_chunks():
     assert hopper_forward.split_widths(192, allowed=False) is None
     for module in (hopper_forward, hopper_backward, hopper_dq):
         assert module.CONFIG["split"] is True
+
+
+def test_wide_dkdv_second_chunk_widths():
+    """hopper_dkdv_wide reads the head dims above 128 as 128 columns and a second chunk:
+    split_widths' power of two where there is one (warpgroup 1's share of dK and dV shrinks
+    with it), 128 zero-filled columns otherwise or with the split off."""
+    got = {d: hopper_dkdv_wide.second_width(d, True) for d in range(136, 257, 8)}
+    assert {d: w for d, w in got.items() if w != 128} == {144: 16, 160: 32, 192: 64}
+    assert {hopper_dkdv_wide.second_width(d, False) for d in range(136, 257, 8)} == {128}
+    # every second width has its (query block, stages) in the launch table
+    assert set(got.values()) <= set(hopper_backward.CONFIG["wide"])
 
 
 def test_head_dims_the_gluon_forward_reads_padded():
@@ -215,3 +226,24 @@ def test_gluon_backward_takes_device_offsets_at_the_widths_of_its_config(head_di
         assert kernel.supports(device, q, k, v, q, True) == (
             width in kernel.CONFIG["device_offsets"])
     assert hopper_backward.supports(device, q, k, v, q, True) == (head_dim != 64)
+
+
+def test_device_offsets_served_above_a_longest_sequence(monkeypatch):
+    """CONFIG["device_offsets_above"] {64: N}: at width 64 the Gluon dK/dV and dQ take calls
+    without host lengths whose longest sequence (max_seqlen, queries or keys) exceeds N, and
+    leave the others to the tl backward; host lengths are served whatever the lengths."""
+    monkeypatch.setattr(hopper_forward, "supports", lambda problem, q, k, v, plain: plain)
+    q = torch.randn(300, 4, 64, dtype=torch.float16)
+    k = v = torch.randn(300, 2, 64, dtype=torch.float16)
+    for kernel in (hopper_backward, hopper_dq):
+        monkeypatch.setitem(kernel.CONFIG, "device_offsets_above", {64: 256})
+    for lengths, served in (([200, 100], False), ([40, 260], True), ([256, 44], False)):
+        info = attnhub.VarlenInfo.from_lengths(lengths, "cpu")
+        host, _ = normalize(q, k, v, info, info, causal=True)
+        device = dataclasses.replace(host, seqlens_q=None, seqlens_k=None)
+        for kernel in (hopper_backward, hopper_dq):
+            assert kernel.supports(host, q, k, v, q, True)
+            assert kernel.supports(device, q, k, v, q, True) is served, (kernel, lengths)
+    for kernel in (hopper_backward, hopper_dq):
+        monkeypatch.setitem(kernel.CONFIG, "device_offsets_above", {})
+        assert not kernel.supports(device, q, k, v, q, True)

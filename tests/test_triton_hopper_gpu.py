@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import attnhub
-from attnhub.backends.triton import hopper_backward, hopper_dq, hopper_forward
+from attnhub.backends.triton import hopper_backward, hopper_dkdv_wide, hopper_dq, hopper_forward
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available()
@@ -180,8 +180,8 @@ def test_gluon_padded_head_dim_reads_no_other_head(head_dim, gluon_calls):
 
 @pytest.mark.parametrize("head_dim", [96, 192, 112])
 def test_gluon_padded_backward_reads_no_other_head(head_dim, gluon_dkdv_calls, gluon_dq_calls):
-    """Head dims read in two column chunks (96 in the dK/dV and dQ, 192 in the dQ),
-    zero-padded (112 as 128) or as two 128-column halves (192 in the wide dK/dV): NaN in
+    """Head dims read in two column chunks (96 as 64 + 32, 192 as 128 + 64) or zero-padded
+    (112 as 128): NaN in
     the query heads, output gradients, keys and values of kv head 1 change no gradient of
     kv head 0's heads."""
     lengths = [300, 77, 130]
@@ -242,21 +242,31 @@ def gluon_dq_calls(monkeypatch):
 BWD_CASES = [CASES[i] for i in (1, 2, 3, 5, 6)]  # causal or right window: backward.py
 
 
-def test_gluon_dkdv_serves_causal_calls_only(gluon_dkdv_calls):
+@pytest.mark.parametrize("unbounded", [True, False])
+def test_gluon_dkdv_serves_unbounded_calls_by_config(unbounded, monkeypatch, gluon_dkdv_calls):
+    """Causal calls always go to the Gluon dK/dV; calls with no right mask bound only with
+    CONFIG["right_unbounded"] (on since v16), else to the tl kernel."""
+    from attnhub.backends.triton import backward, replay
+
+    monkeypatch.setitem(hopper_backward.CONFIG, "right_unbounded", unbounded)
+    monkeypatch.setattr(backward, "_replays", replay.ReplayCache())  # no launch of another test
     q, k, v = (t.requires_grad_() for t in _inputs(LENGTHS_Q, LENGTHS_K, torch.bfloat16, 128))
     info = attnhub.VarlenInfo.from_lengths(LENGTHS_Q, "cuda")
     for causal in (False, True):
         out = attnhub.attention_forward_varlen(q, k, v, info, info, causal=causal,
                                                backend="triton")
         torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-    assert len(gluon_dkdv_calls) == 1
+    assert len(gluon_dkdv_calls) == (2 if unbounded else 1)
 
 
-def _served(kernel, offsets: str, head_dim: int) -> bool:
+def _served(kernel, offsets: str, head_dim: int, longest: int) -> bool:
     """Whether a Gluon backward kernel module takes the call: every width it reads with host
-    lengths, only the widths of its CONFIG["device_offsets"] without."""
-    return offsets == "host" or (hopper_forward.block_d(head_dim)
-                                 in kernel.CONFIG["device_offsets"])
+    lengths; without, the widths of its CONFIG["device_offsets"], and those of
+    CONFIG["device_offsets_above"] when the ``longest`` sequence exceeds their value."""
+    width = hopper_forward.block_d(head_dim)
+    above = kernel.CONFIG["device_offsets_above"].get(width)
+    return (offsets == "host" or width in kernel.CONFIG["device_offsets"]
+            or (above is not None and longest > above))
 
 
 def _lengths(offsets: str, lengths_q, lengths_k) -> tuple:
@@ -271,8 +281,9 @@ def _lengths(offsets: str, lengths_q, lengths_k) -> tuple:
 
 @pytest.mark.parametrize("offsets", ["host", "device"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-# 96, 80 (dK/dV, dQ) and 192 (dQ) in two chunks, 112 and 192 (dK/dV) padded
-@pytest.mark.parametrize("head_dim", [64, 128, 96, 80, 256, 192, 112])
+# 96, 80, 192, 160 and 144 in two chunks (the last three in the wide dK/dV: 128 + 64, 32,
+# 16), 112 padded
+@pytest.mark.parametrize("head_dim", [64, 128, 96, 80, 256, 192, 112, 160, 144])
 @pytest.mark.parametrize("case", range(len(BWD_CASES)))
 def test_gluon_dkdv_matches_tl_kernel_and_reference(dtype, head_dim, case, offsets,
                                                     gluon_dkdv_calls, gluon_dq_calls):
@@ -297,18 +308,72 @@ def test_gluon_dkdv_prefetch_option(widths, head_dim, case, offsets, monkeypatch
                           gluon_dq_calls)
 
 
+@pytest.mark.parametrize("offsets", ["host", "device"])
+@pytest.mark.parametrize("split", [True, False])
+@pytest.mark.parametrize("head_dim", [192, 160, 224])
+@pytest.mark.parametrize("case", range(len(BWD_CASES)))
+def test_gluon_dkdv_wide_chunks(split, head_dim, case, offsets, monkeypatch, gluon_dkdv_calls,
+                                gluon_dq_calls):
+    """The wide dK/dV reads 192 and 160 as 128 + 64 and 128 + 32 columns (warpgroup 1 owning
+    the second chunk's gradient columns) with CONFIG["split"], as 128 + 128 zero-filled
+    without, and 224 as 128 + 128 either way: the same accuracy every way."""
+    from attnhub.backends.triton import backward, replay
+
+    monkeypatch.setitem(hopper_backward.CONFIG, "split", split)
+    monkeypatch.setattr(backward, "_replays", replay.ReplayCache())  # no launch of another test
+    expected = 256 - 128 if not split or head_dim == 224 else head_dim - 128
+    assert hopper_dkdv_wide.second_width(head_dim, split) == expected
+    _check_gluon_backward(torch.bfloat16, head_dim, BWD_CASES[case], offsets, gluon_dkdv_calls,
+                          gluon_dq_calls)
+
+
+@pytest.mark.parametrize("offsets", ["host", "device"])
+@pytest.mark.parametrize("head_dim", [192, 160])
+@pytest.mark.parametrize("case", range(len(BWD_CASES)))
+def test_gluon_dkdv_wide_tiles_option(head_dim, case, offsets, monkeypatch, gluon_dkdv_calls,
+                                      gluon_dq_calls):
+    """The wide dK/dV with 64-row query blocks and 2 stages (CONFIG["wide"] for a second
+    chunk of 64 or 32 columns; shipped: 32 x 3) computes the same gradients."""
+    from attnhub.backends.triton import backward, replay
+
+    second = hopper_dkdv_wide.second_width(head_dim, True)
+    monkeypatch.setitem(hopper_backward.CONFIG, "wide",
+                        {**hopper_backward.CONFIG["wide"], second: (64, 2)})
+    monkeypatch.setattr(backward, "_replays", replay.ReplayCache())  # no launch of another test
+    _check_gluon_backward(torch.bfloat16, head_dim, BWD_CASES[case], offsets, gluon_dkdv_calls,
+                          gluon_dq_calls)
+
+
+@pytest.mark.parametrize("above", [256, 1 << 20])
+@pytest.mark.parametrize("case", range(len(BWD_CASES)))
+def test_gluon_backward_device_offsets_above_option(above, case, monkeypatch,
+                                                    gluon_dkdv_calls, gluon_dq_calls):
+    """CONFIG["device_offsets_above"] {64: N} in the dK/dV and the dQ: at head dim 64, a call
+    with device offsets only goes to the Gluon backward when its longest sequence exceeds N
+    (here 256: it does; 2**20: it does not), with the same accuracy either way."""
+    from attnhub.backends.triton import backward, replay
+
+    for kernel in (hopper_backward, hopper_dq):
+        monkeypatch.setitem(kernel.CONFIG, "device_offsets_above", {64: above})
+    monkeypatch.setattr(backward, "_replays", replay.ReplayCache())  # no launch of another test
+    lk = BWD_CASES[case][1]
+    assert _served(hopper_backward, "device", 64, max(*LENGTHS_Q, *lk)) is (above == 256)
+    _check_gluon_backward(torch.bfloat16, 64, BWD_CASES[case], "device", gluon_dkdv_calls,
+                          gluon_dq_calls)
+
+
 # no right bound: no mask (sq == sk, sq < sk) and a left-only window
 UNBOUNDED_CASES = [CASES[0], ({}, LENGTHS_K_LONGER), CASES[7]]
 
 
 @pytest.mark.parametrize("offsets", ["host", "device"])
-@pytest.mark.parametrize("head_dim", [64, 128, 96, 256, 192])
+@pytest.mark.parametrize("head_dim", [64, 128, 96, 256, 192, 160])
 @pytest.mark.parametrize("case", range(len(UNBOUNDED_CASES)))
 def test_gluon_dkdv_right_unbounded_option(head_dim, case, offsets, monkeypatch,
                                            gluon_dkdv_calls, gluon_dq_calls):
-    """With CONFIG["right_unbounded"] the Gluon dK/dV also takes calls whose mask has no
-    right bound (each key tile then sees every query block from the sequence's first), and
-    computes their gradients as accurately as the tl kernel."""
+    """With CONFIG["right_unbounded"] (the shipped setting) the Gluon dK/dV also takes calls
+    whose mask has no right bound (each key tile then sees every query block from the
+    sequence's first), and computes their gradients as accurately as the tl kernel."""
     from attnhub.backends.triton import backward, replay
 
     monkeypatch.setitem(hopper_backward.CONFIG, "right_unbounded", True)
@@ -333,7 +398,7 @@ def _check_gluon_backward(dtype, head_dim, case, offsets, gluon_dkdv_calls, gluo
         return torch.autograd.grad(out, inputs, d)
 
     got = grads()
-    served = _served(hopper_backward, offsets, head_dim)
+    served = _served(hopper_backward, offsets, head_dim, max(*LENGTHS_Q, *lk))
     assert len(gluon_dkdv_calls) == served, "the Gluon dK/dV kernel's calls"
     assert len(gluon_dq_calls) == served, "the Gluon dQ kernel's calls"
     problem, inputs = attnhub.normalize(q.detach(), k.detach(), v.detach(), *lens, **kw)
@@ -367,7 +432,7 @@ def test_gluon_dq_serves_every_mask_and_device_offsets(case, head_dim, offsets,
     dout = torch.randn_like(q)
     out = attnhub.attention_forward_varlen(q, k, v, *lens, backend="triton", **kw)
     got = torch.autograd.grad(out, q, dout)[0]
-    served = _served(hopper_dq, offsets, head_dim)
+    served = _served(hopper_dq, offsets, head_dim, max(*LENGTHS_Q, *lk))
     assert len(gluon_dq_calls) == served, "the Gluon dQ kernel's calls"
     problem, inputs = attnhub.normalize(q.detach(), k.detach(), v.detach(), *lens, **kw)
     tl_out, lse = forward.forward(problem, inputs, None)

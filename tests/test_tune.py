@@ -174,5 +174,6 @@ def test_accelerator_list_measures_tiny_calls_both_ways():
     case = next(c for c in cases if c.length == "tiny-host")
     kwargs = tune.build_call(case, torch.device("cpu"))
     assert isinstance(kwargs["cu_seqlens_q"], VarlenInfo) and "max_seqlen_q" not in kwargs
+    assert tune.problem_of(kwargs).lengths_known  # what the run classifies (no max_seqlen)
     offsets = tune.build_call(dataclasses.replace(case, length="tiny"), torch.device("cpu"))
     assert isinstance(offsets["cu_seqlens_q"], torch.Tensor) and offsets["max_seqlen_q"] == 64

@@ -14,7 +14,8 @@ between releases).
         [--config hopper_backward.prefetch=64,128,256 ...]
 
 ``--config MODULE.KEY=N,N`` sets a Gluon module's CONFIG entry (a tuple of ints; ``=`` alone:
-the empty tuple) before compiling, to read an option's registers and spills.
+the empty tuple) before compiling, to read an option's registers and spills;
+``MODULE.KEY.M=N,N`` one row of an entry that is a table (``hopper_backward.wide.64=64,2``).
 
 attnhub is imported from this checkout (backends/ included), whatever other checkout an
 editable install in the environment points to.
@@ -258,13 +259,19 @@ def ptxas_report(ptx: pathlib.Path, arch: str) -> str:
 
 
 def set_config(option: str) -> None:
-    """``MODULE.KEY=N,N``: attnhub.backends.triton.MODULE.CONFIG[KEY] = (N, N)."""
+    """``MODULE.KEY=N,N``: attnhub.backends.triton.MODULE.CONFIG[KEY] = (N, N);
+    ``MODULE.KEY.M=N,N``: CONFIG[KEY][M] = (N, N), for an entry that is a table by width."""
     target, _, values = option.partition("=")
     module, _, key = target.partition(".")
+    key, _, sub = key.partition(".")
     config = importlib.import_module(f"attnhub.backends.triton.{module}").CONFIG
     if key not in config:
         raise SystemExit(f"{module}.CONFIG has no {key!r}: {sorted(config)}")
-    config[key] = tuple(int(x) for x in values.split(",") if x)
+    value = tuple(int(x) for x in values.split(",") if x)
+    if sub:
+        config[key][int(sub)] = value
+    else:
+        config[key] = value
 
 
 def main() -> int:

@@ -436,8 +436,8 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
 
     plain = (not problem.custom_mask and problem.dropout_p == 0 and problem.softcap == 0
              and alibi is None and problem.paged is None)
-    # the Gluon dK/dV kernel was faster than the tl one on causal (right-bounded) calls only
-    # (H200, docs/performance.md v7); CONFIG["right_unbounded"] lets it take the others
+    # calls with no right mask bound go to the Gluon dK/dV with CONFIG["right_unbounded"]
+    # (on: faster than the tl kernel since the lse / delta prefetch, docs/performance.md v16)
     if (gluon and problem.nheads_k
             and (right >= 0 or hopper_backward.CONFIG["right_unbounded"])
             and hopper_backward.supports(problem, q, k, v, dout, plain)):

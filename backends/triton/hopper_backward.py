@@ -1,11 +1,11 @@
 """Warp-specialised dK/dV kernel of the varlen backward for Hopper (sm_90), written in Gluon.
 
-Serves plain causal calls (no softcap, ALiBi, dropout or custom mask; head dim 64; 80 and 96
-read as two column chunks, the other multiples of 8 up to 128 zero-padded to 128, as the
-forward reads them; and through hopper_dkdv_wide.py the head dims 136-256 read at width
-256; fp16/bf16; host lengths or device offsets; backward.py sends it the calls whose mask
-has a right bound (causal or a right window), as it was slower than the tl kernel without one
-on the H200, and the others too with CONFIG["right_unbounded"]).
+Serves plain calls (no softcap, ALiBi, dropout or custom mask; head dim 64; 80 and 96 read
+as two column chunks, the other multiples of 8 up to 128 zero-padded to 128, as the forward
+reads them; and through hopper_dkdv_wide.py the head dims 136-256, 144, 160 and 192 as
+128 + a power of two, the others at width 256; fp16/bf16; host lengths or device offsets):
+backward.py sends it the calls whose mask has a right bound (causal or a right window), and
+with CONFIG["right_unbounded"] (on) those without one (no mask, left-only windows) too.
 One program per
 (key tile of 128 rows, kv head), as the tl dK/dV kernel (backward.py): it loops over the
 query heads of its group and the query blocks that see its keys, so GQA gradients are
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from . import hopper_dkdv_wide, hopper_forward
-from .hopper_forward import descriptor, gluon, tma_rows
+from .hopper_forward import descriptor, gluon, lengths_served, tma_rows
 
 if gluon is not None:
     from triton.experimental.gluon import language as gl
@@ -58,18 +58,29 @@ if gluon is not None:
 BLOCK_N = 128  # key rows per program (two warpgroups of 64); width 256: hopper_dkdv_wide
 # (query block by head dim, stages, consumer registers, producer registers), from benchmarks
 # on an H200 (docs/performance.md); 64-row query blocks spill at head dim 128 (Triton 3.6).
-# Width 256 runs hopper_dkdv_wide.py (stages_wide). device_offsets: the widths served
-# without host lengths; at width 64 the tl backward was the faster one there (H200: 2.79
-# against 3.10 ms on the d64 cell, docs/performance.md v13). split: read head dims 80 and 96
-# as two column chunks (hopper_forward.split_widths) rather than zero-padded to 128.
+# Width 256 runs hopper_dkdv_wide.py: "wide" holds its (query block, stages) by the width of
+# its second column chunk (hopper_dkdv_wide.second_width: 128 at d256, 64 at d192, 32 at
+# d160, 16 at d144); 32 x 3 everywhere for now (v16). device_offsets: the widths served
+# without host lengths; at width 64 the tl backward was the faster one there on short
+# sequences (H200, tune classes: 0.73 against 0.78 ms on d64 GQA short, 10-12% slower on
+# medium / long; docs/performance.md v13, v16). split: read head dims 80, 96 (and in the
+# wide kernel 144, 160, 192) as two column chunks (hopper_forward.split_widths) rather than
+# zero-padded (d192 causal forward+backward: 4.87 -> 4.31 ms medium, v16).
+# device_offsets_above: {width: N}, device offsets also served at that width when the longest
+# sequence exceeds N tokens (hopper_forward.lengths_served; hopper_dq's has the same). Empty:
+# at width 64 the Gluon backward won 6-12% on medium and long calls, lost 7-25% on short ones
+# (v16); a gate at N = 256 waits on a GPU run.
 # prefetch: the widths whose query blocks' lse and delta are loaded one block ahead, so that
 # the global loads' latency is not exposed between S^T's issue and its use (H200,
 # forward+backward: d64 2.98 -> 2.38 ms, d192 7.80 -> 7.12 ms; docs/performance.md v15); width
 # 256: hopper_dkdv_wide's. right_unbounded: backward.py also sends calls with no right mask
-# bound (no mask, left-only windows) here; off since v7 measured the tl dK/dV faster there.
-CONFIG = {"block_m": {64: 64, 128: 32, 256: 32}, "stages": 3, "stages_wide": 3,
-          "consumer_regs": 240, "producer_regs": 24, "device_offsets": (128, 256), "split": True,
-          "prefetch": (64, 128, 256), "right_unbounded": False}
+# bound (no mask, left-only windows) here, not to the tl dK/dV (non-causal forward+backward,
+# H200: d128 long 33.7 -> 31.6 ms, d256 long 169 -> 110, d192 147 -> 88; v16).
+CONFIG = {"block_m": {64: 64, 128: 32}, "stages": 3,
+          "wide": {128: (32, 3), 64: (32, 3), 32: (32, 3), 16: (32, 3)},
+          "consumer_regs": 240, "producer_regs": 24, "device_offsets": (128, 256),
+          "device_offsets_above": {}, "split": True,
+          "prefetch": (64, 128, 256), "right_unbounded": True}
 
 if gluon is not None:
 
@@ -321,12 +332,13 @@ def block_n(head_dim: int) -> int:
 def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
              plain: bool) -> bool:
     """Whether this kernel computes dK/dV of a call: the conditions of
-    hopper_forward.supports, a head dim read at a width of its own CONFIG (64, 128 or 256,
-    the others zero-padded as the forward reads them; 256: hopper_dkdv_wide), host lengths or a
-    width of CONFIG["device_offsets"], and dO laid out like Q."""
+    hopper_forward.supports, a head dim read at a width of its own CONFIG["block_m"] (64 or
+    128, the others zero-padded as the forward reads them) or at width 256
+    (hopper_dkdv_wide), lengths it takes (hopper_forward.lengths_served), and dO laid out like
+    Q."""
     width = hopper_forward.block_d(problem.head_dim)
-    return (width in CONFIG["block_m"]
-            and (problem.lengths_known or width in CONFIG["device_offsets"])
+    return ((width in CONFIG["block_m"] or width == hopper_dkdv_wide.WIDTH)
+            and lengths_served(problem, width, CONFIG)
             and hopper_forward.supports(problem, q, k, v, plain)
             and tma_rows(dout, problem.head_dim))
 
@@ -340,30 +352,31 @@ def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
     ``tiles``: forward.launch_tiles' (programs, tile_seq, tile_blk, device_tiles) for the
     keys, a host-planned list or (device_tiles) an upper bound of programs that find their
     tiles from cu_seqlens_k; lse and delta: float32 (nheads, total_q). Width 256 runs
-    hopper_dkdv_wide.py's kernel (its rows as two 128-column boxes, 64-key tiles), the
+    hopper_dkdv_wide.py's kernel (its rows as a 128-column box and a second of
+    hopper_dkdv_wide.second_width, 64-key tiles), the
     others this module's. With ``record``, returns the replay.LaunchRecord or None: replays
     take REPLAY_ARGS, with q, k, v and dout for the descriptors."""
     d = problem.head_dim
     width = hopper_forward.block_d(d)
     left, right = problem.window
-    block_m = CONFIG["block_m"][width]
     programs, tile_seq, tile_blk, device_tiles = tiles
     if width == hopper_dkdv_wide.WIDTH:
         kernel = hopper_dkdv_wide._hopper_dkdv_wide_kernel
-        box, rows, second = hopper_dkdv_wide.HALF, hopper_dkdv_wide.BLOCK_N, 0
-        own = dict(HALF=box, STAGES=CONFIG["stages_wide"])
-        seconds = ()
+        box, rows = hopper_dkdv_wide.HALF, hopper_dkdv_wide.BLOCK_N
+        second = hopper_dkdv_wide.second_width(d, CONFIG["split"])
+        block_m, stages = CONFIG["wide"][second]
+        own = dict(HALF=box, HALF2=second, STAGES=stages)
     else:
         chunks = hopper_forward.split_widths(d, CONFIG["split"])
         box, second = chunks if chunks is not None else (width, 0)
-        kernel, rows = _hopper_dkdv_kernel, BLOCK_N
+        kernel, rows, block_m = _hopper_dkdv_kernel, BLOCK_N, CONFIG["block_m"][width]
         own = dict(BLOCK_D=box, BLOCK_D2=second, STAGES=CONFIG["stages"])
-        seconds = ((descriptor(q, d, block_m, second), descriptor(k, d, rows, second),
-                    descriptor(v, d, rows, second), descriptor(dout, d, block_m, second))
-                   if second else (None,) * 4)
     grid = (programs, problem.nheads_k * split)
     descriptors = (descriptor(q, d, block_m, box), descriptor(k, d, rows, box),
                    descriptor(v, d, rows, box), descriptor(dout, d, block_m, box))
+    seconds = ((descriptor(q, d, block_m, second), descriptor(k, d, rows, second),
+                descriptor(v, d, rows, second), descriptor(dout, d, block_m, second))
+               if second else (None,) * 4)
     args = (*descriptors, *seconds, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
             tile_seq, tile_blk, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             problem.total_q, problem.batch, qk_scale, problem.scale, left, right)
@@ -386,6 +399,7 @@ def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
 
 # The arguments a replay of either dK/dV kernel's launch replaces (replay.LaunchRecord).
 REPLAY_ARGS = ("desc_q", "desc_k", "desc_v", "desc_do", "Lse", "Delta", "DK", "DV", "CuQ", "CuK")
-# head dims read in two chunks (hopper_forward.split_widths): q, k, v and dout again, for
-# the second chunks' descriptors (the record repeats them: LaunchRecord.repeating)
+# head dims read in two chunks (hopper_forward.split_widths, and every width-256 launch):
+# q, k, v and dout again, for the second chunks' descriptors (the record repeats them:
+# LaunchRecord.repeating)
 REPLAY_TWO_CHUNK_ARGS = (*REPLAY_ARGS, "desc_q2", "desc_k2", "desc_v2", "desc_do2")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from . import hopper_forward
-from .hopper_forward import descriptor, gluon, tma_rows
+from .hopper_forward import descriptor, gluon, lengths_served, tma_rows
 
 if gluon is not None:
     from triton.experimental.gluon import language as gl
@@ -57,10 +57,12 @@ if gluon is not None:
 BLOCK_M = 128  # query rows per program (two warpgroups of 64)
 # (key block by head dim, stages, consumer registers, producer registers): swept on an H200
 # (benchmarks/sweep_configs.py, docs/performance.md v11). device_offsets: the widths served
-# without host lengths (as hopper_backward's: at width 64 the tl backward is faster there).
+# without host lengths, and device_offsets_above the widths served above a longest sequence
+# (as hopper_backward's: at width 64 the tl backward is faster there on short calls).
 # split: read head dims 80-192 as two column chunks (hopper_forward.split_widths).
 CONFIG = {"block_n": {64: 64, 128: 128, 256: 32}, "stages": 2, "consumer_regs": 240,
-          "producer_regs": 24, "device_offsets": (128, 256), "split": True}
+          "producer_regs": 24, "device_offsets": (128, 256), "device_offsets_above": {},
+          "split": True}
 
 if gluon is not None:
 
@@ -270,11 +272,13 @@ def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: t
              plain: bool) -> bool:
     """Whether this kernel computes dQ of a call without sinks (backward.py checks them):
     the conditions of hopper_forward.supports (any mask), a head dim read at a width of
-    CONFIG (64, 128 or 256, the others zero-padded as the forward reads them), host lengths
-    or a width of CONFIG["device_offsets"], and dO laid out like Q."""
+    CONFIG (64, 128 or 256, the others zero-padded as the forward reads them), lengths it
+    takes (hopper_forward.lengths_served: device offsets at the widths of
+    CONFIG["device_offsets"] and, above a longest sequence, of CONFIG["device_offsets_above"]),
+    and dO laid out like Q."""
     width = hopper_forward.block_d(problem.head_dim)
     return (width in CONFIG["block_n"]
-            and (problem.lengths_known or width in CONFIG["device_offsets"])
+            and lengths_served(problem, width, CONFIG)
             and hopper_forward.supports(problem, q, k, v, plain)
             and tma_rows(dout, problem.head_dim))
 

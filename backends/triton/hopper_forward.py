@@ -673,6 +673,17 @@ def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plain: 
     return all(tma_rows(t, problem.head_dim) for t in (q, k, v))
 
 
+def lengths_served(problem, width: int, config: dict) -> bool:
+    """Whether a Gluon backward kernel whose CONFIG is ``config`` takes ``problem``'s lengths:
+    host lengths always; device offsets only (flash_attn's cu_seqlens tensors) at the widths
+    of config["device_offsets"], and at a width of config["device_offsets_above"] when the
+    call's longest sequence (max_seqlen, queries or keys) exceeds its value."""
+    if problem.lengths_known or width in config["device_offsets"]:
+        return True
+    above = config["device_offsets_above"].get(width)
+    return above is not None and max(problem.max_seqlen_q, problem.max_seqlen_k) > above
+
+
 def tl_is_faster(problem) -> bool:
     """Whether the tl forward was measured faster on calls like this one: every query
     sequence short enough (TL_BELOW at the call's width, host lengths or a given
