@@ -18,6 +18,11 @@ Each trial is a '+'-joined list of overrides (an empty trial: the shipped settin
   calls whose longest sequence exceeds N tokens (CONFIG["device_offsets_above"])
 * ``gdkdv:BM:S``      the Gluon dK/dV at the cell's width (64 or 128): BM query rows per
   block, S stages
+* ``gfwdm:BM``        the Gluon forward at the cell's width: BM query rows per program, 64 per
+  consumer warpgroup (192: three, as FA3 tiles head dim 64)
+* ``gdkdvn:BN``       the Gluon dK/dV at the cell's width (64 or 128): BN key rows per
+  program, 64 per consumer warpgroup (192: three; with ``gdkdv:32:3``, as 64-row query
+  blocks spill then)
 * ``gwide:BM:S``      the Gluon dK/dV at width 256 (hopper_dkdv_wide.py), for the cell's head
   dim's second column chunk (CONFIG["wide"]): BM query rows per block, S stages
 * ``gfwd:BN:S``       the Gluon forward at the cell's width: BN keys per block, S stages
@@ -80,8 +85,10 @@ def overrides(trial: str, head_dim: int):
     width = hopper_forward.block_d(head_dim)
     saved_dkdv = {**hopper_backward.CONFIG,
                   "block_m": dict(hopper_backward.CONFIG["block_m"]),
+                  "block_n": dict(hopper_backward.CONFIG["block_n"]),
                   "wide": dict(hopper_backward.CONFIG["wide"])}
-    saved_fwd = {**hopper_forward.CONFIG, "block_n": dict(hopper_forward.CONFIG["block_n"])}
+    saved_fwd = {**hopper_forward.CONFIG, "block_n": dict(hopper_forward.CONFIG["block_n"]),
+                 "block_m": dict(hopper_forward.CONFIG["block_m"])}
     saved = [(configs, "forward_block_m"), (configs, "backward_tiles"),
              (group_split, "split_for"), (hopper_forward, "supports"),
              (hopper_backward, "supports"), (hopper_dq, "supports")]
@@ -125,6 +132,10 @@ def overrides(trial: str, head_dim: int):
             elif name == "gdkdv":
                 hopper_backward.CONFIG["block_m"][hopper_forward.block_d(head_dim)] = vals[0]
                 hopper_backward.CONFIG["stages"] = vals[1]
+            elif name == "gfwdm":
+                hopper_forward.CONFIG["block_m"][width] = vals[0]
+            elif name == "gdkdvn":
+                hopper_backward.CONFIG["block_n"][width] = vals[0]
             elif name == "gwide":
                 second = hopper_dkdv_wide.second_width(head_dim,
                                                        hopper_backward.CONFIG["split"])
@@ -235,42 +246,54 @@ def main() -> int:
     parser.add_argument("--classes", nargs="*", default=None, metavar="PATTERN",
                         help="attnhub tune classes to time (shell patterns on their keys) "
                              "instead of --cells")
-    parser.add_argument("--json", default=None, help="with --classes: write the rows here")
+    parser.add_argument("--json", default=None,
+                        help="write the rows here ({'class' or 'cell', 'torch-flash', "
+                             "trial label: ms, ...} a class or cell)")
     args = parser.parse_args()
-    if args.classes:
-        rows = sweep_classes(args.classes, args.trials)
-        if args.json:
-            import json
+    rows = (sweep_classes(args.classes, args.trials) if args.classes
+            else sweep_cells(args.cells.split(","), args.mode, args.trials, args.offsets))
+    if args.json:
+        import json
 
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
-        return 0
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+def sweep_cells(names: list[str], mode: str, trials: list[str], offsets: str) -> list[dict]:
+    """Each trial's triton time and error on the matrix cells ``names`` in ``mode``, next to
+    torch's FA2 called directly, printed a line per (cell, trial); the rows as dicts."""
     cells = {c.name: c for c in build_matrix(profile_for("cuda"))}
-    backward_ = args.mode == "fwd+bwd"
+    backward_ = mode == "fwd+bwd"
     fa2 = next(d for d in direct_kernels_for(["torch-flash"]) if d.label == "torch-flash (direct)")
-    for name in args.cells.split(","):
+    rows = []
+    for name in names:
         cell = cells[name]
-        flops = cell.flops(args.mode)
+        flops = cell.flops(mode)
         x = make_inputs(cell, torch.device("cuda"), backward_)
         ms_fa2 = do_bench(fa2.build(x, backward_), warmup=25, rep=100, return_mode="median")
         err_fa2 = max_error(cell, "torch-flash", backward_)
-        print(f"{name} {args.mode}: torch-flash (direct) {ms_fa2:.3f} ms "
+        row = {"cell": name, "torch-flash": ms_fa2}
+        print(f"{name} {mode}: torch-flash (direct) {ms_fa2:.3f} ms "
               f"{flops / ms_fa2 / 1e9:.1f} TFLOP/s, error {err_fa2:.2e}", flush=True)
-        for trial in args.trials:
+        for trial in trials:
             label = trial or "shipped"
             try:
                 with overrides(trial, cell.head_dim):
                     x = make_inputs(cell, torch.device("cuda"), backward_)  # fresh tile plans
-                    ms = do_bench(attnhub_runner(x, "triton", backward_, args.offsets),
+                    ms = do_bench(attnhub_runner(x, "triton", backward_, offsets),
                                   warmup=25, rep=100, return_mode="median")
-                    err = max_error(cell, "triton", backward_, args.offsets)
+                    err = max_error(cell, "triton", backward_, offsets)
             except Exception as exc:  # out of shared memory or registers for this config
                 print(f"  {label}: failed: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
                 continue
             wrong = "  WRONG" if err > 2 * err_fa2 + 1e-3 else ""
             print(f"  {label}: {ms:.3f} ms {flops / ms / 1e9:.1f} TFLOP/s "
                   f"({ms_fa2 / ms:.2f}x torch-flash), error {err:.2e}{wrong}", flush=True)
-    return 0
+            if not wrong:  # a wrong result has no time to compare
+                row[label] = ms
+        rows.append(row)
+    return rows
 
 
 if __name__ == "__main__":

@@ -247,3 +247,23 @@ def test_device_offsets_served_above_a_longest_sequence(monkeypatch):
     for kernel in (hopper_backward, hopper_dq):
         monkeypatch.setitem(kernel.CONFIG, "device_offsets_above", {})
         assert not kernel.supports(device, q, k, v, q, True)
+
+
+def test_dkdv_key_rows_per_program(monkeypatch):
+    """hopper_backward.block_n: 128 key rows (two consumer warpgroups) at widths 64 and 128,
+    64 at width 256 (the wide kernel); CONFIG["block_n"] 192 (three warpgroups) applies to
+    head dims read as one chunk, not to two-chunk ones (96 = 64 + 32 keeps two)."""
+    assert {d: hopper_backward.block_n(d) for d in (64, 96, 112, 128, 192, 256)} == {
+        64: 128, 96: 128, 112: 128, 128: 128, 192: 64, 256: 64}
+    monkeypatch.setitem(hopper_backward.CONFIG, "block_n", {64: 192, 128: 192})
+    assert {d: hopper_backward.block_n(d) for d in (64, 80, 96, 112, 128)} == {
+        64: 192, 80: 128, 96: 128, 112: 192, 128: 192}
+
+
+def test_forward_query_rows_per_program(monkeypatch):
+    """hopper_forward.block_m: 128 query rows (two consumer warpgroups) by default;
+    CONFIG["block_m"] 192 (three warpgroups) applies to head dims read as one chunk."""
+    assert {hopper_forward.block_m(d) for d in (64, 96, 112, 128, 192, 256)} == {128}
+    monkeypatch.setitem(hopper_forward.CONFIG, "block_m", {64: 192, 128: 192, 256: 128})
+    assert {d: hopper_forward.block_m(d) for d in (64, 80, 96, 112, 128, 192, 256)} == {
+        64: 192, 80: 128, 96: 128, 112: 192, 128: 192, 192: 128, 256: 128}

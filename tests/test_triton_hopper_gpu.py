@@ -344,6 +344,23 @@ def test_gluon_dkdv_wide_tiles_option(head_dim, case, offsets, monkeypatch, gluo
                           gluon_dq_calls)
 
 
+@pytest.mark.parametrize("offsets", ["host", "device"])
+@pytest.mark.parametrize("case", range(len(BWD_CASES)))
+def test_gluon_dkdv_three_consumers_option(case, offsets, monkeypatch, gluon_dkdv_calls,
+                                           gluon_dq_calls):
+    """The d64 dK/dV with 192 key rows per program (CONFIG["block_n"]: three consumer
+    warpgroups of 64 keys, K and V as three 64-row boxes) and 32-row query blocks computes
+    the same gradients; the launch's key tiles are 192 rows."""
+    from attnhub.backends.triton import backward, replay
+
+    monkeypatch.setitem(hopper_backward.CONFIG, "block_n", {64: 192, 128: 128})
+    monkeypatch.setitem(hopper_backward.CONFIG, "block_m", {64: 32, 128: 32})
+    monkeypatch.setattr(backward, "_replays", replay.ReplayCache())  # no launch of another test
+    assert hopper_backward.block_n(64) == 192 and hopper_backward.block_n(96) == 128
+    _check_gluon_backward(torch.bfloat16, 64, BWD_CASES[case], offsets, gluon_dkdv_calls,
+                          gluon_dq_calls)
+
+
 @pytest.mark.parametrize("above", [256, 1 << 20])
 @pytest.mark.parametrize("case", range(len(BWD_CASES)))
 def test_gluon_backward_device_offsets_above_option(above, case, monkeypatch,
@@ -571,6 +588,30 @@ def test_gluon_forward_finds_its_tiles_without_host_lengths(case, head_dim, sink
     assert not problem.lengths_known
     sink_logits = torch.randn(8, device="cuda") if sinks else None
     _check_feature_call(q, k, v, offsets, kw, gluon_calls, sinks=sink_logits)
+
+
+@pytest.mark.parametrize("host", [True, False])
+@pytest.mark.parametrize("case", range(len(DEVICE_CASES)))
+def test_gluon_forward_three_consumers_option(case, host, monkeypatch, gluon_calls):
+    """Head dim 64 with 192 query rows per program (CONFIG["block_m"]: three consumer
+    warpgroups of 64 rows, Q as three 64-row boxes) against the tl kernel and the reference,
+    with host lengths and device offsets: lengths 0 and 1, sq != sk, windows, softcap, ALiBi
+    and (odd cases) sinks."""
+    from attnhub.backends.triton import forward, replay
+
+    monkeypatch.setitem(hopper_forward.CONFIG, "block_m", {64: 192, 128: 128, 256: 128})
+    monkeypatch.setattr(forward, "_replays", replay.ReplayCache())  # no launch of another test
+    assert hopper_forward.block_m(64) == 192
+    kw, lq, lk = DEVICE_CASES[case]
+    kw = dict(kw)
+    if "alibi_slopes" in kw:
+        kw["alibi_slopes"] = _slopes(kw["alibi_slopes"], len(lq))
+    q, k, v = _inputs(lq, lk, torch.bfloat16, 64, seed=13)
+    offsets = ((attnhub.VarlenInfo.from_lengths(lq, "cuda"),
+                attnhub.VarlenInfo.from_lengths(lk, "cuda")) if host
+               else _device_offsets(lq, lk))
+    sinks = torch.randn(q.shape[1], device="cuda") if case % 2 else None
+    _check_feature_call(q, k, v, offsets, kw, gluon_calls, sinks=sinks)
 
 
 def test_gluon_forward_device_tiles_compile_once_and_replay(gluon_calls):

@@ -15,7 +15,8 @@ between releases).
 
 ``--config MODULE.KEY=N,N`` sets a Gluon module's CONFIG entry (a tuple of ints; ``=`` alone:
 the empty tuple) before compiling, to read an option's registers and spills;
-``MODULE.KEY.M=N,N`` one row of an entry that is a table (``hopper_backward.wide.64=64,2``).
+``MODULE.KEY.M=N,N`` one row of an entry that is a table (``hopper_backward.wide.64=64,2``,
+``hopper_backward.block_n.64=192``).
 
 attnhub is imported from this checkout (backends/ included), whatever other checkout an
 editable install in the environment points to.
@@ -241,8 +242,8 @@ def gluon_forward(problem, inputs, sinks, device_tiles: bool) -> None:
 
     out = torch.empty_like(inputs.q)
     lse = torch.empty(problem.nheads, problem.total_q)
-    tiles = launch_tiles(problem, inputs.cu_seqlens_q, hopper_forward.BLOCK_M, True,
-                         device_tiles)
+    tiles = launch_tiles(problem, inputs.cu_seqlens_q, hopper_forward.block_m(problem.head_dim),
+                         True, device_tiles)
     hopper_forward.forward(problem, inputs.q, inputs.k, inputs.v, out, lse,
                            inputs.cu_seqlens_q, inputs.cu_seqlens_k, tiles,
                            forward.score_scalars(problem), sinks, inputs.alibi_slopes)
@@ -268,8 +269,8 @@ def set_config(option: str) -> None:
     if key not in config:
         raise SystemExit(f"{module}.CONFIG has no {key!r}: {sorted(config)}")
     value = tuple(int(x) for x in values.split(",") if x)
-    if sub:
-        config[key][int(sub)] = value
+    if sub:  # one number: the row's value itself (CONFIG["block_n"][64] = 192)
+        config[key][int(sub)] = value[0] if len(value) == 1 else value
     else:
         config[key] = value
 

@@ -568,8 +568,9 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor |
     block_m = configs.forward_block_m(problem.head_dim)
     # attnhub.plan: the forward's (tile_seq, tile_blk) planned with block_m rows, or None
     planned = inputs.schedule
-    if use_gluon and block_m != hopper_forward.BLOCK_M:  # Gluon's tiles, should they differ
-        block_m, planned = hopper_forward.BLOCK_M, None
+    gluon_m = hopper_forward.block_m(problem.head_dim) if use_gluon else block_m
+    if gluon_m != block_m:  # Gluon's tiles, should they differ
+        block_m, planned = gluon_m, None
     programs, tile_seq, tile_blk, device_tiles = launch_tiles(
         problem, cu_q, block_m, True, planned)
     if programs == 0 or problem.nheads == 0:

@@ -13,8 +13,9 @@ reduced in registers and nothing is written twice (deterministic). Scheduled by 
 
 * a producer warp loads the program's K and V once, then streams Q and dO blocks through
   TMA into a ring of STAGES buffers (ready / empty mbarriers);
-* two consumer warpgroups own 64 key rows each and issue S^T = K Q^T and dP^T = V dO^T as
-  asynchronous wgmma, then dV += P^T dO while dS^T is computed, then dK += dS^T Q.
+* two consumer warpgroups (three with CONFIG["block_n"] 192) own 64 key rows each and issue
+  S^T = K Q^T and dP^T = V dO^T as asynchronous wgmma, then dV += P^T dO while dS^T is
+  computed, then dK += dS^T Q.
 
 Query rows past the sequence's end that a Q/dO box reads are zeroed in shared memory before
 use (they are the reduction dimension of dV and dK, where 0 * NaN would leak). The same calls
@@ -56,6 +57,9 @@ if gluon is not None:
     )
 
 BLOCK_N = 128  # key rows per program (two warpgroups of 64); width 256: hopper_dkdv_wide
+# block_n: key rows per program by width, 128 or 192 (three consumer warpgroups of 64 keys,
+# consumer_regs_three registers each: three dependency chains per SM where the d64 dK/dV is
+# latency-bound, docs/performance.md v14); 192 untimed so far.
 # (query block by head dim, stages, consumer registers, producer registers), from benchmarks
 # on an H200 (docs/performance.md); 64-row query blocks spill at head dim 128 (Triton 3.6).
 # Width 256 runs hopper_dkdv_wide.py: "wide" holds its (query block, stages) by the width of
@@ -76,9 +80,10 @@ BLOCK_N = 128  # key rows per program (two warpgroups of 64); width 256: hopper_
 # 256: hopper_dkdv_wide's. right_unbounded: backward.py also sends calls with no right mask
 # bound (no mask, left-only windows) here, not to the tl dK/dV (non-causal forward+backward,
 # H200: d128 long 33.7 -> 31.6 ms, d256 long 169 -> 110, d192 147 -> 88; v16).
-CONFIG = {"block_m": {64: 64, 128: 32}, "stages": 3,
+CONFIG = {"block_m": {64: 64, 128: 32}, "block_n": {64: 128, 128: 128}, "stages": 3,
           "wide": {128: (32, 3), 64: (32, 3), 32: (32, 3), 16: (32, 3)},
-          "consumer_regs": 240, "producer_regs": 24, "device_offsets": (128, 256),
+          "consumer_regs": 240, "consumer_regs_three": 160, "producer_regs": 24,
+          "device_offsets": (128, 256),
           "device_offsets_above": {}, "split": True,
           "prefetch": (64, 128, 256), "right_unbounded": True}
 
@@ -90,11 +95,18 @@ if gluon is not None:
                  kv_bar, ready, empty, k_row, kvh, q_row, share, lo, n_blocks,
                  GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr,
                  BLOCK_M: gl.constexpr, STAGES: gl.constexpr, PADDED: gl.constexpr,
-                 TWO_CHUNKS: gl.constexpr):
+                 TWO_CHUNKS: gl.constexpr, CONSUMERS: gl.constexpr):
         """Producer warp: K and V once, then Q and dO of every (head, query block), into
         buffers shaped as the descriptors' boxes; with TWO_CHUNKS the rows' columns past
-        BLOCK_D too, through the second descriptors, on the same barriers."""
-        if TWO_CHUNKS:
+        BLOCK_D too, through the second descriptors, on the same barriers. Three consumers:
+        K and V as three 64-row boxes (k_smem / v_smem (3, 64, BLOCK_D))."""
+        if CONSUMERS == 3:
+            mbarrier.expect(kv_bar, 6 * desc_k.block_type.nbytes)
+            for c in gl.static_range(3):
+                box = box_coordinates(k_row + c * 64, kvh, HEAD_DIM, PADDED)
+                tma.async_copy_global_to_shared(desc_k, box, kv_bar, k_smem.index(c))
+                tma.async_copy_global_to_shared(desc_v, box, kv_bar, v_smem.index(c))
+        elif TWO_CHUNKS:
             mbarrier.expect(kv_bar, 2 * desc_k.block_type.nbytes + 2 * desc_k2.block_type.nbytes)
             box = box_coordinates(k_row, kvh, HEAD_DIM, PADDED)
             tma.async_copy_global_to_shared(desc_k, box, kv_bar, k_smem)
@@ -138,7 +150,7 @@ if gluon is not None:
                  WG: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                  BLOCK_D: gl.constexpr, BLOCK_D2: gl.constexpr, BLOCK_M: gl.constexpr,
                  STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr,
-                 PREFETCH: gl.constexpr):
+                 PREFETCH: gl.constexpr, CONSUMERS: gl.constexpr):
         """Consumer warpgroup WG: dK and dV of key rows [n0 + 64 WG, + 64). Rows are BLOCK_D
         wide, HEAD_DIM of them data and the rest zeros (TMA's fill past the head dim); with
         BLOCK_D2 (HEAD_DIM = BLOCK_D + BLOCK_D2, hopper_forward.split_widths) their last
@@ -152,8 +164,12 @@ if gluon is not None:
         A_LAYOUT: gl.constexpr = operand_a_layout(BLOCK_D)
         COL_S: gl.constexpr = gl.SliceLayout(0, S_LAYOUT)
         r0 = n0 + WG * ROWS
-        k_rows = k_smem.slice(WG * ROWS, ROWS)
-        v_rows = v_smem.slice(WG * ROWS, ROWS)
+        if CONSUMERS == 3:  # K and V as three boxes of 64 rows
+            k_rows = k_smem.index(WG)
+            v_rows = v_smem.index(WG)
+        else:
+            k_rows = k_smem.slice(WG * ROWS, ROWS)
+            v_rows = v_smem.slice(WG * ROWS, ROWS)
         kj = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, S_LAYOUT))
         s_init = gl.zeros([ROWS, BLOCK_M], gl.float32, S_LAYOUT)
         dk = gl.zeros([ROWS, BLOCK_D], gl.float32, G_LAYOUT)
@@ -287,8 +303,13 @@ if gluon is not None:
                                                      WINDOW_LEFT, WINDOW_RIGHT)
 
         PADDED: gl.constexpr = BLOCK_D != HEAD_DIM
-        k_smem, k_box = allocate_rows(desc_k, [BLOCK_N, BLOCK_D], PADDED)
-        v_smem, v_box = allocate_rows(desc_v, [BLOCK_N, BLOCK_D], PADDED)
+        CONSUMERS: gl.constexpr = BLOCK_N // 64  # warpgroups of 64 key rows
+        if CONSUMERS == 3:  # 192 rows: three 64-row boxes (no 192-row tile lowers)
+            k_smem, k_box = allocate_rows(desc_k, [3, 64, BLOCK_D], PADDED)
+            v_smem, v_box = allocate_rows(desc_v, [3, 64, BLOCK_D], PADDED)
+        else:
+            k_smem, k_box = allocate_rows(desc_k, [BLOCK_N, BLOCK_D], PADDED)
+            v_smem, v_box = allocate_rows(desc_v, [BLOCK_N, BLOCK_D], PADDED)
         q_smem, q_box = allocate_rows(desc_q, [STAGES, BLOCK_M, BLOCK_D], PADDED)
         do_smem, do_box = allocate_rows(desc_do, [STAGES, BLOCK_M, BLOCK_D], PADDED)
         TWO_CHUNKS: gl.constexpr = BLOCK_D2 > 0
@@ -301,32 +322,69 @@ if gluon is not None:
             k2_smem, v2_smem, q2_smem, do2_smem = k_smem, v_smem, q_smem, do_smem
             k2_box, v2_box, q2_box, do2_box = k_box, v_box, q_box, do_box
         kv_bar = allocate_barrier(1)
-        ready, empty = allocate_ring(STAGES)
+        ready, empty = allocate_ring(STAGES, CONSUMERS)
         fence_async_shared()
 
-        gl.warp_specialize([
-            (_consume, (k_smem, v_smem, q_smem, do_smem, k2_smem, v2_smem, q2_smem, do2_smem,
-                        kv_bar, ready, empty, Lse, Delta, DK, DV, q_start, sq, k_start, sk, n0,
-                        offset, share, lo, n_blocks, full_lo, full_hi, qk_scale, sm_scale,
-                        window_left, window_right, total_q, stride_dkt, stride_dkh, stride_dvt,
-                        stride_dvh, 0, GROUP, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, STAGES,
-                        WINDOW_LEFT, WINDOW_RIGHT, PREFETCH)),
-            (_consume, (k_smem, v_smem, q_smem, do_smem, k2_smem, v2_smem, q2_smem, do2_smem,
-                        kv_bar, ready, empty, Lse, Delta, DK, DV, q_start, sq, k_start, sk, n0,
-                        offset, share, lo, n_blocks, full_lo, full_hi, qk_scale, sm_scale,
-                        window_left, window_right, total_q, stride_dkt, stride_dkh, stride_dvt,
-                        stride_dvh, 1, GROUP, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, STAGES,
-                        WINDOW_LEFT, WINDOW_RIGHT, PREFETCH)),
-            (_produce, (desc_q, desc_k, desc_v, desc_do, desc_q2, desc_k2, desc_v2, desc_do2,
-                        k_box, v_box, q_box, do_box, k2_box, v2_box, q2_box, do2_box, kv_bar,
-                        ready, empty, k_start + n0, kvh, q_start, share, lo, n_blocks, GROUP,
-                        HEAD_DIM, BLOCK_D, BLOCK_M, STAGES, PADDED, TWO_CHUNKS)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        if CONSUMERS == 3:
+            gl.warp_specialize([
+                (_consume, (k_smem, v_smem, q_smem, do_smem, k2_smem, v2_smem, q2_smem,
+                            do2_smem, kv_bar, ready, empty, Lse, Delta, DK, DV, q_start, sq,
+                            k_start, sk, n0, offset, share, lo, n_blocks, full_lo, full_hi,
+                            qk_scale, sm_scale, window_left, window_right, total_q,
+                            stride_dkt, stride_dkh, stride_dvt, stride_dvh, 0, GROUP,
+                            HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, STAGES, WINDOW_LEFT,
+                            WINDOW_RIGHT, PREFETCH, CONSUMERS)),
+                (_consume, (k_smem, v_smem, q_smem, do_smem, k2_smem, v2_smem, q2_smem,
+                            do2_smem, kv_bar, ready, empty, Lse, Delta, DK, DV, q_start, sq,
+                            k_start, sk, n0, offset, share, lo, n_blocks, full_lo, full_hi,
+                            qk_scale, sm_scale, window_left, window_right, total_q,
+                            stride_dkt, stride_dkh, stride_dvt, stride_dvh, 1, GROUP,
+                            HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, STAGES, WINDOW_LEFT,
+                            WINDOW_RIGHT, PREFETCH, CONSUMERS)),
+                (_consume, (k_smem, v_smem, q_smem, do_smem, k2_smem, v2_smem, q2_smem,
+                            do2_smem, kv_bar, ready, empty, Lse, Delta, DK, DV, q_start, sq,
+                            k_start, sk, n0, offset, share, lo, n_blocks, full_lo, full_hi,
+                            qk_scale, sm_scale, window_left, window_right, total_q,
+                            stride_dkt, stride_dkh, stride_dvt, stride_dvh, 2, GROUP,
+                            HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, STAGES, WINDOW_LEFT,
+                            WINDOW_RIGHT, PREFETCH, CONSUMERS)),
+                (_produce, (desc_q, desc_k, desc_v, desc_do, desc_q2, desc_k2, desc_v2,
+                            desc_do2, k_box, v_box, q_box, do_box, k2_box, v2_box, q2_box,
+                            do2_box, kv_bar, ready, empty, k_start + n0, kvh, q_start, share,
+                            lo, n_blocks, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, STAGES, PADDED,
+                            TWO_CHUNKS, CONSUMERS)),
+            ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
+        else:
+            gl.warp_specialize([
+                (_consume, (k_smem, v_smem, q_smem, do_smem, k2_smem, v2_smem, q2_smem, do2_smem,
+                            kv_bar, ready, empty, Lse, Delta, DK, DV, q_start, sq, k_start, sk, n0,
+                            offset, share, lo, n_blocks, full_lo, full_hi, qk_scale, sm_scale,
+                            window_left, window_right, total_q, stride_dkt, stride_dkh, stride_dvt,
+                            stride_dvh, 0, GROUP, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, STAGES,
+                            WINDOW_LEFT, WINDOW_RIGHT, PREFETCH, CONSUMERS)),
+                (_consume, (k_smem, v_smem, q_smem, do_smem, k2_smem, v2_smem, q2_smem, do2_smem,
+                            kv_bar, ready, empty, Lse, Delta, DK, DV, q_start, sq, k_start, sk, n0,
+                            offset, share, lo, n_blocks, full_lo, full_hi, qk_scale, sm_scale,
+                            window_left, window_right, total_q, stride_dkt, stride_dkh, stride_dvt,
+                            stride_dvh, 1, GROUP, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, STAGES,
+                            WINDOW_LEFT, WINDOW_RIGHT, PREFETCH, CONSUMERS)),
+                (_produce, (desc_q, desc_k, desc_v, desc_do, desc_q2, desc_k2, desc_v2, desc_do2,
+                            k_box, v_box, q_box, do_box, k2_box, v2_box, q2_box, do2_box, kv_bar,
+                            ready, empty, k_start + n0, kvh, q_start, share, lo, n_blocks, GROUP,
+                            HEAD_DIM, BLOCK_D, BLOCK_M, STAGES, PADDED, TWO_CHUNKS, CONSUMERS)),
+            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def block_n(head_dim: int) -> int:
-    """Key rows per program at ``head_dim``'s width (the launch's key tiles)."""
-    return hopper_dkdv_wide.BLOCK_N if hopper_forward.block_d(head_dim) == 256 else BLOCK_N
+    """Key rows per program at ``head_dim``'s width (the launch's key tiles): 64 a consumer
+    warpgroup, CONFIG["block_n"] (192: three warpgroups) where the rows are one chunk,
+    BLOCK_N for two-chunk head dims, hopper_dkdv_wide.BLOCK_N at width 256."""
+    width = hopper_forward.block_d(head_dim)
+    if width == hopper_dkdv_wide.WIDTH:
+        return hopper_dkdv_wide.BLOCK_N
+    if hopper_forward.split_widths(head_dim, CONFIG["split"]) is not None:
+        return BLOCK_N
+    return CONFIG["block_n"][width]
 
 
 def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
@@ -369,11 +427,14 @@ def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
     else:
         chunks = hopper_forward.split_widths(d, CONFIG["split"])
         box, second = chunks if chunks is not None else (width, 0)
-        kernel, rows, block_m = _hopper_dkdv_kernel, BLOCK_N, CONFIG["block_m"][width]
+        kernel, rows, block_m = _hopper_dkdv_kernel, block_n(d), CONFIG["block_m"][width]
         own = dict(BLOCK_D=box, BLOCK_D2=second, STAGES=CONFIG["stages"])
+        if rows == 192:  # three consumer warpgroups, K and V as 64-row boxes
+            own["CONSUMER_REGS"] = CONFIG["consumer_regs_three"]
     grid = (programs, problem.nheads_k * split)
-    descriptors = (descriptor(q, d, block_m, box), descriptor(k, d, rows, box),
-                   descriptor(v, d, rows, box), descriptor(dout, d, block_m, box))
+    kv_rows = 64 if rows == 192 else rows
+    descriptors = (descriptor(q, d, block_m, box), descriptor(k, d, kv_rows, box),
+                   descriptor(v, d, kv_rows, box), descriptor(dout, d, block_m, box))
     seconds = ((descriptor(q, d, block_m, second), descriptor(k, d, rows, second),
                 descriptor(v, d, rows, second), descriptor(dout, d, block_m, second))
                if second else (None,) * 4)
@@ -382,7 +443,7 @@ def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
             problem.total_q, problem.batch, qk_scale, problem.scale, left, right)
     kwargs = dict(
         GROUP=problem.group_size // split, SPLIT=split, HEAD_DIM=d, BLOCK_M=block_m,
-        BLOCK_N=rows, **own, CONSUMER_REGS=CONFIG["consumer_regs"],
+        BLOCK_N=rows, **{"CONSUMER_REGS": CONFIG["consumer_regs"], **own},
         PRODUCER_REGS=CONFIG["producer_regs"], TOP_LEFT=problem.mask_alignment == "top_left",
         WINDOW_LEFT=left >= 0, WINDOW_RIGHT=right >= 0, DEVICE_TILES=device_tiles,
         PREFETCH=width in CONFIG["prefetch"], num_warps=4)

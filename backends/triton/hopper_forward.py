@@ -52,14 +52,17 @@ try:
 except ImportError:  # no Gluon (Triton < 3.5): the tl kernel serves every call
     gluon = None
 
-BLOCK_M = 128
+BLOCK_M = 128  # query rows per program (two consumer warpgroups of 64); see block_m()
 # (key block per padded head dim, stages, consumer registers, producer registers), from
 # benchmarks on an H200 (docs/performance.md); head dim 256 takes 64-key blocks so that the
 # 64 x 256 fp32 accumulator (128 registers a thread) and the scores fit the consumers'
 # registers and Q plus two K and V stages fit shared memory (192 KiB). split: read head dims
-# 80-192 as two column chunks (split_widths).
-CONFIG = {"block_n": {64: 128, 128: 128, 256: 64}, "stages": 2, "consumer_regs": 240,
-          "producer_regs": 24, "split": True}
+# 80-192 as two column chunks (split_widths). block_m: query rows per program by width, 128
+# or 192 (three consumer warpgroups of 64 rows, as FA3 tiles head dim 64, with
+# consumer_regs_three registers each; Q as three 64-row boxes); 192 untimed so far.
+CONFIG = {"block_n": {64: 128, 128: 128, 256: 64}, "block_m": {64: 128, 128: 128, 256: 128},
+          "stages": 2, "consumer_regs": 240, "consumer_regs_three": 160, "producer_regs": 24,
+          "split": True}
 HEAD_DIMS = (64, 128, 256)  # other head dims are read zero-padded to the next of these
 # width -> the longest query sequence below which the tl forward serves instead: at width
 # 128 with every sequence 1-256 tokens long the tl kernel took 0.265 ms against 0.286 (H200,
@@ -129,12 +132,20 @@ if gluon is not None:
                  q2_smem, k2_smem, v2_smem, q_bar, k_ready, v_ready, k_empty, v_empty, q_row,
                  q_head, k_row, kv_head, n_blocks, HEAD_DIM: gl.constexpr,
                  BLOCK_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 PADDED: gl.constexpr, SPLIT: gl.constexpr):
+                 PADDED: gl.constexpr, SPLIT: gl.constexpr, CONSUMERS: gl.constexpr):
         """Producer warp: Q once, then K and V of blocks 0..n_blocks-1 into the ring (buffers
         shaped as the descriptors' boxes); with SPLIT, each row's columns past BLOCK_D too,
-        through the second descriptors into the second buffers, on the same barriers."""
-        _load_rows(desc_q, desc_q2, box_coordinates(q_row, q_head, HEAD_DIM, PADDED),
-                   [q_row, q_head, BLOCK_D], q_bar, q_smem, q2_smem, SPLIT)
+        through the second descriptors into the second buffers, on the same barriers. Three
+        consumers: Q as three 64-row boxes (q_smem (3, 64, BLOCK_D))."""
+        if CONSUMERS == 3:
+            mbarrier.expect(q_bar, 3 * desc_q.block_type.nbytes)
+            for c in gl.static_range(3):
+                tma.async_copy_global_to_shared(
+                    desc_q, box_coordinates(q_row + c * 64, q_head, HEAD_DIM, PADDED), q_bar,
+                    q_smem.index(c))
+        else:
+            _load_rows(desc_q, desc_q2, box_coordinates(q_row, q_head, HEAD_DIM, PADDED),
+                       [q_row, q_head, BLOCK_D], q_bar, q_smem, q2_smem, SPLIT)
         for j in range(n_blocks):
             st = j % STAGES
             use = j // STAGES
@@ -312,14 +323,14 @@ if gluon is not None:
         return bar
 
     @gluon.jit
-    def allocate_ring(STAGES: gl.constexpr):
+    def allocate_ring(STAGES: gl.constexpr, CONSUMERS: gl.constexpr = 2):
         """(ready, empty) mbarriers of a ring of STAGES buffers: ``ready`` completed by the
-        producer's TMA copies, ``empty`` by both consumer warpgroups' arrivals."""
+        producer's TMA copies, ``empty`` by every consumer warpgroup's arrival."""
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)
+            mbarrier.init(empty.index(i), count=CONSUMERS)
         return ready, empty
 
     @gluon.constexpr_function
@@ -392,8 +403,9 @@ if gluon is not None:
                  HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_D2: gl.constexpr,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr,
-                 HAS_SINKS: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
-        """Consumer warpgroup WG (0 or 1): query rows [m0 + WG * ROWS, + ROWS) of the tile,
+                 HAS_SINKS: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
+                 CONSUMERS: gl.constexpr):
+        """Consumer warpgroup WG (of CONSUMERS): query rows [m0 + WG * 64, + 64) of the tile,
         online softmax over the key blocks, then O and lse (with head h's sink logit joined
         to the denominator when HAS_SINKS, as forward.add_sink). Scores are softcapped
         (HAS_SOFTCAP) and biased (HAS_ALIBI: every block) before the mask, as in
@@ -402,7 +414,7 @@ if gluon is not None:
         are exact. With BLOCK_D2 (SPLIT: HEAD_DIM = BLOCK_D + BLOCK_D2, two powers of two)
         the rows' last BLOCK_D2 columns sit in the second buffers: the scores sum two
         matmuls, and O is two accumulators."""
-        ROWS: gl.constexpr = BLOCK_M // 2
+        ROWS: gl.constexpr = BLOCK_M // CONSUMERS
         SPLIT: gl.constexpr = BLOCK_D2 > 0
         # scores turned into base-2 units before the max
         BASE2: gl.constexpr = HAS_SOFTCAP or HAS_ALIBI
@@ -413,7 +425,10 @@ if gluon is not None:
         ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
         ROW_O: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
         r0 = m0 + WG * ROWS
-        q_rows = q_smem.slice(WG * ROWS, ROWS)
+        if CONSUMERS == 3:  # noqa: SIM108 (a constexpr branch; Q as three boxes of 64 rows)
+            q_rows = q_smem.index(WG)
+        else:
+            q_rows = q_smem.slice(WG * ROWS, ROWS)
         if SPLIT:
             O2_LAYOUT: gl.constexpr = mma_layout(BLOCK_D2)
             P2_LAYOUT: gl.constexpr = operand_a_layout(BLOCK_D2)
@@ -492,7 +507,7 @@ if gluon is not None:
             lst = last % STAGES
             mbarrier.wait(v_ready.index(lst), (last // STAGES) & 1)
             tail = sk - (lo + last * BLOCK_N)
-            if tail < BLOCK_N:  # warpgroup 0 zeroes the rows past the end, 1 waits for it
+            if tail < BLOCK_N:  # warpgroup 0 zeroes the rows past the end, the others wait
                 if WG == 0:
                     zero_rows_from(v_smem.index(lst), tail, BLOCK_N, BLOCK_D)
                     if SPLIT:
@@ -587,7 +602,11 @@ if gluon is not None:
 
         PADDED: gl.constexpr = BLOCK_D != HEAD_DIM
         SPLIT: gl.constexpr = BLOCK_D2 > 0
-        q_smem, q_box = allocate_rows(desc_q, [BLOCK_M, BLOCK_D], PADDED)
+        CONSUMERS: gl.constexpr = BLOCK_M // 64  # warpgroups of 64 query rows
+        if CONSUMERS == 3:  # 192 rows: three 64-row boxes (no 192-row tile lowers)
+            q_smem, q_box = allocate_rows(desc_q, [3, 64, BLOCK_D], PADDED)
+        else:
+            q_smem, q_box = allocate_rows(desc_q, [BLOCK_M, BLOCK_D], PADDED)
         k_smem, k_box = allocate_rows(desc_k, [STAGES, BLOCK_N, BLOCK_D], PADDED)
         v_smem, v_box = allocate_rows(desc_v, [STAGES, BLOCK_N, BLOCK_D], PADDED)
         if SPLIT:  # the rows' last BLOCK_D2 columns (desc_*2 boxes)
@@ -598,29 +617,60 @@ if gluon is not None:
             q2_smem, k2_smem, v2_smem = q_smem, k_smem, v_smem
             q2_box, k2_box, v2_box = q_box, k_box, v_box
         q_bar = allocate_barrier(1)
-        k_ready, k_empty = allocate_ring(STAGES)
-        v_ready, v_empty = allocate_ring(STAGES)
+        k_ready, k_empty = allocate_ring(STAGES, CONSUMERS)
+        v_ready, v_empty = allocate_ring(STAGES, CONSUMERS)
         v_zeroed = allocate_barrier(1)
         fence_async_shared()
 
-        gl.warp_specialize([
-            (_consume, (q_smem, k_smem, v_smem, q2_smem, k2_smem, v2_smem, q_bar, k_ready,
-                        v_ready, k_empty, v_empty, v_zeroed, Out, Lse, Sinks, q_start, sq, h,
-                        m0, sk, offset, lo, n_blocks, full_lo, full_hi, qk_scale, tanh_scale,
-                        softcap2, slope2, window_left, window_right, stride_ot, stride_oh,
-                        total_q, 0, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES,
-                        WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS, HAS_SOFTCAP, HAS_ALIBI)),
-            (_consume, (q_smem, k_smem, v_smem, q2_smem, k2_smem, v2_smem, q_bar, k_ready,
-                        v_ready, k_empty, v_empty, v_zeroed, Out, Lse, Sinks, q_start, sq, h,
-                        m0, sk, offset, lo, n_blocks, full_lo, full_hi, qk_scale, tanh_scale,
-                        softcap2, slope2, window_left, window_right, stride_ot, stride_oh,
-                        total_q, 1, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES,
-                        WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS, HAS_SOFTCAP, HAS_ALIBI)),
-            (_produce, (desc_q, desc_k, desc_v, desc_q2, desc_k2, desc_v2, q_box, k_box, v_box,
-                        q2_box, k2_box, v2_box, q_bar, k_ready, v_ready, k_empty, v_empty,
-                        q_start + m0, h, k_start + lo, h // GROUP, n_blocks, HEAD_DIM, BLOCK_D,
-                        BLOCK_N, STAGES, PADDED, SPLIT)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        if CONSUMERS == 3:
+            gl.warp_specialize([
+                (_consume, (q_smem, k_smem, v_smem, q2_smem, k2_smem, v2_smem, q_bar, k_ready,
+                            v_ready, k_empty, v_empty, v_zeroed, Out, Lse, Sinks, q_start, sq,
+                            h, m0, sk, offset, lo, n_blocks, full_lo, full_hi, qk_scale,
+                            tanh_scale, softcap2, slope2, window_left, window_right,
+                            stride_ot, stride_oh, total_q, 0, HEAD_DIM, BLOCK_D, BLOCK_D2,
+                            BLOCK_M, BLOCK_N, STAGES, WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS,
+                            HAS_SOFTCAP, HAS_ALIBI, CONSUMERS)),
+                (_consume, (q_smem, k_smem, v_smem, q2_smem, k2_smem, v2_smem, q_bar, k_ready,
+                            v_ready, k_empty, v_empty, v_zeroed, Out, Lse, Sinks, q_start, sq,
+                            h, m0, sk, offset, lo, n_blocks, full_lo, full_hi, qk_scale,
+                            tanh_scale, softcap2, slope2, window_left, window_right,
+                            stride_ot, stride_oh, total_q, 1, HEAD_DIM, BLOCK_D, BLOCK_D2,
+                            BLOCK_M, BLOCK_N, STAGES, WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS,
+                            HAS_SOFTCAP, HAS_ALIBI, CONSUMERS)),
+                (_consume, (q_smem, k_smem, v_smem, q2_smem, k2_smem, v2_smem, q_bar, k_ready,
+                            v_ready, k_empty, v_empty, v_zeroed, Out, Lse, Sinks, q_start, sq,
+                            h, m0, sk, offset, lo, n_blocks, full_lo, full_hi, qk_scale,
+                            tanh_scale, softcap2, slope2, window_left, window_right,
+                            stride_ot, stride_oh, total_q, 2, HEAD_DIM, BLOCK_D, BLOCK_D2,
+                            BLOCK_M, BLOCK_N, STAGES, WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS,
+                            HAS_SOFTCAP, HAS_ALIBI, CONSUMERS)),
+                (_produce, (desc_q, desc_k, desc_v, desc_q2, desc_k2, desc_v2, q_box, k_box,
+                            v_box, q2_box, k2_box, v2_box, q_bar, k_ready, v_ready, k_empty,
+                            v_empty, q_start + m0, h, k_start + lo, h // GROUP, n_blocks,
+                            HEAD_DIM, BLOCK_D, BLOCK_N, STAGES, PADDED, SPLIT, CONSUMERS)),
+            ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
+        else:
+            gl.warp_specialize([
+                (_consume, (q_smem, k_smem, v_smem, q2_smem, k2_smem, v2_smem, q_bar, k_ready,
+                            v_ready, k_empty, v_empty, v_zeroed, Out, Lse, Sinks, q_start, sq, h,
+                            m0, sk, offset, lo, n_blocks, full_lo, full_hi, qk_scale, tanh_scale,
+                            softcap2, slope2, window_left, window_right, stride_ot, stride_oh,
+                            total_q, 0, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES,
+                            WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS, HAS_SOFTCAP, HAS_ALIBI,
+                            CONSUMERS)),
+                (_consume, (q_smem, k_smem, v_smem, q2_smem, k2_smem, v2_smem, q_bar, k_ready,
+                            v_ready, k_empty, v_empty, v_zeroed, Out, Lse, Sinks, q_start, sq, h,
+                            m0, sk, offset, lo, n_blocks, full_lo, full_hi, qk_scale, tanh_scale,
+                            softcap2, slope2, window_left, window_right, stride_ot, stride_oh,
+                            total_q, 1, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES,
+                            WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS, HAS_SOFTCAP, HAS_ALIBI,
+                            CONSUMERS)),
+                (_produce, (desc_q, desc_k, desc_v, desc_q2, desc_k2, desc_v2, q_box, k_box, v_box,
+                            q2_box, k2_box, v2_box, q_bar, k_ready, v_ready, k_empty, v_empty,
+                            q_start + m0, h, k_start + lo, h // GROUP, n_blocks, HEAD_DIM, BLOCK_D,
+                            BLOCK_N, STAGES, PADDED, SPLIT, CONSUMERS)),
+            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def available() -> bool:
@@ -671,6 +721,15 @@ def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plain: 
                                          problem.max_seqlen_k) > ALIBI_MAX_SEQLEN:
         return False
     return all(tma_rows(t, problem.head_dim) for t in (q, k, v))
+
+
+def block_m(head_dim: int) -> int:
+    """Query rows per program at ``head_dim`` (the launch's query tiles): CONFIG["block_m"] at
+    its width (192: three consumer warpgroups) where the rows are one chunk, BLOCK_M for
+    two-chunk head dims."""
+    if split_widths(head_dim, CONFIG["split"]) is not None:
+        return BLOCK_M
+    return CONFIG["block_m"][block_d(head_dim)]
 
 
 def lengths_served(problem, width: int, config: dict) -> bool:
@@ -729,7 +788,7 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
             scalars: tuple[float, float, float], sinks: torch.Tensor | None = None,
             alibi: torch.Tensor | None = None, *, record: bool = False):
     """Writes ``out`` (total_q, nheads, d) and ``lse`` (nheads, total_q) float32 over the
-    query tiles of BLOCK_M rows; ``tiles``: forward.launch_tiles' (programs, tile_seq,
+    query tiles of block_m(d) rows; ``tiles``: forward.launch_tiles' (programs, tile_seq,
     tile_blk, device_tiles), a host-planned list or (device_tiles) an upper bound of programs
     that find their tiles from cu_seqlens_q; ``scalars``: (scale * log2 e,
     scale / softcap, softcap * log2 e) as forward.score_scalars; ``sinks``: float32 (nheads,)
@@ -741,13 +800,15 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     width = block_d(d)
     left, right = problem.window
     block_n = CONFIG["block_n"][width]
+    rows = block_m(d)
     programs, tile_seq, tile_blk, device_tiles = tiles
     grid = (programs, problem.nheads)
     split = split_widths(d, CONFIG["split"])
     first, second = split if split is not None else (width, 0)
-    descriptors = (descriptor(q, d, BLOCK_M, first), descriptor(k, d, block_n, first),
+    q_rows = 64 if rows == 192 else rows  # three consumers: Q as three 64-row boxes
+    descriptors = (descriptor(q, d, q_rows, first), descriptor(k, d, block_n, first),
                    descriptor(v, d, block_n, first))
-    seconds = ((descriptor(q, d, BLOCK_M, second), descriptor(k, d, block_n, second),
+    seconds = ((descriptor(q, d, rows, second), descriptor(k, d, block_n, second),
                 descriptor(v, d, block_n, second)) if second else (None, None, None))
     args = (*descriptors, *seconds, out, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_blk,
             sinks if sinks is not None else lse, alibi if alibi is not None else cu_seqlens_q,
@@ -755,8 +816,9 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
             alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0,
             problem.total_q, problem.batch, *scalars, left, right)
     kwargs = dict(
-        GROUP=problem.group_size, HEAD_DIM=d, BLOCK_D=first, BLOCK_D2=second, BLOCK_M=BLOCK_M,
-        BLOCK_N=block_n, STAGES=CONFIG["stages"], CONSUMER_REGS=CONFIG["consumer_regs"],
+        GROUP=problem.group_size, HEAD_DIM=d, BLOCK_D=first, BLOCK_D2=second, BLOCK_M=rows,
+        BLOCK_N=block_n, STAGES=CONFIG["stages"],
+        CONSUMER_REGS=CONFIG["consumer_regs_three" if rows == 192 else "consumer_regs"],
         PRODUCER_REGS=CONFIG["producer_regs"],
         TOP_LEFT=problem.mask_alignment == "top_left", WINDOW_LEFT=left >= 0,
         WINDOW_RIGHT=right >= 0, HAS_SINKS=sinks is not None,
