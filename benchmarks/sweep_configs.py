@@ -20,6 +20,8 @@ Each trial is a '+'-joined list of overrides (an empty trial: the shipped settin
   block, S stages
 * ``gfwdm:BM``        the Gluon forward at the cell's width: BM query rows per program, 64 per
   consumer warpgroup (192: three, as FA3 tiles head dim 64)
+* ``gdqm:BM``         the Gluon dQ at the cell's width: BM query rows per program (192:
+  three consumer warpgroups)
 * ``gdkdvn:BN``       the Gluon dK/dV at the cell's width (64 or 128): BN key rows per
   program, 64 per consumer warpgroup (192: three; with ``gdkdv:32:3``, as 64-row query
   blocks spill then)
@@ -81,7 +83,8 @@ NAMED_TRIALS = ("gpad", "gprefetch")  # trials whose arguments are words (gpad:d
 def overrides(trial: str, head_dim: int):
     """Apply a trial's overrides to the Triton backend's modules, restore them after."""
     saved_defaults = {name: dict(table) for name, table in configs.DEFAULTS.items()}
-    saved_dq = {**hopper_dq.CONFIG, "block_n": dict(hopper_dq.CONFIG["block_n"])}
+    saved_dq = {**hopper_dq.CONFIG, "block_n": dict(hopper_dq.CONFIG["block_n"]),
+                "block_m": dict(hopper_dq.CONFIG["block_m"])}
     width = hopper_forward.block_d(head_dim)
     saved_dkdv = {**hopper_backward.CONFIG,
                   "block_m": dict(hopper_backward.CONFIG["block_m"]),
@@ -134,6 +137,8 @@ def overrides(trial: str, head_dim: int):
                 hopper_backward.CONFIG["stages"] = vals[1]
             elif name == "gfwdm":
                 hopper_forward.CONFIG["block_m"][width] = vals[0]
+            elif name == "gdqm":
+                hopper_dq.CONFIG["block_m"][width] = vals[0]
             elif name == "gdkdvn":
                 hopper_backward.CONFIG["block_n"][width] = vals[0]
             elif name == "gwide":

@@ -260,10 +260,12 @@ def test_dkdv_key_rows_per_program(monkeypatch):
         64: 192, 80: 128, 96: 128, 112: 192, 128: 192}
 
 
-def test_forward_query_rows_per_program(monkeypatch):
-    """hopper_forward.block_m: 128 query rows (two consumer warpgroups) by default;
-    CONFIG["block_m"] 192 (three warpgroups) applies to head dims read as one chunk."""
-    assert {hopper_forward.block_m(d) for d in (64, 96, 112, 128, 192, 256)} == {128}
-    monkeypatch.setitem(hopper_forward.CONFIG, "block_m", {64: 192, 128: 192, 256: 128})
-    assert {d: hopper_forward.block_m(d) for d in (64, 80, 96, 112, 128, 192, 256)} == {
+@pytest.mark.parametrize("kernel", [hopper_forward, hopper_dq])
+def test_query_rows_per_program(kernel, monkeypatch):
+    """block_m of the Gluon forward and dQ: 128 query rows (two consumer warpgroups) by
+    default; CONFIG["block_m"] 192 (three warpgroups) applies to head dims read as one
+    chunk."""
+    assert {kernel.block_m(d) for d in (64, 96, 112, 128, 192, 256)} == {128}
+    monkeypatch.setitem(kernel.CONFIG, "block_m", {64: 192, 128: 192, 256: 128})
+    assert {d: kernel.block_m(d) for d in (64, 80, 96, 112, 128, 192, 256)} == {
         64: 192, 80: 128, 96: 128, 112: 192, 128: 192, 192: 128, 256: 128}

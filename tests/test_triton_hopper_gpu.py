@@ -344,17 +344,22 @@ def test_gluon_dkdv_wide_tiles_option(head_dim, case, offsets, monkeypatch, gluo
                           gluon_dq_calls)
 
 
+@pytest.mark.parametrize("dq_three", [False, True])
 @pytest.mark.parametrize("offsets", ["host", "device"])
 @pytest.mark.parametrize("case", range(len(BWD_CASES)))
-def test_gluon_dkdv_three_consumers_option(case, offsets, monkeypatch, gluon_dkdv_calls,
-                                           gluon_dq_calls):
-    """The d64 dK/dV with 192 key rows per program (CONFIG["block_n"]: three consumer
-    warpgroups of 64 keys, K and V as three 64-row boxes) and 32-row query blocks computes
-    the same gradients; the launch's key tiles are 192 rows."""
+def test_gluon_backward_three_consumers_options(case, offsets, dq_three, monkeypatch,
+                                                gluon_dkdv_calls, gluon_dq_calls):
+    """The d64 dK/dV with 192 key rows per program (hopper_backward.CONFIG["block_n"]: three
+    consumer warpgroups of 64 keys, K and V as three 64-row boxes) and 32-row query blocks,
+    and with ``dq_three`` the d64 dQ with 192 query rows per program (hopper_dq.CONFIG
+    ["block_m"]: three warpgroups, Q and dO as three 64-row boxes), compute the same
+    gradients."""
     from attnhub.backends.triton import backward, replay
 
     monkeypatch.setitem(hopper_backward.CONFIG, "block_n", {64: 192, 128: 128})
     monkeypatch.setitem(hopper_backward.CONFIG, "block_m", {64: 32, 128: 32})
+    if dq_three:
+        monkeypatch.setitem(hopper_dq.CONFIG, "block_m", {64: 192, 128: 128, 256: 128})
     monkeypatch.setattr(backward, "_replays", replay.ReplayCache())  # no launch of another test
     assert hopper_backward.block_n(64) == 192 and hopper_backward.block_n(96) == 128
     _check_gluon_backward(torch.bfloat16, 64, BWD_CASES[case], offsets, gluon_dkdv_calls,

@@ -219,7 +219,8 @@ def dq_tiles(problem, inputs, device_tiles: bool = False) -> tuple:
     """The Gluon dQ's launch tiles over the queries (launch_tiles)."""
     from attnhub.backends.triton import hopper_dq
 
-    return launch_tiles(problem, inputs.cu_seqlens_q, hopper_dq.BLOCK_M, True, device_tiles)
+    return launch_tiles(problem, inputs.cu_seqlens_q, hopper_dq.block_m(problem.head_dim), True,
+                        device_tiles)
 
 
 def launch_tiles(problem, cu_seqlens, rows: int, rows_are_queries: bool,

@@ -465,7 +465,7 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
     row_pdp = (torch.empty((problem.nheads, problem.total_q), dtype=torch.float32,
                            device=q.device) if sinks is not None else None)
     if gluon and sinks is None and hopper_dq.supports(problem, q, k, v, dout, plain):
-        q_tiles = launch_tiles(problem, cu_q, hopper_dq.BLOCK_M, True)
+        q_tiles = launch_tiles(problem, cu_q, hopper_dq.block_m(problem.head_dim), True)
         if q_tiles[0] and problem.nheads:
             records["dq"] = hopper_dq.dq(problem, q, k, v, dout, lse, delta, dq, cu_q, cu_k,
                                          q_tiles, score_scalars(problem)[0], record=recording)

@@ -54,14 +54,17 @@ if gluon is not None:
         zero_rows_from,
     )
 
-BLOCK_M = 128  # query rows per program (two warpgroups of 64)
+BLOCK_M = 128  # query rows per program (two warpgroups of 64); see block_m()
 # (key block by head dim, stages, consumer registers, producer registers): swept on an H200
 # (benchmarks/sweep_configs.py, docs/performance.md v11). device_offsets: the widths served
 # without host lengths, and device_offsets_above the widths served above a longest sequence
 # (as hopper_backward's: at width 64 the tl backward is faster there on short calls).
-# split: read head dims 80-192 as two column chunks (hopper_forward.split_widths).
-CONFIG = {"block_n": {64: 64, 128: 128, 256: 32}, "stages": 2, "consumer_regs": 240,
-          "producer_regs": 24, "device_offsets": (128, 256), "device_offsets_above": {},
+# split: read head dims 80-192 as two column chunks (hopper_forward.split_widths). block_m:
+# query rows per program by width, 128 or 192 (three consumer warpgroups of 64 rows with
+# consumer_regs_three registers each, Q and dO as three 64-row boxes); 192 untimed so far.
+CONFIG = {"block_n": {64: 64, 128: 128, 256: 32}, "block_m": {64: 128, 128: 128, 256: 128},
+          "stages": 2, "consumer_regs": 240, "consumer_regs_three": 160, "producer_regs": 24,
+          "device_offsets": (128, 256), "device_offsets_above": {},
           "split": True}
 
 if gluon is not None:
@@ -71,20 +74,28 @@ if gluon is not None:
                  do_smem, k_smem, v_smem, q2_smem, do2_smem, k2_smem, v2_smem, q_bar, ready,
                  empty, q_row, q_head, k_row, kv_head, n_blocks, HEAD_DIM: gl.constexpr,
                  BLOCK_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 PADDED: gl.constexpr, TWO_CHUNKS: gl.constexpr):
+                 PADDED: gl.constexpr, TWO_CHUNKS: gl.constexpr, CONSUMERS: gl.constexpr):
         """Producer warp: Q and dO once, then K and V of blocks 0..n_blocks-1 into the ring
         (buffers shaped as the descriptors' boxes); with TWO_CHUNKS the rows' columns past
-        BLOCK_D too, through the second descriptors, on the same barriers."""
-        if TWO_CHUNKS:
+        BLOCK_D too, through the second descriptors, on the same barriers. Three consumers:
+        Q and dO as three 64-row boxes (q_smem / do_smem (3, 64, BLOCK_D))."""
+        if CONSUMERS == 3:
+            mbarrier.expect(q_bar, 6 * desc_q.block_type.nbytes)
+            for c in gl.static_range(3):
+                box = box_coordinates(q_row + c * 64, q_head, HEAD_DIM, PADDED)
+                tma.async_copy_global_to_shared(desc_q, box, q_bar, q_smem.index(c))
+                tma.async_copy_global_to_shared(desc_do, box, q_bar, do_smem.index(c))
+        elif TWO_CHUNKS:
             mbarrier.expect(q_bar, 2 * desc_q.block_type.nbytes + 2 * desc_q2.block_type.nbytes)
             tma.async_copy_global_to_shared(desc_q2, [q_row, q_head, BLOCK_D], q_bar, q2_smem)
             tma.async_copy_global_to_shared(desc_do2, [q_row, q_head, BLOCK_D], q_bar,
                                             do2_smem)
         else:
             mbarrier.expect(q_bar, 2 * desc_q.block_type.nbytes)
-        box = box_coordinates(q_row, q_head, HEAD_DIM, PADDED)
-        tma.async_copy_global_to_shared(desc_q, box, q_bar, q_smem)
-        tma.async_copy_global_to_shared(desc_do, box, q_bar, do_smem)
+        if CONSUMERS != 3:
+            box = box_coordinates(q_row, q_head, HEAD_DIM, PADDED)
+            tma.async_copy_global_to_shared(desc_q, box, q_bar, q_smem)
+            tma.async_copy_global_to_shared(desc_do, box, q_bar, do_smem)
         for j in range(n_blocks):
             st = j % STAGES
             use = j // STAGES
@@ -110,12 +121,12 @@ if gluon is not None:
                  stride_dqt, stride_dqh, total_q, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
                  BLOCK_D: gl.constexpr, BLOCK_D2: gl.constexpr, BLOCK_M: gl.constexpr,
                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr,
-                 WINDOW_RIGHT: gl.constexpr):
-        """Consumer warpgroup WG (0 or 1): dQ of query rows [m0 + WG * ROWS, + ROWS). Rows
+                 WINDOW_RIGHT: gl.constexpr, CONSUMERS: gl.constexpr):
+        """Consumer warpgroup WG (of CONSUMERS): dQ of query rows [m0 + WG * 64, + 64). Rows
         are BLOCK_D wide, HEAD_DIM of them data and the rest zeros (TMA's fill past the
         head dim); with BLOCK_D2 (HEAD_DIM = BLOCK_D + BLOCK_D2) their last BLOCK_D2 columns
         sit in the second buffers: S and dP sum two matmuls each, dQ is two accumulators."""
-        ROWS: gl.constexpr = BLOCK_M // 2
+        ROWS: gl.constexpr = BLOCK_M // CONSUMERS
         dtype: gl.constexpr = q_smem.dtype
         S_LAYOUT: gl.constexpr = mma_layout(BLOCK_N)
         G_LAYOUT: gl.constexpr = mma_layout(BLOCK_D)
@@ -123,8 +134,12 @@ if gluon is not None:
         ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
         COL_S: gl.constexpr = gl.SliceLayout(0, S_LAYOUT)
         r0 = m0 + WG * ROWS
-        q_rows = q_smem.slice(WG * ROWS, ROWS)
-        do_rows = do_smem.slice(WG * ROWS, ROWS)
+        if CONSUMERS == 3:  # Q and dO as three boxes of 64 rows
+            q_rows = q_smem.index(WG)
+            do_rows = do_smem.index(WG)
+        else:
+            q_rows = q_smem.slice(WG * ROWS, ROWS)
+            do_rows = do_smem.slice(WG * ROWS, ROWS)
         qi = r0 + gl.arange(0, ROWS, layout=ROW_S)
         q_ok = qi < sq
         lse2, delta = row_statistics(Lse, Delta, h, total_q, q_start, qi, q_ok)
@@ -141,14 +156,14 @@ if gluon is not None:
             dq2 = gl.zeros([ROWS, BLOCK_D2], gl.float32, G2_LAYOUT)
         mbarrier.wait(q_bar, 0)
         tail = sk - (lo + (n_blocks - 1) * BLOCK_N)
-        # warpgroup 1 with no rows in the sequence (short sequences) skips the work
+        # a warpgroup with no rows in the sequence (short sequences) skips the work
         n_mine = gl.where(r0 < sq, n_blocks, 0)
         for j in range(n_mine):
             st = j % STAGES
             ks = lo + j * BLOCK_N
             mbarrier.wait(ready.index(st), (j // STAGES) & 1)
             k_buf = k_smem.index(st)
-            if (j == n_blocks - 1) & (tail < BLOCK_N):  # warpgroup 0 zeroes, 1 waits
+            if (j == n_blocks - 1) & (tail < BLOCK_N):  # warpgroup 0 zeroes, the others wait
                 if WG == 0:
                     zero_rows_from(k_buf, tail, BLOCK_N, BLOCK_D)
                     if TWO_CHUNKS:
@@ -230,8 +245,13 @@ if gluon is not None:
                                                    WINDOW_RIGHT)
 
         PADDED: gl.constexpr = BLOCK_D != HEAD_DIM
-        q_smem, q_box = allocate_rows(desc_q, [BLOCK_M, BLOCK_D], PADDED)
-        do_smem, do_box = allocate_rows(desc_do, [BLOCK_M, BLOCK_D], PADDED)
+        CONSUMERS: gl.constexpr = BLOCK_M // 64  # warpgroups of 64 query rows
+        if CONSUMERS == 3:  # 192 rows: three 64-row boxes (no 192-row tile lowers)
+            q_smem, q_box = allocate_rows(desc_q, [3, 64, BLOCK_D], PADDED)
+            do_smem, do_box = allocate_rows(desc_do, [3, 64, BLOCK_D], PADDED)
+        else:
+            q_smem, q_box = allocate_rows(desc_q, [BLOCK_M, BLOCK_D], PADDED)
+            do_smem, do_box = allocate_rows(desc_do, [BLOCK_M, BLOCK_D], PADDED)
         k_smem, k_box = allocate_rows(desc_k, [STAGES, BLOCK_N, BLOCK_D], PADDED)
         v_smem, v_box = allocate_rows(desc_v, [STAGES, BLOCK_N, BLOCK_D], PADDED)
         TWO_CHUNKS: gl.constexpr = BLOCK_D2 > 0
@@ -244,28 +264,64 @@ if gluon is not None:
             q2_smem, do2_smem, k2_smem, v2_smem = q_smem, do_smem, k_smem, v_smem
             q2_box, do2_box, k2_box, v2_box = q_box, do_box, k_box, v_box
         q_bar = allocate_barrier(1)
-        ready, empty = allocate_ring(STAGES)
+        ready, empty = allocate_ring(STAGES, CONSUMERS)
         k_zeroed = allocate_barrier(1)
         fence_async_shared()
 
-        gl.warp_specialize([
-            (_consume, (q_smem, do_smem, k_smem, v_smem, q2_smem, do2_smem, k2_smem, v2_smem,
-                        q_bar, ready, empty, k_zeroed, Lse, Delta, DQ, q_start, sq, h, m0, sk,
-                        offset, lo, n_blocks, full_lo, full_hi, qk_scale, sm_scale,
-                        window_left, window_right, stride_dqt, stride_dqh, total_q, 0,
-                        HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES, WINDOW_LEFT,
-                        WINDOW_RIGHT)),
-            (_consume, (q_smem, do_smem, k_smem, v_smem, q2_smem, do2_smem, k2_smem, v2_smem,
-                        q_bar, ready, empty, k_zeroed, Lse, Delta, DQ, q_start, sq, h, m0, sk,
-                        offset, lo, n_blocks, full_lo, full_hi, qk_scale, sm_scale,
-                        window_left, window_right, stride_dqt, stride_dqh, total_q, 1,
-                        HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES, WINDOW_LEFT,
-                        WINDOW_RIGHT)),
-            (_produce, (desc_q, desc_do, desc_k, desc_v, desc_q2, desc_do2, desc_k2, desc_v2,
-                        q_box, do_box, k_box, v_box, q2_box, do2_box, k2_box, v2_box, q_bar,
-                        ready, empty, q_start + m0, h, k_start + lo, h // GROUP, n_blocks,
-                        HEAD_DIM, BLOCK_D, BLOCK_N, STAGES, PADDED, TWO_CHUNKS)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        if CONSUMERS == 3:
+            gl.warp_specialize([
+                (_consume, (q_smem, do_smem, k_smem, v_smem, q2_smem, do2_smem, k2_smem,
+                            v2_smem, q_bar, ready, empty, k_zeroed, Lse, Delta, DQ, q_start,
+                            sq, h, m0, sk, offset, lo, n_blocks, full_lo, full_hi, qk_scale,
+                            sm_scale, window_left, window_right, stride_dqt, stride_dqh,
+                            total_q, 0, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES,
+                            WINDOW_LEFT, WINDOW_RIGHT, CONSUMERS)),
+                (_consume, (q_smem, do_smem, k_smem, v_smem, q2_smem, do2_smem, k2_smem,
+                            v2_smem, q_bar, ready, empty, k_zeroed, Lse, Delta, DQ, q_start,
+                            sq, h, m0, sk, offset, lo, n_blocks, full_lo, full_hi, qk_scale,
+                            sm_scale, window_left, window_right, stride_dqt, stride_dqh,
+                            total_q, 1, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES,
+                            WINDOW_LEFT, WINDOW_RIGHT, CONSUMERS)),
+                (_consume, (q_smem, do_smem, k_smem, v_smem, q2_smem, do2_smem, k2_smem,
+                            v2_smem, q_bar, ready, empty, k_zeroed, Lse, Delta, DQ, q_start,
+                            sq, h, m0, sk, offset, lo, n_blocks, full_lo, full_hi, qk_scale,
+                            sm_scale, window_left, window_right, stride_dqt, stride_dqh,
+                            total_q, 2, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES,
+                            WINDOW_LEFT, WINDOW_RIGHT, CONSUMERS)),
+                (_produce, (desc_q, desc_do, desc_k, desc_v, desc_q2, desc_do2, desc_k2,
+                            desc_v2, q_box, do_box, k_box, v_box, q2_box, do2_box, k2_box,
+                            v2_box, q_bar, ready, empty, q_start + m0, h, k_start + lo,
+                            h // GROUP, n_blocks, HEAD_DIM, BLOCK_D, BLOCK_N, STAGES, PADDED,
+                            TWO_CHUNKS, CONSUMERS)),
+            ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
+        else:
+            gl.warp_specialize([
+                (_consume, (q_smem, do_smem, k_smem, v_smem, q2_smem, do2_smem, k2_smem, v2_smem,
+                            q_bar, ready, empty, k_zeroed, Lse, Delta, DQ, q_start, sq, h, m0, sk,
+                            offset, lo, n_blocks, full_lo, full_hi, qk_scale, sm_scale,
+                            window_left, window_right, stride_dqt, stride_dqh, total_q, 0,
+                            HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES, WINDOW_LEFT,
+                            WINDOW_RIGHT, CONSUMERS)),
+                (_consume, (q_smem, do_smem, k_smem, v_smem, q2_smem, do2_smem, k2_smem, v2_smem,
+                            q_bar, ready, empty, k_zeroed, Lse, Delta, DQ, q_start, sq, h, m0, sk,
+                            offset, lo, n_blocks, full_lo, full_hi, qk_scale, sm_scale,
+                            window_left, window_right, stride_dqt, stride_dqh, total_q, 1,
+                            HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES, WINDOW_LEFT,
+                            WINDOW_RIGHT, CONSUMERS)),
+                (_produce, (desc_q, desc_do, desc_k, desc_v, desc_q2, desc_do2, desc_k2, desc_v2,
+                            q_box, do_box, k_box, v_box, q2_box, do2_box, k2_box, v2_box, q_bar,
+                            ready, empty, q_start + m0, h, k_start + lo, h // GROUP, n_blocks,
+                            HEAD_DIM, BLOCK_D, BLOCK_N, STAGES, PADDED, TWO_CHUNKS, CONSUMERS)),
+            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def block_m(head_dim: int) -> int:
+    """Query rows per program at ``head_dim`` (the launch's query tiles): CONFIG["block_m"] at
+    its width (192: three consumer warpgroups) where the rows are one chunk, BLOCK_M for
+    two-chunk head dims."""
+    if hopper_forward.split_widths(head_dim, CONFIG["split"]) is not None:
+        return BLOCK_M
+    return CONFIG["block_m"][hopper_forward.block_d(head_dim)]
 
 
 def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
@@ -288,32 +344,34 @@ def dq(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.T
        cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
        tiles: tuple[int, torch.Tensor, torch.Tensor, bool], qk_scale: float, *,
        record: bool = False):
-    """Writes ``dq_out`` (total_q, nheads, d) over the query tiles of BLOCK_M rows;
+    """Writes ``dq_out`` (total_q, nheads, d) over the query tiles of block_m(d) rows;
     ``tiles``: forward.launch_tiles' (programs, tile_seq, tile_blk, device_tiles) with
-    BLOCK_M rows; lse and delta: float32 (nheads, total_q); qk_scale = scale * log2 e. With
+    block_m(d) rows; lse and delta: float32 (nheads, total_q); qk_scale = scale * log2 e. With
     ``record``, returns the replay.LaunchRecord or None: replays take REPLAY_ARGS, with q,
     k, v and dout for the descriptors."""
     d = problem.head_dim
     width = hopper_forward.block_d(d)
     left, right = problem.window
     block_n = CONFIG["block_n"][width]
+    rows = block_m(d)
+    q_rows = 64 if rows == 192 else rows  # three consumers: Q and dO as 64-row boxes
     programs, tile_seq, tile_blk, device_tiles = tiles
     grid = (programs, problem.nheads)
     chunks = hopper_forward.split_widths(d, CONFIG["split"])
     first, second = chunks if chunks is not None else (width, 0)
-    seconds = ((descriptor(q, d, BLOCK_M, second), descriptor(dout, d, BLOCK_M, second),
+    seconds = ((descriptor(q, d, rows, second), descriptor(dout, d, rows, second),
                 descriptor(k, d, block_n, second), descriptor(v, d, block_n, second))
                if second else (None,) * 4)
-    args = (descriptor(q, d, BLOCK_M, first), descriptor(dout, d, BLOCK_M, first),
+    args = (descriptor(q, d, q_rows, first), descriptor(dout, d, q_rows, first),
             descriptor(k, d, block_n, first), descriptor(v, d, block_n, first), *seconds,
             lse, delta, dq_out,
             cu_seqlens_q, cu_seqlens_k, tile_seq, tile_blk, dq_out.stride(0),
             dq_out.stride(1), problem.total_q, problem.batch, qk_scale, problem.scale,
             left, right)
     kwargs = dict(
-        GROUP=problem.group_size, HEAD_DIM=d, BLOCK_D=first, BLOCK_D2=second, BLOCK_M=BLOCK_M,
-        BLOCK_N=block_n,
-        STAGES=CONFIG["stages"], CONSUMER_REGS=CONFIG["consumer_regs"],
+        GROUP=problem.group_size, HEAD_DIM=d, BLOCK_D=first, BLOCK_D2=second, BLOCK_M=rows,
+        BLOCK_N=block_n, STAGES=CONFIG["stages"],
+        CONSUMER_REGS=CONFIG["consumer_regs_three" if rows == 192 else "consumer_regs"],
         PRODUCER_REGS=CONFIG["producer_regs"], TOP_LEFT=problem.mask_alignment == "top_left",
         WINDOW_LEFT=left >= 0, WINDOW_RIGHT=right >= 0, DEVICE_TILES=device_tiles,
         num_warps=4)
