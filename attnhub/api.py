@@ -65,13 +65,16 @@ def attention_forward_varlen(
     if type(return_lse) is not bool:
         return_lse = as_bool("return_lse", return_lse)
     key = None
-    if alibi_slopes is None and block_table is None and not return_attn_probs \
-            and custom_mask is None and sinks is None:
+    if block_table is None and not return_attn_probs and custom_mask is None:
         key = plans.call_key(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
             softmax_scale, causal, window_size, softcap, deterministic, backend,
-            mask_alignment, forced_context())
+            mask_alignment, forced_context(), alibi_slopes, sinks)
         plan = plans.get(key) if key is not None else None
+        if plan is not None and plan.features:  # ALiBi slopes or sinks: the call's own
+            return _run(plan.problem, plan.inputs(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                                  alibi_slopes, sinks), plan.backend,
+                        return_lse)
         if plan is not None:  # this call's key was normalized and dispatched before
             if plan.out_only and not return_lse:
                 if plan.offsets_as_given:

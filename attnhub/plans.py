@@ -12,8 +12,10 @@ depends on:
   reused), or as a device tensor with ``max_seqlen`` given, no host copy of it cached and
   ``ATTNHUB_VALIDATE`` auto (then normalize reads no values either);
 * plain argument types (exact ``torch.Tensor`` q/k/v, int max_seqlen, bool causal, float or
-  int scalars, ``window_size`` None / int / tuple of two ints), no ALiBi, no block table, no
-  ``return_attn_probs``; not while torch.compile traces.
+  int scalars, ``window_size`` None / int / tuple of two ints), no block table, custom mask
+  or ``return_attn_probs``; ALiBi slopes and sinks as exact tensors (sinks contiguous), whose
+  shape, dtype, device and grad flag the key holds (their values are the call's own, passed
+  to the backend on every call); not while torch.compile traces.
 
 Everything else takes the full path (normalize + select) on every call.
 """
@@ -54,8 +56,8 @@ class Plan:
     VarlenInfo's device tensor, or None: the call's own tensor, which is already int32 on
     q's device when ``offsets_as_given``, else converted per call)."""
 
-    __slots__ = ("backend", "cu_seqlens_k", "cu_seqlens_q", "device", "offsets_as_given",
-                 "out_only", "pinned", "problem", "run_grad", "run_out")
+    __slots__ = ("backend", "cu_seqlens_k", "cu_seqlens_q", "device", "features",
+                 "offsets_as_given", "out_only", "pinned", "problem", "run_grad", "run_out")
 
     def __init__(self, problem: VarlenProblem, backend: Backend, device: torch.device,
                  cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
@@ -67,13 +69,17 @@ class Plan:
         self.cu_seqlens_k = cu_seqlens_k
         self.offsets_as_given = offsets_as_given
         self.pinned = pinned  # the VarlenInfo objects whose ids are in the key
+        # ALiBi slopes or sinks: the call's tensors go with q, k, v through the full run
+        # (the runners below take q, k, v and the offsets only)
+        self.features = problem.alibi is not None or problem.sinks
         # Neither lse nor autograd: Backend.forward_out (torch.compile never gets here).
-        self.out_only = not (problem.return_probs or problem.requires_grad)
+        self.out_only = not (problem.return_probs or problem.requires_grad or self.features)
         self.run_out = checked_out_runner(backend, problem, device) if self.out_only else None
         # With autograd and out alone wanted: the backend's own autograd, if it has one
         # (Backend.autograd_out_runner; eager calls only, outside dispatch modes).
         grad = (backend.autograd_out_runner(problem)
-                if problem.requires_grad and not problem.return_probs else None)
+                if problem.requires_grad and not (problem.return_probs or self.features)
+                else None)
         self.run_grad = None if grad is None else checked_out_runner(backend, problem, device,
                                                                       grad)
 
@@ -87,10 +93,13 @@ class Plan:
             cu_k, self.device)
         return tq, tk
 
-    def inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q, cu_k
+    def inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q, cu_k,
+               alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None
                ) -> VarlenInputs:
-        """The backend's inputs for a call with this plan's key."""
-        return VarlenInputs(q, k, v, *self.offsets(cu_q, cu_k))
+        """The backend's inputs for a call with this plan's key (its ALiBi slopes and sinks
+        are valid as given: the key holds what normalize checked of them)."""
+        return VarlenInputs(q, k, v, *self.offsets(cu_q, cu_k), alibi_slopes=alibi_slopes,
+                            sinks=sinks)
 
 
 def clear() -> None:
@@ -100,10 +109,10 @@ def clear() -> None:
 
 
 def call_key(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size,
-             softcap, deterministic, backend, mask_alignment, forced: str | None
-             ) -> tuple | None:
+             softcap, deterministic, backend, mask_alignment, forced: str | None,
+             alibi_slopes=None, sinks=None) -> tuple | None:
     """The call's key, or None when the call is not eligible (see the module docstring; the
-    caller has checked that there are no ALiBi slopes, no block table and no probs).
+    caller has checked that there is no block table, custom mask or probs).
     ``forced``: the innermost ``use_backend`` override."""
     if type(q) is not _Tensor or type(k) is not _Tensor or type(v) is not _Tensor \
             or _is_compiling():
@@ -130,13 +139,29 @@ def call_key(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal
     kk = kq if cu_k is cu_q and max_k == max_q else _offsets_key(cu_k, max_k, env[2])
     if kk is None:
         return None
+    features = None
+    if alibi_slopes is not None or sinks is not None:
+        features = (_feature_key(alibi_slopes), _feature_key(sinks))
+        if False in features:
+            return None
     # The problem depends on the grad flags only through "any requires grad" (and grad mode).
     return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
             q.requires_grad or k.requires_grad or v.requires_grad, _grad_enabled(), kq,
             True if kk is kq else kk,
             max_q, max_k, dropout_p, softmax_scale, causal, window_size, softcap, deterministic,
             mask_alignment, backend, forced, env,
-            _deterministic_algorithms())
+            _deterministic_algorithms(), features)
+
+
+def _feature_key(t: object) -> object:
+    """What normalize checks of an ALiBi slopes or sinks tensor (shape, dtype, device, and
+    the grad flag: sinks may require grad), None for none, False when not eligible (not an
+    exact tensor, or not contiguous: normalize would copy sinks)."""
+    if t is None:
+        return None
+    if type(t) is not _Tensor or not t.is_contiguous():
+        return False
+    return (t.shape, t.dtype, t.device, t.requires_grad)
 
 
 def _offsets_key(cu: object, max_seqlen: object, validate: object) -> object:

@@ -158,3 +158,54 @@ def test_plan_count_is_bounded():
         info = attnhub.VarlenInfo.from_lengths([5, 0, 7])  # a new layout object per step
         attnhub.attention_forward_varlen(q, k, v, info, info)
     assert len(plans._plans) == plans.MAX_PLANS
+
+
+def test_alibi_and_sinks_calls_are_planned_with_their_own_values(counted):
+    """ALiBi slopes and sinks join the key by shape, dtype, device and grad flag: repeated
+    calls normalize once, and each call computes with its own values (equal to a fresh full
+    path), forward and backward (sinks' gradient included)."""
+    info = attnhub.VarlenInfo.from_lengths([5, 0, 7])
+    q, k, v = _qkv(grad=True)
+    results = []
+    for scale in (1.0, 0.5, 0.5):
+        slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625]) * scale
+        sinks = (torch.tensor([0.3, -1.0, 2.0, 0.0]) * scale).requires_grad_()
+        out, lse = attnhub.attention_forward_varlen(q, k, v, info, info, causal=True,
+                                                    alibi_slopes=slopes, sinks=sinks,
+                                                    return_lse=True)
+        grads = torch.autograd.grad(out.sum() + lse.sum(), (q, k, v, sinks))
+        results.append((out, lse, *grads))
+    assert len(counted) == 1
+    plans.clear()
+    fresh_out, fresh_lse = attnhub.attention_forward_varlen(
+        q, k, v, info, info, causal=True, alibi_slopes=torch.tensor([0.25, 0.125, 0.0625,
+                                                                     0.03125]),
+        sinks=torch.tensor([0.15, -0.5, 1.0, 0.0]), return_lse=True)
+    assert torch.equal(results[1][0], fresh_out) and torch.equal(results[1][1], fresh_lse)
+    assert not torch.equal(results[0][0], results[1][0])  # the values changed the output
+    for a, b in zip(results[1], results[2], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_alibi_and_sinks_keys_follow_what_normalize_checks(counted):
+    """A slopes shape of another kind (per batch), sinks that start requiring grad, and
+    sinks that are not contiguous (normalize copies them) each take the full path; wrong
+    slopes after a plan still raise the full path's error."""
+    info = attnhub.VarlenInfo.from_lengths([5, 0, 7])
+    q, k, v = _qkv()
+    head = torch.full((4,), 0.5)
+    attnhub.attention_forward_varlen(q, k, v, info, info, alibi_slopes=head)
+    attnhub.attention_forward_varlen(q, k, v, info, info, alibi_slopes=torch.full((3, 4), 0.5))
+    assert len(counted) == 2
+    sinks = torch.zeros(4)
+    attnhub.attention_forward_varlen(q, k, v, info, info, sinks=sinks)
+    attnhub.attention_forward_varlen(q, k, v, info, info, sinks=sinks.clone().requires_grad_())
+    assert len(counted) == 4
+    strided = torch.zeros(8)[::2]
+    for _ in range(2):
+        attnhub.attention_forward_varlen(q, k, v, info, info, sinks=strided)
+    assert len(counted) == 6
+    with pytest.raises(attnhub.InvalidArgumentError, match="alibi_slopes"):
+        attnhub.attention_forward_varlen(q, k, v, info, info, alibi_slopes=head.double())
+    with pytest.raises(attnhub.InvalidArgumentError, match="alibi_slopes"):
+        attnhub.attention_forward_varlen(q, k, v, info, info, alibi_slopes=head[:3])
