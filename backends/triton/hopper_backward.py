@@ -46,6 +46,7 @@ if gluon is not None:
         block_row_statistics,
         box_coordinates,
         first_row_statistics,
+        load_three_boxes,
         mma_layout,
         operand_a_layout,
         probabilities_t,
@@ -101,11 +102,8 @@ if gluon is not None:
         BLOCK_D too, through the second descriptors, on the same barriers. Three consumers:
         K and V as three 64-row boxes (k_smem / v_smem (3, 64, BLOCK_D))."""
         if CONSUMERS == 3:
-            mbarrier.expect(kv_bar, 6 * desc_k.block_type.nbytes)
-            for c in gl.static_range(3):
-                box = box_coordinates(k_row + c * 64, kvh, HEAD_DIM, PADDED)
-                tma.async_copy_global_to_shared(desc_k, box, kv_bar, k_smem.index(c))
-                tma.async_copy_global_to_shared(desc_v, box, kv_bar, v_smem.index(c))
+            load_three_boxes(desc_k, desc_v, k_row, kvh, kv_bar, k_smem, v_smem, HEAD_DIM,
+                             PADDED)
         elif TWO_CHUNKS:
             mbarrier.expect(kv_bar, 2 * desc_k.block_type.nbytes + 2 * desc_k2.block_type.nbytes)
             box = box_coordinates(k_row, kvh, HEAD_DIM, PADDED)

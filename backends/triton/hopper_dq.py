@@ -44,6 +44,7 @@ if gluon is not None:
         box_coordinates,
         in_window,
         key_range,
+        load_three_boxes,
         mma_layout,
         operand_a_layout,
         program_tile,
@@ -80,11 +81,8 @@ if gluon is not None:
         BLOCK_D too, through the second descriptors, on the same barriers. Three consumers:
         Q and dO as three 64-row boxes (q_smem / do_smem (3, 64, BLOCK_D))."""
         if CONSUMERS == 3:
-            mbarrier.expect(q_bar, 6 * desc_q.block_type.nbytes)
-            for c in gl.static_range(3):
-                box = box_coordinates(q_row + c * 64, q_head, HEAD_DIM, PADDED)
-                tma.async_copy_global_to_shared(desc_q, box, q_bar, q_smem.index(c))
-                tma.async_copy_global_to_shared(desc_do, box, q_bar, do_smem.index(c))
+            load_three_boxes(desc_q, desc_do, q_row, q_head, q_bar, q_smem, do_smem, HEAD_DIM,
+                             PADDED)
         elif TWO_CHUNKS:
             mbarrier.expect(q_bar, 2 * desc_q.block_type.nbytes + 2 * desc_q2.block_type.nbytes)
             tma.async_copy_global_to_shared(desc_q2, [q_row, q_head, BLOCK_D], q_bar, q2_smem)

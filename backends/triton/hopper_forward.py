@@ -115,6 +115,19 @@ if gluon is not None:
         return rows, boxes
 
     @gluon.jit
+    def load_three_boxes(desc_a, desc_b, row, head, bar, buf_a, buf_b, HEAD_DIM: gl.constexpr,
+                         PADDED: gl.constexpr):
+        """Rows [row, row + 192) of head ``head`` of two tensors (desc_a, desc_b: 64-row
+        boxes) as three boxes each into buf_a / buf_b (3, 64, ...), all on ``bar``, whose
+        expected bytes this sets: a three-consumer kernel's 192 rows, since no 192-row box
+        or shared tile lowers."""
+        mbarrier.expect(bar, 6 * desc_a.block_type.nbytes)
+        for c in gl.static_range(3):
+            box = box_coordinates(row + c * 64, head, HEAD_DIM, PADDED)
+            tma.async_copy_global_to_shared(desc_a, box, bar, buf_a.index(c))
+            tma.async_copy_global_to_shared(desc_b, box, bar, buf_b.index(c))
+
+    @gluon.jit
     def _load_rows(desc, desc2, box, box2, bar, buf, buf2, SPLIT: gl.constexpr):
         """The rows of TMA box ``box`` through ``desc`` into ``buf``, and with SPLIT those of
         ``box2`` (their columns past the first chunk) through ``desc2`` into ``buf2``, all on
