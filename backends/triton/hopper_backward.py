@@ -58,11 +58,11 @@ if gluon is not None:
     )
 
 BLOCK_N = 128  # key rows per program (two warpgroups of 64); width 256: hopper_dkdv_wide
+# (query block by head dim, stages, consumer registers, producer registers), from benchmarks
+# on an H200 (docs/performance.md); 64-row query blocks spill at head dim 128 (Triton 3.6).
 # block_n: key rows per program by width, 128 or 192 (three consumer warpgroups of 64 keys,
 # consumer_regs_three registers each: three dependency chains per SM where the d64 dK/dV is
 # latency-bound, docs/performance.md v14); 192 untimed so far.
-# (query block by head dim, stages, consumer registers, producer registers), from benchmarks
-# on an H200 (docs/performance.md); 64-row query blocks spill at head dim 128 (Triton 3.6).
 # Width 256 runs hopper_dkdv_wide.py: "wide" holds its (query block, stages) by the width of
 # its second column chunk (hopper_dkdv_wide.second_width: 128 at d256, 64 at d192, 32 at
 # d160, 16 at d144); 32 x 3 everywhere for now (v16). device_offsets: the widths served
@@ -84,8 +84,7 @@ BLOCK_N = 128  # key rows per program (two warpgroups of 64); width 256: hopper_
 CONFIG = {"block_m": {64: 64, 128: 32}, "block_n": {64: 128, 128: 128}, "stages": 3,
           "wide": {128: (32, 3), 64: (32, 3), 32: (32, 3), 16: (32, 3)},
           "consumer_regs": 240, "consumer_regs_three": 160, "producer_regs": 24,
-          "device_offsets": (128, 256),
-          "device_offsets_above": {}, "split": True,
+          "device_offsets": (128, 256), "device_offsets_above": {}, "split": True,
           "prefetch": (64, 128, 256), "right_unbounded": True}
 
 if gluon is not None:
