@@ -71,10 +71,6 @@ def attention_forward_varlen(
             softmax_scale, causal, window_size, softcap, deterministic, backend,
             mask_alignment, forced_context(), alibi_slopes, sinks)
         plan = plans.get(key) if key is not None else None
-        if plan is not None and plan.features:  # ALiBi slopes or sinks: the call's own
-            return _run(plan.problem, plan.inputs(q, k, v, cu_seqlens_q, cu_seqlens_k,
-                                                  alibi_slopes, sinks), plan.backend,
-                        return_lse)
         if plan is not None:  # this call's key was normalized and dispatched before
             if plan.out_only and not return_lse:
                 if plan.offsets_as_given:
@@ -83,8 +79,9 @@ def attention_forward_varlen(
             if plan.run_grad is not None and not return_lse \
                     and _get_current_dispatch_mode() is None:  # ops.run_forward's gate
                 return plan.run_grad(q, k, v, *plan.offsets(cu_seqlens_q, cu_seqlens_k))
-            return _run(plan.problem, plan.inputs(q, k, v, cu_seqlens_q, cu_seqlens_k),
-                        plan.backend, return_lse)
+            # the call's own ALiBi slopes and sinks (a plan with them has neither runner)
+            return _run(plan.problem, plan.inputs(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                                  alibi_slopes, sinks), plan.backend, return_lse)
     try:
         problem, inputs = normalize(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

@@ -56,8 +56,8 @@ class Plan:
     VarlenInfo's device tensor, or None: the call's own tensor, which is already int32 on
     q's device when ``offsets_as_given``, else converted per call)."""
 
-    __slots__ = ("backend", "cu_seqlens_k", "cu_seqlens_q", "device", "features",
-                 "offsets_as_given", "out_only", "pinned", "problem", "run_grad", "run_out")
+    __slots__ = ("backend", "cu_seqlens_k", "cu_seqlens_q", "device", "offsets_as_given",
+                 "out_only", "pinned", "problem", "run_grad", "run_out")
 
     def __init__(self, problem: VarlenProblem, backend: Backend, device: torch.device,
                  cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
@@ -71,14 +71,14 @@ class Plan:
         self.pinned = pinned  # the VarlenInfo objects whose ids are in the key
         # ALiBi slopes or sinks: the call's tensors go with q, k, v through the full run
         # (the runners below take q, k, v and the offsets only)
-        self.features = problem.alibi is not None or problem.sinks
+        features = problem.alibi is not None or problem.sinks
         # Neither lse nor autograd: Backend.forward_out (torch.compile never gets here).
-        self.out_only = not (problem.return_probs or problem.requires_grad or self.features)
+        self.out_only = not (problem.return_probs or problem.requires_grad or features)
         self.run_out = checked_out_runner(backend, problem, device) if self.out_only else None
         # With autograd and out alone wanted: the backend's own autograd, if it has one
         # (Backend.autograd_out_runner; eager calls only, outside dispatch modes).
         grad = (backend.autograd_out_runner(problem)
-                if problem.requires_grad and not (problem.return_probs or self.features)
+                if problem.requires_grad and not (problem.return_probs or features)
                 else None)
         self.run_grad = None if grad is None else checked_out_runner(backend, problem, device,
                                                                       grad)

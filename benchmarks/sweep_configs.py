@@ -83,15 +83,11 @@ NAMED_TRIALS = ("gpad", "gprefetch")  # trials whose arguments are words (gpad:d
 def overrides(trial: str, head_dim: int):
     """Apply a trial's overrides to the Triton backend's modules, restore them after."""
     saved_defaults = {name: dict(table) for name, table in configs.DEFAULTS.items()}
-    saved_dq = {**hopper_dq.CONFIG, "block_n": dict(hopper_dq.CONFIG["block_n"]),
-                "block_m": dict(hopper_dq.CONFIG["block_m"])}
+    gluon_modules = (hopper_forward, hopper_backward, hopper_dq)
+    # each CONFIG with its tables copied (trials write into them)
+    saved_gluon = [{key: dict(value) if isinstance(value, dict) else value
+                    for key, value in module.CONFIG.items()} for module in gluon_modules]
     width = hopper_forward.block_d(head_dim)
-    saved_dkdv = {**hopper_backward.CONFIG,
-                  "block_m": dict(hopper_backward.CONFIG["block_m"]),
-                  "block_n": dict(hopper_backward.CONFIG["block_n"]),
-                  "wide": dict(hopper_backward.CONFIG["wide"])}
-    saved_fwd = {**hopper_forward.CONFIG, "block_n": dict(hopper_forward.CONFIG["block_n"]),
-                 "block_m": dict(hopper_forward.CONFIG["block_m"])}
     saved = [(configs, "forward_block_m"), (configs, "backward_tiles"),
              (group_split, "split_for"), (hopper_forward, "supports"),
              (hopper_backward, "supports"), (hopper_dq, "supports")]
@@ -133,7 +129,7 @@ def overrides(trial: str, head_dim: int):
                 hopper_backward.CONFIG["device_offsets"] = (64, 128, 256)
                 hopper_dq.CONFIG["device_offsets"] = (64, 128, 256)
             elif name == "gdkdv":
-                hopper_backward.CONFIG["block_m"][hopper_forward.block_d(head_dim)] = vals[0]
+                hopper_backward.CONFIG["block_m"][width] = vals[0]
                 hopper_backward.CONFIG["stages"] = vals[1]
             elif name == "gfwdm":
                 hopper_forward.CONFIG["block_m"][width] = vals[0]
@@ -146,7 +142,7 @@ def overrides(trial: str, head_dim: int):
                                                        hopper_backward.CONFIG["split"])
                 hopper_backward.CONFIG["wide"][second] = (vals[0], vals[1])
             elif name == "gfwd":
-                hopper_forward.CONFIG["block_n"][hopper_forward.block_d(head_dim)] = vals[0]
+                hopper_forward.CONFIG["block_n"][width] = vals[0]
                 hopper_forward.CONFIG["stages"] = vals[1]
             elif name == "gpad":
                 kernels = {"fwd": hopper_forward, "dkdv": hopper_backward, "dq": hopper_dq}
@@ -167,10 +163,9 @@ def overrides(trial: str, head_dim: int):
             setattr(mod, name, value)
         configs.DEFAULTS.clear()
         configs.DEFAULTS.update(saved_defaults)
-        hopper_dq.CONFIG.clear()
-        hopper_dq.CONFIG.update(saved_dq)
-        hopper_backward.CONFIG.update(saved_dkdv)
-        hopper_forward.CONFIG.update(saved_fwd)
+        for module, config in zip(gluon_modules, saved_gluon, strict=True):
+            module.CONFIG.clear()
+            module.CONFIG.update(config)
         forward._replays.clear()
         backward._replays.clear()
 
