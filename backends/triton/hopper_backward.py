@@ -41,6 +41,7 @@ if gluon is not None:
 
     from .hopper_forward import (
         allocate_barrier,
+        allocate_program_rows,
         allocate_ring,
         allocate_rows,
         block_row_statistics,
@@ -54,6 +55,7 @@ if gluon is not None:
         query_range,
         row_layout,
         sequence_bounds,
+        warpgroup_rows,
         zero_rows_from,
     )
 
@@ -161,12 +163,8 @@ if gluon is not None:
         A_LAYOUT: gl.constexpr = operand_a_layout(BLOCK_D)
         COL_S: gl.constexpr = gl.SliceLayout(0, S_LAYOUT)
         r0 = n0 + WG * ROWS
-        if CONSUMERS == 3:  # K and V as three boxes of 64 rows
-            k_rows = k_smem.index(WG)
-            v_rows = v_smem.index(WG)
-        else:
-            k_rows = k_smem.slice(WG * ROWS, ROWS)
-            v_rows = v_smem.slice(WG * ROWS, ROWS)
+        k_rows = warpgroup_rows(k_smem, WG, CONSUMERS)
+        v_rows = warpgroup_rows(v_smem, WG, CONSUMERS)
         kj = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, S_LAYOUT))
         s_init = gl.zeros([ROWS, BLOCK_M], gl.float32, S_LAYOUT)
         dk = gl.zeros([ROWS, BLOCK_D], gl.float32, G_LAYOUT)
@@ -301,12 +299,8 @@ if gluon is not None:
 
         PADDED: gl.constexpr = BLOCK_D != HEAD_DIM
         CONSUMERS: gl.constexpr = BLOCK_N // 64  # warpgroups of 64 key rows
-        if CONSUMERS == 3:  # 192 rows: three 64-row boxes (no 192-row tile lowers)
-            k_smem, k_box = allocate_rows(desc_k, [3, 64, BLOCK_D], PADDED)
-            v_smem, v_box = allocate_rows(desc_v, [3, 64, BLOCK_D], PADDED)
-        else:
-            k_smem, k_box = allocate_rows(desc_k, [BLOCK_N, BLOCK_D], PADDED)
-            v_smem, v_box = allocate_rows(desc_v, [BLOCK_N, BLOCK_D], PADDED)
+        k_smem, k_box = allocate_program_rows(desc_k, BLOCK_N, BLOCK_D, PADDED)
+        v_smem, v_box = allocate_program_rows(desc_v, BLOCK_N, BLOCK_D, PADDED)
         q_smem, q_box = allocate_rows(desc_q, [STAGES, BLOCK_M, BLOCK_D], PADDED)
         do_smem, do_box = allocate_rows(desc_do, [STAGES, BLOCK_M, BLOCK_D], PADDED)
         TWO_CHUNKS: gl.constexpr = BLOCK_D2 > 0
@@ -376,12 +370,9 @@ def block_n(head_dim: int) -> int:
     """Key rows per program at ``head_dim``'s width (the launch's key tiles): 64 a consumer
     warpgroup, CONFIG["block_n"] (192: three warpgroups) where the rows are one chunk,
     BLOCK_N for two-chunk head dims, hopper_dkdv_wide.BLOCK_N at width 256."""
-    width = hopper_forward.block_d(head_dim)
-    if width == hopper_dkdv_wide.WIDTH:
+    if hopper_forward.block_d(head_dim) == hopper_dkdv_wide.WIDTH:
         return hopper_dkdv_wide.BLOCK_N
-    if hopper_forward.split_widths(head_dim, CONFIG["split"]) is not None:
-        return BLOCK_N
-    return CONFIG["block_n"][width]
+    return hopper_forward.rows_per_program(head_dim, CONFIG, "block_n", BLOCK_N)
 
 
 def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
@@ -426,10 +417,8 @@ def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
         box, second = chunks if chunks is not None else (width, 0)
         kernel, rows, block_m = _hopper_dkdv_kernel, block_n(d), CONFIG["block_m"][width]
         own = dict(BLOCK_D=box, BLOCK_D2=second, STAGES=CONFIG["stages"])
-        if rows == 192:  # three consumer warpgroups, K and V as 64-row boxes
-            own["CONSUMER_REGS"] = CONFIG["consumer_regs_three"]
     grid = (programs, problem.nheads_k * split)
-    kv_rows = 64 if rows == 192 else rows
+    kv_rows = hopper_forward.box_rows(rows)
     descriptors = (descriptor(q, d, block_m, box), descriptor(k, d, kv_rows, box),
                    descriptor(v, d, kv_rows, box), descriptor(dout, d, block_m, box))
     seconds = ((descriptor(q, d, block_m, second), descriptor(k, d, rows, second),
@@ -440,7 +429,8 @@ def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
             problem.total_q, problem.batch, qk_scale, problem.scale, left, right)
     kwargs = dict(
         GROUP=problem.group_size // split, SPLIT=split, HEAD_DIM=d, BLOCK_M=block_m,
-        BLOCK_N=rows, **{"CONSUMER_REGS": CONFIG["consumer_regs"], **own},
+        BLOCK_N=rows, **own,
+        CONSUMER_REGS=CONFIG["consumer_regs_three" if rows == 192 else "consumer_regs"],
         PRODUCER_REGS=CONFIG["producer_regs"], TOP_LEFT=problem.mask_alignment == "top_left",
         WINDOW_LEFT=left >= 0, WINDOW_RIGHT=right >= 0, DEVICE_TILES=device_tiles,
         PREFETCH=width in CONFIG["prefetch"], num_warps=4)

@@ -39,6 +39,7 @@ if gluon is not None:
 
     from .hopper_forward import (
         allocate_barrier,
+        allocate_program_rows,
         allocate_ring,
         allocate_rows,
         box_coordinates,
@@ -52,6 +53,7 @@ if gluon is not None:
         row_layout,
         row_statistics,
         sequence_bounds,
+        warpgroup_rows,
         zero_rows_from,
     )
 
@@ -132,12 +134,8 @@ if gluon is not None:
         ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
         COL_S: gl.constexpr = gl.SliceLayout(0, S_LAYOUT)
         r0 = m0 + WG * ROWS
-        if CONSUMERS == 3:  # Q and dO as three boxes of 64 rows
-            q_rows = q_smem.index(WG)
-            do_rows = do_smem.index(WG)
-        else:
-            q_rows = q_smem.slice(WG * ROWS, ROWS)
-            do_rows = do_smem.slice(WG * ROWS, ROWS)
+        q_rows = warpgroup_rows(q_smem, WG, CONSUMERS)
+        do_rows = warpgroup_rows(do_smem, WG, CONSUMERS)
         qi = r0 + gl.arange(0, ROWS, layout=ROW_S)
         q_ok = qi < sq
         lse2, delta = row_statistics(Lse, Delta, h, total_q, q_start, qi, q_ok)
@@ -244,12 +242,8 @@ if gluon is not None:
 
         PADDED: gl.constexpr = BLOCK_D != HEAD_DIM
         CONSUMERS: gl.constexpr = BLOCK_M // 64  # warpgroups of 64 query rows
-        if CONSUMERS == 3:  # 192 rows: three 64-row boxes (no 192-row tile lowers)
-            q_smem, q_box = allocate_rows(desc_q, [3, 64, BLOCK_D], PADDED)
-            do_smem, do_box = allocate_rows(desc_do, [3, 64, BLOCK_D], PADDED)
-        else:
-            q_smem, q_box = allocate_rows(desc_q, [BLOCK_M, BLOCK_D], PADDED)
-            do_smem, do_box = allocate_rows(desc_do, [BLOCK_M, BLOCK_D], PADDED)
+        q_smem, q_box = allocate_program_rows(desc_q, BLOCK_M, BLOCK_D, PADDED)
+        do_smem, do_box = allocate_program_rows(desc_do, BLOCK_M, BLOCK_D, PADDED)
         k_smem, k_box = allocate_rows(desc_k, [STAGES, BLOCK_N, BLOCK_D], PADDED)
         v_smem, v_box = allocate_rows(desc_v, [STAGES, BLOCK_N, BLOCK_D], PADDED)
         TWO_CHUNKS: gl.constexpr = BLOCK_D2 > 0
@@ -314,12 +308,9 @@ if gluon is not None:
 
 
 def block_m(head_dim: int) -> int:
-    """Query rows per program at ``head_dim`` (the launch's query tiles): CONFIG["block_m"] at
-    its width (192: three consumer warpgroups) where the rows are one chunk, BLOCK_M for
-    two-chunk head dims."""
-    if hopper_forward.split_widths(head_dim, CONFIG["split"]) is not None:
-        return BLOCK_M
-    return CONFIG["block_m"][hopper_forward.block_d(head_dim)]
+    """Query rows per program at ``head_dim`` (the launch's query tiles):
+    hopper_forward.rows_per_program of CONFIG["block_m"]."""
+    return hopper_forward.rows_per_program(head_dim, CONFIG, "block_m", BLOCK_M)
 
 
 def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
@@ -352,7 +343,7 @@ def dq(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.T
     left, right = problem.window
     block_n = CONFIG["block_n"][width]
     rows = block_m(d)
-    q_rows = 64 if rows == 192 else rows  # three consumers: Q and dO as 64-row boxes
+    q_rows = hopper_forward.box_rows(rows)
     programs, tile_seq, tile_blk, device_tiles = tiles
     grid = (programs, problem.nheads)
     chunks = hopper_forward.split_widths(d, CONFIG["split"])

@@ -115,6 +115,23 @@ if gluon is not None:
         return rows, boxes
 
     @gluon.jit
+    def allocate_program_rows(desc, ROWS: gl.constexpr, BLOCK_D: gl.constexpr,
+                              PADDED: gl.constexpr):
+        """allocate_rows for a program's ROWS rows read once (64 a consumer warpgroup): shaped
+        (3, 64, BLOCK_D) for 192, three 64-row boxes since no 192-row box or shared tile
+        lowers (load_three_boxes fills them), else (ROWS, BLOCK_D)."""
+        if ROWS == 192:
+            rows, boxes = allocate_rows(desc, [3, 64, BLOCK_D], PADDED)
+        else:
+            rows, boxes = allocate_rows(desc, [ROWS, BLOCK_D], PADDED)
+        return rows, boxes
+
+    @gluon.jit
+    def warpgroup_rows(buf, WG: gl.constexpr, CONSUMERS: gl.constexpr):
+        """Consumer warpgroup WG's 64 rows of a buffer from allocate_program_rows."""
+        return buf.index(WG) if CONSUMERS == 3 else buf.slice(WG * 64, 64)
+
+    @gluon.jit
     def load_three_boxes(desc_a, desc_b, row, head, bar, buf_a, buf_b, HEAD_DIM: gl.constexpr,
                          PADDED: gl.constexpr):
         """Rows [row, row + 192) of head ``head`` of two tensors (desc_a, desc_b: 64-row
@@ -438,10 +455,7 @@ if gluon is not None:
         ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
         ROW_O: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
         r0 = m0 + WG * ROWS
-        if CONSUMERS == 3:  # noqa: SIM108 (a constexpr branch; Q as three boxes of 64 rows)
-            q_rows = q_smem.index(WG)
-        else:
-            q_rows = q_smem.slice(WG * ROWS, ROWS)
+        q_rows = warpgroup_rows(q_smem, WG, CONSUMERS)
         if SPLIT:
             O2_LAYOUT: gl.constexpr = mma_layout(BLOCK_D2)
             P2_LAYOUT: gl.constexpr = operand_a_layout(BLOCK_D2)
@@ -616,10 +630,7 @@ if gluon is not None:
         PADDED: gl.constexpr = BLOCK_D != HEAD_DIM
         SPLIT: gl.constexpr = BLOCK_D2 > 0
         CONSUMERS: gl.constexpr = BLOCK_M // 64  # warpgroups of 64 query rows
-        if CONSUMERS == 3:  # 192 rows: three 64-row boxes (no 192-row tile lowers)
-            q_smem, q_box = allocate_rows(desc_q, [3, 64, BLOCK_D], PADDED)
-        else:
-            q_smem, q_box = allocate_rows(desc_q, [BLOCK_M, BLOCK_D], PADDED)
+        q_smem, q_box = allocate_program_rows(desc_q, BLOCK_M, BLOCK_D, PADDED)
         k_smem, k_box = allocate_rows(desc_k, [STAGES, BLOCK_N, BLOCK_D], PADDED)
         v_smem, v_box = allocate_rows(desc_v, [STAGES, BLOCK_N, BLOCK_D], PADDED)
         if SPLIT:  # the rows' last BLOCK_D2 columns (desc_*2 boxes)
@@ -736,13 +747,26 @@ def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plain: 
     return all(tma_rows(t, problem.head_dim) for t in (q, k, v))
 
 
+def rows_per_program(head_dim: int, config: dict, key: str, two_chunk_rows: int) -> int:
+    """A Gluon kernel's rows per program at ``head_dim`` (its launch tiles): ``config[key]`` at
+    the head dim's width (128, or 192 for three consumer warpgroups of 64 rows), and
+    ``two_chunk_rows`` for head dims it reads as two column chunks (split_widths with
+    config["split"]), whose kernels keep two warpgroups."""
+    if split_widths(head_dim, config["split"]) is not None:
+        return two_chunk_rows
+    return config[key][block_d(head_dim)]
+
+
+def box_rows(rows: int) -> int:
+    """Rows of the TMA boxes that load a program's ``rows`` rows: 192 as three boxes of 64
+    (allocate_program_rows), the others as one."""
+    return 64 if rows == 192 else rows
+
+
 def block_m(head_dim: int) -> int:
-    """Query rows per program at ``head_dim`` (the launch's query tiles): CONFIG["block_m"] at
-    its width (192: three consumer warpgroups) where the rows are one chunk, BLOCK_M for
-    two-chunk head dims."""
-    if split_widths(head_dim, CONFIG["split"]) is not None:
-        return BLOCK_M
-    return CONFIG["block_m"][block_d(head_dim)]
+    """Query rows per program at ``head_dim`` (the launch's query tiles): rows_per_program of
+    CONFIG["block_m"]."""
+    return rows_per_program(head_dim, CONFIG, "block_m", BLOCK_M)
 
 
 def lengths_served(problem, width: int, config: dict) -> bool:
@@ -818,7 +842,7 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     grid = (programs, problem.nheads)
     split = split_widths(d, CONFIG["split"])
     first, second = split if split is not None else (width, 0)
-    q_rows = 64 if rows == 192 else rows  # three consumers: Q as three 64-row boxes
+    q_rows = box_rows(rows)
     descriptors = (descriptor(q, d, q_rows, first), descriptor(k, d, block_n, first),
                    descriptor(v, d, block_n, first))
     seconds = ((descriptor(q, d, rows, second), descriptor(k, d, block_n, second),
