@@ -152,3 +152,28 @@ def test_flashinfer_single_prefill_under_reduce_overhead_compile():
         for _ in range(3):
             got = compiled(q, k, v).clone()
         torch.testing.assert_close(got, fn(q, k, v), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("causal, lens", [(True, [200, 17, 256]), (True, [700, 5, 300]),
+                                          (False, [200, 17, 256])])
+def test_plan_schedule_has_the_gluon_forward_rows(causal, lens, monkeypatch):
+    """Head dim 64: the plan's tile list is made with the rows the Gluon forward runs (192,
+    or 128 for causal calls of sequences up to 256 tokens), so run() plans nothing again;
+    results against the reference."""
+    from attnhub.backends.triton import forward, hopper_forward
+
+    q = torch.randn(sum(lens), H, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(sum(lens), HK, 64, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    p = attnhub.plan(_cu(lens), _cu(lens), nheads=H, nheads_k=HK, head_dim=64,
+                     dtype=torch.bfloat16, device="cuda", causal=causal, backend="triton")
+    rows = hopper_forward.block_m(64, causal, max(lens))
+    assert rows == (128 if causal and max(lens) <= 256 else 192)
+    planned = []
+    monkeypatch.setattr(forward, "tile_list", lambda *a, **kw: planned.append(a) or None)
+    for _ in range(2):
+        got = p.run(q, k, v)
+    assert planned == []
+    want = attnhub.attention_forward_varlen(q, k, v, _cu(lens), _cu(lens), causal=causal,
+                                            backend="reference")
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

@@ -262,10 +262,32 @@ def test_dkdv_key_rows_per_program(monkeypatch):
 
 @pytest.mark.parametrize("kernel", [hopper_forward, hopper_dq])
 def test_query_rows_per_program(kernel, monkeypatch):
-    """block_m of the Gluon forward and dQ: 128 query rows (two consumer warpgroups) by
-    default; CONFIG["block_m"] 192 (three warpgroups) applies to head dims read as one
-    chunk."""
-    assert {kernel.block_m(d) for d in (64, 96, 112, 128, 192, 256)} == {128}
+    """block_m of the Gluon forward and dQ: 192 query rows (three consumer warpgroups) at
+    head dim 64, 128 (two) at the others; CONFIG["block_m"] 192 applies to head dims read as
+    one chunk, not to two-chunk ones (96 = 64 + 32 keeps two)."""
+    assert {d: kernel.block_m(d) for d in (64, 96, 112, 128, 192, 256)} == {
+        64: 192, 96: 128, 112: 128, 128: 128, 192: 128, 256: 128}
     monkeypatch.setitem(kernel.CONFIG, "block_m", {64: 192, 128: 192, 256: 128})
     assert {d: kernel.block_m(d) for d in (64, 80, 96, 112, 128, 192, 256)} == {
         64: 192, 80: 128, 96: 128, 112: 192, 128: 192, 192: 128, 256: 128}
+
+
+def test_forward_rows_of_causal_short_calls(monkeypatch):
+    """hopper_forward.CONFIG["causal_short_rows"] {64: (256, 128)}: a causal head-dim-64
+    call whose longest query sequence is known and at most 256 takes 128-row tiles (the
+    three-warpgroup tile's masked triangle costs more there), every other call 192."""
+    assert hopper_forward.block_m(64, True, 256) == 128
+    assert hopper_forward.block_m(64, True, 1) == 128
+    assert hopper_forward.block_m(64, True, 257) == 192
+    assert hopper_forward.block_m(64, True, 0) == 192  # longest sequence not known
+    assert hopper_forward.block_m(64, False, 100) == 192
+    assert hopper_forward.block_m(128, True, 100) == 128
+    q = torch.randn(300, 4, 64, dtype=torch.float16)
+    k = v = torch.randn(300, 2, 64, dtype=torch.float16)
+    for lengths, causal, rows in (([200, 100], True, 128), ([40, 260], True, 192),
+                                  ([200, 100], False, 192)):
+        info = attnhub.VarlenInfo.from_lengths(lengths, "cpu")
+        problem, _ = normalize(q, k, v, info, info, causal=causal)
+        assert hopper_forward.problem_block_m(problem) == rows, (lengths, causal)
+    monkeypatch.setitem(hopper_forward.CONFIG, "causal_short_rows", {})
+    assert hopper_forward.block_m(64, True, 100) == 192

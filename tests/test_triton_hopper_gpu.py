@@ -599,14 +599,15 @@ def test_gluon_forward_finds_its_tiles_without_host_lengths(case, head_dim, sink
 @pytest.mark.parametrize("case", range(len(DEVICE_CASES)))
 def test_gluon_forward_three_consumers_option(case, host, monkeypatch, gluon_calls):
     """Head dim 64 with 192 query rows per program (CONFIG["block_m"]: three consumer
-    warpgroups of 64 rows, Q as three 64-row boxes) against the tl kernel and the reference,
-    with host lengths and device offsets: lengths 0 and 1, sq != sk, windows, softcap, ALiBi
-    and (odd cases) sinks."""
+    warpgroups of 64 rows, Q as three 64-row boxes), short causal calls included, against
+    the tl kernel and the reference, with host lengths and device offsets: lengths 0 and 1,
+    sq != sk, windows, softcap, ALiBi and (odd cases) sinks."""
     from attnhub.backends.triton import forward, replay
 
     monkeypatch.setitem(hopper_forward.CONFIG, "block_m", {64: 192, 128: 128, 256: 128})
+    monkeypatch.setitem(hopper_forward.CONFIG, "causal_short_rows", {})  # 192 everywhere
     monkeypatch.setattr(forward, "_replays", replay.ReplayCache())  # no launch of another test
-    assert hopper_forward.block_m(64) == 192
+    assert hopper_forward.block_m(64, True, 100) == 192
     kw, lq, lk = DEVICE_CASES[case]
     kw = dict(kw)
     if "alibi_slopes" in kw:

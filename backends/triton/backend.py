@@ -65,12 +65,12 @@ class TritonBackend(Backend):
         """A plan's forward tile list, when the host lengths are known and the call takes the
         tiled (not the split-KV decode) path."""
         from . import decode
-        from .forward import tile_list
+        from .forward import planned_rows, tile_list
 
         if not problem.lengths_known or decode.eligible(problem):
             return None
-        block_m = configs.forward_block_m(problem.head_dim)
-        return tile_list(problem, inputs.cu_seqlens_q, block_m, True)
+        return tile_list(problem, inputs.cu_seqlens_q,
+                         planned_rows(problem, inputs.q.device), True)
 
     def forward(self, problem: VarlenProblem, inputs: VarlenInputs) -> ForwardResult:
         from . import decode

@@ -515,6 +515,33 @@ def replay_out(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return None if result is None else result[0]
 
 
+def tiling(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           gluon: bool = True) -> tuple[bool, int]:
+    """(whether the Gluon kernel runs ``problem``, query rows per program): the Gluon
+    kernel's rows (hopper_forward.problem_block_m) where it serves (``gluon`` on, an sm_90
+    GPU, no pages, custom mask or dropout; any head dim it reads; Q/K/V laid out for TMA)
+    and the tl kernel is not measured faster, the tl kernel's (configs.forward_block_m)
+    otherwise."""
+    use = (gluon and hopper_forward.supports(problem, q, k, v, _gluon_features(problem))
+           and not hopper_forward.tl_is_faster(problem))
+    return use, hopper_forward.problem_block_m(problem) if use else configs.forward_block_m(
+        problem.head_dim)
+
+
+def planned_rows(problem, device: torch.device) -> int:
+    """The query rows per program of a plan's tile list (Backend.prepare): tiling's for Q/K/V
+    laid out for TMA. A run whose tensors are not falls back to the tl kernel's rows and,
+    should they differ, plans its tiles again."""
+    if (_gluon_features(problem) and hopper_forward.serves(problem, device)
+            and not hopper_forward.tl_is_faster(problem)):
+        return hopper_forward.problem_block_m(problem)
+    return configs.forward_block_m(problem.head_dim)
+
+
+def _gluon_features(problem) -> bool:
+    return problem.paged is None and not problem.custom_mask and problem.dropout_p == 0
+
+
 def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor | None = None,
             gluon: bool = True, tma: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """out (total_q, nheads, d) in q's dtype and lse float32 (nheads, total_q); ``sinks``:
@@ -559,18 +586,11 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor |
     rows_exact = configs.block_d(problem.head_dim) == problem.head_dim and problem.paged is None
     plain = (rows_exact and not problem.custom_mask and problem.dropout_p == 0
              and problem.softcap == 0 and alibi is None)
-    # the Gluon kernel's features: plain calls, softcap, ALiBi
-    # (any head dim it reads: hopper_forward.block_d)
-    gluon_features = (problem.paged is None and not problem.custom_mask
-                      and problem.dropout_p == 0)
-    use_gluon = (gluon and hopper_forward.supports(problem, q, k, v, gluon_features)
-                 and not hopper_forward.tl_is_faster(problem))
-    block_m = configs.forward_block_m(problem.head_dim)
-    # attnhub.plan: the forward's (tile_seq, tile_blk) planned with block_m rows, or None
+    use_gluon, block_m = tiling(problem, q, k, v, gluon)
+    # attnhub.plan: the forward's (tile_seq, tile_blk) planned with planned_rows, or None
     planned = inputs.schedule
-    gluon_m = hopper_forward.block_m(problem.head_dim) if use_gluon else block_m
-    if gluon_m != block_m:  # Gluon's tiles, should they differ
-        block_m, planned = gluon_m, None
+    if planned is not None and block_m != planned_rows(problem, q.device):
+        planned = None
     programs, tile_seq, tile_blk, device_tiles = launch_tiles(
         problem, cu_q, block_m, True, planned)
     if programs == 0 or problem.nheads == 0:

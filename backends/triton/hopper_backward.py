@@ -64,19 +64,21 @@ BLOCK_N = 128  # key rows per program (two warpgroups of 64); width 256: hopper_
 # on an H200 (docs/performance.md); 64-row query blocks spill at head dim 128 (Triton 3.6).
 # block_n: key rows per program by width, 128 or 192 (three consumer warpgroups of 64 keys,
 # consumer_regs_three registers each: three dependency chains per SM where the d64 dK/dV is
-# latency-bound, docs/performance.md v14); 192 untimed so far.
+# latency-bound, docs/performance.md v14); 192 with 32-row query blocks ran 1.03x the time
+# of 128 x 64 over the d64 tune classes (up to 1.31x on short ones; v17), so 128 ships.
 # Width 256 runs hopper_dkdv_wide.py: "wide" holds its (query block, stages) by the width of
 # its second column chunk (hopper_dkdv_wide.second_width: 128 at d256, 64 at d192, 32 at
-# d160, 16 at d144); 32 x 3 everywhere for now (v16). device_offsets: the widths served
+# d160, 16 at d144); d192's 64 x 2: 0.95x the time of 32 x 3 on the d192 GQA tune classes
+# (0.88x non-causal long, 1.02x causal short; v17). device_offsets: the widths served
 # without host lengths; at width 64 the tl backward was the faster one there on short
 # sequences (H200, tune classes: 0.73 against 0.78 ms on d64 GQA short, 10-12% slower on
 # medium / long; docs/performance.md v13, v16). split: read head dims 80, 96 (and in the
 # wide kernel 144, 160, 192) as two column chunks (hopper_forward.split_widths) rather than
 # zero-padded (d192 causal forward+backward: 4.87 -> 4.31 ms medium, v16).
 # device_offsets_above: {width: N}, device offsets also served at that width when the longest
-# sequence exceeds N tokens (hopper_forward.lengths_served; hopper_dq's has the same). Empty:
-# at width 64 the Gluon backward won 6-12% on medium and long calls, lost 7-25% on short ones
-# (v16); a gate at N = 256 waits on a GPU run.
+# sequence exceeds N tokens (hopper_forward.lengths_served; hopper_dq's has the same): at
+# width 64 the Gluon backward lost 7-25% on short calls (v16), and with N = 256 the d64 tune
+# classes ran 0.90x the time (geometric mean; 0.83-0.93x medium and long, v17).
 # prefetch: the widths whose query blocks' lse and delta are loaded one block ahead, so that
 # the global loads' latency is not exposed between S^T's issue and its use (H200,
 # forward+backward: d64 2.98 -> 2.38 ms, d192 7.80 -> 7.12 ms; docs/performance.md v15); width
@@ -84,9 +86,9 @@ BLOCK_N = 128  # key rows per program (two warpgroups of 64); width 256: hopper_
 # bound (no mask, left-only windows) here, not to the tl dK/dV (non-causal forward+backward,
 # H200: d128 long 33.7 -> 31.6 ms, d256 long 169 -> 110, d192 147 -> 88; v16).
 CONFIG = {"block_m": {64: 64, 128: 32}, "block_n": {64: 128, 128: 128}, "stages": 3,
-          "wide": {128: (32, 3), 64: (32, 3), 32: (32, 3), 16: (32, 3)},
+          "wide": {128: (32, 3), 64: (64, 2), 32: (32, 3), 16: (32, 3)},
           "consumer_regs": 240, "consumer_regs_three": 160, "producer_regs": 24,
-          "device_offsets": (128, 256), "device_offsets_above": {}, "split": True,
+          "device_offsets": (128, 256), "device_offsets_above": {64: 256}, "split": True,
           "prefetch": (64, 128, 256), "right_unbounded": True}
 
 if gluon is not None:

@@ -59,8 +59,13 @@ BLOCK_M = 128  # query rows per program (two consumer warpgroups of 64); see blo
 # registers and Q plus two K and V stages fit shared memory (192 KiB). split: read head dims
 # 80-192 as two column chunks (split_widths). block_m: query rows per program by width, 128
 # or 192 (three consumer warpgroups of 64 rows, as FA3 tiles head dim 64, with
-# consumer_regs_three registers each; Q as three 64-row boxes); 192 untimed so far.
-CONFIG = {"block_n": {64: 128, 128: 128, 256: 64}, "block_m": {64: 128, 128: 128, 256: 128},
+# consumer_regs_three registers each; Q as three 64-row boxes): at head dim 64 192 rows took
+# 0.87-0.95x the time of 128 on medium and long lengths and non-causal short ones, and
+# 1.13-1.14x on causal short ones (sequences 1-256; H200, docs/performance.md v17), whence
+# causal_short_rows: width -> (longest query sequence, rows) for causal calls whose every
+# query sequence is at most that long (a host length or a given max_seqlen).
+CONFIG = {"block_n": {64: 128, 128: 128, 256: 64}, "block_m": {64: 192, 128: 128, 256: 128},
+          "causal_short_rows": {64: (256, 128)},
           "stages": 2, "consumer_regs": 240, "consumer_regs_three": 160, "producer_regs": 24,
           "split": True}
 HEAD_DIMS = (64, 128, 256)  # other head dims are read zero-padded to the next of these
@@ -735,16 +740,21 @@ def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plain: 
     conditions for hopper_backward): an sm_90 GPU, fp16/bf16, a head dim ``block_d`` reads,
     Q/K/V as packed rows whose heads lie contiguous (TMA boxes); with ALiBi, sequences of at
     most ALIBI_MAX_SEQLEN tokens."""
-    if gluon is None or not plain or q.device.type != "cuda":
+    return (plain and serves(problem, q.device)
+            and all(tma_rows(t, problem.head_dim) for t in (q, k, v)))
+
+
+def serves(problem, device: torch.device) -> bool:
+    """supports' conditions on the problem and ``device`` alone (not Q/K/V's layout)."""
+    if gluon is None or device.type != "cuda":
         return False
-    if block_d(problem.head_dim) is None or q.dtype not in (torch.float16, torch.bfloat16):
+    if block_d(problem.head_dim) is None or problem.dtype not in (torch.float16,
+                                                                  torch.bfloat16):
         return False
-    if problem.total_k == 0 or problem.total_q == 0 or not is_sm90(q.device.index):
+    if problem.total_k == 0 or problem.total_q == 0 or not is_sm90(device.index):
         return False
-    if problem.alibi is not None and max(problem.max_seqlen_q,
-                                         problem.max_seqlen_k) > ALIBI_MAX_SEQLEN:
-        return False
-    return all(tma_rows(t, problem.head_dim) for t in (q, k, v))
+    return problem.alibi is None or max(problem.max_seqlen_q,
+                                        problem.max_seqlen_k) <= ALIBI_MAX_SEQLEN
 
 
 def rows_per_program(head_dim: int, config: dict, key: str, two_chunk_rows: int) -> int:
@@ -763,10 +773,20 @@ def box_rows(rows: int) -> int:
     return 64 if rows == 192 else rows
 
 
-def block_m(head_dim: int) -> int:
+def block_m(head_dim: int, causal: bool = False, max_seqlen_q: int = 0) -> int:
     """Query rows per program at ``head_dim`` (the launch's query tiles): rows_per_program of
-    CONFIG["block_m"]."""
-    return rows_per_program(head_dim, CONFIG, "block_m", BLOCK_M)
+    CONFIG["block_m"], or CONFIG["causal_short_rows"]'s rows for a ``causal`` call whose
+    longest query sequence ``max_seqlen_q`` (0: not known) is at most its bound."""
+    rows = rows_per_program(head_dim, CONFIG, "block_m", BLOCK_M)
+    short = CONFIG["causal_short_rows"].get(block_d(head_dim))
+    if causal and short is not None and 0 < max_seqlen_q <= short[0]:
+        return min(rows, short[1])
+    return rows
+
+
+def problem_block_m(problem) -> int:
+    """block_m for ``problem``: causal when its window ends at the diagonal."""
+    return block_m(problem.head_dim, problem.window[1] == 0, problem.max_seqlen_q)
 
 
 def lengths_served(problem, width: int, config: dict) -> bool:
@@ -825,11 +845,11 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
             scalars: tuple[float, float, float], sinks: torch.Tensor | None = None,
             alibi: torch.Tensor | None = None, *, record: bool = False):
     """Writes ``out`` (total_q, nheads, d) and ``lse`` (nheads, total_q) float32 over the
-    query tiles of block_m(d) rows; ``tiles``: forward.launch_tiles' (programs, tile_seq,
-    tile_blk, device_tiles), a host-planned list or (device_tiles) an upper bound of programs
-    that find their tiles from cu_seqlens_q; ``scalars``: (scale * log2 e,
-    scale / softcap, softcap * log2 e) as forward.score_scalars; ``sinks``: float32 (nheads,)
-    sink logits, or None; ``alibi``: float32 slopes (nheads,) or (batch, nheads), or None
+    query tiles of problem_block_m(problem) rows; ``tiles``: forward.launch_tiles'
+    (programs, tile_seq, tile_blk, device_tiles), a host-planned list or (device_tiles) an
+    upper bound of programs that find their tiles from cu_seqlens_q; ``scalars``: (scale *
+    log2 e, scale / softcap, softcap * log2 e) as forward.score_scalars; ``sinks``: float32
+    (nheads,) sink logits, or None; ``alibi``: float32 slopes (nheads,) or (batch, nheads), or None
     (calls with ALiBi are never recorded: forward.forward does not replay them). With
     ``record``, returns the replay.LaunchRecord or None: replays take (q, k, v, out, lse,
     cu_seqlens_q, cu_seqlens_k), q, k and v for their descriptors."""
@@ -837,7 +857,7 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     width = block_d(d)
     left, right = problem.window
     block_n = CONFIG["block_n"][width]
-    rows = block_m(d)
+    rows = problem_block_m(problem)
     programs, tile_seq, tile_blk, device_tiles = tiles
     grid = (programs, problem.nheads)
     split = split_widths(d, CONFIG["split"])
