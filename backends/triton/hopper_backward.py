@@ -94,16 +94,16 @@ CONFIG = {"block_m": {64: 64, 128: 32}, "block_n": {64: 128, 128: 128}, "stages"
 if gluon is not None:
 
     @gluon.jit
-    def _produce(desc_q, desc_k, desc_v, desc_do, desc_q2, desc_k2, desc_v2, desc_do2,
-                 k_smem, v_smem, q_smem, do_smem, k2_smem, v2_smem, q2_smem, do2_smem,
-                 kv_bar, ready, empty, k_row, kvh, q_row, share, lo, n_blocks,
-                 GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr,
+    def _produce(loads, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr,
                  BLOCK_M: gl.constexpr, STAGES: gl.constexpr, PADDED: gl.constexpr,
                  TWO_CHUNKS: gl.constexpr, CONSUMERS: gl.constexpr):
         """Producer warp: K and V once, then Q and dO of every (head, query block), into
         buffers shaped as the descriptors' boxes; with TWO_CHUNKS the rows' columns past
         BLOCK_D too, through the second descriptors, on the same barriers. Three consumers:
         K and V as three 64-row boxes (k_smem / v_smem (3, 64, BLOCK_D))."""
+        (desc_q, desc_k, desc_v, desc_do, desc_q2, desc_k2, desc_v2, desc_do2, k_smem, v_smem,
+         q_smem, do_smem, k2_smem, v2_smem, q2_smem, do2_smem, kv_bar, ready, empty, k_row, kvh,
+         q_row, share, lo, n_blocks) = loads
         if CONSUMERS == 3:
             load_three_boxes(desc_k, desc_v, k_row, kvh, kv_bar, k_smem, v_smem, HEAD_DIM,
                              PADDED)
@@ -144,11 +144,7 @@ if gluon is not None:
                 c += 1
 
     @gluon.jit
-    def _consume(k_smem, v_smem, q_smem, do_smem, k2_smem, v2_smem, q2_smem, do2_smem, kv_bar,
-                 ready, empty, Lse, Delta, DK, DV, q_start, sq, k_start, sk, n0, offset, share,
-                 lo, n_blocks, full_lo, full_hi, qk_scale, sm_scale, window_left,
-                 window_right, total_q, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-                 WG: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
+    def _consume(args, WG: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                  BLOCK_D: gl.constexpr, BLOCK_D2: gl.constexpr, BLOCK_M: gl.constexpr,
                  STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr,
                  PREFETCH: gl.constexpr, CONSUMERS: gl.constexpr):
@@ -158,6 +154,10 @@ if gluon is not None:
         BLOCK_D2 columns sit in the second buffers: S^T and dP^T sum two matmuls each, and
         dK and dV are two accumulators each. With PREFETCH each query block's lse and delta
         are loaded during the block before."""
+        (k_smem, v_smem, q_smem, do_smem, k2_smem, v2_smem, q2_smem, do2_smem, kv_bar, ready,
+         empty, Lse, Delta, DK, DV, q_start, sq, k_start, sk, n0, offset, share, lo, n_blocks,
+         full_lo, full_hi, qk_scale, sm_scale, window_left, window_right, total_q, stride_dkt,
+         stride_dkh, stride_dvt, stride_dvh) = args
         ROWS: gl.constexpr = 64
         dtype: gl.constexpr = q_smem.dtype
         S_LAYOUT: gl.constexpr = mma_layout(BLOCK_M)
@@ -318,53 +318,34 @@ if gluon is not None:
         ready, empty = allocate_ring(STAGES, CONSUMERS)
         fence_async_shared()
 
+        # runtime values travel as one tuple each (the partitions unpack it); constexprs
+        # stay arguments of their own, and the partition lists literal
+        args = (k_smem, v_smem, q_smem, do_smem, k2_smem, v2_smem, q2_smem, do2_smem, kv_bar,
+                ready, empty, Lse, Delta, DK, DV, q_start, sq, k_start, sk, n0, offset, share,
+                lo, n_blocks, full_lo, full_hi, qk_scale, sm_scale, window_left, window_right,
+                total_q, stride_dkt, stride_dkh, stride_dvt, stride_dvh)
+        loads = (desc_q, desc_k, desc_v, desc_do, desc_q2, desc_k2, desc_v2, desc_do2, k_box,
+                 v_box, q_box, do_box, k2_box, v2_box, q2_box, do2_box, kv_bar, ready, empty,
+                 k_start + n0, kvh, q_start, share, lo, n_blocks)
         if CONSUMERS == 3:
             gl.warp_specialize([
-                (_consume, (k_smem, v_smem, q_smem, do_smem, k2_smem, v2_smem, q2_smem,
-                            do2_smem, kv_bar, ready, empty, Lse, Delta, DK, DV, q_start, sq,
-                            k_start, sk, n0, offset, share, lo, n_blocks, full_lo, full_hi,
-                            qk_scale, sm_scale, window_left, window_right, total_q,
-                            stride_dkt, stride_dkh, stride_dvt, stride_dvh, 0, GROUP,
-                            HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, STAGES, WINDOW_LEFT,
-                            WINDOW_RIGHT, PREFETCH, CONSUMERS)),
-                (_consume, (k_smem, v_smem, q_smem, do_smem, k2_smem, v2_smem, q2_smem,
-                            do2_smem, kv_bar, ready, empty, Lse, Delta, DK, DV, q_start, sq,
-                            k_start, sk, n0, offset, share, lo, n_blocks, full_lo, full_hi,
-                            qk_scale, sm_scale, window_left, window_right, total_q,
-                            stride_dkt, stride_dkh, stride_dvt, stride_dvh, 1, GROUP,
-                            HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, STAGES, WINDOW_LEFT,
-                            WINDOW_RIGHT, PREFETCH, CONSUMERS)),
-                (_consume, (k_smem, v_smem, q_smem, do_smem, k2_smem, v2_smem, q2_smem,
-                            do2_smem, kv_bar, ready, empty, Lse, Delta, DK, DV, q_start, sq,
-                            k_start, sk, n0, offset, share, lo, n_blocks, full_lo, full_hi,
-                            qk_scale, sm_scale, window_left, window_right, total_q,
-                            stride_dkt, stride_dkh, stride_dvt, stride_dvh, 2, GROUP,
-                            HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, STAGES, WINDOW_LEFT,
-                            WINDOW_RIGHT, PREFETCH, CONSUMERS)),
-                (_produce, (desc_q, desc_k, desc_v, desc_do, desc_q2, desc_k2, desc_v2,
-                            desc_do2, k_box, v_box, q_box, do_box, k2_box, v2_box, q2_box,
-                            do2_box, kv_bar, ready, empty, k_start + n0, kvh, q_start, share,
-                            lo, n_blocks, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, STAGES, PADDED,
+                (_consume, (args, 0, GROUP, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, STAGES,
+                            WINDOW_LEFT, WINDOW_RIGHT, PREFETCH, CONSUMERS)),
+                (_consume, (args, 1, GROUP, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, STAGES,
+                            WINDOW_LEFT, WINDOW_RIGHT, PREFETCH, CONSUMERS)),
+                (_consume, (args, 2, GROUP, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, STAGES,
+                            WINDOW_LEFT, WINDOW_RIGHT, PREFETCH, CONSUMERS)),
+                (_produce, (loads, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, STAGES, PADDED,
                             TWO_CHUNKS, CONSUMERS)),
             ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
-                (_consume, (k_smem, v_smem, q_smem, do_smem, k2_smem, v2_smem, q2_smem, do2_smem,
-                            kv_bar, ready, empty, Lse, Delta, DK, DV, q_start, sq, k_start, sk, n0,
-                            offset, share, lo, n_blocks, full_lo, full_hi, qk_scale, sm_scale,
-                            window_left, window_right, total_q, stride_dkt, stride_dkh, stride_dvt,
-                            stride_dvh, 0, GROUP, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, STAGES,
+                (_consume, (args, 0, GROUP, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, STAGES,
                             WINDOW_LEFT, WINDOW_RIGHT, PREFETCH, CONSUMERS)),
-                (_consume, (k_smem, v_smem, q_smem, do_smem, k2_smem, v2_smem, q2_smem, do2_smem,
-                            kv_bar, ready, empty, Lse, Delta, DK, DV, q_start, sq, k_start, sk, n0,
-                            offset, share, lo, n_blocks, full_lo, full_hi, qk_scale, sm_scale,
-                            window_left, window_right, total_q, stride_dkt, stride_dkh, stride_dvt,
-                            stride_dvh, 1, GROUP, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, STAGES,
+                (_consume, (args, 1, GROUP, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, STAGES,
                             WINDOW_LEFT, WINDOW_RIGHT, PREFETCH, CONSUMERS)),
-                (_produce, (desc_q, desc_k, desc_v, desc_do, desc_q2, desc_k2, desc_v2, desc_do2,
-                            k_box, v_box, q_box, do_box, k2_box, v2_box, q2_box, do2_box, kv_bar,
-                            ready, empty, k_start + n0, kvh, q_start, share, lo, n_blocks, GROUP,
-                            HEAD_DIM, BLOCK_D, BLOCK_M, STAGES, PADDED, TWO_CHUNKS, CONSUMERS)),
+                (_produce, (loads, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, STAGES, PADDED,
+                            TWO_CHUNKS, CONSUMERS)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 

@@ -74,15 +74,16 @@ CONFIG = {"block_n": {64: 64, 128: 128, 256: 32}, "block_m": {64: 192, 128: 128,
 if gluon is not None:
 
     @gluon.jit
-    def _produce(desc_q, desc_do, desc_k, desc_v, desc_q2, desc_do2, desc_k2, desc_v2, q_smem,
-                 do_smem, k_smem, v_smem, q2_smem, do2_smem, k2_smem, v2_smem, q_bar, ready,
-                 empty, q_row, q_head, k_row, kv_head, n_blocks, HEAD_DIM: gl.constexpr,
-                 BLOCK_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 PADDED: gl.constexpr, TWO_CHUNKS: gl.constexpr, CONSUMERS: gl.constexpr):
+    def _produce(loads, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, PADDED: gl.constexpr, TWO_CHUNKS: gl.constexpr,
+                 CONSUMERS: gl.constexpr):
         """Producer warp: Q and dO once, then K and V of blocks 0..n_blocks-1 into the ring
         (buffers shaped as the descriptors' boxes); with TWO_CHUNKS the rows' columns past
         BLOCK_D too, through the second descriptors, on the same barriers. Three consumers:
         Q and dO as three 64-row boxes (q_smem / do_smem (3, 64, BLOCK_D))."""
+        (desc_q, desc_do, desc_k, desc_v, desc_q2, desc_do2, desc_k2, desc_v2, q_smem, do_smem,
+         k_smem, v_smem, q2_smem, do2_smem, k2_smem, v2_smem, q_bar, ready, empty, q_row,
+         q_head, k_row, kv_head, n_blocks) = loads
         if CONSUMERS == 3:
             load_three_boxes(desc_q, desc_do, q_row, q_head, q_bar, q_smem, do_smem, HEAD_DIM,
                              PADDED)
@@ -116,17 +117,18 @@ if gluon is not None:
             tma.async_copy_global_to_shared(desc_v, box, ready.index(st), v_smem.index(st))
 
     @gluon.jit
-    def _consume(q_smem, do_smem, k_smem, v_smem, q2_smem, do2_smem, k2_smem, v2_smem, q_bar,
-                 ready, empty, k_zeroed, Lse, Delta, DQ, q_start, sq, h, m0, sk, offset, lo,
-                 n_blocks, full_lo, full_hi, qk_scale, sm_scale, window_left, window_right,
-                 stride_dqt, stride_dqh, total_q, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
-                 BLOCK_D: gl.constexpr, BLOCK_D2: gl.constexpr, BLOCK_M: gl.constexpr,
-                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr,
-                 WINDOW_RIGHT: gl.constexpr, CONSUMERS: gl.constexpr):
+    def _consume(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr,
+                 BLOCK_D2: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr,
+                 CONSUMERS: gl.constexpr):
         """Consumer warpgroup WG (of CONSUMERS): dQ of query rows [m0 + WG * 64, + 64). Rows
         are BLOCK_D wide, HEAD_DIM of them data and the rest zeros (TMA's fill past the
         head dim); with BLOCK_D2 (HEAD_DIM = BLOCK_D + BLOCK_D2) their last BLOCK_D2 columns
         sit in the second buffers: S and dP sum two matmuls each, dQ is two accumulators."""
+        (q_smem, do_smem, k_smem, v_smem, q2_smem, do2_smem, k2_smem, v2_smem, q_bar, ready,
+         empty, k_zeroed, Lse, Delta, DQ, q_start, sq, h, m0, sk, offset, lo, n_blocks,
+         full_lo, full_hi, qk_scale, sm_scale, window_left, window_right, stride_dqt,
+         stride_dqh, total_q) = args
         ROWS: gl.constexpr = BLOCK_M // CONSUMERS
         dtype: gl.constexpr = q_smem.dtype
         S_LAYOUT: gl.constexpr = mma_layout(BLOCK_N)
@@ -261,51 +263,33 @@ if gluon is not None:
         k_zeroed = allocate_barrier(1)
         fence_async_shared()
 
+        # runtime values travel as one tuple each (the partitions unpack it); constexprs
+        # stay arguments of their own, and the partition lists literal
+        args = (q_smem, do_smem, k_smem, v_smem, q2_smem, do2_smem, k2_smem, v2_smem, q_bar,
+                ready, empty, k_zeroed, Lse, Delta, DQ, q_start, sq, h, m0, sk, offset, lo,
+                n_blocks, full_lo, full_hi, qk_scale, sm_scale, window_left, window_right,
+                stride_dqt, stride_dqh, total_q)
+        loads = (desc_q, desc_do, desc_k, desc_v, desc_q2, desc_do2, desc_k2, desc_v2, q_box,
+                 do_box, k_box, v_box, q2_box, do2_box, k2_box, v2_box, q_bar, ready, empty,
+                 q_start + m0, h, k_start + lo, h // GROUP, n_blocks)
         if CONSUMERS == 3:
             gl.warp_specialize([
-                (_consume, (q_smem, do_smem, k_smem, v_smem, q2_smem, do2_smem, k2_smem,
-                            v2_smem, q_bar, ready, empty, k_zeroed, Lse, Delta, DQ, q_start,
-                            sq, h, m0, sk, offset, lo, n_blocks, full_lo, full_hi, qk_scale,
-                            sm_scale, window_left, window_right, stride_dqt, stride_dqh,
-                            total_q, 0, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES,
+                (_consume, (args, 0, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES,
                             WINDOW_LEFT, WINDOW_RIGHT, CONSUMERS)),
-                (_consume, (q_smem, do_smem, k_smem, v_smem, q2_smem, do2_smem, k2_smem,
-                            v2_smem, q_bar, ready, empty, k_zeroed, Lse, Delta, DQ, q_start,
-                            sq, h, m0, sk, offset, lo, n_blocks, full_lo, full_hi, qk_scale,
-                            sm_scale, window_left, window_right, stride_dqt, stride_dqh,
-                            total_q, 1, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES,
+                (_consume, (args, 1, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES,
                             WINDOW_LEFT, WINDOW_RIGHT, CONSUMERS)),
-                (_consume, (q_smem, do_smem, k_smem, v_smem, q2_smem, do2_smem, k2_smem,
-                            v2_smem, q_bar, ready, empty, k_zeroed, Lse, Delta, DQ, q_start,
-                            sq, h, m0, sk, offset, lo, n_blocks, full_lo, full_hi, qk_scale,
-                            sm_scale, window_left, window_right, stride_dqt, stride_dqh,
-                            total_q, 2, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES,
+                (_consume, (args, 2, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES,
                             WINDOW_LEFT, WINDOW_RIGHT, CONSUMERS)),
-                (_produce, (desc_q, desc_do, desc_k, desc_v, desc_q2, desc_do2, desc_k2,
-                            desc_v2, q_box, do_box, k_box, v_box, q2_box, do2_box, k2_box,
-                            v2_box, q_bar, ready, empty, q_start + m0, h, k_start + lo,
-                            h // GROUP, n_blocks, HEAD_DIM, BLOCK_D, BLOCK_N, STAGES, PADDED,
-                            TWO_CHUNKS, CONSUMERS)),
-            ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
+                (_produce, (loads, HEAD_DIM, BLOCK_D, BLOCK_N, STAGES, PADDED, TWO_CHUNKS,
+                             CONSUMERS))], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
-                (_consume, (q_smem, do_smem, k_smem, v_smem, q2_smem, do2_smem, k2_smem, v2_smem,
-                            q_bar, ready, empty, k_zeroed, Lse, Delta, DQ, q_start, sq, h, m0, sk,
-                            offset, lo, n_blocks, full_lo, full_hi, qk_scale, sm_scale,
-                            window_left, window_right, stride_dqt, stride_dqh, total_q, 0,
-                            HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES, WINDOW_LEFT,
-                            WINDOW_RIGHT, CONSUMERS)),
-                (_consume, (q_smem, do_smem, k_smem, v_smem, q2_smem, do2_smem, k2_smem, v2_smem,
-                            q_bar, ready, empty, k_zeroed, Lse, Delta, DQ, q_start, sq, h, m0, sk,
-                            offset, lo, n_blocks, full_lo, full_hi, qk_scale, sm_scale,
-                            window_left, window_right, stride_dqt, stride_dqh, total_q, 1,
-                            HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES, WINDOW_LEFT,
-                            WINDOW_RIGHT, CONSUMERS)),
-                (_produce, (desc_q, desc_do, desc_k, desc_v, desc_q2, desc_do2, desc_k2, desc_v2,
-                            q_box, do_box, k_box, v_box, q2_box, do2_box, k2_box, v2_box, q_bar,
-                            ready, empty, q_start + m0, h, k_start + lo, h // GROUP, n_blocks,
-                            HEAD_DIM, BLOCK_D, BLOCK_N, STAGES, PADDED, TWO_CHUNKS, CONSUMERS)),
-            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+                (_consume, (args, 0, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES,
+                            WINDOW_LEFT, WINDOW_RIGHT, CONSUMERS)),
+                (_consume, (args, 1, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES,
+                            WINDOW_LEFT, WINDOW_RIGHT, CONSUMERS)),
+                (_produce, (loads, HEAD_DIM, BLOCK_D, BLOCK_N, STAGES, PADDED, TWO_CHUNKS,
+                             CONSUMERS))], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def block_m(head_dim: int) -> int:

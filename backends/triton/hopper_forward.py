@@ -163,15 +163,16 @@ if gluon is not None:
             tma.async_copy_global_to_shared(desc, box, bar, buf)
 
     @gluon.jit
-    def _produce(desc_q, desc_k, desc_v, desc_q2, desc_k2, desc_v2, q_smem, k_smem, v_smem,
-                 q2_smem, k2_smem, v2_smem, q_bar, k_ready, v_ready, k_empty, v_empty, q_row,
-                 q_head, k_row, kv_head, n_blocks, HEAD_DIM: gl.constexpr,
-                 BLOCK_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 PADDED: gl.constexpr, SPLIT: gl.constexpr, CONSUMERS: gl.constexpr):
+    def _produce(loads, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, PADDED: gl.constexpr, SPLIT: gl.constexpr,
+                 CONSUMERS: gl.constexpr):
         """Producer warp: Q once, then K and V of blocks 0..n_blocks-1 into the ring (buffers
         shaped as the descriptors' boxes); with SPLIT, each row's columns past BLOCK_D too,
         through the second descriptors into the second buffers, on the same barriers. Three
         consumers: Q as three 64-row boxes (q_smem (3, 64, BLOCK_D))."""
+        (desc_q, desc_k, desc_v, desc_q2, desc_k2, desc_v2, q_smem, k_smem, v_smem, q2_smem,
+         k2_smem, v2_smem, q_bar, k_ready, v_ready, k_empty, v_empty, q_row, q_head, k_row,
+         kv_head, n_blocks) = loads
         if CONSUMERS == 3:
             mbarrier.expect(q_bar, 3 * desc_q.block_type.nbytes)
             for c in gl.static_range(3):
@@ -431,12 +432,8 @@ if gluon is not None:
         return s
 
     @gluon.jit
-    def _consume(q_smem, k_smem, v_smem, q2_smem, k2_smem, v2_smem, q_bar, k_ready, v_ready,
-                 k_empty, v_empty, v_zeroed, Out, Lse, Sinks, q_start, sq, h, m0, sk, offset,
-                 lo, n_blocks, full_lo, full_hi, qk_scale, tanh_scale, softcap2, slope2,
-                 window_left, window_right, stride_ot, stride_oh, total_q, WG: gl.constexpr,
-                 HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_D2: gl.constexpr,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    def _consume(args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr,
+                 BLOCK_D2: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr,
                  HAS_SINKS: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
                  CONSUMERS: gl.constexpr):
@@ -449,6 +446,10 @@ if gluon is not None:
         are exact. With BLOCK_D2 (SPLIT: HEAD_DIM = BLOCK_D + BLOCK_D2, two powers of two)
         the rows' last BLOCK_D2 columns sit in the second buffers: the scores sum two
         matmuls, and O is two accumulators."""
+        (q_smem, k_smem, v_smem, q2_smem, k2_smem, v2_smem, q_bar, k_ready, v_ready, k_empty,
+         v_empty, v_zeroed, Out, Lse, Sinks, q_start, sq, h, m0, sk, offset, lo, n_blocks,
+         full_lo, full_hi, qk_scale, tanh_scale, softcap2, slope2, window_left, window_right,
+         stride_ot, stride_oh, total_q) = args
         ROWS: gl.constexpr = BLOCK_M // CONSUMERS
         SPLIT: gl.constexpr = BLOCK_D2 > 0
         # scores turned into base-2 units before the max
@@ -651,54 +652,39 @@ if gluon is not None:
         v_zeroed = allocate_barrier(1)
         fence_async_shared()
 
+        # runtime values travel as one tuple each (the partitions unpack it); constexprs
+        # stay arguments of their own, and the partition lists literal
+        args = (q_smem, k_smem, v_smem, q2_smem, k2_smem, v2_smem, q_bar, k_ready, v_ready,
+                k_empty, v_empty, v_zeroed, Out, Lse, Sinks, q_start, sq, h, m0, sk, offset, lo,
+                n_blocks, full_lo, full_hi, qk_scale, tanh_scale, softcap2, slope2, window_left,
+                window_right, stride_ot, stride_oh, total_q)
+        loads = (desc_q, desc_k, desc_v, desc_q2, desc_k2, desc_v2, q_box, k_box, v_box, q2_box,
+                 k2_box, v2_box, q_bar, k_ready, v_ready, k_empty, v_empty, q_start + m0, h,
+                 k_start + lo, h // GROUP, n_blocks)
         if CONSUMERS == 3:
             gl.warp_specialize([
-                (_consume, (q_smem, k_smem, v_smem, q2_smem, k2_smem, v2_smem, q_bar, k_ready,
-                            v_ready, k_empty, v_empty, v_zeroed, Out, Lse, Sinks, q_start, sq,
-                            h, m0, sk, offset, lo, n_blocks, full_lo, full_hi, qk_scale,
-                            tanh_scale, softcap2, slope2, window_left, window_right,
-                            stride_ot, stride_oh, total_q, 0, HEAD_DIM, BLOCK_D, BLOCK_D2,
-                            BLOCK_M, BLOCK_N, STAGES, WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS,
-                            HAS_SOFTCAP, HAS_ALIBI, CONSUMERS)),
-                (_consume, (q_smem, k_smem, v_smem, q2_smem, k2_smem, v2_smem, q_bar, k_ready,
-                            v_ready, k_empty, v_empty, v_zeroed, Out, Lse, Sinks, q_start, sq,
-                            h, m0, sk, offset, lo, n_blocks, full_lo, full_hi, qk_scale,
-                            tanh_scale, softcap2, slope2, window_left, window_right,
-                            stride_ot, stride_oh, total_q, 1, HEAD_DIM, BLOCK_D, BLOCK_D2,
-                            BLOCK_M, BLOCK_N, STAGES, WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS,
-                            HAS_SOFTCAP, HAS_ALIBI, CONSUMERS)),
-                (_consume, (q_smem, k_smem, v_smem, q2_smem, k2_smem, v2_smem, q_bar, k_ready,
-                            v_ready, k_empty, v_empty, v_zeroed, Out, Lse, Sinks, q_start, sq,
-                            h, m0, sk, offset, lo, n_blocks, full_lo, full_hi, qk_scale,
-                            tanh_scale, softcap2, slope2, window_left, window_right,
-                            stride_ot, stride_oh, total_q, 2, HEAD_DIM, BLOCK_D, BLOCK_D2,
-                            BLOCK_M, BLOCK_N, STAGES, WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS,
-                            HAS_SOFTCAP, HAS_ALIBI, CONSUMERS)),
-                (_produce, (desc_q, desc_k, desc_v, desc_q2, desc_k2, desc_v2, q_box, k_box,
-                            v_box, q2_box, k2_box, v2_box, q_bar, k_ready, v_ready, k_empty,
-                            v_empty, q_start + m0, h, k_start + lo, h // GROUP, n_blocks,
-                            HEAD_DIM, BLOCK_D, BLOCK_N, STAGES, PADDED, SPLIT, CONSUMERS)),
+                (_consume, (args, 0, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES,
+                            WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS, HAS_SOFTCAP, HAS_ALIBI,
+                            CONSUMERS)),
+                (_consume, (args, 1, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES,
+                            WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS, HAS_SOFTCAP, HAS_ALIBI,
+                            CONSUMERS)),
+                (_consume, (args, 2, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES,
+                            WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS, HAS_SOFTCAP, HAS_ALIBI,
+                            CONSUMERS)),
+                (_produce, (loads, HEAD_DIM, BLOCK_D, BLOCK_N, STAGES, PADDED, SPLIT,
+                            CONSUMERS)),
             ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
-                (_consume, (q_smem, k_smem, v_smem, q2_smem, k2_smem, v2_smem, q_bar, k_ready,
-                            v_ready, k_empty, v_empty, v_zeroed, Out, Lse, Sinks, q_start, sq, h,
-                            m0, sk, offset, lo, n_blocks, full_lo, full_hi, qk_scale, tanh_scale,
-                            softcap2, slope2, window_left, window_right, stride_ot, stride_oh,
-                            total_q, 0, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES,
+                (_consume, (args, 0, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES,
                             WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS, HAS_SOFTCAP, HAS_ALIBI,
                             CONSUMERS)),
-                (_consume, (q_smem, k_smem, v_smem, q2_smem, k2_smem, v2_smem, q_bar, k_ready,
-                            v_ready, k_empty, v_empty, v_zeroed, Out, Lse, Sinks, q_start, sq, h,
-                            m0, sk, offset, lo, n_blocks, full_lo, full_hi, qk_scale, tanh_scale,
-                            softcap2, slope2, window_left, window_right, stride_ot, stride_oh,
-                            total_q, 1, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES,
+                (_consume, (args, 1, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, STAGES,
                             WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS, HAS_SOFTCAP, HAS_ALIBI,
                             CONSUMERS)),
-                (_produce, (desc_q, desc_k, desc_v, desc_q2, desc_k2, desc_v2, q_box, k_box, v_box,
-                            q2_box, k2_box, v2_box, q_bar, k_ready, v_ready, k_empty, v_empty,
-                            q_start + m0, h, k_start + lo, h // GROUP, n_blocks, HEAD_DIM, BLOCK_D,
-                            BLOCK_N, STAGES, PADDED, SPLIT, CONSUMERS)),
+                (_produce, (loads, HEAD_DIM, BLOCK_D, BLOCK_N, STAGES, PADDED, SPLIT,
+                            CONSUMERS)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
