@@ -25,6 +25,8 @@ Each trial is a '+'-joined list of overrides (an empty trial: the shipped settin
 * ``gdkdvn:BN``       the Gluon dK/dV at the cell's width (64 or 128): BN key rows per
   program, 64 per consumer warpgroup (192: three; with ``gdkdv:32:3``, as 64-row query
   blocks spill then)
+* ``gsplitm:BM``      the Gluon dK/dV's query block for head dims it reads in two chunks
+  (80, 96), every call (CONFIG["split_block_m"], no split_causal_rows)
 * ``gwide:BM:S``      the Gluon dK/dV at width 256 (hopper_dkdv_wide.py), for the cell's head
   dim's second column chunk (CONFIG["wide"]): BM query rows per block, S stages
 * ``gfwd:BN:S``       the Gluon forward at the cell's width: BN keys per block, S stages
@@ -137,6 +139,9 @@ def overrides(trial: str, head_dim: int):
                 hopper_dq.CONFIG["block_m"][width] = vals[0]
             elif name == "gdkdvn":
                 hopper_backward.CONFIG["block_n"][width] = vals[0]
+            elif name == "gsplitm":
+                hopper_backward.CONFIG["split_block_m"] = vals[0]
+                hopper_backward.CONFIG["split_causal_rows"] = (0, vals[0])
             elif name == "gwide":
                 second = hopper_dkdv_wide.second_width(head_dim,
                                                        hopper_backward.CONFIG["split"])

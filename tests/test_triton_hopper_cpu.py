@@ -260,6 +260,23 @@ def test_dkdv_key_rows_per_program(monkeypatch):
         64: 192, 80: 128, 96: 128, 112: 192, 128: 192}
 
 
+def test_dkdv_query_blocks(monkeypatch):
+    """The narrow Gluon dK/dV's query block: CONFIG["block_m"] at the width of head dims read
+    as one chunk (64 -> 64 rows; 112 and 128 -> 32 at width 128); for the two-chunk ones (80 =
+    64 + 16, 96 = 64 + 32) CONFIG["split_block_m"], and CONFIG["split_causal_rows"]'s 64 for
+    causal calls longer than 256 tokens or of unknown length; the width's when padded."""
+    assert {d: hopper_backward.query_block(d) for d in (64, 80, 96, 112, 128)} == {
+        64: 64, 80: 32, 96: 32, 112: 32, 128: 32}
+    assert {d: hopper_backward.query_block(d, True, 1000) for d in (64, 80, 96, 128)} == {
+        64: 64, 80: 64, 96: 64, 128: 32}
+    assert hopper_backward.query_block(96, True, 256) == 32
+    assert hopper_backward.query_block(96, True, 257) == 64
+    assert hopper_backward.query_block(96, True, 0) == 64  # longest sequence not known
+    assert hopper_backward.query_block(96, False, 1000) == 32
+    monkeypatch.setitem(hopper_backward.CONFIG, "split", False)
+    assert hopper_backward.query_block(96, True, 1000) == 32
+
+
 @pytest.mark.parametrize("kernel", [hopper_forward, hopper_dq])
 def test_query_rows_per_program(kernel, monkeypatch):
     """block_m of the Gluon forward and dQ: 192 query rows (three consumer warpgroups) at

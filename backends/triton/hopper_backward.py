@@ -74,7 +74,11 @@ BLOCK_N = 128  # key rows per program (two warpgroups of 64); width 256: hopper_
 # sequences (H200, tune classes: 0.73 against 0.78 ms on d64 GQA short, 10-12% slower on
 # medium / long; docs/performance.md v13, v16). split: read head dims 80, 96 (and in the
 # wide kernel 144, 160, 192) as two column chunks (hopper_forward.split_widths) rather than
-# zero-padded (d192 causal forward+backward: 4.87 -> 4.31 ms medium, v16).
+# zero-padded (d192 causal forward+backward: 4.87 -> 4.31 ms medium, v16). split_block_m: the
+# query block of head dims this kernel reads in two chunks (80 = 64 + 16, 96 = 64 + 32), and
+# split_causal_rows (N, rows) that of their causal calls whose longest query sequence exceeds
+# N tokens (or is not known): over the d96 tune classes 64 rows ran 0.95-0.97x the time of 32
+# on causal medium and long calls, 1.01-1.05x on short and non-causal ones (H200, v18).
 # device_offsets_above: {width: N}, device offsets also served at that width when the longest
 # sequence exceeds N tokens (hopper_forward.lengths_served; hopper_dq's has the same): at
 # width 64 the Gluon backward lost 7-25% on short calls (v16), and with N = 256 the d64 tune
@@ -89,7 +93,8 @@ CONFIG = {"block_m": {64: 64, 128: 32}, "block_n": {64: 128, 128: 128}, "stages"
           "wide": {128: (32, 3), 64: (64, 2), 32: (32, 3), 16: (32, 3)},
           "consumer_regs": 240, "consumer_regs_three": 160, "producer_regs": 24,
           "device_offsets": (128, 256), "device_offsets_above": {64: 256}, "split": True,
-          "prefetch": (64, 128, 256), "right_unbounded": True}
+          "split_block_m": 32,
+          "split_causal_rows": (256, 64), "prefetch": (64, 128, 256), "right_unbounded": True}
 
 if gluon is not None:
 
@@ -358,6 +363,19 @@ def block_n(head_dim: int) -> int:
     return hopper_forward.rows_per_program(head_dim, CONFIG, "block_n", BLOCK_N)
 
 
+def query_block(head_dim: int, causal: bool = False, max_seqlen_q: int = 0) -> int:
+    """Query rows per block of this module's kernel (widths 64 and 128): CONFIG["block_m"] at
+    the head dim's width; for head dims read as two column chunks CONFIG["split_block_m"], or
+    CONFIG["split_causal_rows"]'s rows for a ``causal`` call whose longest query sequence
+    ``max_seqlen_q`` (0: not known) exceeds its bound."""
+    if hopper_forward.split_widths(head_dim, CONFIG["split"]) is None:
+        return CONFIG["block_m"][hopper_forward.block_d(head_dim)]
+    bound, rows = CONFIG["split_causal_rows"]
+    if causal and not 0 < max_seqlen_q <= bound:
+        return rows
+    return CONFIG["split_block_m"]
+
+
 def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
              plain: bool) -> bool:
     """Whether this kernel computes dK/dV of a call: the conditions of
@@ -398,7 +416,8 @@ def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
     else:
         chunks = hopper_forward.split_widths(d, CONFIG["split"])
         box, second = chunks if chunks is not None else (width, 0)
-        kernel, rows, block_m = _hopper_dkdv_kernel, block_n(d), CONFIG["block_m"][width]
+        kernel, rows = _hopper_dkdv_kernel, block_n(d)
+        block_m = query_block(d, problem.causal, problem.max_seqlen_q)
         own = dict(BLOCK_D=box, BLOCK_D2=second, STAGES=CONFIG["stages"])
     grid = (programs, problem.nheads_k * split)
     kv_rows = hopper_forward.box_rows(rows)
