@@ -289,7 +289,7 @@ def tune(device: str | torch.device, *, backends: list[str] | None = None,
                        "name_pattern": match_name}
     table.extra.update({
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "versions": _versions(),
+        "versions": _versions(table.extra.get("versions", {}), backends),
         "settings": {"warmup_ms": warmup_ms, "rep_ms": rep_ms, "host_bound_ms": HOST_BOUND_MS,
                      "backends": list(backends)},
         "measured_backends": {**table.extra.get("measured_backends", {}), **{
@@ -388,11 +388,19 @@ def _describe(problem) -> str:
             f"{problem.nheads_k}, d{problem.head_dim}, {' '.join(problem.features()) or 'plain'}")
 
 
-def _versions() -> dict:
+# The package whose version a backend's figures depend on (beyond torch's, always recorded).
+BACKEND_PACKAGES = {"triton": "triton", "flash-attn": "flash-attn", "fa4": "flash-attn-4"}
+
+
+def _versions(previous: dict, measured: list[str]) -> dict:
+    """The run's versions (attnhub, python, torch, CUDA, and each backend package's); for
+    the package of a backend this run does not measure, the ``previous`` table's value: its
+    figures in the table are the earlier run's."""
     found = {"attnhub": _version("attnhub"), "python": platform.python_version(),
              "torch": torch.__version__, "cuda (torch build)": torch.version.cuda}
-    for package in ("triton", "flash-attn", "flash-attn-4"):
-        found[package] = _version(package)
+    for backend, package in BACKEND_PACKAGES.items():
+        keep = backend not in measured and package in previous
+        found[package] = previous[package] if keep else _version(package)
     return found
 
 

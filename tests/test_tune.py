@@ -118,6 +118,7 @@ def test_remeasuring_one_backend_keeps_the_others_entries(cache, capsys):
     first = cost_tables.read_table(path)
     first.classes[CLASS] = {"sdpa": 1e6, "reference": 123.0}
     first.extra["measured_backends"]["reference"] = "2000-01-01"
+    first.extra["versions"]["flash-attn-4"] = "4.0.0b36"  # an fa4 column from another run
     cost_tables.write_table(first, path)
     capsys.readouterr()
     assert cli.main(["tune", "--device", "cpu", "--classes", CLASS, "--rep-ms", "5",
@@ -127,6 +128,7 @@ def test_remeasuring_one_backend_keeps_the_others_entries(cache, capsys):
     assert 0 < table.classes[CLASS]["sdpa"] < 1e6
     assert table.extra["measured_backends"]["reference"] == "2000-01-01"
     assert table.extra["measured_backends"]["sdpa"] != "2000-01-01"
+    assert table.extra["versions"]["flash-attn-4"] == "4.0.0b36"  # fa4 was not re-measured
     assert tune.merge_costs({"a": 1.0, "b": 2.0}, {"a": 3.0}, ["a", "b"]) == {"a": 3.0}
 
 
