@@ -102,13 +102,15 @@ def test_calls_measured_faster_on_the_tl_forward_take_it(monkeypatch):
         assert hopper_forward.tl_is_faster(problem) is tl
 
 
-def test_gluon_launches_are_recorded_and_replayed_with_the_calls_tensors(monkeypatch):
+@pytest.mark.parametrize("features", [False, True])
+def test_gluon_launches_are_recorded_and_replayed_with_the_calls_tensors(features, monkeypatch):
     """forward.forward's replay of the Gluon launch, with the launcher replaced by a recorder
     that hands back a fake record: a softcap call (host lengths) and a device-offset call are
     recorded at their problem's second call and replayed from the third with that call's
-    q / k / v (the bases of the record's descriptors), out, lse and offsets; an ALiBi call
-    is never recorded (the slopes are not among the replayed arguments)."""
-    from attnhub.backends.triton import forward
+    q / k / v (the bases of the record's descriptors), out, lse and offsets. ALiBi and sinks
+    calls: with replay.FEATURES the same, their slopes and sinks after the offsets; without,
+    never recorded."""
+    from attnhub.backends.triton import forward, replay
 
     replayed, flags = [], []
 
@@ -121,31 +123,43 @@ def test_gluon_launches_are_recorded_and_replayed_with_the_calls_tensors(monkeyp
         flags.append(record)
         return fake if record else None
 
+    monkeypatch.setattr(replay, "FEATURES", features)
     monkeypatch.setattr(hopper_forward, "supports", lambda problem, q, k, v, plain: plain)
     monkeypatch.setattr(hopper_forward, "forward", launcher)
     forward._replays.clear()
     lengths = [5, 0, 30]
     host = attnhub.VarlenInfo.from_lengths(lengths, "cpu")
     cu = torch.tensor([0, 5, 5, 35], dtype=torch.int32)
-    for offsets, kw in (((host, host), {"softcap": 5.0, "causal": True}),
-                        ((cu, cu, 30, 30), {"causal": True}),
-                        ((host, host), {"alibi_slopes": torch.rand(4)})):
+    for offsets, kw, with_sinks in (((host, host), {"softcap": 5.0, "causal": True}, False),
+                                    ((cu, cu, 30, 30), {"causal": True}, False),
+                                    ((host, host), {"alibi_slopes": None}, False),
+                                    ((host, host), {"causal": True}, True)):
         problem = None
         for _ in range(4):
             q = torch.randn(35, 4, 64, dtype=torch.float16)
             k = v = torch.randn(35, 2, 64, dtype=torch.float16)
-            p, inputs = normalize(q, k, v, *offsets, **kw)
+            call = dict(kw)
+            if "alibi_slopes" in call:
+                call["alibi_slopes"] = torch.rand(4)  # new slopes every call
+            sinks = torch.rand(4) if with_sinks else None
+            p, inputs = normalize(q, k, v, *offsets, **call, sinks=sinks)
             problem = p if problem is None else problem
-            out, lse = forward.forward(problem, inputs, None)
-        if "alibi_slopes" in kw:
+            out, lse = forward.forward(problem, inputs, None, sinks=sinks)
+        extra = (inputs.alibi_slopes,) if "alibi_slopes" in kw else (sinks,) if with_sinks \
+            else ()
+        if extra and not features:
             assert flags == [False] * 4 and not replayed
+            flags.clear()
             continue
         assert flags == [False, True]  # the third and fourth calls replay
         assert len(replayed) == 2
-        r_q, r_k, r_v, r_out, r_lse, r_cu_q, r_cu_k = replayed[-1]
+        *call_tensors, = replayed[-1]
+        assert len(call_tensors) == 7 + len(extra)
+        r_q, r_k, r_v, r_out, r_lse, r_cu_q, r_cu_k = call_tensors[:7]
         assert r_q is inputs.q and r_k is inputs.k and r_v is inputs.v
         assert r_out is out and r_lse is lse
         assert r_cu_q is inputs.cu_seqlens_q and r_cu_k is inputs.cu_seqlens_k
+        assert all(a is b for a, b in zip(call_tensors[7:], extra, strict=True))
         flags.clear()
         replayed.clear()
     forward._replays.clear()
@@ -154,13 +168,12 @@ def test_gluon_launches_are_recorded_and_replayed_with_the_calls_tensors(monkeyp
 def test_replayed_argument_names_are_the_gluon_kernels_parameters():
     """A replay puts the call's tensors into the parameters REPLAY_ARGS names (a name the
     kernel lacks would silently disable replay); the kernel's other tensor parameters are
-    fixed per problem: the host tile list, or placeholders (sinks and ALiBi calls, which
-    carry per-call tensors there, are never replayed)."""
+    fixed per problem: the host tile list, or placeholders, except the sinks and ALiBi
+    slopes of calls that have them (replayed by name with replay.FEATURES)."""
     if not hopper_forward.available():
         pytest.skip("this Triton has no Gluon")
     names = hopper_forward._hopper_fwd_kernel.arg_names
-    assert set(hopper_forward.REPLAY_TWO_CHUNK_ARGS) == set(names[:10])
-    assert hopper_forward.REPLAY_TWO_CHUNK_ARGS[:7] == hopper_forward.REPLAY_ARGS
+    assert set(hopper_forward.REPLAY_ARGS + hopper_forward.SECOND_CHUNK_ARGS) == set(names[:10])
     assert names[10:14] == ["TileSeq", "TileBlk", "Sinks", "Alibi"]
     # both dK/dV kernels (hopper_backward.dkdv's) and the dQ: every tensor parameter before
     # the tile list is replayed

@@ -56,6 +56,24 @@ def test_a_repeating_record_passes_tensors_again_for_its_extra_slots():
     assert isinstance(record.repeating(1), replay._Repeating)
 
 
+def test_optional_slots_are_the_kernels_parameters():
+    """replay.present names the optional slots a record replaces (ALiBi slopes, sinks, the
+    dQ kernel's row sums for dsinks) by their parameter names in the tl kernels (a name a
+    kernel lacked would make recording fail, and the call launch in full every time)."""
+    from attnhub.backends.triton import backward as triton_backward
+
+    slopes, sinks = torch.ones(2), torch.zeros(2)
+    assert replay.present(Alibi=None, Sinks=None) == ((), ())
+    names, tensors = replay.present(Alibi=slopes, Sinks=sinks)
+    assert names == ("Alibi", "Sinks") and tensors[0] is slopes and tensors[1] is sinks
+    assert replay.present(Alibi=None, RowPdP=sinks)[0] == ("RowPdP",)
+    for kernel, optional in ((triton_forward._fwd_kernel, ("Alibi", "Sinks")),
+                             (triton_backward._dkdv_kernel, ("Alibi",)),
+                             (triton_backward._dq_kernel, ("Alibi", "RowPdP"))):
+        params = getattr(kernel, "fn", kernel).arg_names
+        assert set(optional) <= set(params), kernel
+
+
 def test_aligned_and_rebased_descriptor():
     from dataclasses import dataclass
 
@@ -99,12 +117,13 @@ def test_the_out_only_runner_replays_the_recorded_launch_first(monkeypatch):
             launched.append(tensors)
             return True
 
-    key = (q.stride(), k.stride(), v.stride(), q.get_device(), True, True)
+    key = triton_forward._replay_key(q, k, v, gluon=True, tma=True)
     triton_forward._replays.get(problem, key)
     assert triton_forward._replays.peek(problem, key) is True  # seen, not recorded
     triton_forward._replays.put(problem, key, Record())
     out = run(q, k, v, cu_q, cu_k)
-    (r_q, r_k, r_v, r_out, r_lse, r_cu_q, r_cu_k), = launched
+    (r_q, r_k, r_v, r_out, r_lse, r_cu_q, r_cu_k, features), = launched
+    assert features == ()  # no ALiBi slopes or sinks
     assert r_q is q and r_k is k and r_v is v and r_out is out
     assert out.shape == q.shape and r_lse.shape == (4, 35)
     assert r_cu_q is cu_q and r_cu_k is cu_k
@@ -243,5 +262,59 @@ def test_replayed_backward_matches_fresh_backward(causal, offsets, with_lse, hea
     for seed, qkv in enumerate(inputs):
         fresh = grads(*qkv, seed)
         plans.clear()
+        for a, b in zip(replayed[seed], fresh, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("feature", ["alibi", "alibi-batch", "sinks"])
+@pytest.mark.parametrize("backward", [False, True])
+def test_replayed_feature_calls_match_fresh_calls(feature, backward, monkeypatch):
+    """With replay.FEATURES: calls with ALiBi slopes ((nheads,) or (batch, nheads)) or sinks,
+    new slopes / sinks every call, replay their forward (and backward) launches, and give
+    bitwise the out, lse and gradients (dsinks too) of fresh launches."""
+    from attnhub import plans
+    from attnhub.backends.triton import backward as triton_backward
+
+    monkeypatch.setattr(replay, "FEATURES", True)
+    lengths = [64, 1, 200, 0, 130]
+    info = attnhub.VarlenInfo.from_lengths(lengths, "cuda")
+
+    def call(seed):
+        q, k, v = _inputs(lengths, seed)
+        g = torch.Generator(device="cuda").manual_seed(50 + seed)
+        if feature == "sinks":
+            kw = {"sinks": torch.randn(8, device="cuda", generator=g)}
+        else:
+            shape = (8,) if feature == "alibi" else (len(lengths), 8)
+            kw = {"alibi_slopes": torch.rand(shape, device="cuda", generator=g)}
+        leaves = (q, k, v, *kw.values())
+        if backward:
+            for t in leaves[:3] + (leaves[3:] if feature == "sinks" else ()):
+                t.requires_grad_()
+        out, lse = attnhub.attention_forward_varlen(q, k, v, info, info, causal=True,
+                                                    return_lse=True, backend="triton", **kw)
+        if not backward:
+            return out, lse
+        dout = torch.randn(out.shape, device="cuda", dtype=out.dtype, generator=g)
+        wrt = leaves if feature == "sinks" else leaves[:3]
+        return (out, lse, *torch.autograd.grad(out, wrt, dout))
+
+    plans.clear()
+    triton_forward._replays.clear()
+    triton_backward._replays.clear()
+    replayed = [call(seed) for seed in range(5)]
+    assert any(isinstance(r, triton_forward.ForwardReplay)
+               for _, recs in triton_forward._replays._entries.values() for r in recs.values())
+    if backward:
+        assert any(isinstance(r, triton_backward.BackwardReplay)
+                   for _, recs in triton_backward._replays._entries.values()
+                   for r in recs.values())
+    for seed in range(5):  # every call a first sighting: launched in full
+        plans.clear()
+        triton_forward._replays.clear()
+        triton_backward._replays.clear()
+        fresh = call(seed)
         for a, b in zip(replayed[seed], fresh, strict=True):
             assert torch.equal(a, b)

@@ -336,18 +336,25 @@ _replays = replay.ReplayCache()
 
 
 class BackwardReplay:
-    """The recorded launches of one backward (delta, dK/dV in the tl or Gluon kernel, dQ)."""
+    """The recorded launches of one backward (delta, dK/dV in the tl or Gluon kernel, dQ);
+    ``dkdv_slots`` / ``dq_slots``: the optional slots each record also replaces (the ALiBi
+    slopes, the dQ kernel's row sums for dsinks: ``features``' names, replay.FEATURES)."""
 
-    __slots__ = ("delta", "dkdv", "dq")
+    __slots__ = ("delta", "dkdv", "dkdv_slots", "dq", "dq_slots")
 
-    def __init__(self, delta, dkdv, dq) -> None:
+    def __init__(self, delta, dkdv, dq, dkdv_slots: tuple[str, ...] = (),
+                 dq_slots: tuple[str, ...] = ()) -> None:
         self.delta, self.dkdv, self.dq = delta, dkdv, dq
+        self.dkdv_slots, self.dq_slots = dkdv_slots, dq_slots
 
-    def launch(self, q, k, v, out, dout, lse, dlse_arg, delta, dq, dk, dv, cu_q, cu_k) -> bool:
+    def launch(self, q, k, v, out, dout, lse, dlse_arg, delta, dq, dk, dv, cu_q, cu_k,
+               features: dict | None = None) -> bool:
         if not self.delta(out, dout, dlse_arg, delta):
             return False
-        self.dkdv(q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k)
-        self.dq(q, k, v, dout, lse, delta, dq, cu_q, cu_k)
+        self.dkdv(q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k,
+                  *(features[name] for name in self.dkdv_slots))
+        self.dq(q, k, v, dout, lse, delta, dq, cu_q, cu_k,
+                *(features[name] for name in self.dq_slots))
         return True
 
 
@@ -369,14 +376,18 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
     recorded strides too."""
     q, k, v = inputs.q, inputs.k, inputs.v
     cu_q, cu_k = inputs.cu_seqlens_q, inputs.cu_seqlens_k
+    alibi = inputs.alibi_slopes
     split = group_split.split_for(problem, q.device)
     recording = False
-    if seed is None and sinks is None and problem.paged is None and not problem.custom_mask \
-            and inputs.alibi_slopes is None and problem.total_q and problem.nheads:
+    if seed is None and problem.paged is None and not problem.custom_mask \
+            and (replay.FEATURES or (sinks is None and alibi is None)) \
+            and problem.total_q and problem.nheads:
         replay_key = (q.stride(), k.stride(), v.stride(), out.stride(), dout.stride(),
-                      None if dlse is None else dlse.stride(), q.get_device(), gluon)
+                      None if dlse is None else dlse.stride(), q.get_device(), gluon,
+                      None if alibi is None else alibi.stride())
         found = _replays.get(problem, replay_key)
-        if found is not None and replay.aligned(q, k, v, out, dout, lse, cu_q, cu_k):
+        if found is not None and replay.aligned(q, k, v, out, dout, lse, cu_q, cu_k,
+                                                *replay.present(Alibi=alibi)[1]):
             if found is True:
                 recording = all(t.stride(-1) == 1 for t in (q, k, v, out, dout))
                 if not recording:
@@ -387,9 +398,12 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
                 dlse_arg = dlse.float() if dlse is not None else delta
                 dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
                 dk, dv = _dkdv_buffers(problem, k, v, split)
+                row_pdp = _row_pdp(problem, q, sinks)
                 if replay.aligned(dlse_arg) and found.launch(
-                        q, k, v, out, dout, lse, dlse_arg, delta, dq, dk, dv, cu_q, cu_k):
-                    return dq, *_dkdv_results(problem, k, v, dk, dv, split), None
+                        q, k, v, out, dout, lse, dlse_arg, delta, dq, dk, dv, cu_q, cu_k,
+                        {"Alibi": alibi, "RowPdP": row_pdp}):
+                    dsinks = None if sinks is None else sink_gradient(sinks, lse, row_pdp, dlse)
+                    return dq, *_dkdv_results(problem, k, v, dk, dv, split), dsinks
     records: dict[str, object] = {}
     q = _c(q)
     k, stride_kt, stride_kh = kv_layout(problem, _c(k))
@@ -416,7 +430,6 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
     dk, dv = _dkdv_buffers(problem, k, v, split)
     key_tile, query_tile = configs.backward_tiles(problem.head_dim, problem.causal)
     left, right = problem.window
-    alibi = inputs.alibi_slopes
     dummy = cu_q
     common = dict(
         GROUP=problem.group_size, HEAD_DIM=problem.head_dim,
@@ -438,6 +451,7 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
              and alibi is None and problem.paged is None)
     # calls with no right mask bound go to the Gluon dK/dV with CONFIG["right_unbounded"]
     # (on: faster than the tl kernel since the lse / delta prefetch, docs/performance.md v16)
+    dkdv_slots = dq_slots = ()  # the optional slots the records replace
     if (gluon and problem.nheads_k
             and (right >= 0 or hopper_backward.CONFIG["right_unbounded"])
             and hopper_backward.supports(problem, q, k, v, dout, plain)):
@@ -451,6 +465,7 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
                 records["dkdv"] = recorded
     else:
         k_programs, k_seq, k_blk, k_device = launch_tiles(problem, cu_k, key_tile, False)
+        dkdv_slots = replay.present(Alibi=alibi)[0]
         if k_programs and problem.nheads_k:
             records["dkdv"] = configs.launch(
                 "dkdv", _dkdv_kernel, (k_programs, problem.nheads_k * split),
@@ -459,11 +474,9 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
                 q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
                 dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0),
                 dv.stride(1), alibi_stride, *scalars, BLOCK_N=key_tile, DEVICE_TILES=k_device,
-                record=DKDV_REPLAY_ARGS if recording else (),
+                record=DKDV_REPLAY_ARGS + dkdv_slots if recording else (),
                 **dict(common, GROUP=problem.group_size // split), SPLIT=split)
-    # with sinks: rowsum(P * dP) per (head, query row), the tl dQ kernel's
-    row_pdp = (torch.empty((problem.nheads, problem.total_q), dtype=torch.float32,
-                           device=q.device) if sinks is not None else None)
+    row_pdp = _row_pdp(problem, q, sinks)
     if gluon and sinks is None and hopper_dq.supports(problem, q, k, v, dout, plain):
         q_tiles = launch_tiles(problem, cu_q, hopper_dq.block_m(problem.head_dim), True)
         if q_tiles[0] and problem.nheads:
@@ -472,6 +485,7 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
         q_programs = 0
     else:
         q_programs, q_seq, q_blk, q_device = launch_tiles(problem, cu_q, query_tile, True)
+        dq_slots = replay.present(Alibi=alibi, RowPdP=row_pdp)[0]
     if q_programs and problem.nheads:
         records["dq"] = configs.launch("dq", _dq_kernel, (q_programs, problem.nheads),
             q, k, v, dout, lse, delta, dq, cu_q, cu_k,
@@ -480,13 +494,22 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
             q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), alibi_stride,
             *scalars, BLOCK_M=query_tile, DEVICE_TILES=q_device, HAS_SINKS=sinks is not None,
-            record=DQ_REPLAY_ARGS if recording else (), **common)
+            record=DQ_REPLAY_ARGS + dq_slots if recording else (), **common)
     if recording:
         complete = all(records.get(name) for name in ("delta", "dkdv", "dq"))
         _replays.put(problem, replay_key, BackwardReplay(
-            records["delta"], records["dkdv"], records["dq"]) if complete else None)
+            records["delta"], records["dkdv"], records["dq"], dkdv_slots, dq_slots)
+            if complete else None)
     dsinks = None if sinks is None else sink_gradient(sinks, lse, row_pdp, dlse)
     return dq, *_dkdv_results(problem, k, v, dk, dv, split), dsinks
+
+
+def _row_pdp(problem, q: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor | None:
+    """With sinks: the tl dQ kernel's rowsum(P * dP) per (head, query row), float32
+    (nheads, total_q), for their gradient (sink_gradient); None without."""
+    if sinks is None:
+        return None
+    return torch.empty((problem.nheads, problem.total_q), dtype=torch.float32, device=q.device)
 
 
 def _dkdv_buffers(problem, k: torch.Tensor, v: torch.Tensor, split: int

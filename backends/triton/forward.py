@@ -471,7 +471,9 @@ _replays = replay.ReplayCache()
 
 class ForwardReplay:
     """A recorded forward launch of the tl (``gluon`` False) or Gluon kernel; ``tma``: the
-    tl kernel's record also takes K and V for its TMA descriptors."""
+    tl kernel's record also takes K and V for its TMA descriptors. The call's ALiBi slopes
+    and sinks (``replay.present``'s tensors, with replay.FEATURES) follow in the slots
+    named after them."""
 
     __slots__ = ("gluon", "record", "tma")
 
@@ -480,25 +482,28 @@ class ForwardReplay:
         self.tma = tma
         self.gluon = gluon
 
-    def launch(self, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k) -> bool:
+    def launch(self, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, features=()) -> bool:
         if self.tma:
-            return self.record(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, k, v)
-        return self.record(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+            return self.record(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, k, v, *features)
+        return self.record(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *features)
 
 
 def _replay_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gluon: bool,
-                tma: bool) -> tuple:
-    """What a forward record depends on beyond its problem object."""
-    return (q.stride(), k.stride(), v.stride(), q.get_device(), gluon, tma)
+                tma: bool, alibi: torch.Tensor | None = None) -> tuple:
+    """What a forward record depends on beyond its problem object (which says whether the
+    call has ALiBi slopes and sinks; the slopes' row stride is a launch argument)."""
+    return (q.stride(), k.stride(), v.stride(), q.get_device(), gluon, tma,
+            None if alibi is None else alibi.stride())
 
 
 def _replayed(found: ForwardReplay, problem, q: torch.Tensor, k: torch.Tensor,
-              v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor] | None:
+              v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+              features: tuple = ()) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(out, lse) of ``found`` launched again with these tensors, or None (another device)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((problem.nheads, problem.total_q), dtype=torch.float32, device=q.device)
-    return (out, lse) if found.launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k) else None
+    launched = found.launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, features)
+    return (out, lse) if launched else None
 
 
 def replay_out(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -554,23 +559,27 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor |
     the tl kernel and pointer loads.
 
     Repeats of a problem object (attnhub's call plans pass the same one) without dropout,
-    sinks, ALiBi, pages, custom masks or an attnhub.plan schedule replay the launch recorded
-    at its second call (replay.py) when q, k and v have the recorded strides and device and
-    every address is 16-byte aligned: none of the preparation below runs again."""
+    pages, custom masks or an attnhub.plan schedule (and, unless replay.FEATURES, without
+    sinks or ALiBi) replay the launch recorded at its second call (replay.py) when q, k and v
+    (and the slopes) have the recorded strides and device and every address is 16-byte
+    aligned: none of the preparation below runs again."""
     q, k, v = inputs.q, inputs.k, inputs.v
     cu_q, cu_k = inputs.cu_seqlens_q, inputs.cu_seqlens_k
+    alibi = inputs.alibi_slopes
     recording = False
-    if seed is None and sinks is None and inputs.schedule is None and problem.paged is None \
-            and not problem.custom_mask and inputs.alibi_slopes is None:
-        replay_key = _replay_key(q, k, v, gluon, tma)
+    if seed is None and inputs.schedule is None and problem.paged is None \
+            and not problem.custom_mask \
+            and (replay.FEATURES or (sinks is None and alibi is None)):
+        feature_slots, features = replay.present(Alibi=alibi, Sinks=sinks)
+        replay_key = _replay_key(q, k, v, gluon, tma, alibi)
         found = _replays.get(problem, replay_key)
-        if found is not None and replay.aligned(q, k, v, cu_q, cu_k):
+        if found is not None and replay.aligned(q, k, v, cu_q, cu_k, *features):
             if found is True:
                 recording = q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
                 if not recording:
                     _replays.put(problem, replay_key, None)
             else:
-                result = _replayed(found, problem, q, k, v, cu_q, cu_k)
+                result = _replayed(found, problem, q, k, v, cu_q, cu_k, features)
                 if result is not None:
                     return result
     if q.stride(-1) != 1:
@@ -580,7 +589,6 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor |
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((problem.nheads, problem.total_q), dtype=torch.float32, device=q.device)
     left, right = problem.window
-    alibi = inputs.alibi_slopes
     block_table = inputs.block_table
     dummy = cu_q
     rows_exact = configs.block_d(problem.head_dim) == problem.head_dim and problem.paged is None
@@ -625,7 +633,8 @@ def forward(problem, inputs, seed: torch.Tensor | None, *, sinks: torch.Tensor |
         alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0,
         problem.total_q, problem.batch, problem.nheads, key_bound(problem),
         *score_scalars(problem), problem.dropout_p, left, right,
-        record=(REPLAY_TMA_ARGS if use_tma else REPLAY_ARGS) if recording else (),
+        record=((REPLAY_TMA_ARGS if use_tma else REPLAY_ARGS) + feature_slots) if recording
+        else (),
         GROUP=problem.group_size, HEAD_DIM=problem.head_dim,
         BLOCK_D=configs.block_d(problem.head_dim), BLOCK_M=block_m,
         TOP_LEFT=problem.mask_alignment == "top_left", WINDOW_LEFT=left >= 0,

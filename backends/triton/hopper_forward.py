@@ -835,10 +835,10 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     (programs, tile_seq, tile_blk, device_tiles), a host-planned list or (device_tiles) an
     upper bound of programs that find their tiles from cu_seqlens_q; ``scalars``: (scale *
     log2 e, scale / softcap, softcap * log2 e) as forward.score_scalars; ``sinks``: float32
-    (nheads,) sink logits, or None; ``alibi``: float32 slopes (nheads,) or (batch, nheads), or None
-    (calls with ALiBi are never recorded: forward.forward does not replay them). With
-    ``record``, returns the replay.LaunchRecord or None: replays take (q, k, v, out, lse,
-    cu_seqlens_q, cu_seqlens_k), q, k and v for their descriptors."""
+    (nheads,) sink logits, or None; ``alibi``: float32 slopes (nheads,) or (batch, nheads), or
+    None. With ``record``, returns the replay.LaunchRecord or None: replays take (q, k, v, out,
+    lse, cu_seqlens_q, cu_seqlens_k), then the slopes and the sinks where the call has them,
+    q, k and v for their descriptors."""
     d = problem.head_dim
     width = block_d(d)
     left, right = problem.window
@@ -868,11 +868,13 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
         HAS_SOFTCAP=softcap_mode(problem.softcap), HAS_ALIBI=alibi is not None,
         DEVICE_TILES=device_tiles, num_warps=4)
     if record:
-        from .replay import LaunchRecord
+        from .replay import LaunchRecord, present
 
+        names = (*REPLAY_ARGS, *present(Alibi=alibi, Sinks=sinks)[0])
         if not second:
-            return LaunchRecord.launch(_hopper_fwd_kernel, grid, args, kwargs, REPLAY_ARGS)
-        record = LaunchRecord.launch(_hopper_fwd_kernel, grid, args, kwargs, REPLAY_TWO_CHUNK_ARGS)
+            return LaunchRecord.launch(_hopper_fwd_kernel, grid, args, kwargs, names)
+        record = LaunchRecord.launch(_hopper_fwd_kernel, grid, args, kwargs,
+                                     (*names, *SECOND_CHUNK_ARGS))
         return None if record is None else record.repeating(0, 1, 2)
     _hopper_fwd_kernel[grid](*args, **kwargs)
     return None
@@ -883,5 +885,5 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
 # the problem, the same at every replay.
 REPLAY_ARGS = ("desc_q", "desc_k", "desc_v", "Out", "Lse", "CuQ", "CuK")
 # head dims read in two chunks (split_widths): q, k and v again, for the second chunks'
-# descriptors (the record repeats them: LaunchRecord.repeating)
-REPLAY_TWO_CHUNK_ARGS = (*REPLAY_ARGS, "desc_q2", "desc_k2", "desc_v2")
+# descriptors, after every other slot (the record repeats them: LaunchRecord.repeating)
+SECOND_CHUNK_ARGS = ("desc_q2", "desc_k2", "desc_v2")

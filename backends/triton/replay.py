@@ -44,6 +44,10 @@ MAX_PROBLEMS = 256  # as many as attnhub's call plans (attnhub.plans.MAX_PLANS)
 # Tritons whose launcher layout the direct launch was written against and checked with
 DIRECT_LAUNCH_VERSIONS = ("3.6.",)
 MAX_TENSOR_MAPS = 64  # CUtensorMaps kept per descriptor slot, by base address
+# Calls with ALiBi slopes or sinks replay too, their tensors (and the backward's row sums for
+# dsinks) in dynamic slots of their own. Off until the GPU replay tests have run it
+# (tests/test_triton_replay.py turns it on there).
+FEATURES = False
 
 
 def _is_descriptor(value) -> bool:
@@ -260,6 +264,13 @@ class ReplayCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+
+
+def present(**slots) -> tuple[tuple[str, ...], tuple]:
+    """(names, tensors) of the ``slots`` (kernel parameter name = tensor or None) that hold
+    a tensor, in the order given: the optional dynamic slots of a record and their values."""
+    names = tuple(name for name, t in slots.items() if t is not None)
+    return names, tuple(slots[name] for name in names)
 
 
 def aligned(*tensors) -> bool:
