@@ -187,3 +187,78 @@ def test_empty_batch_and_all_empty_sequences():
         if q.shape[0]:
             grads = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
             assert all(g is None or not g.any() for g in grads)
+
+
+# Windows bounded on both sides run in blocks of query rows against the keys their window
+# reaches (kernel._blocks); BLOCK_ROWS is lowered so that these short sequences take blocks.
+WINDOW_LENS_Q = [40, 0, 33, 17, 17, 1, 29]
+WINDOW_LENS_K = [40, 5, 50, 17, 17, 3, 20]
+WINDOW_CASES = {
+    "causal-left": {"causal": True, "window_size": (3, 0)},
+    "window": {"window_size": (2, 1)},
+    "top-left-window": {"window_size": (1, 2), "mask_alignment": "top_left"},
+    "alibi-batch-head": {"alibi_slopes": "batch_head", "window_size": (4, 3)},
+    "custom-mask": {"custom_mask": True, "window_size": (2, 2)},
+}
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("case", list(WINDOW_CASES))
+def test_windowed_blocks_match_the_reference(case, dtype, monkeypatch):
+    """Out, lse and gradients (lse's too) of windowed calls computed in row blocks, against
+    the reference; more kernel calls than groups shows the blocks ran. float64 recomputes
+    each block's forward in the backward, float32 takes the forward's out and lse."""
+    monkeypatch.setattr(kernel, "BLOCK_ROWS", 4)
+    calls = []
+    real = kernel._forward_op
+    monkeypatch.setattr(kernel, "_forward_op",
+                        lambda q, *a, **kw: calls.append(q.shape[2]) or real(q, *a, **kw))
+    q, k, v, cq, ck = make_qkv(WINDOW_LENS_Q, WINDOW_LENS_K, 6, 2, 16, dtype=dtype, seed=4)
+    kw = dict(WINDOW_CASES[case])
+    gen = torch.Generator().manual_seed(4)
+    if kw.get("alibi_slopes") == "batch_head":
+        kw["alibi_slopes"] = alibi_slopes(6, len(WINDOW_LENS_Q))
+    if kw.get("custom_mask"):
+        kw["custom_mask"] = torch.cat([
+            (torch.rand(a, b, generator=gen) < 0.7).reshape(-1)
+            for a, b in zip(WINDOW_LENS_Q, WINDOW_LENS_K, strict=True)])
+    dout = torch.randn(q.shape, generator=gen, dtype=F64).to(dtype)
+    dlse = torch.randn(6, q.shape[0], generator=gen, dtype=torch.float32)
+    out, lse, grads = _grads("sdpa", q, k, v, cq, ck, kw, dout, dlse)
+    assert len(calls) > 7 and max(calls) < 40  # blocks, none the whole 40-row sequence
+    ref_out, ref_lse, ref_grads = _grads("reference", q, k, v, cq, ck, kw, dout, dlse)
+    tol = 1e-9 if dtype == F64 else 2e-5
+    torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    finite = ~torch.isneginf(lse)
+    torch.testing.assert_close(lse[finite], ref_lse[finite], rtol=tol, atol=tol)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, rg, rtol=tol, atol=tol)
+
+
+def test_window_blocks_cover_each_rows_keys():
+    """kernel._blocks: windows bounded on both sides split a group into row blocks of at
+    least BLOCK_ROWS (or the window's width) whose key range holds every key the rows may
+    see; unbounded windows, short groups and windows as wide as the keys stay whole."""
+    q, k, v, cq, ck = make_qkv([600], [700], 2, 1, 8, dtype=torch.float32)
+    for window, align in (((64, 0), "bottom_right"), ((20, 30), "top_left"),
+                          ((100, 3), "bottom_right")):
+        problem, _ = attnhub.normalize(q, k, v, cq, ck, window_size=window,
+                                       mask_alignment=align)
+        g = kernel._Group(0, 1, 0, 0, 600, 700)
+        blocks = kernel._blocks(problem, g)
+        assert len(blocks) > 1
+        rows = [i for b in blocks for i in range(b.i0, b.i1)]
+        assert rows == list(range(600))  # every query row once, in order
+        offset = 100 if align == "bottom_right" else 0
+        left, right = window
+        for b in blocks:
+            assert b.i1 - b.i0 <= max(kernel.BLOCK_ROWS, left + right + 1)
+            assert b.j0 == max(b.i0 + offset - left, 0)
+            assert b.j1 == min(b.i1 - 1 + offset + right + 1, 700)
+    g = kernel._Group(0, 1, 0, 0, 600, 700)
+    for kw in ({"causal": True}, {"window_size": (64, -1)}, {"window_size": (300, 0)}):
+        problem, _ = attnhub.normalize(q, k, v, cq, ck, **kw)
+        assert kernel._blocks(problem, g) == [kernel._Block(0, 600, 0, 700)], kw
+    problem, _ = attnhub.normalize(q, k, v, cq, ck, window_size=(8, 0))
+    assert len(kernel._blocks(problem, kernel._Group(0, 1, 0, 0, 60, 700))) == 1  # short

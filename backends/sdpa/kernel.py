@@ -66,6 +66,44 @@ class _Group:
         return slice(self.k0, self.k0 + self.n * self.sk)
 
 
+@dataclass(frozen=True)
+class _Block:
+    """Query rows [i0, i1) and the key rows [j0, j1) that hold every key they may see, of
+    each sequence of a group."""
+
+    i0: int
+    i1: int
+    j0: int
+    j1: int
+
+
+# Windowed groups are computed in blocks of at least this many query rows (a row block as
+# tall as the window is wide otherwise), each against the keys its window reaches, when that
+# at least halves the keys a row is scored against.
+BLOCK_ROWS = 64
+
+
+def _blocks(problem: VarlenProblem, g: _Group) -> list[_Block]:
+    """The group as one block, or, under a window bounded on both sides (causal windows
+    included), as blocks of query rows with their window's key range."""
+    whole = [_Block(0, g.sq, 0, g.sk)]
+    left, right = problem.window
+    if left < 0 or right < 0:
+        return whole
+    rows = max(BLOCK_ROWS, left + right + 1)
+    if rows + left + right > g.sk // 2 or g.sq <= rows:
+        return whole
+    offset = g.sk - g.sq if problem.mask_alignment == "bottom_right" else 0
+    blocks = []
+    for i0 in range(0, g.sq, rows):
+        i1 = min(i0 + rows, g.sq)
+        j0 = min(max(i0 + offset - left, 0), g.sk)
+        j1 = max(min(i1 - 1 + offset + right + 1, g.sk), j0)
+        if j1 > j0:
+            blocks.append(_Block(i0, i1, j0, j1))
+    return blocks
+
+
 @dataclass
 class _Mask:
     """How one group is masked: ``is_causal`` (top-left, the kernel's own), or an additive
@@ -103,25 +141,27 @@ def _groups(problem: VarlenProblem, inputs: VarlenInputs) -> Iterator[_Group]:
         yield group
 
 
-def _mask(problem: VarlenProblem, inputs: VarlenInputs, g: _Group) -> _Mask:
-    """The group's mask in the kernel's terms, built from attnhub's geometry: key j is visible
-    to query i when ``-right <= i + offset - j <= left`` (offset = sk - sq bottom-right, 0
-    top-left), and the custom mask allows it; ALiBi adds ``-slope * |i + offset - j|``."""
+def _mask(problem: VarlenProblem, inputs: VarlenInputs, g: _Group, block: _Block) -> _Mask:
+    """The mask of the group's ``block`` in the kernel's terms, built from attnhub's
+    geometry: key j is visible to query i when ``-right <= i + offset - j <= left`` (offset
+    = sk - sq bottom-right, 0 top-left), and the custom mask allows it; ALiBi adds
+    ``-slope * |i + offset - j|``."""
     offset = g.sk - g.sq if problem.mask_alignment == "bottom_right" else 0
     left, right = problem.window
-    if problem.alibi is None and not problem.custom_mask:
+    if problem.alibi is None and not problem.custom_mask:  # (blocks: windows only)
         if left < 0 and right < 0:
             return _Mask()
         if problem.causal and left < 0 and offset == 0:
             return _Mask(is_causal=True)
     dev = inputs.q.device
-    rel = (torch.arange(g.sq, device=dev)[:, None] + offset
-           - torch.arange(g.sk, device=dev)[None, :])
+    rows, cols = range(block.i0, block.i1), range(block.j0, block.j1)
+    rel = (torch.arange(rows.start, rows.stop, device=dev)[:, None] + offset
+           - torch.arange(cols.start, cols.stop, device=dev)[None, :])
     visible = window_visible(rel, problem.window)
     if problem.custom_mask:
         assert inputs.custom_mask is not None
-        visible &= custom_mask.read_block(inputs.custom_mask, g.mask_offset, g.sk,
-                                          range(g.sq), range(g.sk))
+        visible &= custom_mask.read_block(inputs.custom_mask, g.mask_offset, g.sk, rows,
+                                          cols)
     dtype = compute_dtype(problem.dtype)
     bias = torch.zeros(rel.shape, dtype=dtype, device=dev)
     if problem.alibi is not None:
@@ -161,19 +201,23 @@ def forward(problem: VarlenProblem, inputs: VarlenInputs, need_lse: bool = True
     lse = torch.full((problem.nheads, problem.total_q), float("-inf"), dtype=torch.float32,
                      device=q.device)
     for g in _groups(problem, inputs):
-        m = _mask(problem, inputs, g)
         rows = g.q_rows
-        o, lg = _run_forward(problem, _heads_first(q[rows], g.n, ctype),
-                             _heads_first(k[g.k_rows], g.n, ctype),
-                             _heads_first(v[g.k_rows], g.n, ctype), m)
-        o_rows = o.transpose(1, 2).reshape(g.n * g.sq, problem.nheads, problem.head_dim)
-        if m.dead is not None:
-            o_rows.view(g.n, g.sq, problem.nheads, -1)[:, m.dead] = 0
-        out[rows] = o_rows
-        if need_lse:
+        qg, kg, vg = (_heads_first(q[rows], g.n, ctype), _heads_first(k[g.k_rows], g.n, ctype),
+                      _heads_first(v[g.k_rows], g.n, ctype))
+        out_g = out[rows].view(g.n, g.sq, problem.nheads, problem.head_dim)  # views: the
+        lse_g = lse[:, rows].view(problem.nheads, g.n, g.sq)  # blocks write into out, lse
+        for bl in _blocks(problem, g):
+            m = _mask(problem, inputs, g, bl)
+            o, lg = _run_forward(problem, qg[:, :, bl.i0:bl.i1], kg[:, :, bl.j0:bl.j1],
+                                 vg[:, :, bl.j0:bl.j1], m)
+            o = o.transpose(1, 2)
             if m.dead is not None:
-                lg[:, :, m.dead] = float("-inf")
-            lse[:, rows] = lg.transpose(0, 1).reshape(problem.nheads, -1)
+                o[:, m.dead] = 0
+            out_g[:, bl.i0:bl.i1] = o
+            if need_lse:
+                if m.dead is not None:
+                    lg[:, :, m.dead] = float("-inf")
+                lse_g[:, :, bl.i0:bl.i1] = lg.transpose(0, 1)
     return ForwardResult(out, lse)
 
 
@@ -187,7 +231,6 @@ def backward(problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
     h, d = problem.nheads, problem.head_dim
     ctype = compute_dtype(problem.dtype)
     for g in _groups(problem, inputs):
-        m = _mask(problem, inputs, g)
         rows, keys, n = g.q_rows, g.k_rows, g.n
         qg, kg, vg = (_heads_first(q[rows], n, ctype), _heads_first(k[keys], n, ctype),
                       _heads_first(v[keys], n, ctype))
@@ -195,19 +238,37 @@ def backward(problem: VarlenProblem, inputs: VarlenInputs, out: torch.Tensor,
         if ctype == torch.float32:  # lse is the kernel's own; out rounded for half inputs
             og = _heads_first(out[rows], n, ctype)
             lg = lse[:, rows].reshape(h, n, g.sq).transpose(0, 1)
-        else:  # float64: lse is kept in float32, so out and lse again in float64
-            og, lg = _run_forward(problem, qg, kg, vg, m)
-        if m.dead is not None:  # the kernel's own convention there: lse 0 (p = exp(-inf) = 0)
-            lg = lg.clone()
-            lg[:, :, m.dead] = 0.0
         if dlse is not None:
             dl = dlse[:, rows].reshape(h, n, g.sq).transpose(0, 1).to(ctype)
             qg, kg, vg = _append(qg, 0.0), _append(kg, 0.0), _append(vg, 0.0)
-            og = torch.cat([og, -dl.unsqueeze(-1)], -1)
             dog = _append(dog, 1.0)
-        gq, gk, gv = _backward_op(dog, qg, kg, vg, og, lg.contiguous(), 0.0, m.is_causal,
-                                  attn_mask=m.bias, scale=problem.scale)
-        dq[rows] = gq[..., :d].transpose(1, 2).reshape(n * g.sq, h, d)
+        blocks = _blocks(problem, g)
+        if len(blocks) > 1:  # dk / dv summed over the blocks whose key ranges overlap
+            gk_sum = kg.new_zeros((*kg.shape[:-1], d))
+            gv_sum = vg.new_zeros((*vg.shape[:-1], d))
+        for bl in blocks:
+            m = _mask(problem, inputs, g, bl)
+            r, c = slice(bl.i0, bl.i1), slice(bl.j0, bl.j1)
+            if ctype == torch.float32:
+                og_b, lg_b = og[:, :, r], lg[:, :, r]
+            else:  # float64: lse is kept in float32, so out and lse again in float64
+                og_b, lg_b = _run_forward(problem, qg[:, :, r, :problem.head_dim],
+                                          kg[:, :, c, :problem.head_dim],
+                                          vg[:, :, c, :problem.head_dim], m)
+            if m.dead is not None:  # the kernel's convention there: lse 0 (p = exp(-inf) = 0)
+                lg_b = lg_b.clone()
+                lg_b[:, :, m.dead] = 0.0
+            if dlse is not None:
+                og_b = torch.cat([og_b, -dl[:, :, r].unsqueeze(-1)], -1)
+            gq, gk, gv = _backward_op(dog[:, :, r], qg[:, :, r], kg[:, :, c], vg[:, :, c],
+                                      og_b, lg_b.contiguous(), 0.0, m.is_causal,
+                                      attn_mask=m.bias, scale=problem.scale)
+            dq[rows].view(n, g.sq, h, d)[:, r] = gq[..., :d].transpose(1, 2)
+            if len(blocks) > 1:
+                gk_sum[:, :, c] += gk[..., :d]
+                gv_sum[:, :, c] += gv[..., :d]
+        if len(blocks) > 1:
+            gk, gv = gk_sum, gv_sum
         dk[keys] = gk[..., :d].transpose(1, 2).reshape(n * g.sk, problem.nheads_k, d)
         dv[keys] = gv[..., :d].transpose(1, 2).reshape(n * g.sk, problem.nheads_k, d)
     return Gradients(dq, dk, dv)
