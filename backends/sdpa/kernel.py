@@ -163,13 +163,14 @@ def _mask(problem: VarlenProblem, inputs: VarlenInputs, g: _Group, block: _Block
         visible &= custom_mask.read_block(inputs.custom_mask, g.mask_offset, g.sk, rows,
                                           cols)
     dtype = compute_dtype(problem.dtype)
-    bias = torch.zeros(rel.shape, dtype=dtype, device=dev)
-    if problem.alibi is not None:
+    if problem.alibi is not None:  # (heads, rows, cols): one product, then the mask in place
         slopes = inputs.alibi_slopes
         assert slopes is not None
         slope = slopes if problem.alibi == "head" else slopes[g.b]
-        bias = -slope.to(dtype)[:, None, None] * rel.abs().to(dtype)
-    bias = bias.masked_fill(~visible, float("-inf"))
+        bias = torch.mul(rel.to(dtype).abs_(), -slope.to(dtype)[:, None, None])
+    else:
+        bias = torch.zeros(rel.shape, dtype=dtype, device=dev)
+    bias.masked_fill_(~visible, float("-inf"))
     if bias.dim() == 3:  # the kernel takes a 2-D or 4-D mask
         bias = bias.unsqueeze(0)
     dead = (~visible.any(-1)).nonzero().squeeze(-1)
