@@ -1,5 +1,5 @@
 """Varlen attention through PyTorch's fused CPU attention kernel, one group of sequences at a
-time.
+time (under a window bounded on both sides, one block of query rows at a time: ``_blocks``).
 
 The kernel is ``aten::_scaled_dot_product_flash_attention_for_cpu`` (what
 ``torch.nn.functional.scaled_dot_product_attention`` runs on the CPU) and its backward
