@@ -182,7 +182,6 @@ if gluon is not None:
         PENDING: gl.constexpr = 2 if TWO_CHUNKS else 1
         if TWO_CHUNKS:
             G2_LAYOUT: gl.constexpr = mma_layout(BLOCK_D2)
-            A2_LAYOUT: gl.constexpr = operand_a_layout(BLOCK_D2)
             k2_rows = k2_smem.slice(WG * ROWS, ROWS)
             v2_rows = v2_smem.slice(WG * ROWS, ROWS)
             dk2 = gl.zeros([ROWS, BLOCK_D2], gl.float32, G2_LAYOUT)
@@ -230,18 +229,16 @@ if gluon is not None:
                 pt = probabilities_t(s, qk_scale, lse2, qs, qi, q_ok, kj, offset, full_lo,
                                      full_hi, window_left, window_right, BLOCK_M,
                                      WINDOW_LEFT, WINDOW_RIGHT)
-                dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), A_LAYOUT), do_buf, dv,
-                                   is_async=True)
+                p16 = gl.convert_layout(pt.to(dtype), A_LAYOUT)
+                dv = warpgroup_mma(p16, do_buf, dv, is_async=True)
                 if TWO_CHUNKS:
-                    dv2 = warpgroup_mma(gl.convert_layout(pt.to(dtype), A2_LAYOUT),
-                                        do2_smem.index(st), dv2, is_async=True)
+                    dv2 = warpgroup_mma(p16, do2_smem.index(st), dv2, is_async=True)
                 dp = warpgroup_mma_wait(num_outstanding=PENDING, deps=(dpt, ))
                 dst = pt * (dp - delta[None, :])
-                dk = warpgroup_mma(gl.convert_layout(dst.to(dtype), A_LAYOUT), q_buf, dk,
-                                   is_async=True)
+                ds16 = gl.convert_layout(dst.to(dtype), A_LAYOUT)
+                dk = warpgroup_mma(ds16, q_buf, dk, is_async=True)
                 if TWO_CHUNKS:
-                    dk2 = warpgroup_mma(gl.convert_layout(dst.to(dtype), A2_LAYOUT),
-                                        q2_smem.index(st), dk2, is_async=True)
+                    dk2 = warpgroup_mma(ds16, q2_smem.index(st), dk2, is_async=True)
                     dk, dk2 = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dk2))
                     dv, dv2 = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dv2))
                 else:

@@ -149,7 +149,6 @@ if gluon is not None:
         PENDING: gl.constexpr = 2 if TWO_CHUNKS else 1
         if TWO_CHUNKS:
             G2_LAYOUT: gl.constexpr = mma_layout(BLOCK_D2)
-            A2_LAYOUT: gl.constexpr = operand_a_layout(BLOCK_D2)
             q2_rows = q2_smem.slice(WG * ROWS, ROWS)
             do2_rows = do2_smem.slice(WG * ROWS, ROWS)
             dq2 = gl.zeros([ROWS, BLOCK_D2], gl.float32, G2_LAYOUT)
@@ -190,11 +189,10 @@ if gluon is not None:
                 visible = in_window((kj < sk)[None, :], qi[:, None] + offset - kj[None, :],
                                     window_left, window_right, WINDOW_LEFT, WINDOW_RIGHT)
                 ds = gl.where(visible, ds, 0.0)
-            dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), A_LAYOUT), k_buf, dq,
-                               is_async=True)
+            ds16 = gl.convert_layout(ds.to(dtype), A_LAYOUT)
+            dq = warpgroup_mma(ds16, k_buf, dq, is_async=True)
             if TWO_CHUNKS:
-                dq2 = warpgroup_mma(gl.convert_layout(ds.to(dtype), A2_LAYOUT),
-                                    k2_smem.index(st), dq2, is_async=True)
+                dq2 = warpgroup_mma(ds16, k2_smem.index(st), dq2, is_async=True)
                 dq, dq2 = warpgroup_mma_wait(num_outstanding=0, deps=(dq, dq2))
             else:
                 dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ))
