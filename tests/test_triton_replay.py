@@ -74,6 +74,28 @@ def test_optional_slots_are_the_kernels_parameters():
         assert set(optional) <= set(params), kernel
 
 
+def test_a_backward_replay_passes_its_optional_slots_in_record_order():
+    """BackwardReplay.launch: each record gets the call's tensors, then the optional slots it
+    was recorded with (the tl dQ's ALiBi slopes and dsinks row sums; none for a record
+    without them)."""
+    from attnhub.backends.triton import backward as triton_backward
+
+    seen = {}
+
+    def record(name):
+        return lambda *tensors: seen.setdefault(name, tensors) is not None
+
+    base = tuple(f"t{i}" for i in range(13))  # q ... cu_k
+    plain = triton_backward.BackwardReplay(record("delta"), record("dkdv"), record("dq"))
+    assert plain.launch(*base, "slopes", "rows")
+    assert seen["dkdv"][10:] == () and seen["dq"][9:] == ()
+    seen.clear()
+    featured = triton_backward.BackwardReplay(record("delta"), record("dkdv"), record("dq"),
+                                              ("Alibi",), ("Alibi", "RowPdP"))
+    assert featured.launch(*base, "slopes", "rows")
+    assert seen["dkdv"][10:] == ("slopes",) and seen["dq"][9:] == ("slopes", "rows")
+
+
 def test_aligned_and_rebased_descriptor():
     from dataclasses import dataclass
 

@@ -148,7 +148,8 @@ def _mask(problem: VarlenProblem, inputs: VarlenInputs, g: _Group, block: _Block
     ``-slope * |i + offset - j|``."""
     offset = g.sk - g.sq if problem.mask_alignment == "bottom_right" else 0
     left, right = problem.window
-    if problem.alibi is None and not problem.custom_mask:  # (blocks: windows only)
+    # the shortcuts below see whole groups: _blocks splits windowed groups only
+    if problem.alibi is None and not problem.custom_mask:
         if left < 0 and right < 0:
             return _Mask()
         if problem.causal and left < 0 and offset == 0:

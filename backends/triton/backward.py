@@ -337,8 +337,8 @@ _replays = replay.ReplayCache()
 
 class BackwardReplay:
     """The recorded launches of one backward (delta, dK/dV in the tl or Gluon kernel, dQ);
-    ``dkdv_slots`` / ``dq_slots``: the optional slots each record also replaces (the ALiBi
-    slopes, the dQ kernel's row sums for dsinks: ``features``' names, replay.FEATURES)."""
+    ``dkdv_slots`` / ``dq_slots``: the optional slots each record also replaces ("Alibi":
+    the slopes, "RowPdP": the dQ kernel's row sums for dsinks; replay.FEATURES)."""
 
     __slots__ = ("delta", "dkdv", "dkdv_slots", "dq", "dq_slots")
 
@@ -348,13 +348,16 @@ class BackwardReplay:
         self.dkdv_slots, self.dq_slots = dkdv_slots, dq_slots
 
     def launch(self, q, k, v, out, dout, lse, dlse_arg, delta, dq, dk, dv, cu_q, cu_k,
-               features: dict | None = None) -> bool:
+               alibi: torch.Tensor | None = None, row_pdp: torch.Tensor | None = None) -> bool:
         if not self.delta(out, dout, dlse_arg, delta):
             return False
-        self.dkdv(q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k,
-                  *(features[name] for name in self.dkdv_slots))
-        self.dq(q, k, v, dout, lse, delta, dq, cu_q, cu_k,
-                *(features[name] for name in self.dq_slots))
+        dkdv_extra = dq_extra = ()
+        if self.dkdv_slots or self.dq_slots:
+            named = {"Alibi": alibi, "RowPdP": row_pdp}
+            dkdv_extra = tuple(named[name] for name in self.dkdv_slots)
+            dq_extra = tuple(named[name] for name in self.dq_slots)
+        self.dkdv(q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, *dkdv_extra)
+        self.dq(q, k, v, dout, lse, delta, dq, cu_q, cu_k, *dq_extra)
         return True
 
 
@@ -386,8 +389,8 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
                       None if dlse is None else dlse.stride(), q.get_device(), gluon,
                       None if alibi is None else alibi.stride())
         found = _replays.get(problem, replay_key)
-        if found is not None and replay.aligned(q, k, v, out, dout, lse, cu_q, cu_k,
-                                                *replay.present(Alibi=alibi)[1]):
+        if found is not None and replay.aligned(q, k, v, out, dout, lse, cu_q, cu_k) \
+                and (alibi is None or replay.aligned(alibi)):
             if found is True:
                 recording = all(t.stride(-1) == 1 for t in (q, k, v, out, dout))
                 if not recording:
@@ -401,7 +404,7 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
                 row_pdp = _row_pdp(problem, q, sinks)
                 if replay.aligned(dlse_arg) and found.launch(
                         q, k, v, out, dout, lse, dlse_arg, delta, dq, dk, dv, cu_q, cu_k,
-                        {"Alibi": alibi, "RowPdP": row_pdp}):
+                        alibi, row_pdp):
                     dsinks = None if sinks is None else sink_gradient(sinks, lse, row_pdp, dlse)
                     return dq, *_dkdv_results(problem, k, v, dk, dv, split), dsinks
     records: dict[str, object] = {}
