@@ -155,6 +155,15 @@ def test_the_out_only_runner_replays_the_recorded_launch_first(monkeypatch):
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def _gluon_serves_short_calls(monkeypatch):
+    """The test's sequences are short: the calls the tl forward was measured faster on
+    (hopper_forward.tl_is_faster) take the Gluon kernel too where it runs."""
+    from attnhub.backends.triton import hopper_forward
+
+    monkeypatch.setattr(hopper_forward, "TL_BELOW", {})
+    monkeypatch.setattr(hopper_forward, "TL_SOFTCAP_DEVICE_OFFSETS", ())
+
+
 def _inputs(lengths, seed, head_dim=128):
     g = torch.Generator(device="cuda").manual_seed(seed)
     total = sum(lengths)
@@ -175,6 +184,7 @@ def test_replayed_launches_match_fresh_launches(path, offsets, feature, monkeypa
     if path == "gluon" and (not hopper_forward.available() or not hopper_forward.is_sm90(None)):
         pytest.skip("the Gluon forward runs on sm_90")
     gluon, tma = path == "gluon", path == "tl-tma"
+    _gluon_serves_short_calls(monkeypatch)
     original = triton_forward.forward
     monkeypatch.setattr(triton_forward, "forward",
                         lambda *a, **kw: original(*a, **{**kw, "gluon": gluon, "tma": tma}))
@@ -292,13 +302,25 @@ def test_replayed_backward_matches_fresh_backward(causal, offsets, with_lse, hea
 @needs_gpu
 @pytest.mark.parametrize("feature", ["alibi", "alibi-batch", "sinks"])
 @pytest.mark.parametrize("backward", [False, True])
-def test_replayed_feature_calls_match_fresh_calls(feature, backward, monkeypatch):
+@pytest.mark.parametrize("path", ["tl", "gluon"])
+def test_replayed_feature_calls_match_fresh_calls(feature, backward, path, monkeypatch):
     """With replay.FEATURES: calls with ALiBi slopes ((nheads,) or (batch, nheads)) or sinks,
-    new slopes / sinks every call, replay their forward (and backward) launches, and give
-    bitwise the out, lse and gradients (dsinks too) of fresh launches."""
+    new slopes / sinks every call, replay their forward (and backward) launches on the tl
+    and (sm_90) the Gluon forward, and give bitwise the out, lse and gradients (dsinks too)
+    of fresh launches."""
     from attnhub import plans
     from attnhub.backends.triton import backward as triton_backward
+    from attnhub.backends.triton import hopper_forward
 
+    gluon = path == "gluon"
+    if gluon and (not hopper_forward.available() or not hopper_forward.is_sm90(None)):
+        pytest.skip("the Gluon forward runs on sm_90")
+    if gluon:
+        _gluon_serves_short_calls(monkeypatch)
+    else:
+        original = triton_forward.forward
+        monkeypatch.setattr(triton_forward, "forward",
+                            lambda *a, **kw: original(*a, **{**kw, "gluon": False}))
     monkeypatch.setattr(replay, "FEATURES", True)
     lengths = [64, 1, 200, 0, 130]
     info = attnhub.VarlenInfo.from_lengths(lengths, "cuda")
@@ -327,7 +349,7 @@ def test_replayed_feature_calls_match_fresh_calls(feature, backward, monkeypatch
     triton_forward._replays.clear()
     triton_backward._replays.clear()
     replayed = [call(seed) for seed in range(5)]
-    assert any(isinstance(r, triton_forward.ForwardReplay)
+    assert any(isinstance(r, triton_forward.ForwardReplay) and r.gluon == gluon
                for _, recs in triton_forward._replays._entries.values() for r in recs.values())
     if backward:
         assert any(isinstance(r, triton_backward.BackwardReplay)

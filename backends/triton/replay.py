@@ -45,9 +45,8 @@ MAX_PROBLEMS = 256  # as many as attnhub's call plans (attnhub.plans.MAX_PLANS)
 DIRECT_LAUNCH_VERSIONS = ("3.6.",)
 MAX_TENSOR_MAPS = 64  # CUtensorMaps kept per descriptor slot, by base address
 # Calls with ALiBi slopes or sinks replay too, their tensors (and the backward's row sums for
-# dsinks) in dynamic slots of their own. Off until the GPU replay tests have run it
-# (tests/test_triton_replay.py turns it on there).
-FEATURES = False
+# dsinks) in dynamic slots of their own (off: such calls take the full launch every time)
+FEATURES = True
 
 
 def _is_descriptor(value) -> bool:
