@@ -35,8 +35,6 @@ Each trial is a '+'-joined list of overrides (an empty trial: the shipped settin
   ``gpad:dkdv``, ``gpad:dq``: that kernel only
 * ``gprefetch``       the Gluon dK/dV loads each query block's lse and delta one block ahead
   at the cell's width (CONFIG["prefetch"]); ``gprefetch:off``: not at any width
-* ``gfdq``            the Gluon dK/dV at the cell's width also computes dQ, added into a
-  float32 buffer with atomics (CONFIG["fused_dq"], hopper_backward.fuses_dq)
 * ``gunbounded``      the Gluon dK/dV also takes calls with no right mask bound (no mask,
   left-only windows: CONFIG["right_unbounded"])
 
@@ -155,8 +153,6 @@ def overrides(trial: str, head_dim: int):
                 kernels = {"fwd": hopper_forward, "dkdv": hopper_backward, "dq": hopper_dq}
                 for kernel in nums or kernels:
                     kernels[kernel].CONFIG["split"] = False
-            elif name == "gfdq":
-                hopper_backward.CONFIG["fused_dq"] = (width,)
             elif name == "gunbounded":
                 hopper_backward.CONFIG["right_unbounded"] = True
             elif name == "gprefetch":

@@ -151,12 +151,6 @@ def launch_all(sinks: bool) -> None:
                                      dkdv_tiles(problem, inputs, device_tiles), 0.1)
                 hopper_dq.dq(problem, qb, kb, kb, qb, lse_b, lse_b, qb.clone(), cu_q, cu_k,
                              dq_tiles(problem, inputs, device_tiles), 0.1)
-                if head_dim == 64:  # with dQ added in (hopper_backward.fuses_dq)
-                    LABEL[0] = LABEL[0][:-1] + ", fused dQ]"
-                    hopper_backward.dkdv(problem, qb, kb, kb, qb, lse_b, lse_b, kb.clone(),
-                                         kb.clone(), cu_q, cu_k,
-                                         dkdv_tiles(problem, inputs, device_tiles), 0.1,
-                                         dq_acc=torch.zeros(qb.shape))
         LABEL[0] = ""
     if hopper_forward.available():  # the Gluon dQ and dK/dV without a causal mask, left
         # window only (the dK/dV takes those calls with CONFIG["right_unbounded"])

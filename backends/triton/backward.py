@@ -455,18 +455,15 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
     # calls with no right mask bound go to the Gluon dK/dV with CONFIG["right_unbounded"]
     # (on: faster than the tl kernel since the lse / delta prefetch, docs/performance.md v16)
     dkdv_slots = dq_slots = ()  # the optional slots the records replace
-    dq_acc = None  # float32 dQ the Gluon dK/dV adds into (hopper_backward.fuses_dq)
     if (gluon and problem.nheads_k
             and (right >= 0 or hopper_backward.CONFIG["right_unbounded"])
             and hopper_backward.supports(problem, q, k, v, dout, plain)):
         k_tiles = launch_tiles(problem, cu_k, hopper_backward.block_n(problem.head_dim),
                                False)
-        if sinks is None and hopper_backward.fuses_dq(problem):
-            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         if k_tiles[0]:
             recorded = hopper_backward.dkdv(problem, q, k, v, dout, lse, delta, dk, dv, cu_q,
                                             cu_k, k_tiles, score_scalars(problem)[0],
-                                            split=split, dq_acc=dq_acc, record=recording)
+                                            split=split, record=recording)
             if recording:
                 records["dkdv"] = recorded
     else:
@@ -483,10 +480,7 @@ def backward(problem, inputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.
                 record=DKDV_REPLAY_ARGS + dkdv_slots if recording else (),
                 **dict(common, GROUP=problem.group_size // split), SPLIT=split)
     row_pdp = _row_pdp(problem, q, sinks)
-    if dq_acc is not None:
-        dq = dq_acc.mul_(problem.scale).to(q.dtype)
-        q_programs = 0
-    elif gluon and sinks is None and hopper_dq.supports(problem, q, k, v, dout, plain):
+    if gluon and sinks is None and hopper_dq.supports(problem, q, k, v, dout, plain):
         q_tiles = launch_tiles(problem, cu_q, hopper_dq.block_m(problem.head_dim), True)
         if q_tiles[0] and problem.nheads:
             records["dq"] = hopper_dq.dq(problem, q, k, v, dout, lse, delta, dq, cu_q, cu_k,

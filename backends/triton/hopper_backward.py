@@ -94,8 +94,7 @@ CONFIG = {"block_m": {64: 64, 128: 32}, "block_n": {64: 128, 128: 128}, "stages"
           "consumer_regs": 240, "consumer_regs_three": 160, "producer_regs": 24,
           "device_offsets": (128, 256), "device_offsets_above": {64: 256}, "split": True,
           "split_block_m": 32,
-          "split_causal_rows": (256, 64), "prefetch": (64, 128, 256), "right_unbounded": True,
-          "fused_dq": ()}
+          "split_causal_rows": (256, 64), "prefetch": (64, 128, 256), "right_unbounded": True}
 
 if gluon is not None:
 
@@ -153,19 +152,17 @@ if gluon is not None:
     def _consume(args, WG: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                  BLOCK_D: gl.constexpr, BLOCK_D2: gl.constexpr, BLOCK_M: gl.constexpr,
                  STAGES: gl.constexpr, WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr,
-                 PREFETCH: gl.constexpr, CONSUMERS: gl.constexpr, FUSED_DQ: gl.constexpr):
+                 PREFETCH: gl.constexpr, CONSUMERS: gl.constexpr):
         """Consumer warpgroup WG: dK and dV of key rows [n0 + 64 WG, + 64). Rows are BLOCK_D
         wide, HEAD_DIM of them data and the rest zeros (TMA's fill past the head dim); with
         BLOCK_D2 (HEAD_DIM = BLOCK_D + BLOCK_D2, hopper_forward.split_widths) their last
         BLOCK_D2 columns sit in the second buffers: S^T and dP^T sum two matmuls each, and
         dK and dV are two accumulators each. With PREFETCH each query block's lse and delta
-        are loaded during the block before. With FUSED_DQ each block's dQ share over the
-        warpgroup's keys, dS K (BLOCK_M 64), is added into float32 DQ with atomics (dS^T through
-        the warpgroup's ds_smem buffer), unscaled."""
+        are loaded during the block before."""
         (k_smem, v_smem, q_smem, do_smem, k2_smem, v2_smem, q2_smem, do2_smem, kv_bar, ready,
          empty, Lse, Delta, DK, DV, q_start, sq, k_start, sk, n0, offset, share, lo, n_blocks,
          full_lo, full_hi, qk_scale, sm_scale, window_left, window_right, total_q, stride_dkt,
-         stride_dkh, stride_dvt, stride_dvh, ds_smem, DQ, stride_dqt, stride_dqh) = args
+         stride_dkh, stride_dvt, stride_dvh) = args
         ROWS: gl.constexpr = 64
         dtype: gl.constexpr = q_smem.dtype
         S_LAYOUT: gl.constexpr = mma_layout(BLOCK_M)
@@ -189,10 +186,6 @@ if gluon is not None:
             v2_rows = v2_smem.slice(WG * ROWS, ROWS)
             dk2 = gl.zeros([ROWS, BLOCK_D2], gl.float32, G2_LAYOUT)
             dv2 = gl.zeros([ROWS, BLOCK_D2], gl.float32, G2_LAYOUT)
-        if FUSED_DQ:  # dQ (BLOCK_M = 64 query rows, BLOCK_D) of a block
-            dq_init = gl.zeros([BLOCK_M, BLOCK_D], gl.float32, G_LAYOUT)
-            dq_cols = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, G_LAYOUT))
-            dq_cols_ok = dq_cols < HEAD_DIM
         lse2_next, delta_next = first_row_statistics(Lse, Delta, share * GROUP, lo, total_q,
                                                      q_start, sq, BLOCK_M, COL_S, PREFETCH)
         mbarrier.wait(kv_bar, 0)
@@ -244,29 +237,14 @@ if gluon is not None:
                 dst = pt * (dp - delta[None, :])
                 ds16 = gl.convert_layout(dst.to(dtype), A_LAYOUT)
                 dk = warpgroup_mma(ds16, q_buf, dk, is_async=True)
-                if FUSED_DQ:
-                    ds_rows = ds_smem.index(WG)
-                    ds_rows.store(dst.to(dtype))
-                    fence_async_shared()
-                    gl.thread_barrier()
-                    dq = warpgroup_mma(ds_rows.permute((1, 0)), k_rows, dq_init,
-                                       use_acc=False, is_async=True)
-                    dk, dv, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, dq))
-                    mbarrier.arrive(empty.index(st))
-                    dq_rows = qs + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, G_LAYOUT))
-                    gl.atomic_add(DQ + (q_start + dq_rows).to(gl.int64)[:, None] * stride_dqt
-                                  + h * stride_dqh + dq_cols[None, :], dq,
-                                  mask=(dq_rows < sq)[:, None] & dq_cols_ok[None, :],
-                                  sem="relaxed")
-                elif TWO_CHUNKS:
+                if TWO_CHUNKS:
                     dk2 = warpgroup_mma(ds16, q2_smem.index(st), dk2, is_async=True)
                     dk, dk2 = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dk2))
                     dv, dv2 = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dv2))
-                    mbarrier.arrive(empty.index(st))
                 else:
                     dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ))
                     dv = warpgroup_mma_wait(num_outstanding=0, deps=(dv, ))
-                    mbarrier.arrive(empty.index(st))
+                mbarrier.arrive(empty.index(st))
                 c += 1
 
         OUT_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BLOCK_D, BLOCK_D // 8],
@@ -298,7 +276,6 @@ if gluon is not None:
     def _hopper_dkdv_kernel(desc_q, desc_k, desc_v, desc_do, desc_q2, desc_k2, desc_v2,
                             desc_do2, Lse, Delta, DK, DV, CuQ, CuK,
                             TileSeq, TileBlk, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-                            DQ, stride_dqt, stride_dqh,
                             total_q, batch, qk_scale, sm_scale, window_left, window_right,
                             GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                             BLOCK_D: gl.constexpr, BLOCK_D2: gl.constexpr,
@@ -308,7 +285,7 @@ if gluon is not None:
                             PRODUCER_REGS: gl.constexpr, TOP_LEFT: gl.constexpr,
                             WINDOW_LEFT: gl.constexpr, WINDOW_RIGHT: gl.constexpr,
                             SPLIT: gl.constexpr, DEVICE_TILES: gl.constexpr,
-                            PREFETCH: gl.constexpr, FUSED_DQ: gl.constexpr):
+                            PREFETCH: gl.constexpr):
         # GROUP query heads per program: the SPLIT-th share of kv head kvh's (group_split.py)
         share = gl.program_id(1)
         kvh = share // SPLIT
@@ -339,13 +316,6 @@ if gluon is not None:
         else:  # placeholders the partitions never read
             k2_smem, v2_smem, q2_smem, do2_smem = k_smem, v_smem, q_smem, do_smem
             k2_box, v2_box, q2_box, do2_box = k_box, v_box, q_box, do_box
-        if FUSED_DQ:  # each consumer's dS^T block, the B operand of its dQ^T = K^T dS^T
-            DS_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(
-                swizzle_byte_width=min(128, 2 * BLOCK_M), element_bitwidth=16, rank=2)
-            ds_smem = gl.allocate_shared_memory(desc_q.dtype, [CONSUMERS, 64, BLOCK_M],
-                                                DS_LAYOUT)
-        else:
-            ds_smem = k_smem
         kv_bar = allocate_barrier(1)
         ready, empty = allocate_ring(STAGES, CONSUMERS)
         fence_async_shared()
@@ -355,28 +325,27 @@ if gluon is not None:
         args = (k_smem, v_smem, q_smem, do_smem, k2_smem, v2_smem, q2_smem, do2_smem, kv_bar,
                 ready, empty, Lse, Delta, DK, DV, q_start, sq, k_start, sk, n0, offset, share,
                 lo, n_blocks, full_lo, full_hi, qk_scale, sm_scale, window_left, window_right,
-                total_q, stride_dkt, stride_dkh, stride_dvt, stride_dvh, ds_smem, DQ, stride_dqt,
-                stride_dqh)
+                total_q, stride_dkt, stride_dkh, stride_dvt, stride_dvh)
         loads = (desc_q, desc_k, desc_v, desc_do, desc_q2, desc_k2, desc_v2, desc_do2, k_box,
                  v_box, q_box, do_box, k2_box, v2_box, q2_box, do2_box, kv_bar, ready, empty,
                  k_start + n0, kvh, q_start, share, lo, n_blocks)
         if CONSUMERS == 3:
             gl.warp_specialize([
                 (_consume, (args, 0, GROUP, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, STAGES,
-                            WINDOW_LEFT, WINDOW_RIGHT, PREFETCH, CONSUMERS, FUSED_DQ)),
+                            WINDOW_LEFT, WINDOW_RIGHT, PREFETCH, CONSUMERS)),
                 (_consume, (args, 1, GROUP, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, STAGES,
-                            WINDOW_LEFT, WINDOW_RIGHT, PREFETCH, CONSUMERS, FUSED_DQ)),
+                            WINDOW_LEFT, WINDOW_RIGHT, PREFETCH, CONSUMERS)),
                 (_consume, (args, 2, GROUP, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, STAGES,
-                            WINDOW_LEFT, WINDOW_RIGHT, PREFETCH, CONSUMERS, FUSED_DQ)),
+                            WINDOW_LEFT, WINDOW_RIGHT, PREFETCH, CONSUMERS)),
                 (_produce, (loads, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, STAGES, PADDED,
                             TWO_CHUNKS, CONSUMERS)),
             ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
                 (_consume, (args, 0, GROUP, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, STAGES,
-                            WINDOW_LEFT, WINDOW_RIGHT, PREFETCH, CONSUMERS, FUSED_DQ)),
+                            WINDOW_LEFT, WINDOW_RIGHT, PREFETCH, CONSUMERS)),
                 (_consume, (args, 1, GROUP, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, STAGES,
-                            WINDOW_LEFT, WINDOW_RIGHT, PREFETCH, CONSUMERS, FUSED_DQ)),
+                            WINDOW_LEFT, WINDOW_RIGHT, PREFETCH, CONSUMERS)),
                 (_produce, (loads, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, STAGES, PADDED,
                             TWO_CHUNKS, CONSUMERS)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -404,18 +373,6 @@ def query_block(head_dim: int, causal: bool = False, max_seqlen_q: int = 0) -> i
     return CONFIG["split_block_m"]
 
 
-def fuses_dq(problem) -> bool:
-    """Whether this kernel also computes dQ of a call it serves (CONFIG["fused_dq"]: the
-    widths where it does, head dims read as one chunk): FlashAttention-3's scheme, each
-    (key tile, query block) pair's dQ share added into a float32 buffer with atomics, so
-    the dQ kernel's second pass over S and dP is not run. The order of the additions
-    varies, so calls asking for a deterministic backward never take it."""
-    width = hopper_forward.block_d(problem.head_dim)
-    return (width in CONFIG["fused_dq"] and not problem.deterministic
-            and hopper_forward.split_widths(problem.head_dim, CONFIG["split"]) is None
-            and query_block(problem.head_dim, problem.causal, problem.max_seqlen_q) == 64)
-
-
 def supports(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
              plain: bool) -> bool:
     """Whether this kernel computes dK/dV of a call: the conditions of
@@ -434,16 +391,14 @@ def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
          lse: torch.Tensor, delta: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
          cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
          tiles: tuple[int, torch.Tensor, torch.Tensor, bool], qk_scale: float, *,
-         split: int = 1, dq_acc: torch.Tensor | None = None, record: bool = False):
+         split: int = 1, record: bool = False):
     """Writes ``dk`` and ``dv`` (total_k, nheads_k, d) over the key tiles of BLOCK_N rows;
     ``tiles``: forward.launch_tiles' (programs, tile_seq, tile_blk, device_tiles) for the
     keys, a host-planned list or (device_tiles) an upper bound of programs that find their
     tiles from cu_seqlens_k; lse and delta: float32 (nheads, total_q). Width 256 runs
     hopper_dkdv_wide.py's kernel (its rows as a 128-column box and a second of
     hopper_dkdv_wide.second_width, 64-key tiles), the
-    others this module's. ``dq_acc``: float32 (total_q, nheads, d), zeros, or None: the
-    narrow kernel adds each block's unscaled dQ share into it (fused_dq). With ``record``,
-    returns the replay.LaunchRecord or None: replays
+    others this module's. With ``record``, returns the replay.LaunchRecord or None: replays
     take REPLAY_ARGS, with q, k, v and dout for the descriptors."""
     d = problem.head_dim
     width = hopper_forward.block_d(d)
@@ -460,8 +415,7 @@ def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
         box, second = chunks if chunks is not None else (width, 0)
         kernel, rows = _hopper_dkdv_kernel, block_n(d)
         block_m = query_block(d, problem.causal, problem.max_seqlen_q)
-        own = dict(BLOCK_D=box, BLOCK_D2=second, STAGES=CONFIG["stages"],
-                   FUSED_DQ=dq_acc is not None)
+        own = dict(BLOCK_D=box, BLOCK_D2=second, STAGES=CONFIG["stages"])
     grid = (programs, problem.nheads_k * split)
     kv_rows = hopper_forward.box_rows(rows)
     descriptors = (descriptor(q, d, block_m, box), descriptor(k, d, kv_rows, box),
@@ -469,11 +423,9 @@ def dkdv(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch
     seconds = ((descriptor(q, d, block_m, second), descriptor(k, d, rows, second),
                 descriptor(v, d, rows, second), descriptor(dout, d, block_m, second))
                if second else (None,) * 4)
-    fused = () if width == hopper_dkdv_wide.WIDTH else (
-        (dq_acc, dq_acc.stride(0), dq_acc.stride(1)) if dq_acc is not None else (lse, 0, 0))
     args = (*descriptors, *seconds, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
             tile_seq, tile_blk, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            *fused, problem.total_q, problem.batch, qk_scale, problem.scale, left, right)
+            problem.total_q, problem.batch, qk_scale, problem.scale, left, right)
     kwargs = dict(
         GROUP=problem.group_size // split, SPLIT=split, HEAD_DIM=d, BLOCK_M=block_m,
         BLOCK_N=rows, **own,
