@@ -155,13 +155,17 @@ def test_the_out_only_runner_replays_the_recorded_launch_first(monkeypatch):
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _gluon_serves_short_calls(monkeypatch):
-    """The test's sequences are short: the calls the tl forward was measured faster on
+def _take_forward(monkeypatch, gluon: bool, tma: bool):
+    """triton_forward.forward with ``gluon`` and ``tma`` as given on every call. The tests'
+    sequences are short: the calls the tl forward was measured faster on
     (hopper_forward.tl_is_faster) take the Gluon kernel too where it runs."""
     from attnhub.backends.triton import hopper_forward
 
     monkeypatch.setattr(hopper_forward, "TL_BELOW", {})
     monkeypatch.setattr(hopper_forward, "TL_SOFTCAP_DEVICE_OFFSETS", ())
+    original = triton_forward.forward
+    monkeypatch.setattr(triton_forward, "forward",
+                        lambda *a, **kw: original(*a, **{**kw, "gluon": gluon, "tma": tma}))
 
 
 def _inputs(lengths, seed, head_dim=128):
@@ -184,10 +188,7 @@ def test_replayed_launches_match_fresh_launches(path, offsets, feature, monkeypa
     if path == "gluon" and (not hopper_forward.available() or not hopper_forward.is_sm90(None)):
         pytest.skip("the Gluon forward runs on sm_90")
     gluon, tma = path == "gluon", path == "tl-tma"
-    _gluon_serves_short_calls(monkeypatch)
-    original = triton_forward.forward
-    monkeypatch.setattr(triton_forward, "forward",
-                        lambda *a, **kw: original(*a, **{**kw, "gluon": gluon, "tma": tma}))
+    _take_forward(monkeypatch, gluon, tma)
     lengths = [64, 1, 200, 0, 130]
     total = sum(lengths)
     if offsets == "varlen-info":
@@ -315,12 +316,7 @@ def test_replayed_feature_calls_match_fresh_calls(feature, backward, path, monke
     gluon = path == "gluon"
     if gluon and (not hopper_forward.available() or not hopper_forward.is_sm90(None)):
         pytest.skip("the Gluon forward runs on sm_90")
-    if gluon:
-        _gluon_serves_short_calls(monkeypatch)
-    else:
-        original = triton_forward.forward
-        monkeypatch.setattr(triton_forward, "forward",
-                            lambda *a, **kw: original(*a, **{**kw, "gluon": False}))
+    _take_forward(monkeypatch, gluon, tma=True)
     monkeypatch.setattr(replay, "FEATURES", True)
     lengths = [64, 1, 200, 0, 130]
     info = attnhub.VarlenInfo.from_lengths(lengths, "cuda")
