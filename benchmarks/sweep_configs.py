@@ -76,7 +76,7 @@ from attnhub.backends.triton import (
     hopper_forward,
 )
 from attnhub.bench.direct import direct_kernels_for
-from attnhub.bench.inputs import alibi_slopes, attnhub_runner, make_inputs
+from attnhub.bench.inputs import attnhub_runner, cell_slopes, make_inputs
 from attnhub.bench.matrix import build_matrix, profile_for
 
 NAMED_TRIALS = ("gpad", "gprefetch")  # trials whose arguments are words (gpad:dq, gprefetch:off)
@@ -196,8 +196,7 @@ def max_error(cell, backend: str, backward_: bool, offsets: str = "varlen-info")
     if cell.softcap:
         kw["softcap"] = cell.softcap
     if cell.alibi:
-        kw["alibi_slopes"] = torch.tensor(alibi_slopes(cell.nheads), dtype=torch.float32,
-                                          device="cuda")
+        kw["alibi_slopes"] = cell_slopes(cell, "cuda")
     out = attnhub.attention_forward_varlen(q, k, v, *lens, backend=backend, **kw)
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = attnhub.attention_forward_varlen(*ref_in, info, info, backend="reference", **kw)
@@ -279,9 +278,9 @@ def sweep_cells(names: list[str], mode: str, trials: list[str], offsets: str) ->
     for name in names:
         cell = cells[name]
         flops = cell.flops(mode)
-        x = make_inputs(cell, torch.device("cuda"), backward_)
         why = fa2.unsupported(cell)
         if why is None:
+            x = make_inputs(cell, torch.device("cuda"), backward_)
             ms_fa2 = do_bench(fa2.build(x, backward_), warmup=25, rep=100,
                               return_mode="median")
             err_fa2 = max_error(cell, "torch-flash", backward_)

@@ -156,11 +156,14 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 
 def _take_forward(monkeypatch, gluon: bool, tma: bool):
-    """triton_forward.forward with ``gluon`` and ``tma`` as given on every call. The tests'
+    """triton_forward.forward with ``gluon`` and ``tma`` as given on every call (the test
+    skips where ``gluon`` asks for the Gluon forward and it does not run). The tests'
     sequences are short: the calls the tl forward was measured faster on
     (hopper_forward.tl_is_faster) take the Gluon kernel too where it runs."""
     from attnhub.backends.triton import hopper_forward
 
+    if gluon and (not hopper_forward.available() or not hopper_forward.is_sm90(None)):
+        pytest.skip("the Gluon forward runs on sm_90")
     monkeypatch.setattr(hopper_forward, "TL_BELOW", {})
     monkeypatch.setattr(hopper_forward, "TL_SOFTCAP_DEVICE_OFFSETS", ())
     original = triton_forward.forward
@@ -183,10 +186,6 @@ def _inputs(lengths, seed, head_dim=128):
 @pytest.mark.parametrize("offsets", ["varlen-info", "device"])
 @pytest.mark.parametrize("feature", ["plain", "softcap", "d256", "d96"])
 def test_replayed_launches_match_fresh_launches(path, offsets, feature, monkeypatch):
-    from attnhub.backends.triton import hopper_forward
-
-    if path == "gluon" and (not hopper_forward.available() or not hopper_forward.is_sm90(None)):
-        pytest.skip("the Gluon forward runs on sm_90")
     gluon, tma = path == "gluon", path == "tl-tma"
     _take_forward(monkeypatch, gluon, tma)
     lengths = [64, 1, 200, 0, 130]
@@ -311,11 +310,8 @@ def test_replayed_feature_calls_match_fresh_calls(feature, backward, path, monke
     of fresh launches."""
     from attnhub import plans
     from attnhub.backends.triton import backward as triton_backward
-    from attnhub.backends.triton import hopper_forward
 
     gluon = path == "gluon"
-    if gluon and (not hopper_forward.available() or not hopper_forward.is_sm90(None)):
-        pytest.skip("the Gluon forward runs on sm_90")
     _take_forward(monkeypatch, gluon, tma=True)
     monkeypatch.setattr(replay, "FEATURES", True)
     lengths = [64, 1, 200, 0, 130]

@@ -64,6 +64,13 @@ def alibi_slopes(nheads: int) -> list[float]:
     return [2.0 ** (-8.0 * (h + 1) / nheads) for h in range(nheads)]
 
 
+def cell_slopes(cell: Cell, device: torch.device | str) -> torch.Tensor | None:
+    """float32 (nheads,) ALiBi slopes on ``device`` for a cell with ALiBi, else None."""
+    if not cell.alibi:
+        return None
+    return torch.tensor(alibi_slopes(cell.nheads), dtype=torch.float32, device=device)
+
+
 def make_inputs(cell: Cell, device: torch.device, requires_grad: bool,
                 seed: int = 0) -> CellInputs:
     """Normal random q, k, v, dout for ``cell`` (never zeros), from ``seed``."""
@@ -100,9 +107,8 @@ def make_inputs(cell: Cell, device: torch.device, requires_grad: bool,
     dout = rand(cell.total_q, h, d)
     if requires_grad:
         q, k, v = (t.requires_grad_(True) for t in (q, k, v))
-    slopes = (torch.tensor(alibi_slopes(h), dtype=torch.float32, device=device)
-              if cell.alibi else None)
-    return CellInputs(cell, q, k, v, dout, info_q, info_k, block_table, slopes, requires_grad)
+    return CellInputs(cell, q, k, v, dout, info_q, info_k, block_table,
+                      cell_slopes(cell, device), requires_grad)
 
 
 def attnhub_call_args(x: CellInputs, offsets: str = "varlen-info") -> tuple[tuple, dict]:
