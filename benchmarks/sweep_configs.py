@@ -35,6 +35,8 @@ Each trial is a '+'-joined list of overrides (an empty trial: the shipped settin
   ``gpad:dkdv``, ``gpad:dq``: that kernel only
 * ``gprefetch``       the Gluon dK/dV loads each query block's lse and delta one block ahead
   at the cell's width (CONFIG["prefetch"]); ``gprefetch:off``: not at any width
+* ``tilesfirst``      the Gluon forward launches GQA calls on a (programs, heads) grid, as
+  MHA ones, instead of (group, programs, K/V heads) (CONFIG["grouped_heads"])
 * ``gunbounded``      the Gluon dK/dV also takes calls with no right mask bound (no mask,
   left-only windows: CONFIG["right_unbounded"])
 
@@ -154,6 +156,8 @@ def overrides(trial: str, head_dim: int):
                 kernels = {"fwd": hopper_forward, "dkdv": hopper_backward, "dq": hopper_dq}
                 for kernel in nums or kernels:
                     kernels[kernel].CONFIG["split"] = False
+            elif name == "tilesfirst":
+                hopper_forward.CONFIG["grouped_heads"] = False
             elif name == "gunbounded":
                 hopper_backward.CONFIG["right_unbounded"] = True
             elif name == "gprefetch":

@@ -2,6 +2,7 @@
 Triton, and CPU tensors (or a Triton without Gluon) take the tl kernels."""
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from attnhub.backends.triton import (
     hopper_dkdv_wide,
     hopper_dq,
     hopper_forward,
+    tiles,
 )
 from attnhub.normalize import normalize
 
@@ -321,3 +323,38 @@ def test_forward_rows_of_causal_short_calls(monkeypatch):
         assert hopper_forward.problem_block_m(problem) == rows, (lengths, causal)
     monkeypatch.setitem(hopper_forward.CONFIG, "causal_short_rows", {})
     assert hopper_forward.block_m(64, True, 100) == 192
+
+
+def test_launch_grid_puts_the_heads_that_share_kv_side_by_side():
+    """tiles.launch_grid: (programs, heads) for MHA; for GQA (group, programs, K/V heads),
+    where a program's head is program_id(2) * group + program_id(0), so consecutive programs
+    (axis 0 fastest) are one tile's query heads of one K/V head; past CUDA's y limit of
+    65535 tiles the MHA order."""
+    assert tiles.launch_grid(40, 32) == (40, 32)
+    assert tiles.launch_grid(40, 32, 1) == (40, 32)
+    grid = tiles.launch_grid(40, 32, 4)
+    assert grid == (4, 40, 8)
+    order = [(tile, z * grid[0] + x) for z in range(grid[2]) for tile in range(grid[1])
+             for x in range(grid[0])]  # launch order: x fastest, then y, then z
+    assert sorted(order) == [(t, h) for t in range(40) for h in range(32)]
+    assert order[:4] == [(0, 0), (0, 1), (0, 2), (0, 3)]  # K/V head 0's query heads
+    assert {h // 4 for _, h in order[:4 * 40]} == {0}
+    assert tiles.launch_grid(32, 32, 32) == (32, 32, 1)  # MQA
+    assert tiles.launch_grid(65535, 32, 4) == (4, 65535, 8)
+    assert tiles.launch_grid(65536, 32, 4) == (65536, 32)
+
+
+def test_grouped_heads_only_for_gqa_calls_with_a_right_key_bound(monkeypatch):
+    """hopper_forward.grouped_heads: the GQA group for causal and windowed calls, 1 for MHA,
+    calls without a mask or with a left-only window, and with CONFIG["grouped_heads"] off."""
+    def problem(window, group):
+        return SimpleNamespace(window=window, group_size=group)
+
+    assert hopper_forward.grouped_heads(problem((-1, 0), 4)) == 4  # causal
+    assert hopper_forward.grouped_heads(problem((512, 0), 8)) == 8  # causal sliding window
+    assert hopper_forward.grouped_heads(problem((64, 64), 4)) == 4
+    assert hopper_forward.grouped_heads(problem((-1, -1), 4)) == 1  # no mask
+    assert hopper_forward.grouped_heads(problem((128, -1), 4)) == 1
+    assert hopper_forward.grouped_heads(problem((-1, 0), 1)) == 1
+    monkeypatch.setitem(hopper_forward.CONFIG, "grouped_heads", False)
+    assert hopper_forward.grouped_heads(problem((-1, 0), 4)) == 1

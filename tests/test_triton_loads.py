@@ -1,5 +1,5 @@
 """The Triton forward's two ways of reading K/V for fully visible key blocks (TMA descriptors
-and pointer loads) give the same output, on the CPU (TRITON_INTERPRET=1)."""
+and pointer loads) give the same output up to float32 rounding, on the CPU (TRITON_INTERPRET=1)."""
 
 import pytest
 import torch
@@ -26,7 +26,10 @@ def test_tma_and_pointer_loads_agree(kw):
     problem, inputs = attnhub.normalize(q, k, v, info, info, **kw)
     outs = [forward.forward(problem, inputs, None, tma=tma)[0] for tma in (True, False)]
     ref = attnhub.attention_forward_varlen(q, k, v, info, info, backend="reference", **kw)
-    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    # the TMA path transposes its K tile after the load, the pointer path gathers K^T: the
+    # interpreter's matmul (numpy) of the two layouts may round differently (Triton 3.9), so
+    # the paths agree to float32 rounding, far below what a wrong row or mask would change
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(outs[0], ref, rtol=1e-4, atol=1e-4)
 
 

@@ -48,7 +48,7 @@ try:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .softcap import tanh_half
-    from .tiles import FIND_CHUNK, find_tile_in_chunks
+    from .tiles import FIND_CHUNK, find_tile_in_chunks, launch_grid
 except ImportError:  # no Gluon (Triton < 3.5): the tl kernel serves every call
     gluon = None
 
@@ -63,11 +63,14 @@ BLOCK_M = 128  # query rows per program (two consumer warpgroups of 64); see blo
 # 0.87-0.95x the time of 128 on medium and long lengths and non-causal short ones, and
 # 1.13-1.14x on causal short ones (sequences 1-256; H200, docs/performance.md v17), whence
 # causal_short_rows: width -> (longest query sequence, rows) for causal calls whose every
-# query sequence is at most that long (a host length or a given max_seqlen).
+# query sequence is at most that long (a host length or a given max_seqlen). grouped_heads:
+# GQA calls with a right key bound launch on tiles.launch_grid's (group, programs, K/V heads)
+# (grouped_heads()): 0.91-0.98x the time on causal calls, none gained without a mask (H200,
+# docs/performance.md v21).
 CONFIG = {"block_n": {64: 128, 128: 128, 256: 64}, "block_m": {64: 192, 128: 128, 256: 128},
           "causal_short_rows": {64: (256, 128)},
           "stages": 2, "consumer_regs": 240, "consumer_regs_three": 160, "producer_regs": 24,
-          "split": True}
+          "split": True, "grouped_heads": True}
 HEAD_DIMS = (64, 128, 256)  # other head dims are read zero-padded to the next of these
 # width -> the longest query sequence below which the tl forward serves instead: at width
 # 128 with every sequence 1-256 tokens long the tl kernel took 0.265 ms against 0.286 (H200,
@@ -615,10 +618,14 @@ if gluon is not None:
                            TOP_LEFT: gl.constexpr, WINDOW_LEFT: gl.constexpr,
                            WINDOW_RIGHT: gl.constexpr, HAS_SINKS: gl.constexpr,
                            HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
-                           DEVICE_TILES: gl.constexpr):
-        h = gl.program_id(1)
-        b, blk = program_tile(CuQ, TileSeq, TileBlk, batch, gl.program_id(0), BLOCK_M,
-                              DEVICE_TILES)
+                           DEVICE_TILES: gl.constexpr, GROUPED: gl.constexpr):
+        if GROUPED:  # tiles.launch_grid's (group, programs, K/V heads)
+            h = gl.program_id(2) * GROUP + gl.program_id(0)
+            pid = gl.program_id(1)
+        else:
+            h = gl.program_id(1)
+            pid = gl.program_id(0)
+        b, blk = program_tile(CuQ, TileSeq, TileBlk, batch, pid, BLOCK_M, DEVICE_TILES)
         if DEVICE_TILES:  # noqa: SIM102 (a constexpr branch: host tiles have no extra programs)
             if b >= batch:
                 return
@@ -770,6 +777,15 @@ def block_m(head_dim: int, causal: bool = False, max_seqlen_q: int = 0) -> int:
     return rows
 
 
+def grouped_heads(problem) -> int:
+    """Query heads per K/V head that tiles.launch_grid puts side by side for ``problem``: its
+    GQA group when its keys end at a right bound (causal, windows) and CONFIG["grouped_heads"]
+    is on, else 1 (the heads-outer order)."""
+    if CONFIG["grouped_heads"] and problem.window[1] >= 0:
+        return problem.group_size
+    return 1
+
+
 def problem_block_m(problem) -> int:
     """block_m for ``problem``: causal when its window ends at the diagonal."""
     return block_m(problem.head_dim, problem.window[1] == 0, problem.max_seqlen_q)
@@ -845,7 +861,7 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     block_n = CONFIG["block_n"][width]
     rows = problem_block_m(problem)
     programs, tile_seq, tile_blk, device_tiles = tiles
-    grid = (programs, problem.nheads)
+    grid = launch_grid(programs, problem.nheads, grouped_heads(problem))
     split = split_widths(d, CONFIG["split"])
     first, second = split if split is not None else (width, 0)
     q_rows = box_rows(rows)
@@ -866,7 +882,7 @@ def forward(problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
         TOP_LEFT=problem.mask_alignment == "top_left", WINDOW_LEFT=left >= 0,
         WINDOW_RIGHT=right >= 0, HAS_SINKS=sinks is not None,
         HAS_SOFTCAP=softcap_mode(problem.softcap), HAS_ALIBI=alibi is not None,
-        DEVICE_TILES=device_tiles, num_warps=4)
+        DEVICE_TILES=device_tiles, GROUPED=len(grid) == 3, num_warps=4)
     if record:
         from .replay import LaunchRecord, present
 
