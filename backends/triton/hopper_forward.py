@@ -16,7 +16,8 @@ ALiBi and attention sinks allowed) of the Triton backend on an H100/H200. One pr
 Without host lengths (device cu_seqlens and max_seqlen only) the launch takes the tl kernel's
 upper bound of programs: each finds its (sequence, block) from cu_seqlens_q before the
 partitions split (tiles.find_tile_in_chunks), so producer and consumers share it, and the
-extra programs exit. Head dim 256 streams 64-key blocks (CONFIG).
+extra programs exit. Head dim 256 streams 64-key blocks (CONFIG). GQA calls with a right key
+bound launch the query heads of one K/V head side by side (tiles.launch_grid, grouped_heads).
 
 Semantics match forward.py exactly (softcap through the same tanh, softcap.py, in the same
 base-2 units as forward.score_tile, ALiBi on every block; bottom-right or top-left
@@ -65,8 +66,8 @@ BLOCK_M = 128  # query rows per program (two consumer warpgroups of 64); see blo
 # causal_short_rows: width -> (longest query sequence, rows) for causal calls whose every
 # query sequence is at most that long (a host length or a given max_seqlen). grouped_heads:
 # GQA calls with a right key bound launch on tiles.launch_grid's (group, programs, K/V heads)
-# (grouped_heads()): 0.91-0.98x the time on causal calls, none gained without a mask (H200,
-# docs/performance.md v21).
+# (grouped_heads()): 0.93-0.99x the time on the causal GQA matrix cells, nothing gained
+# without a mask (H200, docs/performance.md v21).
 CONFIG = {"block_n": {64: 128, 128: 128, 256: 64}, "block_m": {64: 192, 128: 128, 256: 128},
           "causal_short_rows": {64: (256, 128)},
           "stages": 2, "consumer_regs": 240, "consumer_regs_three": 160, "producer_regs": 24,
