@@ -124,8 +124,8 @@ def launch_grid(programs: int, heads: int, group: int = 1) -> tuple[int, ...]:
     """The grid of a launch of ``programs`` tiles per query head over ``heads`` query heads:
     (programs, heads), or with ``group`` > 1 (query heads per K/V head) (group, programs,
     heads // group). The second order numbers the programs of one tile whose query heads
-    share a K/V head consecutively, so they run side by side and read that head's K/V blocks
-    from L2; a kernel launched on it takes its head as program_id(2) * group +
+    share a K/V head consecutively, so they run side by side and that head's K/V blocks can
+    come from L2; a kernel launched on it takes its head as program_id(2) * group +
     program_id(0) and its tile from axis 1. Tile counts past CUDA's y limit keep the first
     order."""
     if group > 1 and programs <= GRID_YZ_MAX:
